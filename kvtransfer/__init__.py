@@ -1,0 +1,1 @@
+"""KV-cache handoff between a prefill worker and a decode worker."""

@@ -1,0 +1,1 @@
+"""The real model: GGUF loading, tokenizer, numpy transformer, and specs of big models."""

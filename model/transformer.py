@@ -1,0 +1,211 @@
+"""A float32 numpy Llama transformer: `prefill` one prompt, `decode_step` a batch of sequences.
+
+Attention over past tokens is delegated to a KV cache object (`AttentionCache`), so the same
+layer code runs against the dense cache below (reference and in-process generation) and the
+paged KV pool of the decode worker.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from model.config import ModelConfig
+from model.gguf_loader import ModelWeights
+
+LayerKVCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+PREFILL_QUERY_CHUNK = 512  # query rows per attention block in prefill; bounds the score matrix
+
+
+class AttentionCache(Protocol):
+    """Per-sequence KV storage that also computes decode attention."""
+
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Store this step's k, v and attend each sequence over its whole context.
+
+        q: (B, H, Dh) and k, v: (B, Hkv, Dh), rotary already applied. Returns (B, H, Dh).
+        """
+        ...
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x: (N, D) -> (N, D)"""
+    ms = np.einsum("nd,nd->n", x, x, dtype=np.float32) / np.float32(x.shape[-1])
+    return x * (1.0 / np.sqrt(ms + np.float32(eps)))[:, None].astype(np.float32) * weight
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """gate_up: (N, 2F) -> silu(gate) * up: (N, F)"""
+    f = gate_up.shape[1] // 2
+    gate, up = gate_up[:, :f], gate_up[:, f:]
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def softmax_inplace(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place; masked entries hold -inf."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+class RotaryTable:
+    """Precomputed RoPE cos/sin for every position (Hugging Face rotate-half layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        half = cfg.head_dim // 2
+        inv_freq = 1.0 / (cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2.0 / cfg.head_dim))
+        angles = np.arange(cfg.context_length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        self.cos = np.cos(angles).astype(np.float32)  # (context, Dh/2)
+        self.sin = np.sin(angles).astype(np.float32)  # (context, Dh/2)
+
+    def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x: (N, heads, Dh) at positions (N,) -> rotated copy (N, heads, Dh)."""
+        half = x.shape[-1] // 2
+        c = self.cos[positions][:, None, :]  # (N, 1, Dh/2)
+        s = self.sin[positions][:, None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        out = np.empty_like(x)
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:] = x2 * c + x1 * s
+        return out
+
+
+class Transformer:
+    """Runs the model; holds no per-request state."""
+
+    def __init__(self, weights: ModelWeights):
+        self.weights = weights
+        self.cfg = weights.config
+        self.rope = RotaryTable(self.cfg)
+        self._scale = np.float32(1.0 / np.sqrt(self.cfg.head_dim))
+
+    # -- shared layer pieces -------------------------------------------------------------------
+
+    def _qkv(self, layer: int, x: np.ndarray, positions: np.ndarray):
+        """x: (N, D) -> q (N, H, Dh), k (N, Hkv, Dh), v (N, Hkv, Dh), rotary applied."""
+        c, w = self.cfg, self.weights.layers[layer]
+        qkv = rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv  # (N, (H + 2Hkv) * Dh)
+        n = x.shape[0]
+        q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
+        q = self.rope.apply(qkv[:, :q_end].reshape(n, c.n_heads, c.head_dim), positions)
+        k = self.rope.apply(qkv[:, q_end:k_end].reshape(n, c.n_kv_heads, c.head_dim), positions)
+        v = np.ascontiguousarray(qkv[:, k_end:].reshape(n, c.n_kv_heads, c.head_dim))
+        return q, k, v
+
+    def _finish_layer(self, layer: int, x: np.ndarray, attn: np.ndarray) -> np.ndarray:
+        """x: (N, D), attn: (N, H*Dh) -> x after the output projection and the MLP, (N, D)."""
+        c, w = self.cfg, self.weights.layers[layer]
+        x = x + attn @ w.wo
+        h = rms_norm(x, w.ffn_norm, c.rms_eps) @ w.w_gate_up  # (N, 2F)
+        x += silu_mul(h) @ w.w_down
+        return x
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x: (N, D) final hidden states -> (N, V)"""
+        return rms_norm(x, self.weights.final_norm, self.cfg.rms_eps) @ self.weights.lm_head
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    def _causal_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """q: (T, H, Dh), k, v: (T, Hkv, Dh) -> (T, H*Dh), causal, grouped-query."""
+        c = self.cfg
+        t = q.shape[0]
+        g = c.group_size
+        kt = k.transpose(1, 2, 0)  # (Hkv, Dh, T)
+        vh = v.transpose(1, 0, 2)  # (Hkv, T, Dh)
+        out = np.empty((t, c.n_heads, c.head_dim), dtype=np.float32)
+        for start in range(0, t, PREFILL_QUERY_CHUNK):
+            stop = min(t, start + PREFILL_QUERY_CHUNK)
+            # (Hkv, G*n, Dh): query heads of one KV group stacked along rows
+            qc = q[start:stop].reshape(stop - start, c.n_kv_heads, g, c.head_dim)
+            qc = qc.transpose(1, 2, 0, 3).reshape(c.n_kv_heads, g * (stop - start), c.head_dim)
+            scores = (qc * self._scale) @ kt[:, :, :stop]  # (Hkv, G*n, stop)
+            scores = scores.reshape(c.n_kv_heads, g, stop - start, stop)
+            mask = np.arange(stop)[None, :] > np.arange(start, stop)[:, None]  # (n, stop)
+            scores[:, :, mask] = -np.inf
+            probs = softmax_inplace(scores).reshape(c.n_kv_heads, g * (stop - start), stop)
+            ctx = probs @ vh[:, :stop]  # (Hkv, G*n, Dh)
+            out[start:stop] = ctx.reshape(c.n_kv_heads, g, stop - start, c.head_dim).transpose(2, 0, 1, 3).reshape(
+                stop - start, c.n_heads, c.head_dim)
+        return out.reshape(t, c.n_heads * c.head_dim)
+
+    def prefill(self, token_ids, on_layer: LayerKVCallback | None = None, all_logits: bool = False):
+        """Run a whole prompt.
+
+        Returns (logits, ks, vs): logits (V,) for the last position, or (T, V) with all_logits;
+        ks, vs: lists over layers of (T, Hkv, Dh). `on_layer(layer, k, v)` is called as soon as
+        each layer's K/V exist, so a transfer can overlap the remaining layers.
+        """
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("token_ids: need a non-empty 1-D sequence")
+        if ids.size > self.cfg.context_length:
+            raise ValueError(f"token_ids: {ids.size} tokens exceed the context window {self.cfg.context_length}")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token_ids: ids must lie in [0, {self.cfg.vocab_size})")
+        positions = np.arange(ids.size)
+        x = self.weights.token_embedding[ids].astype(np.float32)  # (T, D)
+        ks, vs = [], []
+        for layer in range(self.cfg.n_layers):
+            q, k, v = self._qkv(layer, x, positions)
+            if on_layer is not None:
+                on_layer(layer, k, v)
+            ks.append(k)
+            vs.append(v)
+            x = self._finish_layer(layer, x, self._causal_attention(q, k, v))
+        logits = self.logits(x if all_logits else x[-1:])
+        return (logits if all_logits else logits[0]), ks, vs
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def decode_step(self, token_ids: np.ndarray, positions: np.ndarray, cache: AttentionCache) -> np.ndarray:
+        """One token for each of B sequences: token_ids (B,), positions (B,) -> logits (B, V).
+
+        Every projection is one GEMM over the batch; attention goes through `cache`.
+        """
+        c = self.cfg
+        x = self.weights.token_embedding[token_ids].astype(np.float32)  # (B, D)
+        for layer in range(c.n_layers):
+            q, k, v = self._qkv(layer, x, positions)
+            attn = cache.attend(layer, q, k, v)  # (B, H, Dh)
+            x = self._finish_layer(layer, x, attn.reshape(x.shape[0], c.n_heads * c.head_dim))
+        return self.logits(x)
+
+
+class DenseKVCache:
+    """Contiguous per-sequence KV cache for a fixed batch: the simple reference layout."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_tokens: int):
+        shape = (cfg.n_layers, batch, max_tokens, cfg.n_kv_heads, cfg.head_dim)
+        self.cfg = cfg
+        self.k = np.zeros(shape, dtype=np.float32)  # (L, B, Tmax, Hkv, Dh)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.lengths = np.zeros(batch, dtype=np.int64)  # (B,) tokens stored per sequence
+
+    def load_prefill(self, slot: int, ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
+        t = ks[0].shape[0]
+        for layer in range(self.cfg.n_layers):
+            self.k[layer, slot, :t] = ks[layer]
+            self.v[layer, slot, :t] = vs[layer]
+        self.lengths[slot] = t
+
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        b = q.shape[0]
+        rows = np.arange(b)
+        self.k[layer, rows, self.lengths] = k
+        self.v[layer, rows, self.lengths] = v
+        t = int(self.lengths.max()) + 1
+        kk = self.k[layer, :, :t].transpose(0, 2, 3, 1)  # (B, Hkv, Dh, t)
+        vv = self.v[layer, :, :t].transpose(0, 2, 1, 3)  # (B, Hkv, t, Dh)
+        qg = q.reshape(b, c.n_kv_heads, c.group_size, c.head_dim) * np.float32(1.0 / np.sqrt(c.head_dim))
+        scores = qg @ kk  # (B, Hkv, G, t)
+        mask = np.arange(t)[None, :] > self.lengths[:, None]  # (B, t)
+        scores = np.where(mask[:, None, None, :], -np.inf, scores)
+        probs = softmax_inplace(scores)
+        out = probs @ vv  # (B, Hkv, G, Dh)
+        if layer == c.n_layers - 1:
+            self.lengths += 1
+        return out.reshape(b, c.n_heads, c.head_dim)

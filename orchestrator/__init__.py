@@ -1,0 +1,1 @@
+"""Disaggregated prefill/decode orchestrator: config, router, pools, gRPC frontend, client, simulator."""
