@@ -131,13 +131,7 @@ class Transformer:
                 stop - start, c.n_heads, c.head_dim)
         return out.reshape(t, c.n_heads * c.head_dim)
 
-    def prefill(self, token_ids, on_layer: LayerKVCallback | None = None, all_logits: bool = False):
-        """Run a whole prompt.
-
-        Returns (logits, ks, vs): logits (V,) for the last position, or (T, V) with all_logits;
-        ks, vs: lists over layers of (T, Hkv, Dh). `on_layer(layer, k, v)` is called as soon as
-        each layer's K/V exist, so a transfer can overlap the remaining layers.
-        """
+    def _check_ids(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError("token_ids: need a non-empty 1-D sequence")
@@ -145,18 +139,53 @@ class Transformer:
             raise ValueError(f"token_ids: {ids.size} tokens exceed the context window {self.cfg.context_length}")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise ValueError(f"token_ids: ids must lie in [0, {self.cfg.vocab_size})")
-        positions = np.arange(ids.size)
-        x = self.weights.token_embedding[ids].astype(np.float32)  # (T, D)
-        ks, vs = [], []
+        return ids
+
+    def prefill(self, token_ids, on_layer: LayerKVCallback | None = None, all_logits: bool = False):
+        """Run a whole prompt.
+
+        Returns (logits, ks, vs): logits (V,) for the last position, or (T, V) with all_logits;
+        ks, vs: lists over layers of (T, Hkv, Dh). `on_layer(layer, k, v)` is called as soon as
+        each layer's K/V exist, so a transfer can overlap the remaining layers.
+        """
+        ids = self._check_ids(token_ids)
+        if all_logits:
+            x, ks, vs = self._forward_prompts([ids], None)
+            return self.logits(x), ks[0], vs[0]
+        callback = None if on_layer is None else (lambda layer, _i, k, v: on_layer(layer, k, v))
+        logits, ks, vs = self.prefill_batch([ids], callback)
+        return logits[0], ks[0], vs[0]
+
+    def prefill_batch(self, prompts: list, on_layer: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None):
+        """Prefill several prompts together: the projections and MLP run as one GEMM over all tokens.
+
+        Returns (logits (N, V) at each prompt's last position, ks, vs) with ks[i][layer]: (T_i, Hkv, Dh).
+        `on_layer(layer, prompt_index, k, v)` fires per prompt as soon as the layer's K/V exist.
+        """
+        ids = [self._check_ids(p) for p in prompts]
+        x, ks, vs = self._forward_prompts(ids, on_layer)
+        ends = np.cumsum([p.size for p in ids]) - 1
+        return self.logits(x[ends]), ks, vs
+
+    def _forward_prompts(self, ids: list[np.ndarray], on_layer):
+        """Hidden states (sum T, D) after the last layer, and per-prompt per-layer K/V."""
+        bounds = np.concatenate([[0], np.cumsum([p.size for p in ids])])
+        positions = np.concatenate([np.arange(p.size) for p in ids])  # (sum T,)
+        x = self.weights.token_embedding[np.concatenate(ids)].astype(np.float32)  # (sum T, D)
+        ks: list[list[np.ndarray]] = [[] for _ in ids]
+        vs: list[list[np.ndarray]] = [[] for _ in ids]
+        attn = np.empty((x.shape[0], self.cfg.n_heads * self.cfg.head_dim), dtype=np.float32)
         for layer in range(self.cfg.n_layers):
             q, k, v = self._qkv(layer, x, positions)
-            if on_layer is not None:
-                on_layer(layer, k, v)
-            ks.append(k)
-            vs.append(v)
-            x = self._finish_layer(layer, x, self._causal_attention(q, k, v))
-        logits = self.logits(x if all_logits else x[-1:])
-        return (logits if all_logits else logits[0]), ks, vs
+            for i in range(len(ids)):  # attention is per prompt (ragged); everything else is batched
+                s, e = bounds[i], bounds[i + 1]
+                ks[i].append(k[s:e])
+                vs[i].append(v[s:e])
+                if on_layer is not None:
+                    on_layer(layer, i, k[s:e], v[s:e])
+                attn[s:e] = self._causal_attention(q[s:e], k[s:e], v[s:e])
+            x = self._finish_layer(layer, x, attn)
+        return x, ks, vs
 
     # -- decode ----------------------------------------------------------------------------
 

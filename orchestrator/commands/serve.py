@@ -1,0 +1,54 @@
+"""`serve`: start the pools and the gRPC frontend from cluster.yaml and run until stopped."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from orchestrator.cli import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster.yaml"
+
+
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help=f"cluster.yaml with the orchestrator's settings under metadata: (default {DEFAULT_CONFIG.name})")
+
+
+def load_config_or_exit(path: Path):
+    from orchestrator.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+    p.add_argument("--host", default=None, help="bind address (default from the config: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default from the config; 0 picks a free one)")
+
+
+async def _serve(cfg, host, port) -> None:
+    from orchestrator.deployment import Deployment
+
+    async with Deployment(cfg, host, port) as dep:
+        print(f"serving {cfg.model_name} on {dep.target} "
+              f"({len(dep.pools.prefill)} prefill, {len(dep.pools.decode)} decode workers); Ctrl-C stops", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("stopping", flush=True)
+
+
+def run(args) -> int:
+    from orchestrator.logging_setup import configure_logging
+
+    configure_logging(level="INFO")
+    cfg = load_config_or_exit(args.config)
+    asyncio.run(_serve(cfg, args.host, args.port))
+    return 0

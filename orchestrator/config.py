@@ -1,0 +1,185 @@
+"""The orchestrator's settings, read and validated from cluster.yaml's `metadata:` key.
+
+Invalid config fails at load with the file, the key and the reason (ConfigError).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """cluster.yaml is unusable; the message names the file and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class SLA:
+    ttft_ms: float
+    tpot_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    workers: int
+    hardware: str
+    ray_resources: dict[str, float]
+    num_cpus: float
+    blas_threads: int
+    max_batch: int
+    token_budget: int = 0  # prefill only
+    kv_capacity_tokens: int = 0  # decode only
+    block_tokens: int = 16  # decode only
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_requests: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadConfig:
+    trace: Path
+    requests: int
+    max_prompt_tokens: int
+    max_output_tokens: int
+    target_rate: float
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    model_name: str
+    max_tokens_limit: int
+    prefill: PoolConfig
+    decode: PoolConfig
+    frontend: FrontendConfig
+    router_policy: str
+    sla_classes: dict[str, SLA]
+    default_sla_class: str
+    workload: WorkloadConfig
+    metadata: dict[str, Any] = field(repr=False)  # the raw metadata tree (experiments read their part)
+
+    @property
+    def local_resources(self) -> dict[str, float]:
+        """Custom resources a local Ray instance must fake so both pools can be placed."""
+        total: dict[str, float] = {}
+        for pool in (self.prefill, self.decode):
+            for name, amount in pool.ray_resources.items():
+                total[name] = total.get(name, 0) + amount * pool.workers
+        return total
+
+
+ROUTER_POLICIES = ("round_robin", "least_loaded", "sla")
+
+
+class _Reader:
+    """Typed access to a YAML mapping that reports `file: key: reason` on any problem."""
+
+    def __init__(self, path: Path, tree: Any, prefix: str):
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: {prefix or 'top level'}: expected a mapping")
+        self.path, self.tree, self.prefix = path, tree, prefix
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.prefix}{key}: {reason}")
+
+    def sub(self, key: str) -> "_Reader":
+        if key not in self.tree:
+            raise self.error(key, "missing")
+        return _Reader(self.path, self.tree[key], f"{self.prefix}{key}.")
+
+    def get(self, key: str, kind: type, default: Any = ..., minimum: float | None = None) -> Any:
+        if key not in self.tree:
+            if default is ...:
+                raise self.error(key, "missing")
+            return default
+        value = self.tree[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise self.error(key, f"expected {kind.__name__}, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be >= {minimum}, got {value!r}")
+        return value
+
+
+def _pool(r: _Reader, kind: str) -> PoolConfig:
+    resources = r.get("ray_resources", dict, {})
+    for name, amount in resources.items():
+        if not isinstance(amount, (int, float)) or amount < 0:
+            raise r.error(f"ray_resources.{name}", f"must be a non-negative number, got {amount!r}")
+    return PoolConfig(
+        workers=r.get("workers", int, minimum=1),
+        hardware=r.get("hardware", str, "cpu"),
+        ray_resources={k: float(v) for k, v in resources.items()},
+        num_cpus=r.get("num_cpus", float, 1.0, minimum=0),
+        blas_threads=r.get("blas_threads", int, 1, minimum=1),
+        max_batch=r.get("max_batch", int, 64 if kind == "decode" else 8, minimum=1),
+        token_budget=r.get("token_budget", int, 4096, minimum=1) if kind == "prefill" else 0,
+        kv_capacity_tokens=r.get("kv_capacity_tokens", int, 65536, minimum=1) if kind == "decode" else 0,
+        block_tokens=r.get("block_tokens", int, 16, minimum=1) if kind == "decode" else 16,
+    )
+
+
+def parse_config(tree: Any, path: Path) -> Config:
+    top = _Reader(path, tree, "")
+    meta = top.sub("metadata")
+    model = meta.sub("model")
+    pools = meta.sub("pools")
+    fe = meta.sub("frontend") if "frontend" in meta.tree else _Reader(path, {}, "metadata.frontend.")
+    router = meta.sub("router") if "router" in meta.tree else _Reader(path, {}, "metadata.router.")
+    policy = router.get("policy", str, "least_loaded")
+    if policy not in ROUTER_POLICIES:
+        raise router.error("policy", f"unknown policy {policy!r}; choose one of {', '.join(ROUTER_POLICIES)}")
+    slas_r = meta.sub("sla_classes")
+    slas = {}
+    for name in slas_r.tree:
+        s = slas_r.sub(name)
+        slas[name] = SLA(ttft_ms=s.get("ttft_ms", float, minimum=1e-9), tpot_ms=s.get("tpot_ms", float, minimum=1e-9))
+    default_sla = meta.get("default_sla_class", str, next(iter(slas), ""))
+    if default_sla not in slas:
+        raise meta.error("default_sla_class", f"{default_sla!r} is not one of the sla_classes {sorted(slas)}")
+    wl = meta.sub("workload")
+    trace = Path(wl.get("trace", str))
+    if not trace.is_absolute():
+        trace = (path.parent / trace).resolve()
+    host = fe.get("host", str, "127.0.0.1")
+    return Config(
+        path=path,
+        model_name=model.get("name", str),
+        max_tokens_limit=model.get("max_tokens_limit", int, 1024, minimum=1),
+        prefill=_pool(pools.sub("prefill"), "prefill"),
+        decode=_pool(pools.sub("decode"), "decode"),
+        frontend=FrontendConfig(
+            host=host, port=fe.get("port", int, 50051, minimum=0),
+            max_message_bytes=fe.get("max_message_bytes", int, 4 * 1024 * 1024, minimum=1024),
+            max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
+        router_policy=policy,
+        sla_classes=slas,
+        default_sla_class=default_sla,
+        workload=WorkloadConfig(
+            trace=trace, requests=wl.get("requests", int, minimum=1),
+            max_prompt_tokens=wl.get("max_prompt_tokens", int, 512, minimum=1),
+            max_output_tokens=wl.get("max_output_tokens", int, 64, minimum=1),
+            target_rate=wl.get("target_rate", float, 2.0, minimum=1e-9),
+            seed=wl.get("seed", int, 0)),
+        metadata=meta.tree,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(tree, path)

@@ -1,0 +1,54 @@
+"""A running deployment: Ray, both pools, the engine and the gRPC frontend, started and stopped together."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from orchestrator.config import Config
+
+log = structlog.get_logger("deployment")
+
+
+@dataclass
+class Deployment:
+    """`async with Deployment(cfg) as dep:` then talk to `dep.target` with the client library."""
+
+    cfg: Config
+    host: str | None = None
+    port: int | None = None  # None: the config's port; 0: any free port
+
+    async def __aenter__(self) -> "Deployment":
+        import ray
+
+        from model.loaded import load_model
+        from orchestrator.engine import Engine
+        from orchestrator.frontend import start_frontend
+        from orchestrator.pools import build_pools, init_ray
+        from orchestrator.router import Router
+
+        self._owns_ray = not ray.is_initialized()
+        init_ray(self.cfg)
+        lm = load_model()  # memory-mapped: the frontend needs only the tokenizer and the shapes
+        self.pools = await build_pools(self.cfg)
+        self.engine = Engine(self.pools, lm.tokenizer, Router(self.cfg.router_policy))
+        await self.engine.start()
+        cfg_model = lm.weights.config
+        self.server, self.bound_port = await start_frontend(
+            self.cfg, self.engine, lm.tokenizer, cfg_model.context_length, cfg_model.n_layers, self.host, self.port)
+        self.target = f"{self.host or self.cfg.frontend.host}:{self.bound_port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        import ray
+
+        from orchestrator.pools import shutdown_pools
+
+        await self.server.stop(grace=1.0)
+        await self.engine.stop()
+        shutdown_pools(self.pools)
+        if self._owns_ray:
+            ray.shutdown()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()

@@ -1,0 +1,234 @@
+"""The gRPC frontend (asyncio): validate, tokenize, hand to the Engine, stream tokens back.
+
+Serves disagg.v1.Inference plus grpc.health.v1 and server reflection. Generate parses its own
+request bytes so a prompt with invalid UTF-8 gets INVALID_ARGUMENT instead of a generic
+deserialization failure.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from model.sampling import SamplingParams
+from model.tokenizer import ChatMessage, Tokenizer
+from orchestrator.config import Config
+from orchestrator.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from orchestrator.request import FinishReason, Request, SLATarget
+from protos.disagg.v1 import inference_pb2 as pb
+
+log = structlog.get_logger("frontend")
+
+SERVICE = "disagg.v1.Inference"
+DEFAULT_MAX_TOKENS = 128
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
+
+
+class RequestInvalid(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _invalid(message: str) -> RequestInvalid:
+    return RequestInvalid(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class InferenceService:
+    def __init__(self, cfg: Config, engine: Engine, tokenizer: Tokenizer, context_length: int, n_layers: int):
+        self.cfg = cfg
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.n_layers = n_layers
+        self._running: set[str] = set()
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _prompt_ids(self, msg: pb.GenerateRequest) -> list[int]:
+        kind = msg.WhichOneof("prompt")
+        if kind is None:
+            raise _invalid("prompt: one of text, token_ids or chat is required")
+        if kind == "text":
+            if not msg.text.strip():
+                raise _invalid("prompt.text: must not be empty")
+            ids = self.tokenizer.encode(msg.text)
+        elif kind == "token_ids":
+            ids = list(msg.token_ids.ids)
+            if not ids:
+                raise _invalid("prompt.token_ids: must not be empty")
+            bad = [i for i in ids if not 0 <= i < self.tokenizer.vocab_size]
+            if bad:
+                raise _invalid(f"prompt.token_ids: {bad[0]} is outside [0, {self.tokenizer.vocab_size})")
+        else:
+            if not msg.chat.messages or not any(m.content.strip() for m in msg.chat.messages):
+                raise _invalid("prompt.chat: needs at least one non-empty message")
+            try:
+                ids = self.tokenizer.chat_ids([ChatMessage(m.role, m.content) for m in msg.chat.messages])
+            except ValueError as e:
+                raise _invalid(f"prompt.chat.{e}") from None
+        return ids
+
+    def _sampling(self, msg: pb.GenerateRequest) -> SamplingParams:
+        s = msg.sampling
+        max_tokens = s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, self.cfg.max_tokens_limit)
+        if max_tokens > self.cfg.max_tokens_limit:
+            raise RequestInvalid(grpc.StatusCode.OUT_OF_RANGE,
+                                 f"sampling.max_tokens: {max_tokens} exceeds the limit {self.cfg.max_tokens_limit}")
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=s.temperature if s.HasField("temperature") else 0.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0, seed=s.seed if s.HasField("seed") else None,
+            stop=tuple(s.stop))
+        try:
+            params.validate()
+        except ValueError as e:
+            raise _invalid(f"sampling.{e}") from None
+        return params
+
+    def _sla(self, msg: pb.GenerateRequest) -> SLATarget:
+        s = msg.sla
+        name = s.sla_class or self.cfg.default_sla_class
+        if name not in self.cfg.sla_classes:
+            raise RequestInvalid(grpc.StatusCode.NOT_FOUND,
+                                 f"sla.sla_class: unknown class {name!r}; known: {', '.join(sorted(self.cfg.sla_classes))}")
+        base = self.cfg.sla_classes[name]
+        targets = {}
+        for field in ("ttft_ms", "tpot_ms"):
+            value = getattr(s, field) if s.HasField(field) else getattr(base, field)
+            if not math.isfinite(value) or value <= 0:
+                raise _invalid(f"sla.{field}: must be a positive finite number of milliseconds, got {value}")
+            targets[field] = value
+        return SLATarget(priority=s.priority, **targets)
+
+    def build_request(self, msg: pb.GenerateRequest) -> Request:
+        if msg.HasField("model") and msg.model not in (self.cfg.model_name, ""):
+            raise RequestInvalid(grpc.StatusCode.NOT_FOUND,
+                                 f"model: unknown model {msg.model!r}; this server serves {self.cfg.model_name!r}")
+        sampling = self._sampling(msg)
+        ids = self._prompt_ids(msg)
+        if len(ids) >= self.context_length:
+            raise RequestInvalid(grpc.StatusCode.OUT_OF_RANGE,
+                                 f"prompt: {len(ids)} tokens exceed the context window {self.context_length}")
+        if len(ids) + sampling.max_tokens > self.context_length:
+            raise RequestInvalid(grpc.StatusCode.OUT_OF_RANGE,
+                                 f"sampling.max_tokens: prompt ({len(ids)}) + max_tokens ({sampling.max_tokens}) "
+                                 f"exceeds the context window {self.context_length}")
+        rid = msg.request_id or uuid.uuid4().hex
+        return Request(rid, ids, sampling, self._sla(msg), time.monotonic())
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    async def generate(self, raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            msg = pb.GenerateRequest.FromString(raw)
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid GenerateRequest (invalid UTF-8 in a string field?): {e}")
+        try:
+            req = self.build_request(msg)
+        except RequestInvalid as e:
+            log.info("invalid request", request_id=msg.request_id, code=e.code.name, reason=str(e))
+            await context.abort(e.code, str(e))
+        if req.request_id in self._running:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} is already running")
+        if len(self._running) >= self.cfg.frontend.max_concurrent_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server: {len(self._running)} requests running, the limit is "
+                                f"{self.cfg.frontend.max_concurrent_requests}")
+        self._running.add(req.request_id)
+        log.info("accepted", request_id=req.request_id, prompt_tokens=req.prompt_tokens,
+                 max_tokens=req.sampling.max_tokens)
+        events = self.engine.generate(req)
+        try:
+            async for ev in events:
+                yield self._response(req.request_id, ev)
+        finally:  # on client cancel too: closing the engine's stream aborts the request on both pools
+            await events.aclose()
+            self._running.discard(req.request_id)
+
+    @staticmethod
+    def _response(rid: str, ev) -> pb.GenerateResponse:
+        if isinstance(ev, TokenEvent):
+            return pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(token_ids=ev.token_ids, text=ev.text))
+        if isinstance(ev, ErrorEvent):
+            return pb.GenerateResponse(request_id=rid, error=pb.Error(code=ev.code, message=ev.message))
+        assert isinstance(ev, FinalEvent)
+        t = ev.timings
+        return pb.GenerateResponse(request_id=rid, final=pb.Final(
+            finish_reason=_FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+            usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+            timings=pb.Timings(queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
+                               ttft_ms=t.ttft_ms, mean_tpot_ms=t.mean_tpot_ms, e2e_ms=t.e2e_ms),
+            prefill_worker=ev.prefill_worker, decode_worker=ev.decode_worker))
+
+    async def abort(self, msg: pb.AbortRequest, context) -> pb.AbortResponse:
+        if not msg.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        if not await self.engine.abort(msg.request_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: {msg.request_id!r} is not running")
+        return pb.AbortResponse(aborted=True)
+
+    async def model_info(self, msg, context) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            name=self.cfg.model_name, n_layers=self.n_layers, context_length=self.context_length,
+            vocab_size=self.tokenizer.vocab_size, max_tokens_limit=self.cfg.max_tokens_limit,
+            sla_classes=[pb.SLAClass(name=n, ttft_ms=s.ttft_ms, tpot_ms=s.tpot_ms)
+                         for n, s in self.cfg.sla_classes.items()])
+
+    async def server_info(self, msg, context) -> pb.ServerInfo:
+        pf, dc = self.engine.server_load()
+        hw = self.engine.pools.hardware
+        prefill = pb.PoolInfo(name="prefill", kind=pb.WORKER_KIND_PREFILL, hardware=self.cfg.prefill.hardware, workers=[
+            pb.WorkerInfo(worker_id=v.worker_id, kind=pb.WORKER_KIND_PREFILL, hardware=hw.get(v.worker_id, ""),
+                          load=min(1.0, v.queued_tokens / max(self.cfg.prefill.token_budget, 1)),
+                          queued_requests=0, healthy=v.healthy) for v in pf])
+        block = self.cfg.decode.block_tokens
+        decode = pb.PoolInfo(name="decode", kind=pb.WORKER_KIND_DECODE, hardware=self.cfg.decode.hardware, workers=[
+            pb.WorkerInfo(worker_id=v.worker_id, kind=pb.WORKER_KIND_DECODE, hardware=hw.get(v.worker_id, ""),
+                          load=v.occupancy, active_requests=v.active, kv_blocks_free=v.free_kv_tokens // block,
+                          kv_blocks_total=v.total_kv_tokens // block, healthy=v.healthy) for v in dc])
+        return pb.ServerInfo(version="0.1.0", model=self.cfg.model_name, pools=[prefill, decode])
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.generate, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString),
+            "Abort": grpc.unary_unary_rpc_method_handler(
+                self.abort, request_deserializer=pb.AbortRequest.FromString,
+                response_serializer=pb.AbortResponse.SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.model_info, request_deserializer=pb.GetModelInfoRequest.FromString,
+                response_serializer=pb.ModelInfo.SerializeToString),
+            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+                self.server_info, request_deserializer=pb.GetServerInfoRequest.FromString,
+                response_serializer=pb.ServerInfo.SerializeToString),
+        })
+
+
+async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, context_length: int, n_layers: int,
+                         host: str | None = None, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the frontend; returns the server and the port it bound (port 0 picks a free one)."""
+    limit = cfg.frontend.max_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
+    service = InferenceService(cfg, engine, tokenizer, context_length, n_layers)
+    server.add_generic_rpc_handlers([service.handler()])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{host or cfg.frontend.host}:{cfg.frontend.port if port is None else port}"
+    bound = server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("frontend listening", address=f"{host or cfg.frontend.host}:{bound}")
+    return server, bound

@@ -1,0 +1,82 @@
+"""Builds the prefill and decode pools as Ray actors from the config, on a local or existing Ray.
+
+Worker classes stay plain; `ray.remote(...).options(...)` is applied only here.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+
+import structlog
+
+from orchestrator.config import Config
+
+log = structlog.get_logger("pools")
+
+# Local Ray must bind loopback and never phone home (../shared/DESIGN.md, "Ray on the development machines").
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+for _k, _v in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import ray  # noqa: E402  (after the environment above)
+
+
+@dataclass
+class Pools:
+    prefill: dict[str, "ray.actor.ActorHandle"] = field(default_factory=dict)
+    decode: dict[str, "ray.actor.ActorHandle"] = field(default_factory=dict)
+    kv_targets: dict[str, str] = field(default_factory=dict)  # decode worker id -> host:port of its KV receiver
+    hardware: dict[str, str] = field(default_factory=dict)  # worker id -> hardware profile name
+
+    def all_actors(self):
+        return [*self.prefill.values(), *self.decode.values()]
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster a Ray job runs in, or start a private local Ray sized by the config."""
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": dict(LOCAL_RAY_ENV),
+                   "worker_process_setup_hook": "orchestrator.logging_setup.configure_logging"}
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` or pointed at a cluster on purpose
+        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = cfg.prefill.num_cpus * cfg.prefill.workers + cfg.decode.num_cpus * cfg.decode.workers + 1
+    ray.init(address="local", num_cpus=max(int(cpus), os.cpu_count() or 1), resources=cfg.local_resources,
+             include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
+
+
+async def build_pools(cfg: Config, kv_deadline_s: float = 30.0) -> Pools:
+    """Start every worker, wait until each has loaded the model, and learn the KV receiver addresses."""
+    from decode.worker import DecodeWorker
+    from prefill.worker import PrefillWorker
+
+    pools = Pools()
+    p, d = cfg.prefill, cfg.decode
+    for i in range(d.workers):
+        wid = f"decode-{i}"
+        actor = ray.remote(DecodeWorker).options(
+            num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000).remote(
+            wid, kv_capacity_tokens=d.kv_capacity_tokens, block_tokens=d.block_tokens, max_batch=d.max_batch,
+            blas_threads=d.blas_threads)
+        pools.decode[wid] = actor
+        pools.hardware[wid] = d.hardware
+    for i in range(p.workers):
+        wid = f"prefill-{i}"
+        actor = ray.remote(PrefillWorker).options(
+            num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000).remote(
+            wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads)
+        pools.prefill[wid] = actor
+        pools.hardware[wid] = p.hardware
+    addresses = await asyncio.gather(*(a.start_kv_server.remote() for a in pools.decode.values()))
+    pools.kv_targets = dict(zip(pools.decode, addresses))
+    await asyncio.gather(*(a.ready.remote() for a in pools.prefill.values()))
+    log.info("pools ready", prefill=list(pools.prefill), decode=list(pools.decode), kv_targets=pools.kv_targets)
+    return pools
+
+
+def shutdown_pools(pools: Pools) -> None:
+    for actor in pools.all_actors():
+        ray.kill(actor)

@@ -1,0 +1,76 @@
+"""Contracts between stages: the request, its state machine, placements and timings."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from model.sampling import SamplingParams
+
+
+class RequestState(enum.Enum):
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+_NEXT = {
+    RequestState.QUEUED: {RequestState.PREFILLING, RequestState.ABORTED},
+    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.FINISHED, RequestState.ABORTED},
+    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.ABORTED},
+    RequestState.DECODING: {RequestState.FINISHED, RequestState.ABORTED},
+    RequestState.FINISHED: set(),
+    RequestState.ABORTED: set(),
+}
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # an end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # the client went away or asked to abort
+    REJECTED = "rejected"  # the router found no placement that meets the SLA
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class SLATarget:
+    ttft_ms: float
+    tpot_ms: float
+    priority: int = 0
+
+
+@dataclass(slots=True)
+class Request:
+    """One generation request as the orchestrator tracks it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    sla: SLATarget
+    arrival_s: float
+    state: RequestState = RequestState.QUEUED
+    finish_reason: FinishReason | None = None
+    history: list[tuple[RequestState, float]] = field(default_factory=list)
+
+    def advance(self, new: RequestState, now: float) -> None:
+        assert new in _NEXT[self.state], f"{self.request_id}: illegal transition {self.state} -> {new}"
+        self.state = new
+        self.history.append((new, now))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Milliseconds spent in each phase, as reported to the client."""
+
+    queued_ms: float
+    prefill_ms: float
+    transfer_ms: float
+    ttft_ms: float
+    mean_tpot_ms: float
+    e2e_ms: float

@@ -1,0 +1,160 @@
+"""PrefillWorker: batches prompts, runs the model, streams each layer's KV to a decode worker.
+
+A plain class; pools wrap it as a Ray actor with the `neuron_cores` resource. Its methods are
+async so one actor serves many concurrent requests: they queue in the pure PrefillBatcher, a
+single loop runs batches in a worker thread (keeping the event loop free for load queries),
+and each layer's K/V goes to the KV sender the moment the layer is computed, overlapping the
+transfer with the remaining layers.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from kvtransfer.layout import KVLayout
+from model.sampling import SamplingParams, make_rng, sample_one
+from prefill.batcher import PrefillBatcher, PrefillItem
+
+log = structlog.get_logger("prefill")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillJob:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    kv_target: str  # host:port of the decode worker's KV receiver
+    deadline_s: float = 30.0  # for the KV transfer
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    request_id: str
+    ok: bool
+    first_token: int = -1
+    queued_ms: float = 0.0
+    prefill_ms: float = 0.0
+    transfer_tail_ms: float = 0.0  # transfer time left after the last layer was computed
+    error_code: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillLoad:
+    worker_id: str
+    queued_tokens: int
+    waiting: int
+    tokens_per_s: float  # measured prefill throughput (moving average)
+
+
+class PrefillWorker:
+    def __init__(self, worker_id: str, token_budget: int = 4096, max_batch: int = 8, blas_threads: int = 1,
+                 transfer_backend=None, model_path: str | None = None):
+        from threadpoolctl import threadpool_limits
+
+        from model.loaded import load_model
+
+        threadpool_limits(blas_threads)
+        self.worker_id = worker_id
+        lm = load_model(model_path)
+        self.model = lm.model
+        cfg = lm.weights.config
+        self.layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, "float32")
+        self.batcher = PrefillBatcher(token_budget, max_batch)
+        self._jobs: dict[str, tuple[PrefillJob, asyncio.Future, float]] = {}
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._running_tokens = 0
+        self._tokens_per_s = 2000.0  # prior until the first batch is measured
+        if transfer_backend is None:
+            from kvtransfer.grpc_backend import GrpcTransferBackend
+
+            transfer_backend = GrpcTransferBackend()
+        self.transfer = transfer_backend
+
+    # -- API -----------------------------------------------------------------------------
+
+    async def prefill(self, job: PrefillJob) -> PrefillResult:
+        """Queue a prompt; resolves once its KV is committed on the decode side (or failed)."""
+        self._ensure_loop()
+        fut = asyncio.get_running_loop().create_future()
+        self._jobs[job.request_id] = (job, fut, time.perf_counter())
+        self.batcher.add(PrefillItem(job.request_id, len(job.prompt_ids), time.monotonic(), job.priority))
+        self._wakeup.set()
+        return await fut
+
+    async def abort(self, request_id: str) -> bool:
+        """Drop a waiting prompt. A prompt already running finishes its batch, then its transfer aborts."""
+        if self.batcher.remove(request_id):
+            job, fut, _ = self._jobs.pop(request_id)
+            fut.set_result(PrefillResult(request_id, ok=False, error_code="CANCELLED", error="aborted"))
+            return True
+        return False
+
+    def load(self) -> PrefillLoad:
+        return PrefillLoad(self.worker_id, self.batcher.queued_tokens + self._running_tokens,
+                           len(self.batcher), self._tokens_per_s)
+
+    def ready(self) -> bool:
+        return True
+
+    # -- batch loop ----------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while len(self.batcher):
+                batch = [self._jobs.pop(it.request_id) for it in self.batcher.next_batch()]
+                self._running_tokens = sum(len(j.prompt_ids) for j, _, _ in batch)
+                try:
+                    results = await asyncio.to_thread(self._run_batch, [(j, t) for j, _, t in batch])
+                except Exception as e:  # a bug must not wedge the loop: fail this batch's requests
+                    log.exception("prefill batch failed", worker=self.worker_id)
+                    results = [PrefillResult(j.request_id, ok=False, error_code="INTERNAL", error=str(e))
+                               for j, _, _ in batch]
+                self._running_tokens = 0
+                for (_, fut, _), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
+
+    def _run_batch(self, batch: list[tuple[PrefillJob, float]]) -> list[PrefillResult]:
+        """Runs in a thread: prefill the batch, stream KV per layer, sample each first token."""
+        start = time.perf_counter()
+        jobs = [j for j, _ in batch]
+        transfers = [self.transfer.open(j.kv_target, j.request_id, self.layout, len(j.prompt_ids), j.deadline_s)
+                     for j in jobs]
+
+        def on_layer(layer: int, i: int, k: np.ndarray, v: np.ndarray) -> None:
+            transfers[i].send_layer(layer, k, v)
+
+        logits, _, _ = self.model.prefill_batch([j.prompt_ids for j in jobs], on_layer)  # logits: (N, V)
+        computed = time.perf_counter()
+        n_tokens = sum(len(j.prompt_ids) for j in jobs)
+        rate = n_tokens / max(computed - start, 1e-6)
+        self._tokens_per_s = 0.7 * self._tokens_per_s + 0.3 * rate
+        results = []
+        for (job, enqueued), t, row in zip(batch, transfers, logits):
+            first = sample_one(row, job.sampling, make_rng(job.sampling))
+            outcome = t.commit()
+            done = time.perf_counter()
+            common = dict(queued_ms=(start - enqueued) * 1e3, prefill_ms=(computed - start) * 1e3,
+                          transfer_tail_ms=(done - computed) * 1e3)
+            if outcome.ok:
+                results.append(PrefillResult(job.request_id, True, first, **common))
+            else:
+                results.append(PrefillResult(job.request_id, False, first, error_code=outcome.error_code,
+                                             error=outcome.error, **common))
+            log.info("prefilled", request_id=job.request_id, worker=self.worker_id, tokens=len(job.prompt_ids),
+                     ok=outcome.ok, **{k: round(v, 2) for k, v in common.items()})
+        return results

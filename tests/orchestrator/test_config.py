@@ -1,0 +1,60 @@
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from orchestrator.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_launcher_file():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    jsonschema.validate(tree, schema)
+    assert tree["provider"]["type"] == "aws"
+    types = tree["available_node_types"]
+    assert types["trn2_prefill"]["node_config"]["InstanceType"] == "trn2.48xlarge"
+    assert types["trn2_prefill"]["resources"]["neuron_cores"] > 0
+    assert types["cs3_decode"]["resources"]["cs3"] >= 1
+
+
+def test_orchestrator_settings_load_from_metadata():
+    cfg = load_config(ROOT / "cluster.yaml")
+    assert cfg.prefill.workers >= 1 and cfg.decode.workers >= 1
+    assert cfg.local_resources["neuron_cores"] >= 1 and cfg.local_resources["cs3"] >= 1
+    assert cfg.default_sla_class in cfg.sla_classes
+    assert cfg.frontend.host == "127.0.0.1"
+    assert cfg.workload.trace.is_file()
+
+
+def _tree():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda t: t["metadata"]["pools"]["decode"].update(workers=0), "metadata.pools.decode.workers"),
+    (lambda t: t["metadata"]["pools"]["prefill"].update(workers="two"), "metadata.pools.prefill.workers"),
+    (lambda t: t["metadata"]["router"].update(policy="fastest"), "metadata.router.policy"),
+    (lambda t: t["metadata"].pop("pools"), "metadata.pools"),
+    (lambda t: t["metadata"]["sla_classes"]["interactive"].update(ttft_ms=-5), "metadata.sla_classes.interactive.ttft_ms"),
+    (lambda t: t["metadata"].update(default_sla_class="gold"), "metadata.default_sla_class"),
+])
+def test_invalid_config_names_file_and_key(mutate, key):
+    tree = _tree()
+    mutate(tree)
+    with pytest.raises(ConfigError) as e:
+        parse_config(tree, Path("cluster.yaml"))
+    assert str(e.value).startswith("cluster.yaml: ") and key in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metadata: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
