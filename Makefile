@@ -29,7 +29,7 @@ install: $(STAMP)
 install-dev: $(DEV_STAMP)
 
 run: $(STAMP)
-	$(PY) -m orchestrator generate --local "What is the capital of France? Answer in one sentence."
+	$(PY) -m orchestrator bench --config cluster.yaml
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q

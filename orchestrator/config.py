@@ -128,6 +128,35 @@ def _pool(r: _Reader, kind: str) -> PoolConfig:
     )
 
 
+def _source_checkout() -> Path | None:
+    """The project checkout an editable install points at (a Ray job runs from a copy elsewhere)."""
+    import importlib.metadata
+    import json
+    from urllib.parse import urlparse
+
+    for dist in importlib.metadata.distributions(name="pdorchestrator"):
+        text = dist.read_text("direct_url.json")  # absent from a stray egg-info in the working dir
+        url = json.loads(text).get("url", "") if text else ""
+        if url.startswith("file://"):
+            return Path(urlparse(url).path)
+    return None
+
+
+def _resolve_data_path(rel: Path, config_dir: Path) -> Path:
+    """A relative data path is taken from the config's folder, else from the source checkout
+    (so `ray job submit --working-dir .` finds ../shared/data from its uploaded copy too)."""
+    if rel.is_absolute():
+        return rel
+    candidates = [config_dir / rel]
+    checkout = _source_checkout()
+    if checkout is not None:
+        candidates.append(checkout / rel)
+    for c in candidates:
+        if c.exists():
+            return c.resolve()
+    return candidates[0].resolve()
+
+
 def parse_config(tree: Any, path: Path) -> Config:
     top = _Reader(path, tree, "")
     meta = top.sub("metadata")
@@ -147,9 +176,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     if default_sla not in slas:
         raise meta.error("default_sla_class", f"{default_sla!r} is not one of the sla_classes {sorted(slas)}")
     wl = meta.sub("workload")
-    trace = Path(wl.get("trace", str))
-    if not trace.is_absolute():
-        trace = (path.parent / trace).resolve()
+    trace = _resolve_data_path(Path(wl.get("trace", str)), path.parent)
     host = fe.get("host", str, "127.0.0.1")
     return Config(
         path=path,
