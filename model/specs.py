@@ -1,0 +1,218 @@
+"""Architecture specs of big models for performance modelling: shapes only, no weights.
+
+Parameter, byte and FLOP accounting used by hardware/ and the simulator. Figures are from the
+models' published config.json files (Hugging Face model cards); published totals are in
+`PUBLISHED_PARAMS` and checked by tests/model/test_specs.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "mxfp4": 0.5, "int4": 0.5,
+}
+
+
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per element of a dtype name; ValueError listing the valid names otherwise."""
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: unknown {dtype!r}; valid: {', '.join(DTYPE_BYTES)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A decoder-only transformer. MoE layers replace the dense FFN by routed (+ shared) experts."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int  # dense FFN width (SwiGLU: gate, up, down)
+    vocab_size: int
+    tied_embeddings: bool
+    n_experts: int = 0  # routed experts per MoE layer (0: dense model)
+    experts_active: int = 0  # routed experts per token
+    n_shared_experts: int = 0
+    d_ff_expert: int = 0  # width of one expert's FFN
+    moe_every: int = 1  # every k-th layer is MoE (layer i is MoE when (i + 1) % moe_every == 0)
+    attn_window: int = 0  # sliding/chunked attention window (0: none)
+    window_every: int = 0  # layers with a window: all except every window_every-th (0: no windows)
+
+    def __post_init__(self) -> None:
+        assert self.n_heads % self.n_kv_heads == 0, f"{self.name}: heads not a multiple of KV heads"
+        assert (self.n_experts == 0) == (self.experts_active == 0), f"{self.name}: experts inconsistent"
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers // self.moe_every if self.is_moe else 0
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_layers
+
+    @property
+    def n_windowed_layers(self) -> int:
+        if not self.attn_window or not self.window_every:
+            return 0
+        return self.n_layers - self.n_layers // self.window_every
+
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the MoE layers."""
+        if not self.is_moe:
+            return ()
+        return tuple(i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0)
+
+    # ---- parameters ------------------------------------------------------------------------
+    @property
+    def attn_params_per_layer(self) -> int:
+        q = self.d_model * self.n_heads * self.head_dim
+        kv = 2 * self.d_model * self.n_kv_heads * self.head_dim
+        return q + kv + self.n_heads * self.head_dim * self.d_model
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    def _ffn(self, width: int) -> int:
+        return 3 * self.d_model * width
+
+    def _moe_layer_params(self, experts: int) -> int:
+        router = self.d_model * self.n_experts
+        return (experts + self.n_shared_experts) * self._ffn(self.d_ff_expert) + router
+
+    def params_total(self) -> int:
+        """All parameters (norms ignored: < 0.01%)."""
+        emb = self.embedding_params * (1 if self.tied_embeddings else 2)
+        body = self.n_layers * self.attn_params_per_layer + self.n_dense_layers * self._ffn(self.d_ff)
+        return emb + body + self.n_moe_layers * self._moe_layer_params(self.n_experts)
+
+    def params_active(self, count_input_embedding: bool = True) -> int:
+        """Parameters touched per token: only the routed experts a token uses.
+
+        Vendors differ on whether the input embedding (a lookup, not a matmul) counts; Meta counts
+        it for Llama 4 (17B), OpenAI does not for gpt-oss (5.1B).
+        """
+        if self.tied_embeddings:
+            return self._body_active() + self.embedding_params
+        return self._body_active() + self.embedding_params * (2 if count_input_embedding else 1)
+
+    def _body_active(self) -> int:
+        body = self.n_layers * self.attn_params_per_layer + self.n_dense_layers * self._ffn(self.d_ff)
+        return body + self.n_moe_layers * self._moe_layer_params(self.experts_active)
+
+    def matmul_params_per_token(self) -> int:
+        """Parameters multiplied per token: active blocks plus the output layer (no embedding lookup)."""
+        return self._body_active() + self.embedding_params
+
+    def layer_params(self) -> int:
+        """Average stored parameters per transformer block (for per-layer placement)."""
+        return (self.params_total() - self.embedding_params * (1 if self.tied_embeddings else 2)) // self.n_layers
+
+    # ---- bytes -----------------------------------------------------------------------------
+    def weight_bytes(self, dtype: str = "bf16") -> float:
+        return self.params_total() * dtype_bytes(dtype)
+
+    def active_weight_bytes(self, dtype: str = "bf16", batch: int = 1) -> float:
+        """Weight bytes one decode step reads for `batch` tokens (MoE: experts hit by the batch)."""
+        if not self.is_moe:
+            return self.matmul_params_per_token() * dtype_bytes(dtype)
+        hit = self.n_experts * (1.0 - (1.0 - self.experts_active / self.n_experts) ** max(batch, 1))
+        base = self.matmul_params_per_token() - self.n_moe_layers * self.experts_active * self._ffn(self.d_ff_expert)
+        return (base + self.n_moe_layers * hit * self._ffn(self.d_ff_expert)) * dtype_bytes(dtype)
+
+    def kv_bytes_per_token(self, dtype: str = "bf16") -> float:
+        """K and V of one token over all layers (full-attention upper bound)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes(dtype)
+
+    def kv_bytes(self, context: int, dtype: str = "bf16") -> float:
+        """KV bytes of one sequence at `context` tokens, windowed layers capped at their window."""
+        per_layer_tok = 2 * self.n_kv_heads * self.head_dim * dtype_bytes(dtype)
+        full = self.n_layers - self.n_windowed_layers
+        win = min(context, self.attn_window) if self.n_windowed_layers else 0
+        return per_layer_tok * (full * context + self.n_windowed_layers * win)
+
+    # ---- FLOPs -----------------------------------------------------------------------------
+    def _attn_flops(self, q_tokens: int, prefix: int) -> float:
+        """QK^T and AV FLOPs for q_tokens causal queries after `prefix` cached tokens."""
+        pairs_full = q_tokens * prefix + q_tokens * (q_tokens + 1) / 2
+        per_pair = 4 * self.n_heads * self.head_dim
+        full = self.n_layers - self.n_windowed_layers
+        flops = full * per_pair * pairs_full
+        if self.n_windowed_layers:
+            w = self.attn_window
+            pairs_win = sum(min(prefix + i + 1, w) for i in range(q_tokens)) if q_tokens <= 4096 else \
+                q_tokens * min(prefix + q_tokens / 2, w)
+            flops += self.n_windowed_layers * per_pair * pairs_win
+        return flops
+
+    def prefill_flops(self, n_tokens: int, prefix: int = 0) -> float:
+        """FLOPs of prefilling n tokens (logits for the last one only), attention's quadratic term included."""
+        linear = 2 * (self.matmul_params_per_token() - self.embedding_params) * n_tokens
+        return linear + 2 * self.embedding_params + self._attn_flops(n_tokens, prefix)
+
+    def decode_flops(self, context: int) -> float:
+        """FLOPs of one decode step of one sequence whose cache holds `context` tokens."""
+        return 2 * self.matmul_params_per_token() + self._attn_flops(1, context)
+
+
+def _llama(name, layers, d, heads, kv, ff, vocab, tied=False, head_dim=128) -> ModelSpec:
+    return ModelSpec(name, layers, d, heads, kv, head_dim, ff, vocab, tied)
+
+
+SPECS: dict[str, ModelSpec] = {s.name: s for s in (
+    # HuggingFaceTB/SmolLM2-135M-Instruct config.json; also the GGUF metadata of the live model
+    _llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, tied=True, head_dim=64),
+    _llama("llama-2-70b", 80, 8192, 64, 8, 28672, 32000),  # meta-llama/Llama-2-70b-hf
+    _llama("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256),  # meta-llama/Llama-3.1-8B
+    _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.1-70B
+    _llama("llama-3.3-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.3-70B-Instruct
+    _llama("llama-3.1-405b", 126, 16384, 128, 8, 53248, 128256),  # meta-llama/Llama-3.1-405B
+    # meta-llama/Llama-4-Maverick-17B-128E: 128 routed + 1 shared expert, top-1, MoE on every 2nd
+    # layer (interleave_moe_layer_step 2), dense layers 16384 wide; chunked attention (8192) on
+    # 3 of 4 layers. Text model only.
+    ModelSpec("llama-4-maverick", 48, 5120, 40, 8, 128, 16384, 202048, False,
+              n_experts=128, experts_active=1, n_shared_experts=1, d_ff_expert=8192, moe_every=2,
+              attn_window=8192, window_every=4),
+    # openai/gpt-oss-120b: 36 layers all MoE, 128 experts top-4 of width 2880; alternating
+    # 128-token sliding-window and full attention.
+    ModelSpec("gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088, False,
+              n_experts=128, experts_active=4, d_ff_expert=2880, moe_every=1,
+              attn_window=128, window_every=2),
+    _llama("qwen3-32b", 64, 5120, 64, 8, 25600, 151936),  # Qwen/Qwen3-32B
+)}
+
+# Published totals (and active counts for MoE), in parameters.
+PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
+    "smollm2-135m": (134.5e6, None),  # HF model card: 135M (134,515,008 in the safetensors)
+    "llama-2-70b": (70e9, None),
+    "llama-3.1-8b": (8.03e9, None),
+    "llama-3.1-70b": (70.6e9, None),
+    "llama-3.3-70b": (70.6e9, None),
+    "llama-3.1-405b": (405.9e9, None),
+    "llama-4-maverick": (400e9, 17e9),  # Meta: 17B active, 400B total
+    "gpt-oss-120b": (116.8e9, 5.13e9),  # OpenAI model card: 116.8B total, 5.13B active
+    "qwen3-32b": (32.8e9, None),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Spec by registry name; ValueError listing the valid names otherwise."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"model: unknown {name!r}; valid: {', '.join(SPECS)}") from None
+
+
+def spec_from_config(cfg) -> ModelSpec:
+    """A ModelSpec from a loaded `model.config.ModelConfig` (the live SmolLM2)."""
+    return ModelSpec(cfg.name, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                     cfg.d_ff, cfg.vocab_size, cfg.tied_embeddings)

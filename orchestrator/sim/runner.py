@@ -1,0 +1,97 @@
+"""Runs an `Experiment` (orchestrator/experiments.py): every sweep point, rows for the results table."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from hardware.perf import Deployment, make_deployment
+from hardware.profiles import get_profile
+from model.specs import get_spec
+from orchestrator.experiments import Experiment, PoolSweep
+from orchestrator.request import SLATarget
+from orchestrator.sim.engine import PoolSetup, SimConfig, Simulator
+from orchestrator.sim.report import summarize
+from orchestrator.sim.search import goodput
+from orchestrator.sim.workload import SimRequest, from_trace, poisson, rescale
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    model: str
+    policy: str
+    mode: str  # "disagg" or "colocated"
+    prefill_replicas: int
+    decode_replicas: int
+    rate: float | None
+    cfg: SimConfig
+
+
+def deployment(model: str, pool: PoolSweep) -> Deployment:
+    hw = get_profile(pool.hardware)
+    return make_deployment(get_spec(model), hw, pool.tp, pool.systems, hw.default_dtype, hw.default_dtype)
+
+
+def _setup(dep: Deployment, pool: PoolSweep, replicas: int) -> PoolSetup:
+    return PoolSetup(dep, replicas, pool.max_batch, pool.token_budget, pool.block_tokens, pool.kv_capacity_tokens)
+
+
+def points(exp: Experiment) -> list[Point]:
+    """The sweep's configurations (ValueError for unknown names or a model that cannot fit)."""
+    out = []
+    sla = SLATarget(exp.ttft_ms, exp.tpot_ms)
+    for model in exp.models:
+        pdep, ddep = deployment(model, exp.prefill), deployment(model, exp.decode)
+        for policy, np_, nd, rate in itertools.product(exp.policies, exp.prefill.replicas, exp.decode.replicas,
+                                                       exp.rates):
+            cfg = SimConfig(_setup(pdep, exp.prefill, np_), _setup(ddep, exp.decode, nd), sla, policy)
+            out.append(Point(model, policy, "disagg", np_, nd, rate, cfg))
+        if exp.colocated_baseline:
+            for policy, np_, rate in itertools.product(exp.policies, exp.prefill.replicas, exp.rates):
+                colo = replace(exp.decode, max_batch=exp.decode.max_batch, kv_capacity_tokens=0)
+                cfg = SimConfig(_setup(pdep, exp.prefill, np_), _setup(pdep, colo, np_), sla, policy, colocated=True)
+                out.append(Point(model, policy, "colocated", np_, 0, rate, cfg))
+    return out
+
+
+def workload(exp: Experiment) -> list[SimRequest]:
+    if exp.max_prompt_tokens and exp.max_output_tokens:  # the live bench's requests, exactly
+        from orchestrator.trace import fit_trace, load_azure_trace
+        rate = next((r for r in exp.rates if r is not None), None)
+        rows = load_azure_trace(exp.trace, exp.requests)
+        rows, _ = fit_trace(rows, exp.max_prompt_tokens, exp.max_output_tokens,
+                            rate or (len(rows) - 1) / max(rows[-1].arrival_s, 1e-9))
+        return [SimRequest(i, r.arrival_s, max(1, r.prompt_tokens), max(1, r.output_tokens))
+                for i, r in enumerate(rows)]
+    reqs = from_trace(exp.trace, limit=exp.requests)
+    if exp.poisson:
+        native = (len(reqs) - 1) / max(reqs[-1].arrival_s, 1e-9)
+        reqs = poisson(native, len(reqs), [(r.prompt_tokens, r.output_tokens) for r in reqs])
+    return reqs
+
+
+def run_point(p: Point, reqs: list[SimRequest], with_goodput: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One sweep point: a flat row for the CSV, and its TTFT and TPOT samples (ms) for CDFs."""
+    run_reqs = reqs if p.rate is None else rescale(reqs, p.rate)
+    sim = Simulator(p.cfg)
+    tr = sim.run(run_reqs)
+    s = summarize(sim, tr)
+    row = {"model": p.model, "policy": p.policy, "mode": p.mode, "prefill_replicas": p.prefill_replicas,
+           "decode_replicas": p.decode_replicas,
+           "pd_ratio": p.prefill_replicas / p.decode_replicas if p.decode_replicas else float("nan"),
+           "prefill_hw": p.cfg.prefill.dep.hw.name, "decode_hw": p.cfg.decode.dep.hw.name}
+    row.update({k: v for k, v in asdict(s).items() if k not in ("misses", "pools")})
+    row.update({f"miss_{k}": v for k, v in s.misses})
+    for pool in s.pools:
+        row.update({f"{pool.name}_units": pool.units, f"{pool.name}_util": pool.utilisation,
+                    f"{pool.name}_mean_batch": pool.mean_batch})
+    row["decode_kv_occupancy"] = s.pools[1].kv_occupancy
+    if with_goodput:
+        g = goodput(p.cfg, reqs, iters=6)
+        units = s.pools[0].units + (0 if p.mode == "colocated" else s.pools[1].units)
+        row.update({"goodput_rps": g.rate, "goodput_per_unit": g.rate / units,
+                    "goodput_per_dollar_hour": g.rate / s.price_per_hour})
+    ttft = (tr.first_token - tr.arrival) * 1e3
+    tpot = np.where(tr.output > 1, (tr.finish - tr.first_token) / np.maximum(tr.output - 1, 1), np.nan) * 1e3
+    return row, ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)]

@@ -1,0 +1,125 @@
+"""Simulator: drives the real router/batcher/scheduler/allocator; speed; reports; bad input."""
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hardware.perf import make_deployment
+from hardware.profiles import get_profile
+from model.specs import get_spec
+from orchestrator.experiments import parse_experiments
+from orchestrator.request import SLATarget
+from orchestrator.sim.engine import PoolSetup, SimConfig, Simulator
+from orchestrator.sim.report import summarize
+from orchestrator.sim.search import goodput
+from orchestrator.sim.workload import SimRequest, from_trace, poisson
+
+CONV = Path("/work/shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv")
+
+
+def _cfg(**kw):
+    m = get_spec("llama-3.1-70b")
+    return SimConfig(PoolSetup(make_deployment(m, get_profile("trn2.48xlarge"), tp=64), 1, 8),
+                     PoolSetup(make_deployment(m, get_profile("cs3")), 1, 64), SLATarget(2000, 50), **kw)
+
+
+def _reqs(n=300, rate=5.0):
+    return poisson(rate, n, [(200, 50), (1500, 200), (3000, 20), (100, 1)], seed=1)
+
+
+def test_every_request_finishes_and_timestamps_ordered():
+    sim = Simulator(_cfg())
+    tr = sim.run(_reqs())
+    assert not np.isnan(tr.finish).any()
+    assert (tr.first_token >= tr.prefill_start).all() and (tr.finish >= tr.first_token).all()
+    multi = tr.output > 1
+    assert (tr.kv_ready[multi] >= tr.first_token[multi]).all()
+    for u in sim.decode:
+        u.alloc.check()
+        assert u.alloc.used_blocks == 0
+    s = summarize(sim, tr)
+    # analytic decode: TPOT close to the single-sequence model at low load
+    assert 1.5 < s.tpot_p50_ms < 4 and s.sla_attainment > 0.95
+
+
+def test_tight_kv_forces_waiting_but_completes():
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, kv_capacity_tokens=8192))
+    sim = Simulator(cfg)
+    tr = sim.run(_reqs(200, rate=20))
+    assert not np.isnan(tr.finish).any()
+    assert summarize(sim, tr).misses  # attribution computed
+
+
+def test_colocated_baseline_runs():
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, colocated=True, decode=dataclasses.replace(cfg.decode, dep=cfg.prefill.dep))
+    sim = Simulator(cfg)
+    tr = sim.run(_reqs(200))
+    assert not np.isnan(tr.finish).any() and np.isnan(tr.kv_ready[tr.output == 1]).all()
+
+
+def test_goodput_search_brackets():
+    g = goodput(_cfg(), _reqs(300), iters=4)
+    assert g.rate > 0 and all(0 <= a <= 1 for _, a in g.probes)
+
+
+@pytest.mark.skipif(not CONV.exists(), reason="Azure trace not present")
+def test_full_conv_trace_under_10s():
+    reqs = from_trace(CONV)
+    assert len(reqs) == 19366
+    t = time.perf_counter()
+    sim = Simulator(_cfg())
+    tr = sim.run(reqs)
+    assert time.perf_counter() - t < 10
+    assert not np.isnan(tr.finish).any()
+
+
+def test_negative_rate_and_bad_trace(tmp_path):
+    with pytest.raises(ValueError, match="rate"):
+        poisson(-1, 10, [(1, 1)])
+    bad = tmp_path / "t.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,abc,3\n")
+    with pytest.raises(ValueError, match="t.csv:2"):
+        from_trace(bad)
+
+
+def test_experiment_validation_names_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    good = {"model": "llama-3.1-70b", "trace": "x.csv", "sla": {"ttft_ms": 1000, "tpot_ms": 50},
+            "prefill": {"hardware": "trn2.48xlarge", "replicas": [1, 2]}, "decode": {"hardware": "cs3"}}
+    exps = parse_experiments({"experiments": {"e": good}}, p)
+    assert exps["e"].prefill.replicas == (1, 2) and exps["e"].rates == (None,)
+    with pytest.raises(ValueError, match=r"experiments\.e\.rates"):
+        parse_experiments({"experiments": {"e": {**good, "rates": [-2]}}}, p)
+    with pytest.raises(ValueError, match=r"experiments\.e\.sla: missing"):
+        parse_experiments({"experiments": {"e": {k: v for k, v in good.items() if k != "sla"}}}, p)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_bad_input_one_line(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    cases = [("predict", "--model", "nope", "--hardware", "cs3"),
+             ("predict", "--model", "llama-3.1-8b", "--hardware", "nope"),
+             ("predict", "--model", "llama-3.1-405b", "--hardware", "h100", "--tp", "1"),
+             ("plan", "--model", "llama-3.1-8b", "--rate", "-1", "--ttft-ms", "1", "--tpot-ms", "1"),
+             ("simulate", "--config", str(tmp_path / "missing.yaml"))]
+    for c in cases:
+        r = _cli(*c, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (c, r.stderr)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("metadata:\n  experiments:\n    a:\n      model: llama-3.1-8b\n      trace: x.csv\n"
+                   "      sla: {ttft_ms: 1, tpot_ms: 1}\n      prefill: {hardware: h100}\n      decode: {hardware: cs3}\n")
+    r = _cli("simulate", "--config", str(cfg), "--experiment", "b", cwd=tmp_path)
+    assert r.returncode == 2 and "valid: a" in r.stderr
+    r = _cli("simulate", "--config", str(cfg), cwd=tmp_path)  # missing trace file
+    assert r.returncode == 2 and "x.csv" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("predict", "--model", "llama-3.1-70b", "--hardware", "cs3", "--json", cwd=root)
+    assert r.returncode == 0 and '"itl_ms"' in r.stdout
