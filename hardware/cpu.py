@@ -12,6 +12,8 @@ How it is measured (`measure_host`, about 10-20 s, once; cached as JSON in
 
 KV moves over loopback gRPC in the live system: 0.8 GB/s (DESIGN.md's measured figure) is assumed.
 Price and power of the host are nominal assumptions ($0.10/h, 65 W).
+`python -m hardware.cpu` prints the cached figures; `--remeasure` measures again (do it on a quiet
+machine: the engine figures are best-of-3 timings and other load inflates them).
 """
 from __future__ import annotations
 
@@ -132,3 +134,11 @@ def profile_from(m: CpuMeasurement) -> HardwareProfile:
 
 def cpu_profile(remeasure: bool = False) -> HardwareProfile:
     return profile_from(load_or_measure(remeasure))
+
+
+if __name__ == "__main__":  # python -m hardware.cpu [--remeasure]: print (and cache) this host's figures
+    import sys
+    m = load_or_measure(remeasure="--remeasure" in sys.argv[1:])
+    print(f"cache: {cache_path()}")
+    for k, v in asdict(m).items():
+        print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")

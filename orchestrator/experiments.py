@@ -13,7 +13,8 @@ A spec sweeps the cross product of models, router policies, prefill replicas, de
       prefill: {hardware: trn2.48xlarge, tp: 64, replicas: [1, 2, 3], token_budget: 8192, max_batch: 8}
       decode: {hardware: cs3, systems: 4, replicas: [1, 2], max_batch: 64, block_tokens: 16}
       colocated_baseline: true        # also run prefill+decode on the prefill hardware
-      goodput: false                  # also search the goodput of every configuration
+      goodput: false                  # also search the goodput of every configuration (once each, not per rate)
+      goodput_requests: 4000          # optional: search goodput on the first N requests (faster); default all
       fidelity: false                 # fidelity-cpu: compare with the live bench results
       max_prompt_tokens: 0            # > 0: fit lengths like the live bench does (fit_trace)
       max_output_tokens: 0
@@ -57,6 +58,7 @@ class Experiment:
     fidelity: bool
     max_prompt_tokens: int = 0  # > 0: clip lengths like the live bench (orchestrator.trace.fit_trace)
     max_output_tokens: int = 0
+    goodput_requests: int | None = None  # goodput search on the first N requests (None: all)
 
 
 class _Spec:
@@ -130,7 +132,8 @@ def parse_experiment(path: Path, name: str, tree: Any) -> Experiment:
                       _pool(_Spec(path, s.get("decode", dict), s.key + ".decode"), "decode"),
                       s.get("colocated_baseline", bool, False), s.get("goodput", bool, False), poisson,
                       s.get("fidelity", bool, False), s.get("max_prompt_tokens", int, 0, minimum=0),
-                      s.get("max_output_tokens", int, 0, minimum=0))
+                      s.get("max_output_tokens", int, 0, minimum=0),
+                      s.get("goodput_requests", int, None, minimum=2))
 
 
 def parse_experiments(meta: Any, path: Path) -> dict[str, Experiment]:

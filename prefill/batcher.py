@@ -8,6 +8,7 @@ prompt is never starved by a stream of short ones.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 
@@ -17,6 +18,10 @@ class PrefillItem:
     n_tokens: int
     arrival_s: float
     priority: int = 0
+
+
+def _order(item: PrefillItem) -> tuple[int, float]:
+    return (-item.priority, item.arrival_s)
 
 
 class PrefillBatcher:
@@ -35,8 +40,8 @@ class PrefillBatcher:
 
     def add(self, item: PrefillItem) -> None:
         assert item.n_tokens >= 1, "a prompt has at least one token"
-        self._waiting.append(item)
-        self._waiting.sort(key=lambda it: (-it.priority, it.arrival_s))
+        # after equal keys, so equal priority and arrival stay first come, first served
+        bisect.insort_right(self._waiting, item, key=_order)
         self.queued_tokens += item.n_tokens
 
     def remove(self, request_id: str) -> bool:

@@ -19,7 +19,8 @@ OUT = Path("bench/results/fidelity.json")
 
 def compare(exp: Experiment, reqs: list[SimRequest], bench: Path = BENCH, out: Path = OUT) -> dict:
     p = points(exp)[0]
-    _, ttft, tpot = run_point(p, reqs, with_goodput=False)
+    res = run_point(p, reqs, with_goodput=False)
+    ttft, tpot = res.ttft_ms, res.tpot_ms
     sim = {"ttft_ms": {"p50": float(np.percentile(ttft, 50)), "p90": float(np.percentile(ttft, 90))},
            "tpot_ms": {"p50": float(np.percentile(tpot, 50)), "p90": float(np.percentile(tpot, 90))}}
     result: dict = {"requests": len(reqs), "simulated": sim, "live": None, "target": "p50 within 15%"}

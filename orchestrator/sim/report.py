@@ -72,6 +72,9 @@ def attribute(tr: Trace, ttft_s: float, tpot_s: float) -> np.ndarray:
     # per-token share of each post-prefill phase; the largest takes the blame
     post = np.stack([transfer / n_out, wait / n_out, decode / n_out])
     out[tpot_miss] = 3 + np.argmax(post[:, tpot_miss], axis=0)
+    # never finished (the simulation drained with the request stuck): blame the phase it is stuck in
+    stuck = np.isnan(tr.finish) & ~np.isnan(tr.first_token) & (tr.output > 1)
+    out[stuck] = np.where(np.isnan(tr.kv_ready[stuck]), 3, np.where(np.isnan(tr.admitted[stuck]), 4, 5))
     ttft_miss = ~(ttft <= ttft_s)
     out[ttft_miss] = np.where(queue[ttft_miss] >= prefill[ttft_miss], 1, 2)
     out[tr.rejected] = 0

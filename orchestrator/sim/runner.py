@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -11,8 +12,8 @@ from hardware.profiles import get_profile
 from model.specs import get_spec
 from orchestrator.experiments import Experiment, PoolSweep
 from orchestrator.request import SLATarget
-from orchestrator.sim.engine import PoolSetup, SimConfig, Simulator
-from orchestrator.sim.report import summarize
+from orchestrator.sim.engine import PoolSetup, SimConfig, Simulator, Trace
+from orchestrator.sim.report import PHASES, attribute, summarize
 from orchestrator.sim.search import goodput
 from orchestrator.sim.workload import SimRequest, from_trace, poisson, rescale
 
@@ -71,27 +72,70 @@ def workload(exp: Experiment) -> list[SimRequest]:
     return reqs
 
 
-def run_point(p: Point, reqs: list[SimRequest], with_goodput: bool) -> tuple[dict, np.ndarray, np.ndarray]:
-    """One sweep point: a flat row for the CSV, and its TTFT and TPOT samples (ms) for CDFs."""
+def config_key(p: Point) -> tuple:
+    """A point's configuration without its rate (goodput is a property of the configuration)."""
+    return (p.model, p.policy, p.mode, p.prefill_replicas, p.decode_replicas)
+
+
+def label(p: Point) -> str:
+    return f"{p.mode} P{p.prefill_replicas}:D{p.decode_replicas}" if p.mode == "disagg" else \
+        f"colocated x{p.prefill_replicas}"
+
+
+@dataclass(slots=True)
+class PointResult:
+    row: dict  # flat row for the CSV and the table
+    ttft_ms: np.ndarray  # samples for the CDFs
+    tpot_ms: np.ndarray
+    trace: Trace  # per-request timestamps
+    blame: np.ndarray  # index into report.PHASES per request (-1: met the SLA)
+
+
+def run_point(p: Point, reqs: list[SimRequest], with_goodput: bool = False,
+              goodput_reqs: list[SimRequest] | None = None) -> PointResult:
+    """One sweep point: a flat row for the CSV, its TTFT/TPOT samples (ms) and per-request trace."""
     run_reqs = reqs if p.rate is None else rescale(reqs, p.rate)
+    t0 = time.perf_counter()
     sim = Simulator(p.cfg)
     tr = sim.run(run_reqs)
+    wall = time.perf_counter() - t0
     s = summarize(sim, tr)
-    row = {"model": p.model, "policy": p.policy, "mode": p.mode, "prefill_replicas": p.prefill_replicas,
-           "decode_replicas": p.decode_replicas,
+    row = {"model": p.model, "policy": p.policy, "mode": p.mode, "config": label(p),
+           "prefill_replicas": p.prefill_replicas, "decode_replicas": p.decode_replicas,
            "pd_ratio": p.prefill_replicas / p.decode_replicas if p.decode_replicas else float("nan"),
-           "prefill_hw": p.cfg.prefill.dep.hw.name, "decode_hw": p.cfg.decode.dep.hw.name}
+           "prefill_hw": p.cfg.prefill.dep.hw.name, "decode_hw": p.cfg.decode.dep.hw.name,
+           "sim_wall_s": wall}
     row.update({k: v for k, v in asdict(s).items() if k not in ("misses", "pools")})
     row.update({f"miss_{k}": v for k, v in s.misses})
     for pool in s.pools:
         row.update({f"{pool.name}_units": pool.units, f"{pool.name}_util": pool.utilisation,
                     f"{pool.name}_mean_batch": pool.mean_batch})
     row["decode_kv_occupancy"] = s.pools[1].kv_occupancy
+    row["units"] = s.pools[0].units + (0 if p.mode == "colocated" else s.pools[1].units)
     if with_goodput:
-        g = goodput(p.cfg, reqs, iters=6)
-        units = s.pools[0].units + (0 if p.mode == "colocated" else s.pools[1].units)
-        row.update({"goodput_rps": g.rate, "goodput_per_unit": g.rate / units,
-                    "goodput_per_dollar_hour": g.rate / s.price_per_hour})
+        row.update(config_goodput(p, goodput_reqs or reqs, units=row["units"], price=s.price_per_hour))
     ttft = (tr.first_token - tr.arrival) * 1e3
     tpot = np.where(tr.output > 1, (tr.finish - tr.first_token) / np.maximum(tr.output - 1, 1), np.nan) * 1e3
-    return row, ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)]
+    blame = attribute(tr, p.cfg.sla.ttft_ms / 1e3, p.cfg.sla.tpot_ms / 1e3)
+    return PointResult(row, ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)], tr, blame)
+
+
+def config_goodput(p: Point, reqs: list[SimRequest], units: int, price: float, iters: int = 6) -> dict:
+    """Goodput of the point's configuration (rate-independent), per unit and per $/h."""
+    g = goodput(p.cfg, reqs, lo=0.25, hi=32.0, iters=iters)
+    return {"goodput_rps": g.rate, "goodput_per_unit": g.rate / units, "goodput_per_dollar_hour": g.rate / price,
+            "goodput_probes": len(g.probes)}
+
+
+def request_table(res: PointResult) -> dict[str, np.ndarray]:
+    """Per-request phases (seconds) of one run, for results/NAME/requests.csv."""
+    tr = res.trace
+    n_out = np.maximum(tr.output - 1, 1)
+    return {"request": np.arange(tr.arrival.size), "arrival_s": tr.arrival, "prompt_tokens": tr.prompt,
+            "output_tokens": tr.output, "rejected": tr.rejected.astype(int),
+            "queueing_s": tr.prefill_start - tr.arrival, "prefill_s": tr.first_token - tr.prefill_start,
+            "transfer_s": tr.kv_ready - tr.first_token, "decode_wait_s": tr.admitted - tr.kv_ready,
+            "ttft_s": tr.first_token - tr.arrival,
+            "tpot_s": np.where(tr.output > 1, (tr.finish - tr.first_token) / n_out, np.nan),
+            "e2e_s": tr.finish - tr.arrival,
+            "slo_miss": np.array(["" if b < 0 else PHASES[b] for b in res.blame])}

@@ -69,6 +69,7 @@ class DecodeUnit:
     seg: Segment | None = None
     version: int = 0
     pending: list = field(default_factory=list)  # handoffs waiting for KV blocks
+    preempted: set = field(default_factory=set)  # request ids preempted and not yet re-admitted
     busy_s: float = 0.0
     steps: int = 0
     seq_steps: int = 0
@@ -92,6 +93,8 @@ class DecodeUnit:
         if self.seg is not None or not self.sched.has_work:
             return None
         plan = self.sched.schedule()
+        self.preempted.update(plan.preempted)
+        self.preempted.difference_update(s.request_id for s in plan.recompute)
         if plan.empty:
             return None
         extra = sum(prefill_time(self.dep, [s.context_len]) for s in plan.recompute)
@@ -107,7 +110,15 @@ class DecodeUnit:
         return self.seg
 
     def can_take(self, n_tokens: int) -> bool:
-        """Room for a new sequence's KV without eating the running segment's reserved blocks."""
+        """Room for a new sequence's KV without eating the running segment's reserved blocks.
+
+        No new KV is accepted while a preempted sequence waits to be re-admitted: the scheduler
+        re-admits preempted sequences first (FIFO) and a WAITING sequence holds its blocks, so
+        handoffs filling the pool then would starve the preempted one and, with nothing running,
+        stall the unit for good (decode/scheduler.py has no way out of that state).
+        """
+        if self.preempted:
+            return False
         reserve = self.seg.reserve_blocks if self.seg else 0
         return self.alloc.blocks_for(n_tokens) + reserve <= self.alloc.free_blocks
 

@@ -123,3 +123,64 @@ def test_cli_bad_input_one_line(tmp_path):
     assert r.returncode == 2 and "x.csv" in r.stderr and "Traceback" not in r.stderr
     r = _cli("predict", "--model", "llama-3.1-70b", "--hardware", "cs3", "--json", cwd=root)
     assert r.returncode == 0 and '"itl_ms"' in r.stdout
+
+
+def test_colocated_overload_never_stalls():
+    """Regression: KV handoffs used to fill the pool while a preempted sequence waited; the FIFO
+    re-admission in decode/scheduler.py then stalled the unit for good (requests never finished)."""
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, colocated=True,
+                              decode=dataclasses.replace(cfg.decode, dep=cfg.prefill.dep, kv_capacity_tokens=20_000))
+    reqs = poisson(30.0, 600, [(1500, 400), (3000, 300), (200, 50)], seed=2)
+    sim = Simulator(cfg)
+    tr = sim.run(reqs)
+    assert not np.isnan(tr.finish).any()
+    assert sum(u.sched.n_running + u.sched.n_waiting + len(u.pending) for u in sim.decode) == 0
+
+
+def _tiny_trace(path: Path, n: int = 120) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i in range(n):
+        lines.append(f"2023-11-16 18:{15 + i // 60:02d}:{i % 60:02d}.{rng.integers(0, 99):02d},"
+                     f"{rng.integers(50, 3000)},{rng.integers(1, 300)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_simulate_writes_results_with_goodput_baseline_and_attribution(tmp_path):
+    import json
+    root = Path(__file__).resolve().parents[2]
+    trace = _tiny_trace(tmp_path / "trace.csv")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"metadata:\n  experiments:\n    tiny:\n      model: llama-3.1-70b\n      trace: {trace}\n"
+                   "      rates: [native, 4]\n      sla: {ttft_ms: 2000, tpot_ms: 50}\n"
+                   "      prefill: {hardware: trn2.48xlarge, tp: 64, replicas: [1, 2], token_budget: 8192}\n"
+                   "      decode: {hardware: cs3, systems: 4, replicas: 1}\n      colocated_baseline: true\n")
+    r = _cli("simulate", "--config", str(cfg), "--experiment", "tiny", "--goodput", "--results", str(tmp_path / "res"),
+             cwd=root)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "res" / "tiny"
+    for f in ("results.csv", "summary.json", "requests.csv", "sla_vs_rate.png", "goodput_vs_pd.png", "latency_cdfs.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert "SLO misses by phase" in r.stdout and "simulator speed: whole trace" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["best_colocated_baseline"]["mode"] == "colocated"
+    assert {c["mode"] for c in s["configurations"].values()} == {"disagg", "colocated"}
+    assert all(c["goodput_rps"] >= 0 for c in s["configurations"].values())
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert "miss_queueing" in header and "goodput_per_dollar_hour" in header and "sim_wall_s" in header
+    r = _cli("simulate", "--config", str(cfg), "--rates", "native,-3", cwd=root)
+    assert r.returncode == 2 and "--rates" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_explains_choice(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    trace = _tiny_trace(tmp_path / "trace.csv")
+    r = _cli("plan", "--trace", str(trace), "--model", "llama-3.1-70b", "--rate", "30", "--ttft-ms", "2000",
+             "--tpot-ms", "50", "--requests", "1500", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "cheapest:" in r.stdout and "why:" in r.stdout and "prefill:" in r.stdout and "decode:" in r.stdout
+    r = _cli("plan", "--trace", str(trace), "--model", "llama-3.1-70b", "--rate", "3", "--ttft-ms", "2000",
+             "--tpot-ms", "0.5", cwd=root)
+    assert r.returncode == 2 and "TPOT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
