@@ -1,0 +1,289 @@
+"""Sender side of a KV handoff: a prefill worker streams each layer as soon as the model computes it.
+
+    t = backend.open(target, request_id, layout, n_tokens, deadline_s)
+    t.send_layer(layer, k, v)   # k, v: (T, n_kv_heads, head_dim); returns at once (keeps a reference)
+    result = t.commit()         # waits for the receiver's acknowledgement -> TransferResult
+
+Frames are built lazily by a generator the transport consumes in its own thread, at most `window`
+unacknowledged frames ahead of the receiver; a reader thread turns replies into state changes.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import structlog
+
+from kvtransfer import wire
+from kvtransfer.layout import KVLayout
+from kvtransfer.states import TransferResult, TransferState, TransportError
+from protos.disagg.v1 import kvtransfer_pb2 as pb
+
+log = structlog.get_logger("kvtransfer.sender")
+_COMMIT = "commit"
+_PREFETCH = 2  # frames built ahead of the transport
+_ABORT_GRACE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    chunk_bytes: int = 1 << 20  # payload bytes per frame (K + V), 256 KB - 1 MB works best
+    window: int = 8             # max unacknowledged frames in flight
+    checksum: str = "crc32"     # "crc32", "adler32" or "none"
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1 or self.window < 1:
+            raise ValueError("chunk_bytes and window must be >= 1")
+        if self.checksum not in wire.CHECKSUMS:
+            raise ValueError(f"checksum: must be one of {sorted(wire.CHECKSUMS)}")
+
+
+class FrameCall(Protocol):
+    """One open transport call: iterate the receiver's replies (raises TransportError); cancel() ends it."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def cancel(self) -> None: ...
+
+
+class TransferBackend(abc.ABC):
+    """The one interface a transport implements: carry frames to `target`, bring replies back."""
+
+    def __init__(self, config: SenderConfig | None = None):
+        self.config = config or SenderConfig()
+
+    @abc.abstractmethod
+    def open_call(self, target: str, frames: Iterable[bytes], timeout_s: float) -> FrameCall:
+        """Start consuming `frames` in the background; the call must end by timeout_s."""
+
+    def open(self, target: str, request_id: str, layout: KVLayout, n_tokens: int, deadline_s: float) -> "Transfer":
+        """Start a transfer of n_tokens of KV to the receiver at `target`; deadline_s: seconds from now."""
+        return Transfer(self, target, request_id, layout, n_tokens, deadline_s, self.config)
+
+    def close(self) -> None:
+        """Release transport resources (channels)."""
+
+
+class Transfer:
+    """One request's handoff. Thread-safe: send_layer/commit/abort from the caller, frames and replies
+    from transport threads; every shared field is guarded by one lock (two conditions on it)."""
+
+    def __init__(self, backend: TransferBackend, target: str, request_id: str, layout: KVLayout,
+                 n_tokens: int, deadline_s: float, config: SenderConfig):
+        if n_tokens < 1:
+            raise ValueError("n_tokens: must be >= 1")
+        if deadline_s <= 0:
+            raise ValueError("deadline_s: must be > 0")
+        self.request_id, self.layout, self.n_tokens, self.config = request_id, layout, n_tokens, config
+        self._scheme = wire.CHECKSUMS[config.checksum]
+        self._tokens_per_chunk = max(1, config.chunk_bytes // layout.bytes_per_token_per_layer)
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)   # producer waits: layers to cut, window room
+        self._ready = threading.Condition(self._lock)  # transport's generator waits: built frames
+        self._pending: deque = deque()  # (layer, k, v) ..., then _COMMIT
+        self._prepared: deque[tuple[bytes, bool]] = deque()  # built frames, (frame, is_last)
+        self._layers_sent: set[int] = set()
+        self._state = TransferState.PENDING
+        self._code: str | None = None
+        self._error = ""
+        self._sent_seq = 0   # the open frame is seq 0
+        self._acked_seq = -1
+        self._max_in_flight = self._chunks = self._bytes = 0
+        self._start = time.perf_counter()
+        self._deadline = time.monotonic() + deadline_s
+        self._commit_called = self._end = 0.0
+        self._done = threading.Event()
+        self._call = backend.open_call(target, self._frames(), deadline_s)
+        threading.Thread(target=self._produce, name=f"kv-frames-{request_id}", daemon=True).start()
+        threading.Thread(target=self._read_replies, name=f"kv-replies-{request_id}", daemon=True).start()
+
+    # -- caller API --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> TransferState:
+        return self._state
+
+    def send_layer(self, layer: int, k: np.ndarray, v: np.ndarray) -> TransferState:
+        """Queue one layer's K/V (T, n_kv_heads, head_dim); never blocks. Do not mutate k, v afterwards."""
+        shape = (self.n_tokens, self.layout.n_kv_heads, self.layout.head_dim)
+        for name, a in (("k", k), ("v", v)):
+            if a.shape != shape:
+                raise ValueError(f"{name}: shape {a.shape}, expected {shape}")
+            if a.dtype != np.dtype(self.layout.dtype):
+                raise ValueError(f"{name}: dtype {a.dtype}, expected {self.layout.dtype}")
+        if not 0 <= layer < self.layout.n_layers:
+            raise ValueError(f"layer: {layer} outside [0, {self.layout.n_layers})")
+        with self._lock:
+            if self._state.terminal:
+                return self._state
+            if layer in self._layers_sent:
+                raise ValueError(f"layer: {layer} sent twice")
+            self._layers_sent.add(layer)
+            self._pending.append((layer, k, v))
+            self._work.notify()
+            return self._state
+
+    def commit(self) -> TransferResult:
+        """Wait for the receiver to commit every layer (or for failure / the deadline)."""
+        with self._lock:
+            if not self._state.terminal:
+                missing = sorted(set(range(self.layout.n_layers)) - self._layers_sent)
+                if missing:
+                    self._finish_locked(TransferState.FAILED, "FAILED_PRECONDITION", f"layers never sent: {missing}")
+                else:
+                    self._commit_called = time.perf_counter()
+                    self._pending.append(_COMMIT)
+                    self._work.notify()
+        if not self._done.wait(max(0.0, self._deadline - time.monotonic()) + 1.0):
+            self._finish(TransferState.FAILED, "DEADLINE_EXCEEDED", "no acknowledgement before the deadline")
+            self._call.cancel()
+        return self.result()
+
+    def abort(self, reason: str = "aborted by sender") -> TransferResult:
+        """Stop now and return: the receiver gets a KVAbort frame; if the stream is stuck, the call is
+        cancelled after `_ABORT_GRACE_S`, which releases the receiver's side just the same."""
+        with self._lock:
+            already = self._state.terminal
+            self._finish_locked(TransferState.ABORTED, "CANCELLED", reason)  # _frames sends KVAbort
+        if already:
+            return self.result()
+        timer = threading.Timer(_ABORT_GRACE_S, self._call.cancel)  # no-op once the stream has ended
+        timer.daemon = True
+        timer.start()
+        return self.result()
+
+    def result(self) -> TransferResult:
+        with self._lock:
+            end = self._end or time.perf_counter()
+            return TransferResult(self.request_id, self._state, self._code, self._error, self._bytes, self._chunks,
+                                  (end - self._start) * 1e3,
+                                  (end - self._commit_called) * 1e3 if self._commit_called else 0.0,
+                                  self._max_in_flight)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _finish(self, state: TransferState, code: str | None = None, error: str = "") -> None:
+        with self._lock:
+            self._finish_locked(state, code, error)
+
+    def _finish_locked(self, state: TransferState, code: str | None, error: str) -> None:
+        if self._state.terminal:
+            return
+        self._state, self._code, self._error = state, code, error
+        self._pending.clear()  # drop references to the caller's arrays and built frames
+        self._prepared.clear()
+        self._end = time.perf_counter()
+        self._work.notify_all()
+        self._ready.notify_all()
+        self._done.set()
+        fields = dict(request_id=self.request_id, state=state.value, bytes=self._bytes, chunks=self._chunks,
+                      ms=round((self._end - self._start) * 1e3, 2))
+        if state is TransferState.COMMITTED:
+            log.debug("kv transfer committed", **fields)
+        else:
+            log.info("kv transfer ended", code=code, error=error, **fields)
+
+    def _wait_locked(self, cond: threading.Condition, ready) -> bool:
+        """Wait on cond until ready() or the deadline; on timeout the transfer FAILS and False is returned."""
+        while not ready():
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                self._finish_locked(TransferState.FAILED, "DEADLINE_EXCEEDED", "deadline passed while sending")
+                return False
+            cond.wait(left)
+        return True
+
+    # -- transport threads -------------------------------------------------------------------
+
+    def _produce(self) -> None:
+        """Producer thread: queued layers -> frames (checksum + one copy, both GIL-free) ahead of the
+        transport, which sends one frame at a time. Frames built count as in flight (window)."""
+        while True:
+            with self._lock:
+                if not self._wait_locked(self._work, lambda: self._pending or self._state.terminal) \
+                        or self._state.terminal:
+                    return
+                item = self._pending.popleft()
+            if item is _COMMIT:
+                with self._lock:
+                    self._sent_seq += 1
+                    self._prepared.append((wire.encode(pb.KVFrameHeader(commit=pb.KVCommit(
+                        seq=self._sent_seq, n_chunks=self._chunks, total_bytes=self._bytes))), True))
+                    self._ready.notify()
+                return
+            layer, k, v = item
+            k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)  # no copy when already contiguous
+            step = self._tokens_per_chunk
+            for t0 in range(0, self.n_tokens, step):
+                kc, vc = k[t0:t0 + step], v[t0:t0 + step]
+                with self._lock:
+                    window = self.config.window
+                    if not self._wait_locked(self._work, lambda: self._state.terminal or (
+                            self._sent_seq - self._acked_seq < window and len(self._prepared) < _PREFETCH)) \
+                            or self._state.terminal:
+                        return
+                    self._sent_seq += 1
+                    seq = self._sent_seq
+                    self._max_in_flight = max(self._max_in_flight, self._sent_seq - self._acked_seq)
+                    self._chunks += 1
+                    self._bytes += kc.nbytes + vc.nbytes
+                frame = self._chunk_frame(seq, layer, t0, kc, vc)
+                with self._lock:
+                    self._prepared.append((frame, False))
+                    self._ready.notify()
+
+    def _chunk_frame(self, seq: int, layer: int, t0: int, kc: np.ndarray, vc: np.ndarray) -> bytes:
+        """Checksum (pulls the chunk into cache), then the frame's one copy of the payload."""
+        return wire.encode(pb.KVFrameHeader(chunk=pb.KVChunkHeader(
+            seq=seq, layer=layer, token_start=t0, n_tokens=len(kc), checksum=wire.checksum(self._scheme, kc, vc),
+            payload_bytes=kc.nbytes + vc.nbytes)), kc, vc)
+
+    def _frames(self) -> Iterator[bytes]:
+        """Consumed by the transport's thread: open, prepared chunks, then commit or abort."""
+        left_ms = (self._deadline - time.monotonic()) * 1e3
+        yield wire.encode(pb.KVFrameHeader(open=pb.KVOpen(
+            request_id=self.request_id, layout=wire.layout_to_msg(self.layout), n_tokens=self.n_tokens,
+            checksum=self._scheme, window=self.config.window, timeout_ms=left_ms)))
+        while True:
+            with self._lock:
+                self._wait_locked(self._ready, lambda: self._prepared or self._state.terminal)
+                if self._state is TransferState.ABORTED:
+                    frame, last = wire.encode(pb.KVFrameHeader(abort=pb.KVAbort(reason=self._error))), True
+                elif self._state.terminal:
+                    return
+                else:
+                    frame, last = self._prepared.popleft()
+                    self._work.notify()
+            yield frame
+            if last:
+                return
+
+    def _read_replies(self) -> None:
+        try:
+            for raw in self._call:
+                r = pb.KVReply.FromString(raw)
+                if r.kind == pb.KV_REPLY_ACK:
+                    with self._lock:
+                        self._acked_seq = max(self._acked_seq, r.acked_seq)
+                        if self._state is TransferState.PENDING:
+                            self._state = TransferState.TRANSFERRING
+                        self._work.notify()
+                elif r.kind == pb.KV_REPLY_COMMITTED:
+                    self._finish(TransferState.COMMITTED)
+                elif r.kind == pb.KV_REPLY_ABORTED:
+                    self._finish(TransferState.ABORTED, "CANCELLED", "aborted")
+                else:
+                    self._finish(TransferState.FAILED, r.code or "INTERNAL", r.message)
+            self._finish(TransferState.FAILED, "UNAVAILABLE", "receiver ended the stream without committing")
+        except TransportError as e:
+            self._finish(TransferState.FAILED, e.code, e.message)
+        except Exception as e:  # a bug in reply handling must still release both sides
+            log.exception("kv reply reader crashed", request_id=self.request_id)
+            self._finish(TransferState.FAILED, "INTERNAL", repr(e))
+        if self._state is not TransferState.COMMITTED:
+            self._call.cancel()

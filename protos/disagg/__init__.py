@@ -1,0 +1,1 @@
+"""`disagg` proto package (generated code under protos/disagg/v1)."""
