@@ -49,8 +49,10 @@ Event = TokenEvent | FinalEvent | ErrorEvent
 
 
 class Engine:
-    def __init__(self, pools: Pools, tokenizer: Tokenizer, router: Router, kv_deadline_s: float = 30.0):
+    def __init__(self, pools: Pools, tokenizer: Tokenizer, router: Router, decode_max_batch: int,
+                 kv_deadline_s: float = 30.0):
         self.pools = pools
+        self.decode_max_batch = decode_max_batch
         self.tokenizer = tokenizer
         self.router = router
         self.kv_deadline_s = kv_deadline_s
@@ -74,10 +76,10 @@ class Engine:
     async def _refresh_views(self) -> None:
         pf = await asyncio.gather(*(a.load.remote() for a in self.pools.prefill.values()))
         dc = await asyncio.gather(*(a.load.remote() for a in self.pools.decode.values()))
-        self._prefill_views = {l.worker_id: PrefillView(l.worker_id, l.queued_tokens, l.tokens_per_s) for l in pf}
+        self._prefill_views = {w: PrefillView(w, l.queued_tokens, l.tokens_per_s) for w, l in zip(self.pools.prefill, pf)}
         self._decode_views = {
-            l.worker_id: DecodeView(l.worker_id, l.active + l.waiting, l.max_batch, l.free_kv_tokens,
-                                    l.total_kv_tokens, l.predicted_step_ms) for l in dc}
+            w: DecodeView(w, l.active + l.waiting, self.decode_max_batch, l.free_tokens, l.total_blocks * l.block_size,
+                          l.step_ms_if_added) for w, l in zip(self.pools.decode, dc)}
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -101,7 +103,7 @@ class Engine:
     # -- one request ---------------------------------------------------------------------
 
     async def generate(self, req: Request) -> AsyncIterator[Event]:
-        """Yield token events, then one final or error event. Cancelling the iteration aborts."""
+        """Yield token events, then one final or error event. Closing the iteration early aborts."""
         t0 = time.perf_counter()
         pf_views, dc_views = self._views()
         placed = self.router.place(RouteRequest(req.request_id, req.prompt_tokens, req.sampling.max_tokens, req.sla),
@@ -115,62 +117,58 @@ class Engine:
         decode = self.pools.decode[placed.decode_worker]
         self._pending_prefill_tokens[placed.prefill_worker] += req.prompt_tokens
         self._pending_decode[placed.decode_worker] += 1
-        decoder = IncrementalDecoder(self.tokenizer)
-        text, n_out, reason = "", 0, FinishReason.LENGTH
-        decode_started = False
         prefill_pending = decode_pending = True  # counted in _pending_* until the worker reports it
+        n_out, reason, finished = 0, FinishReason.LENGTH, False
         try:
             req.advance(RequestState.PREFILLING, time.monotonic())
-            kv_target = self.pools.kv_targets[placed.decode_worker]
             res = await prefill.prefill.remote(PrefillJob(
-                req.request_id, req.prompt_ids, req.sampling, kv_target, self.kv_deadline_s, req.sla.priority))
+                req.request_id, req.prompt_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
+                self.kv_deadline_s, req.sla.priority))
             self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
             prefill_pending = False
             if not res.ok:
                 yield ErrorEvent(res.error_code or "INTERNAL", f"prefill failed: {res.error}")
                 return
+            req.advance(RequestState.TRANSFERRING, time.monotonic())  # committed on the decode side
             t_first = time.perf_counter()
             first = res.first_token
-            tokens = [first]
-            if first in self.tokenizer.stop_token_ids or req.sampling.max_tokens == 1:
-                reason = FinishReason.STOP if first in self.tokenizer.stop_token_ids else FinishReason.LENGTH
-                await decode.abort.remote(req.request_id)  # release the transferred KV
-                tokens = [] if reason is FinishReason.STOP else tokens
+            first_text = IncrementalDecoder(self.tokenizer).push(first)  # the decode worker's texts[0]
+            cut = find_stop(first_text, req.sampling.stop) if req.sampling.stop else -1
+            if first in self.tokenizer.stop_token_ids:
+                reason, finished = FinishReason.STOP, True
             else:
-                req.advance(RequestState.TRANSFERRING, time.monotonic())
-                await decode.submit.remote(req.request_id, first, req.sampling)
+                n_out = 1
+                yield TokenEvent([first], first_text if cut < 0 else first_text[:cut])
+                if cut >= 0 or req.sampling.max_tokens == 1:
+                    reason, finished = (FinishReason.STOP if cut >= 0 else FinishReason.LENGTH), True
+            if finished:
+                await decode.abort.remote(req.request_id)  # release the KV that was transferred
+            else:
+                await decode.submit.remote(req.request_id, first, req.sampling, req.prompt_ids)
                 self._pending_decode[placed.decode_worker] -= 1
-                decode_pending, decode_started = False, True
+                decode_pending = False
                 req.advance(RequestState.DECODING, time.monotonic())
-            done = not decode_started
-            while True:
-                stopped = False
-                if tokens:
-                    if tokens[-1] in self.tokenizer.stop_token_ids:
-                        tokens, reason, stopped = tokens[:-1], FinishReason.STOP, True
-                    deltas = "".join(decoder.push(t) for t in tokens)
-                    cut = find_stop(text + deltas, req.sampling.stop) if req.sampling.stop else -1
-                    if cut >= 0:
-                        deltas, reason, stopped = (text + deltas)[len(text):cut], FinishReason.STOP, True
-                    n_out += len(tokens)
-                    text += deltas
-                    yield TokenEvent(tokens, deltas)
-                if done or stopped:
-                    break
-                batch = await decode.next_tokens.remote(req.request_id)
-                tokens, done = list(batch.tokens), batch.finished
-                if done and batch.finish_reason:
-                    reason = FinishReason(batch.finish_reason)
-            if decode_started and reason is FinishReason.STOP:
-                await decode.abort.remote(req.request_id)  # stopped by a stop string before the worker knew
+            while not finished:
+                chunk = await decode.next_tokens.remote(req.request_id)
+                skip = 1 if chunk.start_index == 0 else 0  # the first token was already sent
+                ids, texts = list(chunk.token_ids[skip:]), chunk.texts[skip:]
+                if ids:
+                    n_out += len(ids)
+                    yield TokenEvent(ids, "".join(texts))
+                if chunk.finished:
+                    if chunk.finish_reason == "error":
+                        code, _, message = (chunk.error or "INTERNAL: decode failed").partition(": ")
+                        yield ErrorEvent(code, message)
+                        return
+                    reason, finished = FinishReason(chunk.finish_reason), True
             t_end = time.perf_counter()
             req.advance(RequestState.FINISHED, time.monotonic())
-            ttft_ms = (t_first - t0) * 1e3
             timings = Timings(
-                queued_ms=res.queued_ms, prefill_ms=res.prefill_ms, transfer_ms=res.transfer_tail_ms, ttft_ms=ttft_ms,
-                mean_tpot_ms=((t_end - t_first) * 1e3 / (n_out - 1)) if n_out > 1 else 0.0, e2e_ms=(t_end - t0) * 1e3)
+                queued_ms=res.queued_ms, prefill_ms=res.prefill_ms, transfer_ms=res.transfer_tail_ms,
+                ttft_ms=(t_first - t0) * 1e3, e2e_ms=(t_end - t0) * 1e3,
+                mean_tpot_ms=((t_end - t_first) * 1e3 / (n_out - 1)) if n_out > 1 else 0.0)
             log.info("finished", request_id=req.request_id, reason=reason.value, tokens=n_out,
-                     ttft_ms=round(ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
+                     ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
             yield FinalEvent(reason, req.prompt_tokens, n_out, timings, placed.prefill_worker, placed.decode_worker)
         except (asyncio.CancelledError, GeneratorExit):
             log.info("aborted by client", request_id=req.request_id)

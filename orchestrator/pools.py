@@ -48,18 +48,33 @@ def init_ray(cfg: Config) -> None:
              _node_ip_address="127.0.0.1")
 
 
-async def build_pools(cfg: Config, kv_deadline_s: float = 30.0) -> Pools:
-    """Start every worker, wait until each has loaded the model, and learn the KV receiver addresses."""
+def _decode_actor_class():
     from decode.worker import DecodeWorker
+    from kvtransfer.grpc_backend import start_kv_server
+
+    class DecodeActor(DecodeWorker):
+        """A DecodeWorker that also hosts its KV receiver (gRPC on loopback) in the actor's process."""
+
+        async def start_kv_server(self, host: str = "127.0.0.1") -> str:
+            self._kv_server, port = start_kv_server(self.kv_sink, host=host, expected_layout=self.layout)
+            return f"{host}:{port}"
+
+    return DecodeActor
+
+
+async def build_pools(cfg: Config) -> Pools:
+    """Start every worker, wait until each has loaded the model, and learn the KV receiver addresses."""
     from prefill.worker import PrefillWorker
+
+    DecodeActor = _decode_actor_class()
 
     pools = Pools()
     p, d = cfg.prefill, cfg.decode
     for i in range(d.workers):
         wid = f"decode-{i}"
-        actor = ray.remote(DecodeWorker).options(
+        actor = ray.remote(DecodeActor).options(
             num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000).remote(
-            wid, kv_capacity_tokens=d.kv_capacity_tokens, block_tokens=d.block_tokens, max_batch=d.max_batch,
+            capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
             blas_threads=d.blas_threads)
         pools.decode[wid] = actor
         pools.hardware[wid] = d.hardware

@@ -179,7 +179,7 @@ def test_invalid_utf8_and_oversized_messages_while_others_run(client, deployment
     channel.close()
     rest = list(it)
     assert good.final.finish_reason in ("stop", "length") and rest is not None
-    assert client.health() is True
+    assert client.health() == "SERVING"
 
 
 def test_model_and_server_info(client):
