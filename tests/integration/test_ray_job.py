@@ -5,10 +5,12 @@ Follows ../shared/DESIGN.md: loopback only, never `ray stop` (the head is stoppe
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,17 +49,21 @@ def _free_port_range(width: int = 200) -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
+    # a short temp dir: Ray's unix socket paths must stay under 108 bytes
+    tmp_path = Path(tempfile.mkdtemp(prefix="pdo-ray-", dir="/tmp"))
     gcs, dash, agent, metrics, client, agent_grpc, runtime_env_agent = _free_ports(7)
     w1 = _free_port_range()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    # as with an activated virtualenv: the job's `python` is the project's
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(BIN.parent))
     env.pop("RAY_ADDRESS", None)
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
            f"--min-worker-port={w1}", f"--max-worker-port={w1 + 199}", "--num-cpus=4",
-           '--resources={"neuron_cores": 1, "cs3": 1}', f"--temp-dir={tmp_path / 'ray'}"]
+           '--resources={"neuron_cores": 1, "cs3": 1}', f"--temp-dir={tmp_path}"]
     before = {p.pid for p in psutil.process_iter()}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     started = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
@@ -82,6 +88,7 @@ def ray_head(tmp_path):
         gone, alive = psutil.wait_procs(list(procs.values()), timeout=15)
         for p in alive:
             p.kill()
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_bench_runs_as_a_ray_job(ray_head):
