@@ -19,7 +19,7 @@ class RequestState(enum.Enum):
 _NEXT = {
     RequestState.QUEUED: {RequestState.PREFILLING, RequestState.ABORTED},
     RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.FINISHED, RequestState.ABORTED},
-    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.ABORTED},
+    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.FINISHED, RequestState.ABORTED},
     RequestState.DECODING: {RequestState.FINISHED, RequestState.ABORTED},
     RequestState.FINISHED: set(),
     RequestState.ABORTED: set(),
