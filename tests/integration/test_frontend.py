@@ -188,3 +188,17 @@ def test_model_and_server_info(client):
     server = client.server_info()
     assert sorted(p.name for p in server.pools) == ["decode", "prefill"]
     assert all(len(p.workers) == 2 for p in server.pools)
+
+
+def test_cli_generate_against_the_server(deployment):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--target", deployment.target,
+                          "What is the capital of France? Answer in one sentence.", "--max-tokens", "16"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and "TTFT" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--target", deployment.target, "hi",
+                          "--max-tokens", "100000"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "max_tokens" in bad.stderr and "Traceback" not in bad.stderr
