@@ -1,0 +1,244 @@
+"""Continuous-batching decode scheduler: pure logic over a BlockAllocator (no clock, no I/O, no Ray).
+
+Lifecycle of a sequence (its KV of `context_len` tokens already sits in allocator blocks):
+
+    add() -> WAITING --schedule()--> RUNNING --on_step_done()--> FINISHED
+                                        |  ^
+                              preempt   v  | schedule() admits back, listed in plan.recompute
+                                     PREEMPTED
+    abort() from any live state -> FINISHED(ABORT); blocks are released at once, or after the
+    step in flight when the sequence is part of it (its KV is being written).
+
+One decode step feeds each running sequence's last token at position `context_len`, so before
+a step every running sequence must own room for `context_len + 1` tokens.
+
+Preemption policy (recompute, LIFO): when a running sequence cannot get a block for its next
+token, the most recently admitted running sequence is preempted (possibly the one asking): its
+blocks are released and it goes to the front of the recompute queue, keeping admission order.
+A schedule() call that preempted admits nothing. Otherwise admission is FIFO, the recompute
+queue first: a preempted sequence is re-admitted once `context_len + 1` tokens fit in the free
+blocks; its blocks are allocated here and the caller must rebuild its KV (a prefill over the
+prompt and the tokens generated so far, except the last, which is fed by the next step) before
+running the plan. A WAITING sequence already holds its blocks (the KV pool reserves one token of
+headroom at open), so it is admissible whenever there is a batch slot.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from decode.allocator import BlockAllocator
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # a stop token or a stop string
+    LENGTH = "length"  # max_tokens generated
+    ABORT = "abort"
+
+
+@dataclass(slots=True)
+class DecodeSeq:
+    """One sequence on the decode side. `generated` starts with the first token (from prefill)."""
+
+    request_id: str
+    context_len: int  # tokens whose KV is stored (the prompt at first)
+    generated: list[int]  # every sampled token id, stop token included
+    max_tokens: int  # limit on len(generated)
+    stop_token_ids: frozenset[int] = frozenset()
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    n_preemptions: int = 0
+    abort_pending: bool = field(default=False, repr=False)
+
+    @property
+    def next_token(self) -> int:
+        return self.generated[-1]
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What the next step runs. `batch` order is the row order of the step's tensors."""
+
+    batch: list[DecodeSeq]
+    recompute: list[DecodeSeq]  # admitted back after preemption: rebuild their KV first
+    preempted: list[str]  # request ids that lost their blocks in this call
+
+    @property
+    def empty(self) -> bool:
+        return not self.batch
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request_id: str
+    reason: FinishReason
+    generated: tuple[int, ...]
+
+
+class Scheduler:
+    """Decides which sequences run each step and applies each step's sampled tokens."""
+
+    def __init__(self, allocator: BlockAllocator, max_batch: int):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        self.alloc = allocator
+        self.max_batch = max_batch
+        self._seqs: dict[str, DecodeSeq] = {}
+        self._waiting: deque[DecodeSeq] = deque()
+        self._preempted: deque[DecodeSeq] = deque()
+        self._running: list[DecodeSeq] = []  # admission order
+        self._in_flight: StepPlan | None = None
+
+    # -- views -----------------------------------------------------------------------------
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting) + len(self._preempted)
+
+    @property
+    def running_context_tokens(self) -> int:
+        return sum(s.context_len for s in self._running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting or self._preempted)
+
+    def get(self, request_id: str) -> DecodeSeq | None:
+        return self._seqs.get(request_id)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def add(self, seq: DecodeSeq) -> Finished | None:
+        """Queue a sequence whose KV is in its blocks; it may finish at once on its first token."""
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request_id: {seq.request_id!r} is already scheduled")
+        if not self.alloc.holds(seq.request_id):
+            raise ValueError(f"request_id: {seq.request_id!r} holds no KV blocks")
+        if not seq.generated or seq.max_tokens < 1:
+            raise ValueError("generated: must start with the first token; max_tokens >= 1")
+        if seq.context_len + seq.max_tokens - 1 > self.alloc.capacity_tokens:
+            raise ValueError(f"max_tokens: {seq.context_len} + {seq.max_tokens} tokens can never fit "
+                             f"the pool of {self.alloc.capacity_tokens}")
+        self._seqs[seq.request_id] = seq
+        seq.status = SeqStatus.WAITING
+        reason = self._finish_reason(seq)
+        if reason is not None:
+            return self._finish(seq, reason)
+        self._waiting.append(seq)
+        return None
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Finished | None:
+        """End a live sequence (abort, or a stop string the caller found) and release its blocks.
+
+        None if unknown or already finished, or when it is in the step in flight: then it ends in
+        on_step_done() (its KV is being written), which drops that step's token.
+        """
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is SeqStatus.FINISHED:
+            return None
+        if self._in_flight is not None and seq in self._in_flight.batch:
+            seq.abort_pending = True
+            seq.finish_reason = reason
+            return None
+        if seq.status is SeqStatus.WAITING:
+            self._waiting.remove(seq)
+        elif seq.status is SeqStatus.PREEMPTED:
+            self._preempted.remove(seq)
+        else:
+            self._running.remove(seq)
+        return self._finish(seq, reason)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Reserve room for every running sequence's next token, preempting if needed; admit more."""
+        assert self._in_flight is None, "schedule() called twice without on_step_done()"
+        plan = StepPlan(batch=[], recompute=[], preempted=[])
+        i = 0
+        while i < len(self._running):
+            seq = self._running[i]
+            if self.alloc.extend(seq.request_id, seq.context_len + 1):
+                i += 1
+                continue
+            victim = self._running.pop()  # LIFO: the latest admitted
+            self.alloc.release(victim.request_id)
+            victim.status = SeqStatus.PREEMPTED
+            victim.n_preemptions += 1
+            plan.preempted.append(victim.request_id)
+        # victims were popped newest first: putting each at the front keeps admission order
+        for rid in plan.preempted:
+            self._preempted.appendleft(self._seqs[rid])
+        if not plan.preempted:
+            self._admit(plan)
+        plan.batch = list(self._running)
+        if plan.batch:
+            self._in_flight = plan
+        return plan
+
+    def _admit(self, plan: StepPlan) -> None:
+        while self._preempted and len(self._running) < self.max_batch:
+            seq = self._preempted[0]
+            if not self.alloc.can_allocate(seq.context_len + 1):
+                return  # FIFO: do not let later sequences overtake a preempted one
+            self._preempted.popleft()
+            self.alloc.allocate(seq.request_id, seq.context_len + 1)
+            seq.status = SeqStatus.RUNNING
+            self._running.append(seq)
+            plan.recompute.append(seq)
+        while self._waiting and len(self._running) < self.max_batch:
+            seq = self._waiting[0]
+            if not self.alloc.extend(seq.request_id, seq.context_len + 1):
+                return
+            self._waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self._running.append(seq)
+
+    def on_step_done(self, token_ids: Sequence[int]) -> list[Finished]:
+        """Apply the tokens sampled for the in-flight plan's batch (same order). Returns finishes."""
+        plan = self._in_flight
+        assert plan is not None, "on_step_done() without a scheduled step"
+        assert len(token_ids) == len(plan.batch), "one token per sequence of the batch"
+        self._in_flight = None
+        done = []
+        for seq, tok in zip(plan.batch, token_ids):
+            seq.context_len += 1  # the fed token's KV is now stored
+            if seq.abort_pending:
+                self._running.remove(seq)
+                done.append(self._finish(seq, seq.finish_reason or FinishReason.ABORT))
+                continue
+            seq.generated.append(int(tok))
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                self._running.remove(seq)
+                done.append(self._finish(seq, reason))
+        return done
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _finish_reason(seq: DecodeSeq) -> FinishReason | None:
+        if seq.generated[-1] in seq.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.generated) >= seq.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: DecodeSeq, reason: FinishReason) -> Finished:
+        self.alloc.release(seq.request_id)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        del self._seqs[seq.request_id]
+        return Finished(seq.request_id, reason, tuple(seq.generated))

@@ -1,0 +1,323 @@
+"""DecodeWorker: holds the model once, owns the KV pool, scheduler and core, runs the async step loop.
+
+A plain class; pools wrap it with `ray.remote(DecodeWorker).options(resources={"cs3": 1})`. Every
+public method is async (a Ray async actor runs them on its event loop). The heavy step runs in one
+executor thread so the loop keeps serving submit/next_tokens/abort while the batch computes.
+
+Handoff: the receiver writes the prompt's KV through `kv_sink` (open/write/commit), the frontend
+calls `submit(request_id, first_token_id, params, prompt_ids)` with the token sampled on the
+prefill side; either may come first. The sequence joins the batch once both have arrived.
+In-process callers use `accept_kv()` instead of the receiver.
+
+Streaming: poll `next_tokens(request_id)`; it blocks until new tokens exist or the request ends
+and returns a TokenChunk (finished=True on the last one). Polling keeps Ray calls plain.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+from threadpoolctl import threadpool_limits
+
+from decode.core import DecodeCore, model_layout
+from decode.pool import PagedKVPool, TransferState
+from decode.scheduler import DecodeSeq, FinishReason, Finished, Scheduler, StepPlan
+from decode.steptime import StepTimeModel
+from decode.stream import RequestStream, TokenChunk
+from kvtransfer.layout import KVLayout
+from kvtransfer.sink import KVRefused
+from model.loaded import LoadedModel, load_model
+from model.sampling import SamplingParams, make_rng
+
+log = structlog.get_logger("decode.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLoad:
+    """What the router needs to place a request here."""
+
+    active: int  # sequences in the running batch
+    waiting: int  # admitted to the scheduler but not yet running (incl. preempted)
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    step_ms: float  # predicted step time of the current batch
+    step_ms_if_added: float  # predicted step time with one more sequence
+
+    @property
+    def free_tokens(self) -> int:
+        return self.free_blocks * self.block_size
+
+
+class DecodeWorker:
+    """One decode instance: `capacity_tokens` or `capacity_bytes` of KV, up to `max_batch` sequences."""
+
+    def __init__(self, *, capacity_tokens: int | None = None, capacity_bytes: int | None = None,
+                 block_size: int = 64, max_batch: int = 64, blas_threads: int = 1,
+                 loaded: LoadedModel | None = None):
+        self.blas_threads = blas_threads
+        threadpool_limits(limits=blas_threads)  # process-wide: this actor owns its process
+        self.loaded = loaded if loaded is not None else load_model()
+        model = self.loaded.model
+        self.pool = PagedKVPool(model_layout(model), block_size, capacity_tokens=capacity_tokens,
+                                capacity_bytes=capacity_bytes, max_context=model.cfg.context_length)
+        self.scheduler = Scheduler(self.pool.allocator, max_batch)
+        self.core = DecodeCore(model, self.pool)
+        self.steptime = StepTimeModel()
+        self._streams: dict[str, RequestStream] = {}
+        self._committed: set[str] = set()  # KV arrived, no submit yet
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-step")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self.pool.on_commit = lambda rid: self._call_in_loop(self._on_commit, rid)
+        self.pool.on_abort = lambda rid: self._call_in_loop(self._abort_now, rid)
+        self._early: list = []  # receiver callbacks that came before the loop started
+        self.steps = 0
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def kv_sink(self) -> PagedKVPool:
+        """The KVSink the kvtransfer receiver writes into."""
+        return self.pool
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.pool.layout
+
+    async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
+                     prompt_ids: list[int] | None = None) -> None:
+        """Register a request whose first token was sampled by prefill. ValueError on bad input.
+
+        prompt_ids lets the worker rebuild the KV itself if the sequence is ever preempted;
+        without them a preempted request ends with an UNAVAILABLE error.
+        """
+        self._start()
+        params.validate()
+        vocab = self.loaded.model.cfg.vocab_size
+        if not 0 <= first_token_id < vocab:
+            raise ValueError(f"first_token_id: {first_token_id} outside [0, {vocab})")
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already submitted")
+        rng = make_rng(params)
+        if not params.greedy:
+            rng.random()  # the prefill side consumed the first draw for the first token
+        stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng)
+        stream.first_token_id = first_token_id
+        self._streams[request_id] = stream
+        if request_id in self._committed:
+            self._committed.discard(request_id)
+            self._join(request_id)
+
+    async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
+                        params: SamplingParams, prompt_ids: list[int] | None = None) -> None:
+        """In-process handoff: ks, vs are per-layer (T, Hkv, Dh) from prefill. Raises KVRefused."""
+        self._start()
+        self._check_fits(request_id, int(ks[0].shape[0]) if ks else 0, params.max_tokens)
+        self.pool.load_sequence(request_id, ks, vs)  # commit -> _on_commit, scheduled on the loop
+        await self.submit(request_id, first_token_id, params, prompt_ids)
+
+    async def next_tokens(self, request_id: str, timeout: float | None = None) -> TokenChunk:
+        """Block until the request has new tokens or ended; the finished chunk is the last one."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise KeyError(f"request_id: {request_id!r} is unknown or already drained")
+        if not stream.ready:
+            await asyncio.wait_for(stream.changed.wait(), timeout)
+        chunk = stream.take()
+        if chunk.finished:
+            del self._streams[request_id]
+        return chunk
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is (transfer, queue or batch); its blocks are released."""
+        self._abort_now(request_id)
+
+    async def load(self) -> DecodeLoad:
+        sch, alloc = self.scheduler, self.pool.allocator
+        ctx = self._running_context()
+        avg = ctx / max(sch.n_running, 1) if sch.n_running else 256
+        return DecodeLoad(sch.n_running, sch.n_waiting, alloc.free_blocks, alloc.n_blocks, alloc.block_size,
+                          self.steptime.predict(sch.n_running, ctx),
+                          self.steptime.predict(sch.n_running + 1, int(ctx + avg)))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=True)
+
+    async def start(self) -> None:
+        """Start the step loop (also done by the first submit)."""
+        self._start()
+
+    # -- joining a request with its KV -----------------------------------------------------
+
+    def _start(self) -> None:
+        with self.pool.lock:
+            if self._task is not None:
+                return
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            self._task = self._loop.create_task(self._run())
+            self._task.add_done_callback(self._loop_ended)
+            early, self._early = self._early, []
+        for fn, rid in early:
+            fn(rid)
+
+    @staticmethod
+    def _loop_ended(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("decode step loop died", error=repr(task.exception()))
+
+    def _call_in_loop(self, fn, rid: str) -> None:
+        """Run fn(rid) on the event loop; callbacks from receiver threads land here."""
+        with self.pool.lock:
+            if self._loop is None:
+                self._early.append((fn, rid))
+                return
+        self._loop.call_soon_threadsafe(fn, rid)
+
+    def _check_fits(self, request_id: str, n_tokens: int, max_tokens: int) -> None:
+        limit = min(self.pool.allocator.capacity_tokens, self.loaded.model.cfg.context_length)
+        if n_tokens + max_tokens > limit:
+            raise KVRefused("RESOURCE_EXHAUSTED", f"{request_id}: {n_tokens} prompt + {max_tokens} max_tokens "
+                                                  f"exceed the capacity of {limit} tokens")
+
+    def _on_commit(self, request_id: str) -> None:
+        if self.pool.state(request_id) is not TransferState.COMMITTED:
+            return  # aborted meanwhile
+        if request_id in self._streams:
+            self._join(request_id)
+        else:
+            self._committed.add(request_id)
+
+    def _join(self, request_id: str) -> None:
+        stream = self._streams[request_id]
+        n_tokens = self.pool.claim(request_id)
+        params = stream.params
+        try:
+            self._check_fits(request_id, n_tokens, params.max_tokens)
+        except KVRefused as e:
+            self._release_unscheduled(request_id)
+            return self._end(stream, "error", f"{e.code}: {e}")
+        first = stream.first_token_id
+        hit = stream.push(first)
+        seq = DecodeSeq(request_id, n_tokens, [first], params.max_tokens, stream.stop_token_ids)
+        with self.pool.lock:
+            done = self.scheduler.add(seq)
+            if done is None and hit:
+                done = self.scheduler.abort(request_id, FinishReason.STOP)
+        if done is not None:
+            self._finished(done)
+        log.debug("joined", request_id=request_id, n_tokens=n_tokens)
+        self._wake.set()
+
+    def _release_unscheduled(self, request_id: str) -> None:
+        with self.pool.lock:
+            self.pool.allocator.release(request_id)
+            self.pool.forget(request_id)
+
+    def _abort_now(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        with self.pool.lock:
+            done = self.scheduler.abort(request_id)
+        if done is not None:
+            self._finished(done)
+        elif self.scheduler.get(request_id) is None:  # not scheduled: maybe a transfer in progress
+            self._committed.discard(request_id)
+            if self.pool.state(request_id) is not None:
+                self._release_unscheduled(request_id)
+            if stream is not None:
+                self._end(stream, "abort")
+        if self._wake is not None:
+            self._wake.set()  # freed blocks may admit a preempted sequence
+
+    def _end(self, stream: RequestStream, reason: str, error: str | None = None) -> None:
+        stream.finish(reason, error)
+        if error is not None:
+            log.warning("request failed", request_id=stream.request_id, error=error)
+
+    def _finished(self, done: Finished) -> None:
+        self.pool.forget(done.request_id)
+        stream = self._streams.get(done.request_id)
+        if stream is not None:
+            self._end(stream, done.reason.value)
+
+    # -- the step loop -------------------------------------------------------------------------
+
+    def _running_context(self) -> int:
+        return self.scheduler.running_context_tokens
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self.pool.lock:
+                plan = self.scheduler.schedule()
+            for rid in plan.preempted:
+                log.info("preempted", request_id=rid)
+            if plan.empty:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            recompute = self._recompute_jobs(plan)
+            batch = self.core.batch_input([s.request_id for s in plan.batch], [s.next_token for s in plan.batch],
+                                          [s.context_len for s in plan.batch])
+            streams = [self._streams.get(s.request_id) for s in plan.batch]
+            params = [st.params if st else SamplingParams() for st in streams]
+            rngs = [st.rng if st else None for st in streams]
+            t0 = time.perf_counter()
+            try:
+                tokens = await loop.run_in_executor(self._executor, self._compute, recompute, batch, params, rngs)
+            except Exception:  # a bug in the step: fail the batch, keep the worker alive
+                log.exception("decode step failed", request_ids=[s.request_id for s in plan.batch])
+                tokens = np.zeros(len(plan.batch), dtype=np.int64)
+                for s in plan.batch:
+                    if s.request_id in self._streams:
+                        self._end(self._streams[s.request_id], "error", "INTERNAL: decode step failed")
+                    with self.pool.lock:
+                        self.scheduler.abort(s.request_id)  # deferred to on_step_done
+            self.steptime.observe(len(plan.batch), int(batch.positions.sum()), (time.perf_counter() - t0) * 1e3)
+            self.steps += 1
+            self._apply(plan, tokens)
+            await asyncio.sleep(0)
+
+    def _recompute_jobs(self, plan: StepPlan) -> list[tuple[str, list[int]]]:
+        jobs = []
+        for seq in plan.recompute:
+            stream = self._streams.get(seq.request_id)
+            if stream is None or stream.prompt_ids is None:
+                with self.pool.lock:
+                    self.scheduler.abort(seq.request_id)  # deferred: the step is in flight
+                if stream is not None:
+                    self._end(stream, "error", "UNAVAILABLE: preempted and no prompt_ids to rebuild the KV")
+                continue
+            jobs.append((seq.request_id, stream.prompt_ids + seq.generated[:-1]))
+        return jobs
+
+    def _compute(self, recompute, batch, params, rngs) -> np.ndarray:
+        """Executor thread: rebuild preempted KV, run the step, sample. (B,) token ids."""
+        for rid, history in recompute:
+            self.core.recompute(rid, history)
+        logits = self.core.forward(batch)  # (B, V)
+        return self.core.sample(logits, params, rngs)
+
+    def _apply(self, plan: StepPlan, tokens: np.ndarray) -> None:
+        """Stream the step's tokens, then end what finished (stop token, length, stop string, abort)."""
+        with self.pool.lock:
+            done = self.scheduler.on_step_done(tokens)
+        for seq, tok in zip(plan.batch, tokens):
+            stream = self._streams.get(seq.request_id)
+            if stream is None or seq.abort_pending:
+                continue
+            if stream.push(int(tok)) and seq.finish_reason is None:
+                with self.pool.lock:
+                    d = self.scheduler.abort(seq.request_id, FinishReason.STOP)
+                if d is not None:
+                    done.append(d)
+        for d in done:
+            self._finished(d)

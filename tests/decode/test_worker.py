@@ -1,0 +1,156 @@
+"""DecodeWorker in process (no Ray): handoff, streaming, bad input, aborts, sampling, load."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from decode.worker import DecodeWorker
+from kvtransfer.layout import KVLayout
+from kvtransfer.sink import KVRefused
+from model.generation import generate
+from model.sampling import SamplingParams, make_rng, sample_one
+from tests.decode.driver import judge
+
+
+def worker(lm, **kw) -> DecodeWorker:
+    return DecodeWorker(capacity_tokens=kw.pop("capacity_tokens", 2048), block_size=16, max_batch=8,
+                        blas_threads=1, loaded=lm, **kw)
+
+
+async def drain(w: DecodeWorker, rid: str):
+    ids, texts, last = [], [], None
+    while True:
+        chunk = await w.next_tokens(rid, timeout=60)
+        assert chunk.start_index == len(ids)
+        ids += chunk.token_ids
+        texts += chunk.texts
+        if chunk.finished:
+            return ids, "".join(texts), chunk
+
+
+async def hand_off(w: DecodeWorker, rid: str, ref, max_tokens: int, **params):
+    await w.accept_kv(rid, ref.ks, ref.vs, ref.tokens[0], SamplingParams(max_tokens=max_tokens, **params),
+                      prompt_ids=ref.prompt)
+
+
+def test_streams_exact_tokens_for_concurrent_requests(lm, book):
+    async def main():
+        w = worker(lm)
+        refs = [book.get(i) for i in (0, 5, 9)]
+        for i, ref in enumerate(refs):
+            await hand_off(w, f"r{i}", ref, max_tokens=8 + i)
+        results = await asyncio.gather(*(drain(w, f"r{i}") for i in range(3)))
+        for (ids, text, last), ref, i in zip(results, refs, range(3)):
+            ok, _ = judge(tuple(ids), ref, True, 8 + i)
+            assert ok, (ids, ref.tokens)
+            assert last.finish_reason == "length" and text == lm.tokenizer.decode(ids)
+        load = await w.load()
+        assert load.active == 0 and load.free_blocks == load.total_blocks and w.steps > 0
+        await w.close()
+    asyncio.run(main())
+
+
+def test_submit_before_kv_arrives_through_the_sink_from_another_thread(lm, book):
+    async def main():
+        w = worker(lm)
+        ref = book.get(3)
+        await w.submit("r", ref.tokens[0], SamplingParams(max_tokens=6), prompt_ids=ref.prompt)
+
+        def receiver():
+            sink = w.kv_sink
+            sink.open("r", w.layout, len(ref.prompt))
+            for layer, (k, v) in enumerate(zip(ref.ks, ref.vs)):
+                sink.write("r", layer, 0, k, v)
+            sink.commit("r")
+        t = threading.Thread(target=receiver)
+        t.start()
+        ids, _, last = await drain(w, "r")
+        t.join()
+        assert ids == ref.tokens[:6] and last.finish_reason == "length"
+        await w.close()
+    asyncio.run(main())
+
+
+def test_bad_layout_and_oversized_requests_are_refused_without_disturbing_the_batch(lm, book):
+    async def main():
+        w = worker(lm, capacity_tokens=512)
+        good = book.get(4)
+        await hand_off(w, "good", good, max_tokens=12)
+        bad = KVLayout(w.layout.n_layers, w.layout.n_kv_heads + 1, w.layout.head_dim)
+        with pytest.raises(KVRefused) as e:
+            w.kv_sink.open("bad", bad, 10)
+        assert e.value.code == "INVALID_ARGUMENT" and "n_kv_heads" in str(e.value)
+        with pytest.raises(KVRefused) as e:  # wrong head_dim in the arrays themselves
+            await w.accept_kv("bad2", [k[..., :32] for k in good.ks], [v[..., :32] for v in good.vs],
+                              good.tokens[0], SamplingParams(max_tokens=4))
+        assert e.value.code == "INVALID_ARGUMENT" and "head_dim" in str(e.value)
+        with pytest.raises(KVRefused) as e:  # prompt + max_tokens beyond the pool: refused, not half-run
+            await hand_off(w, "huge", good, max_tokens=500)
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+        free = w.kv_sink.allocator.free_blocks
+        with pytest.raises(KVRefused) as e:  # more prompt tokens than the free blocks hold
+            w.kv_sink.open("toolong", w.layout, free * 16 + 1)
+        assert e.value.code == "RESOURCE_EXHAUSTED" and w.kv_sink.state("toolong") is None
+        ids, _, last = await drain(w, "good")
+        assert ids == good.tokens[:12] and last.finish_reason == "length"
+        assert w.kv_sink.allocator.free_blocks == w.kv_sink.allocator.n_blocks
+        await w.close()
+    asyncio.run(main())
+
+
+def test_abort_mid_stream_and_during_transfer_release_blocks(lm, book):
+    async def main():
+        w = worker(lm)
+        ref = book.get(7)
+        await hand_off(w, "a", ref, max_tokens=16)
+        first = await w.next_tokens("a", timeout=60)
+        await w.abort("a")
+        rest = await w.next_tokens("a", timeout=60)
+        while not rest.finished:
+            rest = await w.next_tokens("a", timeout=60)
+        assert rest.finish_reason == "abort" and len(first.token_ids) < 16
+        w.kv_sink.open("t", w.layout, 20)  # a transfer in progress, aborted by the frontend
+        await w.submit("t", 5, SamplingParams(max_tokens=4))
+        await w.abort("t")
+        assert (await w.next_tokens("t", timeout=5)).finish_reason == "abort"
+        await asyncio.sleep(0.05)
+        alloc = w.kv_sink.allocator
+        assert alloc.free_blocks == alloc.n_blocks
+        await w.close()
+    asyncio.run(main())
+
+
+def test_seeded_sampling_and_stop_strings_match_in_process_generate(lm, book):
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=1234)
+    ref = book.get(10)
+    expected = [t.token_id for t in generate(lm.model, lm.tokenizer, ref.prompt, params)]
+    logits, _, _ = lm.model.prefill(ref.prompt)
+    first = sample_one(logits, params, make_rng(params))  # what the prefill side samples
+    text_all = lm.tokenizer.decode(ref.tokens)
+    stop = text_all[len(text_all) // 2:len(text_all) // 2 + 3]
+
+    async def main():
+        w = worker(lm)
+        await w.accept_kv("s", ref.ks, ref.vs, first, params, prompt_ids=ref.prompt)
+        await hand_off(w, "g", ref, max_tokens=16, stop=(stop,))
+        (ids, _, _), (_, text, last) = await asyncio.gather(drain(w, "s"), drain(w, "g"))
+        assert ids == expected
+        assert last.finish_reason == "stop" and stop not in text and text_all.startswith(text)
+        await w.close()
+    asyncio.run(main())
+
+
+def test_load_reports_batch_and_blocks(lm, book):
+    async def main():
+        w = worker(lm)
+        ref = book.get(2)
+        await hand_off(w, "x", ref, max_tokens=16)
+        await w.next_tokens("x", timeout=60)
+        load = await w.load()
+        assert load.active + load.waiting == 1 and load.free_blocks < load.total_blocks
+        assert load.step_ms_if_added >= load.step_ms > 0
+        await w.abort("x")
+        await w.close()
+    asyncio.run(main())
