@@ -20,7 +20,8 @@ queue first: a preempted sequence is re-admitted once `context_len + 1` tokens f
 blocks; its blocks are allocated here and the caller must rebuild its KV (a prefill over the
 prompt and the tokens generated so far, except the last, which is fed by the next step) before
 running the plan. A WAITING sequence already holds its blocks (the KV pool reserves one token of
-headroom at open), so it is admissible whenever there is a batch slot.
+headroom at open), so it is admissible whenever there is a batch slot, even while a preempted
+sequence does not fit (holding it back could leave nothing running and nothing ever freed).
 """
 from __future__ import annotations
 
@@ -192,12 +193,15 @@ class Scheduler:
         while self._preempted and len(self._running) < self.max_batch:
             seq = self._preempted[0]
             if not self.alloc.can_allocate(seq.context_len + 1):
-                return  # FIFO: do not let later sequences overtake a preempted one
+                break  # no later preempted sequence overtakes it; waiting ones may (see below)
             self._preempted.popleft()
             self.alloc.allocate(seq.request_id, seq.context_len + 1)
             seq.status = SeqStatus.RUNNING
             self._running.append(seq)
             plan.recompute.append(seq)
+        # WAITING sequences already hold their blocks (the pool reserves them at open), so admitting
+        # them costs no free block; holding them back behind a preempted sequence that does not fit
+        # could leave nothing running and nothing ever freed (a deadlock).
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting[0]
             if not self.alloc.extend(seq.request_id, seq.context_len + 1):

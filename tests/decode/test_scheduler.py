@@ -121,3 +121,22 @@ def test_random_operations_never_leak_blocks(ops, n_blocks, block_size, max_batc
     for rid in list(live):
         s.abort(rid)
     assert alloc.free_blocks == n_blocks and not s.has_work
+
+
+def test_waiting_sequences_run_while_a_preempted_one_cannot_fit():
+    """Regression: waiting sequences hold every free block, a preempted one waits, nothing runs."""
+    s = Scheduler(BlockAllocator(4, 4), max_batch=4)
+    add(s, "a", 7, max_tokens=3)  # 2 blocks
+    add(s, "b", 3, max_tokens=10)  # 1 block
+    step(s)  # a: 8 tokens, b: 4
+    plan, done = step(s)  # a grows to 3 blocks; b must give its block back
+    assert plan.preempted == ["b"] and [d.request_id for d in done] == ["a"]
+    add(s, "c", 7, max_tokens=2)  # the two waiting sequences take all 4 free blocks,
+    add(s, "d", 7, max_tokens=2)  # more than the preempted b (5 tokens, 2 blocks) could get
+    finished = []
+    for _ in range(20):
+        if not s.has_work:
+            break
+        _, done = step(s)
+        finished += [d.request_id for d in done]
+    assert sorted(finished) == ["b", "c", "d"] and s.alloc.free_blocks == 4
