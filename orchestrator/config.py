@@ -79,7 +79,7 @@ class Config:
 ROUTER_POLICIES = ("round_robin", "least_loaded", "sla")
 
 
-class _Reader:
+class ConfigReader:
     """Typed access to a YAML mapping that reports `file: key: reason` on any problem."""
 
     def __init__(self, path: Path, tree: Any, prefix: str):
@@ -90,10 +90,10 @@ class _Reader:
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(f"{self.path}: {self.prefix}{key}: {reason}")
 
-    def sub(self, key: str) -> "_Reader":
+    def sub(self, key: str) -> "ConfigReader":
         if key not in self.tree:
             raise self.error(key, "missing")
-        return _Reader(self.path, self.tree[key], f"{self.prefix}{key}.")
+        return ConfigReader(self.path, self.tree[key], f"{self.prefix}{key}.")
 
     def get(self, key: str, kind: type, default: Any = ..., minimum: float | None = None) -> Any:
         if key not in self.tree:
@@ -109,8 +109,18 @@ class _Reader:
             raise self.error(key, f"must be >= {minimum}, got {value!r}")
         return value
 
+    def many(self, key: str, kind: type, default: Any = ..., minimum: float | None = None) -> tuple:
+        """A value or a list of values (a sweep), each checked like get()."""
+        value = self.tree.get(key, default)
+        if value is ...:
+            raise self.error(key, "missing")
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise self.error(key, "empty list")
+        return tuple(ConfigReader(self.path, {key: x}, self.prefix).get(key, kind, minimum=minimum) for x in items)
 
-def _pool(r: _Reader, kind: str) -> PoolConfig:
+
+def _pool(r: ConfigReader, kind: str) -> PoolConfig:
     resources = r.get("ray_resources", dict, {})
     for name, amount in resources.items():
         if not isinstance(amount, (int, float)) or amount < 0:
@@ -142,7 +152,7 @@ def _source_checkout() -> Path | None:
     return None
 
 
-def _resolve_data_path(rel: Path, config_dir: Path) -> Path:
+def resolve_data_path(rel: Path, config_dir: Path) -> Path:
     """A relative data path is taken from the config's folder, else from the source checkout
     (so `ray job submit --working-dir .` finds ../shared/data from its uploaded copy too)."""
     if rel.is_absolute():
@@ -158,12 +168,12 @@ def _resolve_data_path(rel: Path, config_dir: Path) -> Path:
 
 
 def parse_config(tree: Any, path: Path) -> Config:
-    top = _Reader(path, tree, "")
+    top = ConfigReader(path, tree, "")
     meta = top.sub("metadata")
     model = meta.sub("model")
     pools = meta.sub("pools")
-    fe = meta.sub("frontend") if "frontend" in meta.tree else _Reader(path, {}, "metadata.frontend.")
-    router = meta.sub("router") if "router" in meta.tree else _Reader(path, {}, "metadata.router.")
+    fe = meta.sub("frontend") if "frontend" in meta.tree else ConfigReader(path, {}, "metadata.frontend.")
+    router = meta.sub("router") if "router" in meta.tree else ConfigReader(path, {}, "metadata.router.")
     policy = router.get("policy", str, "least_loaded")
     if policy not in ROUTER_POLICIES:
         raise router.error("policy", f"unknown policy {policy!r}; choose one of {', '.join(ROUTER_POLICIES)}")
@@ -176,7 +186,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     if default_sla not in slas:
         raise meta.error("default_sla_class", f"{default_sla!r} is not one of the sla_classes {sorted(slas)}")
     wl = meta.sub("workload")
-    trace = _resolve_data_path(Path(wl.get("trace", str)), path.parent)
+    trace = resolve_data_path(Path(wl.get("trace", str)), path.parent)
     host = fe.get("host", str, "127.0.0.1")
     return Config(
         path=path,
@@ -201,12 +211,15 @@ def parse_config(tree: Any, path: Path) -> Config:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
     try:
-        tree = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(tree, path)
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    return parse_config(read_yaml(path), path)

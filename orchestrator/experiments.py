@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import ConfigReader, resolve_data_path
 from orchestrator.router import POLICIES
 
 
@@ -61,40 +62,7 @@ class Experiment:
     goodput_requests: int | None = None  # goodput search on the first N requests (None: all)
 
 
-class _Spec:
-    def __init__(self, path: Path, tree: Any, key: str):
-        if not isinstance(tree, dict):
-            raise ValueError(f"{path}: {key}: expected a mapping")
-        self.path, self.tree, self.key = path, tree, key
-
-    def err(self, key: str, reason: str) -> ValueError:
-        return ValueError(f"{self.path}: {self.key}.{key}: {reason}")
-
-    def get(self, key: str, kind, default=..., minimum=None):
-        if key not in self.tree:
-            if default is ...:
-                raise self.err(key, "missing")
-            return default
-        v = self.tree[key]
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
-            raise self.err(key, f"expected {kind.__name__}, got {v!r}")
-        if minimum is not None and v < minimum:
-            raise self.err(key, f"must be >= {minimum}, got {v!r}")
-        return v
-
-    def many(self, key: str, kind, default=..., minimum=None) -> tuple:
-        v = self.tree.get(key, default)
-        if v is ...:
-            raise self.err(key, "missing")
-        items = v if isinstance(v, list) else [v]
-        if not items:
-            raise self.err(key, "empty list")
-        return tuple(_Spec(self.path, {key: x}, self.key).get(key, kind, minimum=minimum) for x in items)
-
-
-def _pool(s: _Spec, kind: str) -> PoolSweep:
+def _pool(s: ConfigReader, kind: str) -> PoolSweep:
     return PoolSweep(s.get("hardware", str), s.many("replicas", int, 1, minimum=1),
                      s.get("max_batch", int, 64 if kind == "decode" else 8, minimum=1),
                      s.get("tp", int, None, minimum=1), s.get("systems", int, None, minimum=1),
@@ -102,7 +70,7 @@ def _pool(s: _Spec, kind: str) -> PoolSweep:
                      s.get("kv_capacity_tokens", int, 0, minimum=0))
 
 
-def _rates(s: _Spec) -> tuple[float | None, ...]:
+def _rates(s: ConfigReader) -> tuple[float | None, ...]:
     raw = s.tree.get("rates", ["native"])
     out = []
     for r in raw if isinstance(raw, list) else [raw]:
@@ -111,25 +79,23 @@ def _rates(s: _Spec) -> tuple[float | None, ...]:
         elif isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0:
             out.append(float(r))
         else:
-            raise s.err("rates", f"each rate must be > 0 requests/s or 'native', got {r!r}")
+            raise s.error("rates", f"each rate must be > 0 requests/s or 'native', got {r!r}")
     return tuple(out)
 
 
 def parse_experiment(path: Path, name: str, tree: Any) -> Experiment:
-    s = _Spec(path, tree, f"metadata.experiments.{name}")
-    sla = _Spec(path, s.get("sla", dict), s.key + ".sla")
+    s = ConfigReader(path, tree, f"metadata.experiments.{name}.")
+    sla = s.sub("sla")
     policies = s.many("router_policy", str, "least_loaded")
     for p in policies:
         if p not in POLICIES:
-            raise s.err("router_policy", f"unknown policy {p!r}; choose one of {', '.join(POLICIES)}")
-    trace = Path(s.get("trace", str))
-    if not trace.is_absolute():
-        trace = (path.parent / trace).resolve()
+            raise s.error("router_policy", f"unknown policy {p!r}; choose one of {', '.join(POLICIES)}")
+    trace = resolve_data_path(Path(s.get("trace", str)), path.parent)
     poisson = s.get("poisson", bool, False)
     return Experiment(name, s.many("model", str), trace, s.get("requests", int, None, minimum=1), _rates(s),
                       sla.get("ttft_ms", float, minimum=1e-9), sla.get("tpot_ms", float, minimum=1e-9), policies,
-                      _pool(_Spec(path, s.get("prefill", dict), s.key + ".prefill"), "prefill"),
-                      _pool(_Spec(path, s.get("decode", dict), s.key + ".decode"), "decode"),
+                      _pool(s.sub("prefill"), "prefill"),
+                      _pool(s.sub("decode"), "decode"),
                       s.get("colocated_baseline", bool, False), s.get("goodput", bool, False), poisson,
                       s.get("fidelity", bool, False), s.get("max_prompt_tokens", int, 0, minimum=0),
                       s.get("max_output_tokens", int, 0, minimum=0),

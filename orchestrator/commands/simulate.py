@@ -58,19 +58,15 @@ def apply_overrides(exp, args):
 
 
 def load_experiments(path: Path):
-    import yaml
+    from orchestrator.config import read_yaml
     from orchestrator.experiments import parse_experiments
+
     try:
-        tree = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(tree, dict) or "metadata" not in tree:
-        raise UserError(f"{path}: metadata: missing")
-    try:
+        tree = read_yaml(path)
+        if not isinstance(tree, dict) or "metadata" not in tree:
+            raise UserError(f"{path}: metadata: missing")
         return parse_experiments(tree["metadata"], path)
-    except ValueError as e:
+    except ValueError as e:  # ConfigError included
         raise UserError(str(e)) from None
 
 

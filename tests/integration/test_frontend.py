@@ -202,3 +202,12 @@ def test_cli_generate_against_the_server(deployment):
     bad = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--target", deployment.target, "hi",
                           "--max-tokens", "100000"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_health_and_reflection_are_served(deployment, client):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    assert client.health("disagg.v1.Inference") == "SERVING"
+    with grpc.insecure_channel(deployment.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"disagg.v1.Inference", "grpc.health.v1.Health"} <= services
