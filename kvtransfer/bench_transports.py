@@ -2,6 +2,8 @@
 
 - kvtransfer: the real sender -> gRPC -> receiver -> a preallocated KV pool (ArraySink).
 - grpc-bare:  a gRPC bidi stream of the same raw-bytes chunks with the same channel options, nothing else.
+              Its chunks are `bytes` built before the timed run, so it pays no per-frame copy from KV
+              arrays (kvtransfer must: gRPC Python only sends `bytes`); the receiver only counts bytes.
 - tcp:        a plain loopback socket, the receiver recv_into()s a reused buffer.
 """
 from __future__ import annotations

@@ -65,62 +65,47 @@ class GrpcTransferBackend(TransferBackend):
             self._stubs.clear()
 
 
-class _Prefetch:
-    """Receives frames in its own thread, up to `depth` ahead, so receiving the next frame overlaps
-    checking and writing this one (a sync gRPC handler otherwise receives one message at a time)."""
+def _pumped(replies: Iterator[bytes]) -> Iterator[bytes]:
+    """Run the `replies` generator (it pulls, checks and writes frames) in its own thread and yield its
+    replies here. A sync gRPC handler blocks while each reply is sent; this way sending an ack never
+    stalls receiving, and there is one thread handoff per ack, not per frame (the former receive-ahead
+    thread cost one per frame)."""
+    items: deque = deque()
+    cond = threading.Condition()
+    end: list = []
 
-    def __init__(self, frames: Iterator[bytes], depth: int = 4):
-        self._items: deque = deque()
-        self._cond = threading.Condition()
-        self._depth, self._end, self._closed = depth, None, False
-        threading.Thread(target=self._pump, args=(frames,), name="kv-recv-prefetch", daemon=True).start()
-
-    def _pump(self, frames: Iterator[bytes]) -> None:
-        end: BaseException = StopIteration()
+    def pump() -> None:
+        outcome: BaseException | None = None
         try:
-            for frame in frames:
-                with self._cond:
-                    while len(self._items) >= self._depth and not self._closed:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    self._items.append(frame)
-                    self._cond.notify_all()
-        except Exception as e:  # grpc.RpcError on cancel or deadline: re-raised in the handler
-            end = e
-        with self._cond:
-            self._end = end
-            self._cond.notify_all()
+            for r in replies:
+                with cond:
+                    items.append(r)
+                    cond.notify()
+        except BaseException as e:  # grpc.RpcError on cancel/deadline: re-raised in the handler
+            outcome = e
+        with cond:
+            end.append(outcome)
+            cond.notify()
 
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            with self._cond:
-                while not self._items and self._end is None:
-                    self._cond.wait()
-                if not self._items:
-                    if isinstance(self._end, StopIteration):
-                        return
-                    raise self._end
-                frame = self._items.popleft()
-                self._cond.notify_all()
-            yield frame
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._items.clear()
-            self._cond.notify_all()
+    threading.Thread(target=pump, name="kv-recv", daemon=True).start()
+    while True:
+        with cond:
+            while not items and not end:
+                cond.wait()
+            if items:
+                r = items.popleft()
+            elif end[0] is None:
+                return
+            else:
+                raise end[0]
+        yield r
 
 
-def kv_service_handler(receiver: KVReceiver, prefetch: int = 4) -> grpc.GenericRpcHandler:
+def kv_service_handler(receiver: KVReceiver) -> grpc.GenericRpcHandler:
     """The KVTransfer service as a generic handler (add it to any grpc.Server)."""
 
     def transfer(request_iterator, context: grpc.ServicerContext):
-        frames = _Prefetch(request_iterator, prefetch)
-        try:
-            yield from receiver.handle(frames, context.add_callback)
-        finally:
-            frames.close()
+        yield from _pumped(receiver.handle(request_iterator, context.add_callback))
 
     return grpc.method_handlers_generic_handler(
         wire.SERVICE, {wire.METHOD: grpc.stream_stream_rpc_method_handler(transfer)})

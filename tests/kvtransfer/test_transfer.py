@@ -25,7 +25,7 @@ def send_all(h, request_id="r1", kv=None, deadline_s=5.0):
     return t.commit()
 
 
-@pytest.mark.parametrize("checksum", ["crc32", "adler32", "none"])
+@pytest.mark.parametrize("checksum", ["xxh3", "crc32", "adler32", "none"])
 def test_round_trip_bytes_exact(harness, checksum):
     h = harness(config=SenderConfig(chunk_bytes=3000, window=4, checksum=checksum))
     kv = make_kv()
@@ -67,6 +67,25 @@ def test_corrupted_chunk_fails_and_releases(harness):
     result = send_all(h)
     assert result.state is TransferState.FAILED
     assert result.error_code == "DATA_LOSS" and "checksum" in result.error
+    assert ("abort", "r1") in h.sink.events and h.sink.free_slots == 2
+    assert h.receiver.stats.active == 0
+
+
+def test_xxh3_is_the_default_and_catches_corruption(harness):
+    opened = []
+
+    def spy(frames):
+        for i, frame in enumerate(frames):
+            if i == 0:
+                opened.append(wire.decode(frame)[0].open.checksum)
+            yield frame
+
+    assert SenderConfig().checksum == "xxh3"
+    h = harness(config=SenderConfig(chunk_bytes=4096, window=4), wrap=lambda frames: _corrupt_chunk(5)(spy(frames)))
+    result = send_all(h)
+    assert opened == [pb.CHECKSUM_XXH3_64]
+    assert result.state is TransferState.FAILED
+    assert result.error_code == "DATA_LOSS" and "checksum" in result.error and "seq 5" in result.error
     assert ("abort", "r1") in h.sink.events and h.sink.free_slots == 2
     assert h.receiver.stats.active == 0
 

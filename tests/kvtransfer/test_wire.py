@@ -5,6 +5,7 @@ import zlib
 
 import numpy as np
 import pytest
+import xxhash
 
 from kvtransfer import wire
 from kvtransfer.layout import KVLayout
@@ -34,6 +35,24 @@ def test_checksum_chains_over_buffers_and_blocks(scheme, ref):
     assert wire.checksum(pb.CHECKSUM_NONE, a) == 0
     with pytest.raises(ValueError, match="checksum"):
         wire.checksum(99, a)
+
+
+def test_xxh3_checksum_chains_over_buffers_and_uses_64_bits():
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((7, 3, 16)).astype(np.float32)
+    v = rng.standard_normal((7, 3, 16)).astype(np.float32)
+    joined = k.tobytes() + v.tobytes()
+    value = wire.checksum(pb.CHECKSUM_XXH3_64, k, v)
+    assert value == xxhash.xxh3_64_intdigest(joined) == wire.checksum(pb.CHECKSUM_XXH3_64, memoryview(joined))
+    assert wire.CHECKSUMS[wire.DEFAULT_CHECKSUM] == pb.CHECKSUM_XXH3_64
+    # the header field is uint64: a checksum above 2**32 survives the frame round trip
+    big = next(wire.checksum(pb.CHECKSUM_XXH3_64, k[:i]) for i in range(1, 8)
+               if wire.checksum(pb.CHECKSUM_XXH3_64, k[:i]) >= 2**32)
+    frame = wire.encode(pb.KVFrameHeader(chunk=pb.KVChunkHeader(seq=1, checksum=big)), k)
+    assert wire.decode(frame)[0].chunk.checksum == big
+    corrupted = bytearray(joined)
+    corrupted[len(joined) // 2] ^= 0x01  # one flipped bit changes the checksum
+    assert wire.checksum(pb.CHECKSUM_XXH3_64, bytes(corrupted)) != value
 
 
 def test_decode_rejects_truncated_frames():

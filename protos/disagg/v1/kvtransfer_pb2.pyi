@@ -11,6 +11,7 @@ class ChecksumScheme(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHECKSUM_NONE: _ClassVar[ChecksumScheme]
     CHECKSUM_CRC32: _ClassVar[ChecksumScheme]
     CHECKSUM_ADLER32: _ClassVar[ChecksumScheme]
+    CHECKSUM_XXH3_64: _ClassVar[ChecksumScheme]
 
 class KVReplyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ class KVReplyKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 CHECKSUM_NONE: ChecksumScheme
 CHECKSUM_CRC32: ChecksumScheme
 CHECKSUM_ADLER32: ChecksumScheme
+CHECKSUM_XXH3_64: ChecksumScheme
 KV_REPLY_UNSPECIFIED: KVReplyKind
 KV_REPLY_ACK: KVReplyKind
 KV_REPLY_COMMITTED: KVReplyKind
