@@ -172,13 +172,29 @@ class PagedKVPool:
             self._transfers.pop(request_id, None)
 
     def store(self, request_id: str, layer: int, token_start: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Copy k, v: (n, Hkv, Dh) into the sequence's blocks; no state checks (recompute uses it)."""
-        bs = self.block_size
+        """Copy k, v: (n, Hkv, Dh) into the sequence's blocks; no state checks (recompute uses it).
+
+        Whole blocks go in one block-granular copy (bs * Dh contiguous floats per head); only the
+        partial blocks at either end are scattered token by token.
+        """
+        bs, n = self.block_size, k.shape[0]
         table = np.asarray(self.allocator.block_table(request_id), dtype=np.int64)
-        pos = np.arange(token_start, token_start + k.shape[0])
-        blocks, offs = table[pos // bs], pos % bs  # (n,) each
-        self.k[layer][:, blocks, offs] = k.transpose(1, 0, 2)  # (Hkv, n, Dh)
-        self.v[layer][:, blocks, offs] = v.transpose(1, 0, 2)
+        first_full = -(-token_start // bs)  # first block that starts inside the range
+        last_full = (token_start + n) // bs  # blocks [first_full, last_full) are covered whole
+        if last_full > first_full:
+            lo, hi = first_full * bs - token_start, last_full * bs - token_start  # rows of k
+            blocks = table[first_full:last_full]
+            shape = (last_full - first_full, bs, *k.shape[1:])
+            self.k[layer][:, blocks] = k[lo:hi].reshape(shape).transpose(2, 0, 1, 3)  # (Hkv, nb, bs, Dh)
+            self.v[layer][:, blocks] = v[lo:hi].reshape(shape).transpose(2, 0, 1, 3)
+            rows = np.r_[0:lo, hi:n]
+        else:
+            rows = np.arange(n)
+        if rows.size:
+            pos = token_start + rows
+            blocks, offs = table[pos // bs], pos % bs  # (r,) each
+            self.k[layer][:, blocks, offs] = k[rows].transpose(1, 0, 2)  # (Hkv, r, Dh)
+            self.v[layer][:, blocks, offs] = v[rows].transpose(1, 0, 2)
 
     def load_sequence(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
         """In-process transfer: open, write every layer, commit. Raises KVRefused like the wire,

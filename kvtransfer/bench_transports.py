@@ -1,6 +1,7 @@
 """The three transports `python -m kvtransfer.bench` compares, each a receiving child process plus a sender.
 
-- kvtransfer: the real sender -> gRPC -> receiver -> a preallocated KV pool (ArraySink).
+- kvtransfer: the real sender -> gRPC -> receiver -> a decode worker's paged KV pool
+  (decode.pool.PagedKVPool; this benchmark, not the kvtransfer library, imports decode/).
 - grpc-bare:  a gRPC bidi stream of the same raw-bytes chunks with the same channel options, nothing else.
               Its chunks are `bytes` built before the timed run, so it pays no per-frame copy from KV
               arrays (kvtransfer must: gRPC Python only sends `bytes`); the receiver only counts bytes.
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 
 from kvtransfer import wire
-from kvtransfer.array_sink import ArraySink
+from decode.pool import PagedKVPool
 from kvtransfer.grpc_backend import GrpcTransferBackend, start_kv_server
 from kvtransfer.layout import KVLayout
 from kvtransfer.sender import SenderConfig
@@ -26,19 +27,19 @@ from kvtransfer.sender import SenderConfig
 BARE_METHOD = "/bench.Bare/Stream"
 
 
-class RecyclingSink(ArraySink):
-    """A pool that frees a sequence as soon as it commits, so repeated runs reuse the same memory."""
+class RecyclingPool(PagedKVPool):
+    """The decode pool, freeing a sequence as soon as it commits so repeated runs reuse its blocks."""
 
     def commit(self, request_id: str) -> None:
         super().commit(request_id)
-        self.release(request_id)
-        self.events.clear()
+        self.abort(request_id)  # a committed, unclaimed transfer: releases its blocks
 
 
 def serve(kind: str, layout: KVLayout, n_tokens: int, streams: int, conn: Connection) -> None:
     """Child process: start one receiver, send its port to the parent, run until the parent says stop."""
     if kind == "kvtransfer":
-        sink = RecyclingSink(layout, n_tokens, slots=streams)
+        block = 16
+        sink = RecyclingPool(layout, block, capacity_tokens=(n_tokens // streams + 2 * block) * streams)
         server, port = start_kv_server(sink, max_transfers=max(4, streams))
     elif kind == "grpc-bare":
         server, port = _start_bare_server(streams)
