@@ -3,10 +3,17 @@
 Per layer: write the step's k/v into each sequence's next slot, score every block in place against
 its owner's query, softmax each sequence over its blocks, and sum the per-block outputs back per
 sequence. No Python loop runs over sequences; scratch buffers are reused across layers and steps.
+
+The work is memory-bound (every K/V byte of the batch once per layer) and made of small matmuls
+that OpenBLAS runs on the calling thread only, so on big batches the block range is split over
+two threads (Workspace.split); see decode/blas.py for why BLAS threads must stop spinning then.
 """
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -15,16 +22,38 @@ from model.transformer import softmax_inplace
 
 GATHER_MAX_BATCH = 2  # up to this many rows the copy is tiny and needs fewer numpy calls
 GATHER_RANGE_RATIO = 3  # gather when the block range is this many times the batch's own blocks
+# the two-thread split pays off from this many scored tokens per layer (measured, 2 threads, blocks of 64:
+# batch 8 x ~200 tokens lost 10 ms/step to it, batch 32 gained 7, batch 64 gained ~25)
+SPLIT_MIN_TOKENS = 4096
 
 
 class Workspace:
     """Grow-only float32 scratch buffers reused across layers and steps (no page faults per step)."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 2):
         self._bufs: dict[str, np.ndarray] = {}
+        self.threads = threads
+        self._helper: ThreadPoolExecutor | None = None
+
+    def split(self, fn: Callable[[int, int], None], n: int, parallel: bool = True) -> None:
+        """Run fn(lo, hi) over [0, n) in two halves on two threads (the caller and one helper).
+
+        For the attention's stacked small matmuls: OpenBLAS runs each tiny GEMM on the calling
+        thread only, so without this the block-range matmuls (memory-bound, cold KV) use one core.
+        numpy releases the GIL inside matmul, so the halves run in parallel.
+        """
+        if self.threads < 2 or not parallel or n < 2:
+            fn(0, n)
+            return
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="decode-attn")
+        mid = n // 2
+        other = self._helper.submit(fn, mid, n)
+        fn(0, mid)
+        other.result()
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape))
+        n = math.prod(shape)  # not np.prod: ~3 us per call, ~10 calls per layer
         buf = self._bufs.get(name)
         if buf is None or buf.size < n:
             buf = np.empty(max(n, int(1.25 * (0 if buf is None else buf.size))), dtype=np.float32)
@@ -46,10 +75,11 @@ class PagedBatchAttention:
 
     In place (the usual path): blocks stay where they are: every block id below `hi` (the batch's highest block + 1; the
     allocator packs blocks in use at the bottom) is scored in place against the query of the row
-    that owns it, as one batched matmul over (Hkv, hi). Only the small score and output tiles are
-    gathered per sequence (for the softmax over its whole context and the final sum), so the K/V
-    bytes are read once and never copied. Blocks in the range that no batch row owns are scored
-    against a zero query and never read back. Gathered (tiny batches, or a block range mostly owned
+    that owns it, as one batched matmul over (Hkv, hi). The softmax runs in block order (per-block
+    max and sum, combined per row on (Hkv, B, G) tiles), then one batched matmul with V; only the
+    per-block outputs are gathered per sequence for the final sum, so the K/V bytes are read once
+    and never copied. Blocks in the range that no batch row owns are scored against a zero query,
+    masked to probability 0 and never read back. Gathered (tiny batches, or a block range mostly owned
     by sequences outside the batch): each row's blocks are copied into a (Hkv, B, T, Dh) scratch.
     """
 
@@ -70,17 +100,40 @@ class PagedBatchAttention:
         mask = np.where(tok[None] <= pos[:, None, None], 0.0, -np.inf).astype(np.float32)  # (B, nb, bs)
         self.mask = mask[None, :, :, None, :]  # (1, B, nb, 1, bs)
         self.scale = np.float32(head_scale)
-        self._zeroed = False
         # few rows, or a range mostly owned by others: copying the batch's own blocks is cheaper
         self.gather = b <= GATHER_MAX_BATCH or GATHER_RANGE_RATIO * b * nb <= hi
         self.own_tables = np.where(real, batch.tables, batch.tables[:, :1])  # pad with own block
+        self._block_mask: np.ndarray | None = None  # (1, hi, 1, bs), built by the in-place path
+        self._pos = pos
+        # one row: its blocks as one slice when they are consecutive (the usual case), no copy
+        first = int(batch.tables[0, 0])
+        self.single = b == 1 and bool(np.array_equal(batch.tables[0, :counts[0]], np.arange(first, first + counts[0])))
+        self.splits = not self.gather and ws.threads > 1 and hi * bs >= SPLIT_MIN_TOKENS  # uses the helper
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """q: (B, H, Dh), k, v: (B, Hkv, Dh) -> (B, H, Dh)"""
         kl, vl = self.pool.k[layer], self.pool.v[layer]  # (Hkv, n_blocks, bs, Dh)
+        if self.single and self.gather:
+            return self._single(kl, vl, q, k, v)
         kl[:, self.new_blocks, self.new_offs] = k.transpose(1, 0, 2)  # (Hkv, B, Dh)
         vl[:, self.new_blocks, self.new_offs] = v.transpose(1, 0, 2)
         return self._gathered(kl, vl, q) if self.gather else self._in_place(kl, vl, q)
+
+    def _single(self, kl: np.ndarray, vl: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Batch of one whose blocks are consecutive: attend over a view of the pool (batch 1 is
+        bound by Python call overhead; this path makes about half the numpy calls of _gathered)."""
+        hkv, _, bs, dh = kl.shape
+        blk, off = int(self.new_blocks[0]), int(self.new_offs[0])
+        kl[:, blk, off] = k[0]
+        vl[:, blk, off] = v[0]
+        n = int(self.new_blocks[0]) - int(self.own_tables[0, 0]) + 1  # blocks holding context
+        first, t = int(self.own_tables[0, 0]), n * bs
+        g = q.shape[1] // hkv
+        qh = np.multiply(q[0].reshape(hkv, g, dh), self.scale)  # (Hkv, G, Dh)
+        s = qh @ kl[:, first:first + n].reshape(hkv, t, dh).transpose(0, 2, 1)  # (Hkv, G, T)
+        s += self.mask[0, 0, :n].reshape(1, 1, t)
+        softmax_inplace(s)
+        return (s @ vl[:, first:first + n].reshape(hkv, t, dh)).reshape(1, hkv * g, dh)  # (1, H, Dh)
 
     def _gathered(self, kl: np.ndarray, vl: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Copy each row's blocks into (Hkv, B, T, Dh), then two batched matmuls."""
@@ -101,6 +154,18 @@ class PagedBatchAttention:
         np.matmul(s, vg.reshape(hkv, b, t, dh), out=ctx)  # (Hkv, B, G, Dh)
         return ctx.transpose(1, 0, 2, 3).reshape(b, hkv * g, dh)
 
+    def _get_block_mask(self, b: int, nb: int, bs: int) -> np.ndarray:
+        """(1, hi, 1, bs): 0 where a block's token is in its owner's context, -inf elsewhere."""
+        if self._block_mask is None:
+            real = self.tables < self.hi  # (B, nb)
+            slot = np.zeros(self.hi, dtype=np.int64)  # (hi,) index of each owned block in its row's table
+            slot[self.tables[real]] = np.broadcast_to(np.arange(nb)[None, :], (b, nb))[real]
+            btok = slot[:, None] * bs + np.arange(bs)[None, :]  # (hi, bs) token index in the owner's context
+            owner_pos = np.append(self._pos, -1)[self.owner]  # (hi,): -1 for blocks no row owns (all masked)
+            mask = np.where(btok <= owner_pos[:, None], 0.0, -np.inf).astype(np.float32)
+            self._block_mask = mask[None, :, None, :]
+        return self._block_mask
+
     def _in_place(self, kl: np.ndarray, vl: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Score the block range in place; gather only score and output tiles per row."""
 
@@ -112,21 +177,44 @@ class PagedBatchAttention:
         qs[:, b] = 0.0
         qb = ws.get("qb", (hkv, hi, g, dh))  # (Hkv, hi, G, Dh): the owner's query for each block
         np.take(qs, self.owner, axis=1, out=qb, mode="clip")  # mode=clip: unbuffered
-        s = ws.get("s", (hkv, hi, g, bs))
-        np.matmul(qb, kl[:, :hi].transpose(0, 1, 3, 2), out=s)  # (Hkv, hi, G, bs)
-        ss = ws.get("ss", (hkv, b, nb, g, bs))  # (Hkv, B, nb, G, bs): each row's scores in token order
-        np.take(s, self.tables, axis=1, out=ss, mode="clip")  # padding clips to a real block: masked
-        ss += self.mask
-        ss -= ss.max(axis=(2, 4), keepdims=True)
-        np.exp(ss, out=ss)
-        ss /= ss.sum(axis=(2, 4), keepdims=True)
-        p = ws.get("pp", (hkv, hi + 1, g, bs))  # (Hkv, hi+1, G, bs): probabilities back in block order
-        if not self._zeroed:  # blocks no row owns keep 0 (never garbage) for the whole step
-            p.fill(0.0)
-            self._zeroed = True
-        p[:, self.tables] = ss
+        s = ws.get("s", (hkv, hi, g, bs))  # (Hkv, hi, G, bs): scores, then probabilities, in block order
+        kt = kl.transpose(0, 1, 3, 2)  # (Hkv, n_blocks, Dh, bs)
+        mask = self._get_block_mask(b, nb, bs)  # (1, hi, 1, bs)
+        red = ws.get("red", (hkv, hi + 1, g))  # (Hkv, hi+1, G): per-block max, then sum; row hi = padding
+        row = ws.get("row", (hkv, b + 1, g))  # (Hkv, B+1, G): per-row max, then sum; row B = blocks no row owns
+        by_block = ws.get("bb", (hkv, hi, g))  # (Hkv, hi, G): the owner's row value for each block
         c = ws.get("c", (hkv, hi + 1, g, dh))  # (Hkv, hi+1, G, Dh): per-block partial outputs
-        np.matmul(p[:, :hi], vl[:, :hi], out=c[:, :hi])
+
+        # Softmax in block order: everything per block runs on both threads (ws.split), only the
+        # (Hkv, B, G) per-row max and sum are combined on the caller between the phases.
+        def scores(lo: int, up: int) -> None:
+            sl = s[:, lo:up]
+            np.matmul(qb[:, lo:up], kt[:, lo:up], out=sl)
+            sl += mask[:, lo:up]
+            np.max(sl, axis=3, out=red[:, lo:up])
+
+        def exp(lo: int, up: int) -> None:
+            sl = s[:, lo:up]
+            sl -= by_block[:, lo:up, :, None]
+            np.exp(sl, out=sl)  # blocks no row owns: exp(-inf) = 0
+            np.sum(sl, axis=3, out=red[:, lo:up])
+
+        def output(lo: int, up: int) -> None:
+            sl = s[:, lo:up]
+            sl /= by_block[:, lo:up, :, None]
+            np.matmul(sl, vl[:, lo:up], out=c[:, lo:up])
+
+        ws.split(scores, hi, self.splits)
+        red[:, hi] = -np.inf
+        np.max(np.take(red, self.tables, axis=1), axis=2, out=row[:, :b])
+        row[:, b] = 0.0
+        np.take(row, self.owner, axis=1, out=by_block, mode="clip")
+        ws.split(exp, hi, self.splits)
+        red[:, hi] = 0.0
+        np.sum(np.take(red, self.tables, axis=1), axis=2, out=row[:, :b])
+        row[:, b] = 1.0
+        np.take(row, self.owner, axis=1, out=by_block, mode="clip")
+        ws.split(output, hi, self.splits)
         c[:, hi] = 0.0
         o = ws.get("o", (hkv, b, nb, g, dh))
         np.take(c, self.tables, axis=1, out=o, mode="clip")  # (Hkv, B, nb, G, Dh)

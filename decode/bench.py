@@ -52,14 +52,15 @@ def measure_rooflines(threads: int) -> tuple[float, float]:
     return flops, bw
 
 
-def bench_core(lm: LoadedModel, prompt: list[int], batch: int, gen: int, block_size: int = 64) -> float:
+def bench_core(lm: LoadedModel, prompt: list[int], batch: int, gen: int, block_size: int = 64,
+               threads: int = 2) -> float:
     """Seconds for gen - 1 decode steps of `batch` sequences through scheduler + core."""
     model = lm.model
     logits, ks, vs = model.prefill(prompt)
     first = int(np.argmax(logits))
     per_seq = len(prompt) + gen + block_size
     pool = PagedKVPool(model_layout(model), block_size, capacity_tokens=batch * per_seq)
-    sched, core = Scheduler(pool.allocator, max_batch=batch), DecodeCore(model, pool)
+    sched, core = Scheduler(pool.allocator, max_batch=batch), DecodeCore(model, pool, threads=threads)
     for i in range(batch):
         pool.load_sequence(f"b{i}", ks, vs)
         sched.add(DecodeSeq(f"b{i}", pool.claim(f"b{i}"), [first], gen))
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
         hf = hf_model(lm)
     for batch in args.batches:
-        row(CORE, batch, bench_core(lm, prompt, batch, args.gen, args.block_size) / (args.gen - 1))
+        row(CORE, batch, bench_core(lm, prompt, batch, args.gen, args.block_size, args.threads) / (args.gen - 1))
         if hf is not None:
             row(HF, batch, bench_hf(hf, prompt, batch, args.gen) / (args.gen - 1))
         row("roofline-bandwidth", batch, weight_bytes / bw)

@@ -66,7 +66,7 @@ class DecodeWorker:
         self.pool = PagedKVPool(model_layout(model), block_size, capacity_tokens=capacity_tokens,
                                 capacity_bytes=capacity_bytes, max_context=model.cfg.context_length)
         self.scheduler = Scheduler(self.pool.allocator, max_batch)
-        self.core = DecodeCore(model, self.pool)
+        self.core = DecodeCore(model, self.pool, threads=blas_threads)
         self.steptime = StepTimeModel()
         self._streams: dict[str, RequestStream] = {}
         self._committed: set[str] = set()  # KV arrived, no submit yet

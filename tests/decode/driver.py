@@ -62,10 +62,10 @@ class Outcome:
 
 
 def run(lm, book: ReferenceBook, joins: list[Join], capacity_tokens: int = 4096, block_size: int = 16,
-        max_batch: int = 16, max_steps: int = 400) -> tuple[Outcome, PagedKVPool]:
+        max_batch: int = 16, max_steps: int = 400, threads: int | None = None) -> tuple[Outcome, PagedKVPool]:
     """Joins arrive at their step (refused when the pool is full); run until everything ends."""
     pool = PagedKVPool(model_layout(lm.model), block_size, capacity_tokens=capacity_tokens)
-    sched, core = Scheduler(pool.allocator, max_batch), DecodeCore(lm.model, pool)
+    sched, core = Scheduler(pool.allocator, max_batch), DecodeCore(lm.model, pool, threads=threads)
     stop_ids = lm.tokenizer.stop_token_ids
     out, prompts = Outcome(), {}
     for step in range(max_steps):

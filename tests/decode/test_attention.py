@@ -17,7 +17,10 @@ CFG = ModelConfig(name="tiny", n_layers=2, d_model=24, d_ff=8, n_heads=6, n_kv_h
 
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_attention_matches_the_dense_cache(gather, block_size):
+@pytest.mark.parametrize("split", [False, True])
+def test_paged_attention_matches_the_dense_cache(gather, block_size, split, monkeypatch):
+    if split:  # the in-place path's block range on two threads
+        monkeypatch.setattr("decode.attention.SPLIT_MIN_TOKENS", 0)
     rng = np.random.default_rng(block_size)
     lengths = np.array([1, 7, 16, 33, 2, 20])  # tokens stored before this step
     b, tmax = len(lengths), int(lengths.max()) + 1

@@ -35,6 +35,16 @@ def test_sixteen_sequences_join_and_leave(lm, book, record_property):
     assert any(r is FinishReason.ABORT for r in out.reasons.values())
 
 
+def test_two_thread_step_is_exact(lm, book, record_property, monkeypatch):
+    """The step with the attention helper thread (block range split in two halves) stays exact."""
+    monkeypatch.setattr("decode.attention.SPLIT_MIN_TOKENS", 0)  # split even these small batches
+    joins = [Join(prompt=i, step=i // 4, max_tokens=REF_TOKENS) for i in range(12)]
+    out, pool = run(lm, book, joins, capacity_tokens=4096, max_batch=16, threads=2)
+    assert out.max_batch_seen >= 8
+    check_outcome(out, book, joins, record_property)
+    assert pool.allocator.free_blocks == pool.allocator.n_blocks
+
+
 def test_preemption_recompute_is_exact(lm, book, record_property):
     """A pool too small for the batch forces LIFO preemption; recomputed sequences stay exact."""
     joins = [Join(prompt=i, step=0, max_tokens=REF_TOKENS) for i in (8, 9, 10, 11, 12)]
