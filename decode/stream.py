@@ -52,7 +52,8 @@ class RequestStream:
     @classmethod
     def create(cls, request_id: str, params: SamplingParams, prompt_ids: list[int] | None,
                tokenizer: Tokenizer, rng: np.random.Generator) -> "RequestStream":
-        return cls(request_id, params, prompt_ids, IncrementalDecoder(tokenizer), tokenizer.stop_token_ids, rng)
+        return cls(request_id, params, prompt_ids, IncrementalDecoder(tokenizer),
+                   params.stop_token_ids(tokenizer.stop_token_ids), rng)
 
     def push(self, token_id: int) -> bool:
         """Add a generated token; True when a stop string ended the request here."""

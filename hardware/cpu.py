@@ -5,13 +5,15 @@ How it is measured (`measure_host`, about 10-20 s, once; cached as JSON in
 
 1. sgemm FLOP/s: float32 (1024 x 1024) @ (1024 x 1024) with numpy's BLAS, best of a few runs.
 2. streaming read bandwidth: sum of a 256 MB float32 array, best of a few runs.
-3. the live engine (SmolLM2-135M fp32, model.transformer): one decode step at batch 1 and batch 16
-   and one 256-token prefill. Batch 1 is memory-bound, so its time minus weight bytes / bandwidth
+3. the live engine (SmolLM2-135M fp32): one step of the decode worker's paged core
+   (decode.core.DecodeCore) at batch 1 and batch 16 and one 256-token prefill (model.transformer). Batch 1 is memory-bound, so its time minus weight bytes / bandwidth
    gives the per-layer overhead; batch 16 then gives decode MFU and the prefill gives prefill MFU
    (fractions of the sgemm rate). Without the model wheel, documented defaults are used.
 
 KV moves over loopback gRPC in the live system: 0.8 GB/s (DESIGN.md's measured figure) is assumed.
 Price and power of the host are nominal assumptions ($0.10/h, 65 W).
+Everything is measured with MEASURE_BLAS_THREADS BLAS threads: what each live worker actor gets
+(cluster.yaml: pools.*.blas_threads), since prefill and decode actors share the host's cores.
 `python -m hardware.cpu` prints the cached figures; `--remeasure` measures again (do it on a quiet
 machine: the engine figures are best-of-3 timings and other load inflates them).
 """
@@ -28,7 +30,8 @@ import numpy as np
 
 from hardware.profiles import HardwareProfile, PerfParams
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+MEASURE_BLAS_THREADS = 1  # per live actor (cluster.yaml pools.*.blas_threads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +47,8 @@ class CpuMeasurement:
 
 
 def _fingerprint() -> str:
-    return f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|numpy {np.__version__}|v{CACHE_VERSION}"
+    return (f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|numpy {np.__version__}"
+            f"|threads {MEASURE_BLAS_THREADS}|v{CACHE_VERSION}")
 
 
 def cache_path() -> Path:
@@ -64,8 +68,9 @@ def _best(fn, reps: int) -> float:
 def _measure_engine(sgemm: float, bw: float) -> tuple[float, float, float] | None:
     """(layer_overhead_s, decode_mfu, prefill_mfu) of the live engine, or None without the model."""
     try:
+        from decode.core import DecodeCore, model_layout
+        from decode.pool import PagedKVPool
         from model.loaded import load_model
-        from model.transformer import DenseKVCache
         lm = load_model()
     except Exception:
         return None
@@ -75,11 +80,14 @@ def _measure_engine(sgemm: float, bw: float) -> tuple[float, float, float] | Non
     _, ks, vs = tr.prefill(ids)
 
     def step_time(batch: int) -> float:
-        cache = DenseKVCache(cfg, batch, 128)
-        for slot in range(batch):
-            cache.load_prefill(slot, ks, vs)
-        tok, pos = np.full(batch, 5), np.full(batch, 64)
-        return _best(lambda: tr.decode_step(tok, pos, cache), 3)
+        """One decode step of `batch` sequences at context 64 on the live worker's paged core."""
+        pool = PagedKVPool(model_layout(tr), 64, capacity_tokens=batch * 192)
+        core = DecodeCore(tr, pool, threads=MEASURE_BLAS_THREADS)
+        rids = [f"s{i}" for i in range(batch)]
+        for rid in rids:
+            pool.load_sequence(rid, ks, vs)
+        step = core.batch_input(rids, [5] * batch, [64] * batch)  # rewrites position 64 each time
+        return _best(lambda: core.forward(step), 3)
 
     t1, t16 = step_time(1), step_time(16)
     memory = spec.active_weight_bytes("fp32") / bw
@@ -94,6 +102,13 @@ def _measure_engine(sgemm: float, bw: float) -> tuple[float, float, float] | Non
 
 def measure_host() -> CpuMeasurement:
     """Measure this host (takes seconds; see the module docstring)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(MEASURE_BLAS_THREADS):
+        return _measure()
+
+
+def _measure() -> CpuMeasurement:
     a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
     sgemm = 2 * 1024**3 / _best(lambda: a @ a, 5)
     big = np.ones(64 * 2**20, dtype=np.float32)  # 256 MB

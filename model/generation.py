@@ -41,7 +41,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
     text = ""
     for step in range(params.max_tokens):
         token = sample_one(logits, params, rng)
-        if token in tokenizer.stop_token_ids:
+        if token in params.stop_token_ids(tokenizer.stop_token_ids):
             return
         delta = decoder.push(token)
         if params.stop:

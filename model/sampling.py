@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks replaying traces)
 
     def validate(self, max_tokens_limit: int | None = None) -> None:
         """Raise ValueError naming the offending field."""
@@ -29,6 +30,10 @@ class SamplingParams:
             raise ValueError(f"top_p: must lie in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must be non-empty")
+
+    def stop_token_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
+        """The token ids that end this request: the model's EOS tokens unless ignore_eos."""
+        return frozenset() if self.ignore_eos else eos_ids
 
     @property
     def greedy(self) -> bool:

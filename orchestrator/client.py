@@ -32,8 +32,8 @@ from protos.disagg.v1 import inference_pb2_grpc as pb_grpc
 def build_request(prompt: str | None = None, *, messages: Sequence | None = None,
                   token_ids: Sequence[int] | None = None, max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                  stop: Sequence[str] = (), ttft_ms: float | None = None, tpot_ms: float | None = None,
-                  sla_class: str = "", priority: int = 0, request_id: str | None = None,
+                  stop: Sequence[str] = (), ignore_eos: bool = False, ttft_ms: float | None = None,
+                  tpot_ms: float | None = None, sla_class: str = "", priority: int = 0, request_id: str | None = None,
                   model: str | None = None) -> pb.GenerateRequest:
     """A GenerateRequest from exactly one of prompt (raw text), messages (chat) or token_ids.
 
@@ -42,7 +42,7 @@ def build_request(prompt: str | None = None, *, messages: Sequence | None = None
     """
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("prompt: give exactly one of prompt, messages or token_ids")
-    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=pb.SamplingParams(stop=stop),
+    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=pb.SamplingParams(stop=stop, ignore_eos=ignore_eos),
                              sla=pb.SLA(sla_class=sla_class, priority=priority))
     if prompt is not None:
         req.text = prompt

@@ -134,7 +134,7 @@ class Engine:
             first = res.first_token
             first_text = IncrementalDecoder(self.tokenizer).push(first)  # the decode worker's texts[0]
             cut = find_stop(first_text, req.sampling.stop) if req.sampling.stop else -1
-            if first in self.tokenizer.stop_token_ids:
+            if first in req.sampling.stop_token_ids(self.tokenizer.stop_token_ids):
                 reason, finished = FinishReason.STOP, True
             else:
                 n_out = 1

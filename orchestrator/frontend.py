@@ -86,7 +86,7 @@ class InferenceService:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=s.temperature if s.HasField("temperature") else 0.0,
             top_p=s.top_p if s.HasField("top_p") else 1.0, seed=s.seed if s.HasField("seed") else None,
-            stop=tuple(s.stop))
+            stop=tuple(s.stop), ignore_eos=s.ignore_eos)
         try:
             params.validate()
         except ValueError as e:

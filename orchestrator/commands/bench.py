@@ -60,7 +60,8 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
     first = None
     n = 0
     try:
-        stream = client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid)
+        # the trace fixes each output length: generate that many tokens, EOS or not (vLLM's ignore_eos)
+        stream = client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True)
         async for chunk in stream:
             if first is None and chunk.token_ids:
                 first = time.perf_counter()

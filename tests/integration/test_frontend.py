@@ -211,3 +211,11 @@ def test_health_and_reflection_are_served(deployment, client):
     with grpc.insecure_channel(deployment.target) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"disagg.v1.Inference", "grpc.health.v1.Health"} <= services
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client):
+    question = [("user", "What is the capital of France? Answer in one sentence.")]
+    normal = client.complete(messages=question, max_tokens=40)
+    assert normal.final.finish_reason == "stop" and normal.final.usage.completion_tokens < 40
+    forced = client.complete(messages=question, max_tokens=40, ignore_eos=True)
+    assert forced.final.finish_reason == "length" and forced.final.usage.completion_tokens == 40

@@ -30,6 +30,13 @@ def test_capital_of_france_is_paris(lm, chat_ids):
     assert not set(tokens) & lm.tokenizer.stop_token_ids
 
 
+def test_ignore_eos_runs_to_max_tokens(lm, chat_ids):
+    normal, _ = _run(lm, chat_ids, max_tokens=40)
+    forced, text = _run(lm, chat_ids, max_tokens=40, ignore_eos=True)
+    assert forced[:len(normal)] == normal and len(forced) == 40
+    assert set(forced) & lm.tokenizer.stop_token_ids, "the EOS the model chose is kept, not skipped"
+
+
 def test_same_seed_same_tokens(lm, chat_ids):
     a = _run(lm, chat_ids, max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
     b = _run(lm, chat_ids, max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
