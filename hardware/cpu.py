@@ -1,21 +1,33 @@
 """The `cpu` profile, measured on this host so the simulator can predict the live numpy system.
 
-How it is measured (`measure_host`, about 10-20 s, once; cached as JSON in
+How it is measured (`measure_host`, about 25-30 s, once; cached as JSON in
 ~/.cache/pdorchestrator/cpu_profile.json, or $PDO_CACHE_DIR, keyed by a host fingerprint):
 
 1. sgemm FLOP/s: float32 (1024 x 1024) @ (1024 x 1024) with numpy's BLAS, best of a few runs.
 2. streaming read bandwidth: sum of a 256 MB float32 array, best of a few runs.
-3. the live engine (SmolLM2-135M fp32): one step of the decode worker's paged core
-   (decode.core.DecodeCore) at batch 1 and batch 16 and one 256-token prefill (model.transformer). Batch 1 is memory-bound, so its time minus weight bytes / bandwidth
-   gives the per-layer overhead; batch 16 then gives decode MFU and the prefill gives prefill MFU
-   (fractions of the sgemm rate). Without the model wheel, documented defaults are used.
+3. the live engine (SmolLM2-135M fp32), exactly the workers' hot paths, median of 3 after a warm-up:
+   - decode step tables: DecodeCore.forward + sample over a PagedKVPool (decode/worker.py's step) at
+     DECODE_BATCHES sequences of DECODE_REF_CTX cached tokens, and again at SLOPE_CTX for
+     SLOPE_BATCHES, giving the extra seconds per cached token (attention) at those batches;
+   - prefill table: one Transformer.prefill_batch call (prefill/worker.py) of PREFILL_TOKENS tokens.
+   hardware/perf.py interpolates these (PerfParams.measured) for the live model instead of the
+   roofline: at 1 BLAS thread a step is not roofline-shaped (OpenBLAS packs the weights for every
+   GEMM: ~44 ms at batch 1, ~110 ms at batch 2, ~140 ms at 16). The legacy analytic coefficients
+   (per-layer overhead, decode/prefill MFU) are still derived from them for other models on `cpu`.
+4. serving overheads of the live stack (optional, a separate ~40 s run because it starts local
+   Ray: `python -m orchestrator.sim.serving`, cached as serving.json next to this cache, same
+   fingerprint): the prefill worker's time beyond prefill_batch (KV send/commit, per request and
+   per token), the frontend/Ray/gRPC latency added to TTFT, the per-token streaming overhead, and
+   the co-run slowdowns of prefill and decode sharing the host's cores. See that module.
 
 KV moves over loopback gRPC in the live system: 0.8 GB/s (DESIGN.md's measured figure) is assumed.
 Price and power of the host are nominal assumptions ($0.10/h, 65 W).
 Everything is measured with MEASURE_BLAS_THREADS BLAS threads: what each live worker actor gets
 (cluster.yaml: pools.*.blas_threads), since prefill and decode actors share the host's cores.
 `python -m hardware.cpu` prints the cached figures; `--remeasure` measures again (do it on a quiet
-machine: the engine figures are best-of-3 timings and other load inflates them).
+machine: other load inflates the timings). This VM's co-run behaviour varies over minutes (a tight
+loop of prefill next to a decode loop measured 1.0x at one time and ~2x at another), so measure
+close to the live runs being compared and note the load.
 """
 from __future__ import annotations
 
@@ -28,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hardware.profiles import HardwareProfile, PerfParams
+from hardware.profiles import HardwareProfile, MeasuredTables, PerfParams
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MEASURE_BLAS_THREADS = 1  # per live actor (cluster.yaml pools.*.blas_threads)
 
 
@@ -44,6 +56,16 @@ class CpuMeasurement:
     mem_bytes: float
     engine_measured: bool  # False: engine figures are defaults (model wheel missing)
     fingerprint: str
+    # tables of the live engine (empty without the model wheel): see DECODE_BATCHES etc. below
+    decode_step_s: tuple[float, ...] = ()  # per DECODE_BATCHES, at DECODE_REF_CTX tokens per sequence
+    decode_ctx_slope_s: tuple[float, ...] = ()  # per SLOPE_BATCHES: s per extra cached token (batch total)
+    prefill_s: tuple[float, ...] = ()  # per PREFILL_TOKENS
+
+    def tables(self) -> MeasuredTables | None:
+        if not self.decode_step_s:
+            return None
+        return MeasuredTables(ENGINE_MODEL, DECODE_BATCHES, tuple(self.decode_step_s), DECODE_REF_CTX,
+                              SLOPE_BATCHES, tuple(self.decode_ctx_slope_s), PREFILL_TOKENS, tuple(self.prefill_s))
 
 
 def _fingerprint() -> str:
@@ -56,6 +78,20 @@ def cache_path() -> Path:
     return base / "cpu_profile.json"
 
 
+def serving_path() -> Path:
+    """Serving overheads of the live stack (orchestrator/sim/serving.py writes it; optional)."""
+    return cache_path().with_name("serving.json")
+
+
+def load_serving(fingerprint: str) -> dict | None:
+    """The measured serving overheads for this host, or None (absent, corrupt or another host)."""
+    try:
+        d = json.loads(serving_path().read_text())
+    except (OSError, ValueError):
+        return None
+    return d if d.get("fingerprint") == fingerprint else None
+
+
 def _best(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -65,39 +101,82 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def _measure_engine(sgemm: float, bw: float) -> tuple[float, float, float] | None:
-    """(layer_overhead_s, decode_mfu, prefill_mfu) of the live engine, or None without the model."""
-    try:
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # decode-step table (live decode max_batch is 64)
+DECODE_REF_CTX = 128  # cached tokens per sequence in the decode-step table
+SLOPE_BATCHES = (1, 8, 32)  # batches re-measured at SLOPE_CTX for the per-token attention slope
+SLOPE_CTX = 512
+PREFILL_TOKENS = (16, 64, 128, 256, 512)  # one prefill_batch call (the bench's prompts are <= 512)
+ENGINE_MODEL = "smollm2-135m"  # the live engine's model (model/specs.py name; DESIGN.md)
+
+
+def _median(fn, reps: int) -> float:
+    fn()  # warm-up (first touch of the pool, workspace allocation)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+class _Engine:
+    """The live engine's hot paths as the workers run them: DecodeCore.forward + sample over a
+    PagedKVPool (decode/worker.py) and Transformer.prefill_batch (prefill/worker.py)."""
+
+    def __init__(self):
         from decode.core import DecodeCore, model_layout
         from decode.pool import PagedKVPool
         from model.loaded import load_model
-        lm = load_model()
-    except Exception:
-        return None
-    from model.specs import spec_from_config
-    cfg, spec, tr = lm.weights.config, spec_from_config(lm.weights.config), lm.model
-    ids = np.arange(1, 65) % cfg.vocab_size
-    _, ks, vs = tr.prefill(ids)
+        from model.sampling import SamplingParams
 
-    def step_time(batch: int) -> float:
-        """One decode step of `batch` sequences at context 64 on the live worker's paged core."""
-        pool = PagedKVPool(model_layout(tr), 64, capacity_tokens=batch * 192)
-        core = DecodeCore(tr, pool, threads=MEASURE_BLAS_THREADS)
+        self._core, self._pool, self._layout, self._params = DecodeCore, PagedKVPool, model_layout, SamplingParams
+        lm = load_model()
+        self.cfg, self.tr = lm.weights.config, lm.model
+        self._kv: dict[int, tuple] = {}
+
+    def decode_fn(self, batch: int, ctx: int):
+        """A callable running one decode step of `batch` sequences at context `ctx` (rewrites position ctx)."""
+        if ctx not in self._kv:
+            self._kv[ctx] = self.tr.prefill(np.arange(1, ctx + 1) % self.cfg.vocab_size)[1:]
+        ks, vs = self._kv[ctx]
+        pool = self._pool(self._layout(self.tr), 64, capacity_tokens=batch * (ctx + 64))
+        core = self._core(self.tr, pool, threads=MEASURE_BLAS_THREADS)
         rids = [f"s{i}" for i in range(batch)]
         for rid in rids:
             pool.load_sequence(rid, ks, vs)
-        step = core.batch_input(rids, [5] * batch, [64] * batch)  # rewrites position 64 each time
-        return _best(lambda: core.forward(step), 3)
+        step = core.batch_input(rids, [5] * batch, [ctx] * batch)
+        params, rngs = [self._params()] * batch, [None] * batch
+        return lambda: core.sample(core.forward(step), params, rngs)
 
-    t1, t16 = step_time(1), step_time(16)
+    def prefill_fn(self, n_tokens: int):
+        prompt = list(np.arange(1, n_tokens + 1) % self.cfg.vocab_size)
+        return lambda: self.tr.prefill_batch([prompt])
+
+
+def _measure_engine(sgemm: float, bw: float) -> dict | None:
+    """Engine figures (tables, co-run slowdowns, legacy analytic fit), or None without the model."""
+    try:
+        eng = _Engine()
+    except Exception:
+        return None
+    from model.specs import get_spec
+    spec, n_layers = get_spec(ENGINE_MODEL), eng.cfg.n_layers
+    steps = [_median(eng.decode_fn(b, DECODE_REF_CTX), 3) for b in DECODE_BATCHES]
+    slopes = []
+    for b in SLOPE_BATCHES:
+        longer = _median(eng.decode_fn(b, SLOPE_CTX), 3)
+        slopes.append(max(0.0, (longer - steps[DECODE_BATCHES.index(b)]) / (b * (SLOPE_CTX - DECODE_REF_CTX))))
+    eng._kv.clear()
+    prefills = [_median(eng.prefill_fn(n), 3) for n in PREFILL_TOKENS]
+    # legacy analytic coefficients (kept for reference and for other models on the cpu profile)
+    t1, t16, tp = steps[0], steps[DECODE_BATCHES.index(16)], prefills[PREFILL_TOKENS.index(256)]
     memory = spec.active_weight_bytes("fp32") / bw
-    layer_overhead = max(0.0, (t1 - memory) / cfg.n_layers)
-    fixed = layer_overhead * cfg.n_layers
-    decode_mfu = min(1.0, 16 * spec.decode_flops(64) / max(t16 - fixed, 1e-9) / sgemm)
-    prompt = np.arange(1, 257) % cfg.vocab_size
-    tp = _best(lambda: tr.prefill(prompt), 2)
+    layer_overhead = max(0.0, (t1 - memory) / n_layers)
+    fixed = layer_overhead * n_layers
+    decode_mfu = min(1.0, 16 * spec.decode_flops(DECODE_REF_CTX) / max(t16 - fixed, 1e-9) / sgemm)
     prefill_mfu = min(1.0, spec.prefill_flops(256) / max(tp - fixed, 1e-9) / sgemm)
-    return layer_overhead, decode_mfu, prefill_mfu
+    return dict(layer_overhead_s=layer_overhead, decode_mfu=decode_mfu, prefill_mfu=prefill_mfu,
+                decode_step_s=tuple(steps), decode_ctx_slope_s=tuple(slopes), prefill_s=tuple(prefills))
 
 
 def measure_host() -> CpuMeasurement:
@@ -113,11 +192,12 @@ def _measure() -> CpuMeasurement:
     sgemm = 2 * 1024**3 / _best(lambda: a @ a, 5)
     big = np.ones(64 * 2**20, dtype=np.float32)  # 256 MB
     bw = big.nbytes / _best(big.sum, 5)
+    del big
     engine = _measure_engine(sgemm, bw)
-    layer_overhead, decode_mfu, prefill_mfu = engine or (30e-6, 0.5, 0.5)
     mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return CpuMeasurement(sgemm, bw, layer_overhead, decode_mfu, prefill_mfu, mem, engine is not None,
-                          _fingerprint())
+    if engine is None:
+        return CpuMeasurement(sgemm, bw, 30e-6, 0.5, 0.5, mem, False, _fingerprint())
+    return CpuMeasurement(sgemm, bw, mem_bytes=mem, engine_measured=True, fingerprint=_fingerprint(), **engine)
 
 
 def load_or_measure(remeasure: bool = False) -> CpuMeasurement:
@@ -125,7 +205,8 @@ def load_or_measure(remeasure: bool = False) -> CpuMeasurement:
     path = cache_path()
     if not remeasure and path.exists():
         try:
-            m = CpuMeasurement(**json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
+            m = CpuMeasurement(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
             if m.fingerprint == _fingerprint():
                 return m
         except (ValueError, TypeError):
@@ -138,9 +219,17 @@ def load_or_measure(remeasure: bool = False) -> CpuMeasurement:
 
 def profile_from(m: CpuMeasurement) -> HardwareProfile:
     """The `cpu` HardwareProfile of a measurement (fp32 weights, like the live engine)."""
+    sv = load_serving(m.fingerprint) or {}
     perf = PerfParams(prefill_mfu=m.prefill_mfu, decode_mfu=m.decode_mfu, bw_eff=1.0,
                       layer_overhead_s=m.layer_overhead_s, net_eff=1.0, net_latency_s=200e-6,
-                      mem_usable=0.5)
+                      mem_usable=0.5, measured=m.tables(),
+                      corun_slowdown_prefill=max(1.0, sv.get("corun_slowdown_prefill", 1.0)),
+                      corun_slowdown_decode=max(1.0, sv.get("corun_slowdown_decode", 1.0)),
+                      prefill_extra_s=max(0.0, sv.get("prefill_extra_s", 0.0)),
+                      prefill_extra_per_token_s=max(0.0, sv.get("prefill_extra_per_token_s", 0.0)),
+                      request_path_s=max(0.0, sv.get("request_path_s", 0.0)),
+                      token_overhead_batches=tuple(sv.get("token_overhead_batches", ())),
+                      token_overhead_s=tuple(max(0.0, x) for x in sv.get("token_overhead_s", ())))
     return HardwareProfile("cpu", "cpu", 1, 1, m.sgemm_flops, m.sgemm_flops, m.mem_bytes, m.stream_bw,
                            0.0, 0.8e9, 0.10, 0.065, perf, "fp32",
                            ("measured on this host by hardware.cpu.measure_host",
@@ -156,4 +245,6 @@ if __name__ == "__main__":  # python -m hardware.cpu [--remeasure]: print (and c
     m = load_or_measure(remeasure="--remeasure" in sys.argv[1:])
     print(f"cache: {cache_path()}")
     for k, v in asdict(m).items():
-        print(f"{k:18s} {v:.4g}" if isinstance(v, float) else f"{k:18s} {v}")
+        if isinstance(v, tuple):
+            v = "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+        print(f"{k:22s} {v:.4g}" if isinstance(v, float) else f"{k:22s} {v}")

@@ -5,13 +5,17 @@ efficiency)) plus tensor-parallel all-reduces (2 per layer: latency + ring bytes
 per-layer and per-step costs. Wafer (CS-3): weights and KV stay in SRAM and layers are pipelined
 across systems, so a token's latency is layers x per-layer latency + hops between systems; batch
 work adds FLOPs / dense compute. Speculative decoding is an explicit option (`Speculative`).
+The host CPU profile (`cpu`) carries tables measured on the live engine (PerfParams.measured):
+prefill and decode-step times are interpolated from them instead of the roofline (single chip only).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from hardware.profiles import HardwareProfile
+import numpy as np
+
+from hardware.profiles import HardwareProfile, MeasuredTables
 from model.specs import ModelSpec, dtype_bytes
 
 
@@ -121,6 +125,33 @@ def _wafer_latency(dep: Deployment) -> float:
     return p.step_overhead_s + dep.model.n_layers * p.wafer_layer_latency_s + hops * p.wafer_hop_latency_s
 
 
+def _interp(x: float, xs: tuple, ys: tuple) -> float:
+    """Piecewise-linear through (xs, ys); linear extrapolation past either end (never below 0)."""
+    if len(xs) == 1:
+        return float(ys[0])
+    i = min(max(1, int(np.searchsorted(xs, x))), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def _tables(dep: Deployment) -> bool:
+    """Use the measured tables: the profile has them, for this model, on one chip."""
+    t = dep.hw.perf.measured
+    return t is not None and dep.chips == 1 and t.model == dep.model.name
+
+
+def _measured_decode(t: MeasuredTables, tokens: int, ctx_sum: float) -> float:
+    """Decode step from the measured tables: time at the reference context, plus a context slope."""
+    base = _interp(tokens, t.decode_batches, t.decode_step_s)
+    slope = _interp(tokens, t.slope_batches, t.decode_ctx_slope_s) if t.slope_batches else 0.0
+    return max(0.1 * base, base + slope * (ctx_sum - tokens * t.decode_ref_ctx))
+
+
+def _token_overhead(p, tokens: int) -> float:
+    """Measured per-step serving overhead of the live decode worker (PerfParams.token_overhead_s)."""
+    return _interp(tokens, p.token_overhead_batches, p.token_overhead_s) if p.token_overhead_s else 0.0
+
+
 def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float:
     """Seconds to prefill a batch of prompts of the given lengths (from empty caches)."""
     m, hw, p = dep.model, dep.hw, dep.hw.perf
@@ -129,6 +160,9 @@ def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float
     if dep.is_wafer:
         compute = flops / (dep.chips * p.wafer_dense_flops * p.prefill_mfu)
         return compute + _wafer_latency(dep)
+    if _tables(dep):  # the live engine, measured (one batched call)
+        return _interp(tokens, p.measured.prefill_tokens, p.measured.prefill_s) + (
+            p.prefill_extra_s * len(lengths) + p.prefill_extra_per_token_s * tokens)
     compute = flops / (dep.chips * hw.peak_flops(dep.dtype) * p.prefill_mfu)
     memory = (m.weight_bytes(dep.dtype) + m.kv_bytes_per_token(dep.kv_dtype) * tokens) / (
         dep.chips * hw.mem_bw * p.bw_eff)
@@ -152,6 +186,8 @@ def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int 
         work = flops / (dep.chips * p.wafer_dense_flops * p.decode_mfu)
         bytes_ = (m.active_weight_bytes(dep.dtype, tokens) + kv_bytes) / (dep.chips * hw.mem_bw * p.bw_eff)
         return _wafer_latency(dep) + work + bytes_
+    if _tables(dep):  # the live engine, measured
+        return _measured_decode(p.measured, tokens, ctx_sum) + _token_overhead(p, tokens)
     compute = flops / (dep.chips * hw.peak_flops(dep.dtype) * p.decode_mfu)
     memory = (m.active_weight_bytes(dep.dtype, tokens) + kv_bytes) / (dep.chips * hw.mem_bw * p.bw_eff)
     fixed = m.n_layers * p.layer_overhead_s + p.step_overhead_s

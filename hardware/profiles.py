@@ -15,6 +15,26 @@ TB = 1e12
 
 
 @dataclass(frozen=True, slots=True)
+class MeasuredTables:
+    """Step times measured on the live engine itself (only the `cpu` profile has them; hardware/cpu.py).
+
+    When a profile carries these, hardware/perf.py interpolates them (piecewise-linear, linear
+    extrapolation past the last point) instead of the analytic roofline, because the live numpy
+    engine at 1 BLAS thread is not roofline-shaped: OpenBLAS packs the weights for every GEMM, so a
+    decode step jumps from batch 1 to batch 2 and then grows slowly.
+    """
+
+    model: str  # model spec name the tables were measured with (model/specs.py); other models: analytic
+    decode_batches: tuple[int, ...]  # batch sizes of the decode-step table (ascending)
+    decode_step_s: tuple[float, ...]  # seconds per step (forward + sampling) at decode_ref_ctx per sequence
+    decode_ref_ctx: int  # cached tokens per sequence in the decode-step table
+    slope_batches: tuple[int, ...]  # batch sizes at which the context slope was measured (ascending)
+    decode_ctx_slope_s: tuple[float, ...]  # extra seconds per extra cached token (summed over the batch)
+    prefill_tokens: tuple[int, ...]  # prompt tokens in one Transformer.prefill_batch call (ascending)
+    prefill_s: tuple[float, ...]  # seconds of that call
+
+
+@dataclass(frozen=True, slots=True)
 class PerfParams:
     """Non-datasheet coefficients of the performance model (all editable, all documented)."""
 
@@ -31,6 +51,18 @@ class PerfParams:
     wafer_layer_latency_s: float = 0.0  # latency of one transformer block for one token
     wafer_hop_latency_s: float = 0.0  # activation hop between pipelined systems (per hop)
     wafer_dense_flops: float = 0.0  # dense FP16 compute per system (not published; estimate)
+    # host CPU (`cpu`) only: measured tables of the live engine, and co-run slowdowns. The live
+    # prefill and decode actors share the host's cores (and caches, memory bus); while one computes,
+    # the other's step takes this many times longer (orchestrator/sim/serving.py; 1.0 = no effect).
+    measured: MeasuredTables | None = None
+    corun_slowdown_prefill: float = 1.0  # prefill time factor while the decode actor is stepping
+    corun_slowdown_decode: float = 1.0  # decode step factor while the prefill actor is computing
+    # host CPU only, measured on the idle live stack by orchestrator/sim/serving.py (0 / empty = none):
+    prefill_extra_s: float = 0.0  # prefill worker time per request beyond prefill_batch (KV send, commit)
+    prefill_extra_per_token_s: float = 0.0  # ... and per prompt token (KV bytes framed and sent)
+    request_path_s: float = 0.0  # frontend + Ray + gRPC latency added to TTFT (occupies no worker)
+    token_overhead_batches: tuple[int, ...] = ()  # batches at which the per-token overhead was measured
+    token_overhead_s: tuple[float, ...] = ()  # client TPOT minus the in-process step (polls, streaming)
 
 
 @dataclass(frozen=True, slots=True)

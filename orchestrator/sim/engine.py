@@ -3,6 +3,13 @@
 Events: arrival, prefill batch done, KV ready at the decode unit, decode segment end. With
 `colocated`, prefill unit i and decode unit i are one replica (no transfer; prefill first, a
 running decode segment is cut at the next step when prompts arrive).
+
+Shared host (both pools on the `cpu` profile, not colocated: the live bench's prefill and decode
+actors on one machine): a prefill batch that starts while a decode unit is stepping takes
+PerfParams.corun_slowdown_prefill times longer, and decode steps run corun_slowdown_decode times
+slower while a prefill batch runs (running segments are cut at the next step when that changes).
+Both factors, and the request path latency added to each first token, are measured on the live
+stack by orchestrator/sim/serving.py (PerfParams; 1.0 / 0 for every other profile).
 """
 from __future__ import annotations
 
@@ -86,6 +93,7 @@ class Simulator:
             self.decode.append(DecodeUnit(f"d{i}", dc.dep, alloc, Scheduler(alloc, dc.max_batch),
                                           cfg.speculative, cfg.draft))
         self.router = Router(cfg.router_policy)
+        self.shared_host = (not cfg.colocated and pf.dep.hw.kind == "cpu" and dc.dep.hw.kind == "cpu")
         self._heap: list = []
         self._n = 0
 
@@ -135,7 +143,12 @@ class Simulator:
             if self.decode[p].truncate(now):
                 self._push(self.decode[p].end_time(), SEG_END, p, self.decode[p].seg.version)
             return  # prefill starts when the segment ends
-        batch, dt = unit.start()
+        slow = 1.0
+        if self.shared_host and any(u.seg is not None for u in self.decode):
+            slow = unit.dep.hw.perf.corun_slowdown_prefill
+        batch, dt = unit.start(slow)
+        if batch:
+            self._retime_decode(now)
         for it in batch:
             self.tr.prefill_start[int(it.request_id)] = now
         if batch:
@@ -145,12 +158,14 @@ class Simulator:
         batch, dt = payload
         unit = self.prefill[p]
         unit.busy, unit.running_tokens = False, 0
+        self._retime_decode(now)
+        path = unit.dep.hw.perf.request_path_s  # measured live frontend/Ray/gRPC latency (cpu profile)
         for it in batch:
             i = int(it.request_id)
-            self.tr.first_token[i] = now
+            self.tr.first_token[i] = now + path
             r = self.reqs[i]
             if r.output_tokens <= 1:
-                self.tr.finish[i] = now
+                self.tr.finish[i] = now + path
                 continue
             d = self._dest.pop(i)
             if self.cfg.colocated:
@@ -161,6 +176,19 @@ class Simulator:
         self._try_prefill(now, p)
         if self.cfg.colocated:
             self._try_decode(now, p)
+
+    def _retime_decode(self, now: float) -> None:
+        """Shared host: set decode units' co-run slowdown from the prefill units' state."""
+        if not self.shared_host:
+            return
+        busy = any(u.busy for u in self.prefill)
+        for d, unit in enumerate(self.decode):
+            slow = unit.dep.hw.perf.corun_slowdown_decode if busy else 1.0
+            if slow == unit.slowdown:
+                continue
+            unit.slowdown = slow
+            if unit.seg is not None and unit.truncate(now, force=True):
+                self._push(unit.end_time(), SEG_END, d, unit.seg.version)
 
     # -- decode ------------------------------------------------------------------------------
     def _kv_ready(self, now: float, d: int, i: int) -> None:

@@ -33,12 +33,13 @@ class PrefillUnit:
     def view(self) -> PrefillView:
         return PrefillView(self.uid, self.batcher.queued_tokens + self.running_tokens, self.tokens_per_s)
 
-    def start(self) -> tuple[list[PrefillItem], float]:
-        """Take the next batch; returns it with its duration (empty batch: nothing waits)."""
+    def start(self, slowdown: float = 1.0) -> tuple[list[PrefillItem], float]:
+        """Take the next batch; returns it with its duration (empty batch: nothing waits).
+        `slowdown`: factor while a decode unit shares the host (PerfParams.corun_slowdown_prefill)."""
         batch = self.batcher.next_batch()
         if not batch:
             return batch, 0.0
-        dt = prefill_time(self.dep, [it.n_tokens for it in batch])
+        dt = prefill_time(self.dep, [it.n_tokens for it in batch]) * slowdown
         self.busy, self.running_tokens = True, sum(it.n_tokens for it in batch)
         self.busy_s += dt
         self.batches += 1
@@ -74,12 +75,13 @@ class DecodeUnit:
     steps: int = 0
     seq_steps: int = 0
     kv_used_s: float = 0.0  # integral of used-block fraction over time
+    slowdown: float = 1.0  # step-time factor while a prefill shares the host (PerfParams.corun_slowdown_decode)
 
     def step_seconds(self, batch: int, ctx_sum: float) -> float:
         """Seconds per emitted token of each sequence (speculative decoding amortised)."""
         if self.spec is None:
-            return decode_step_time(self.dep, batch, ctx_sum)
-        return inter_token_latency(self.dep, batch, max(1, int(ctx_sum / batch)), self.spec, self.draft)
+            return decode_step_time(self.dep, batch, ctx_sum) * self.slowdown
+        return inter_token_latency(self.dep, batch, max(1, int(ctx_sum / batch)), self.spec, self.draft) * self.slowdown
 
     def view(self) -> DecodeView:
         active = self.sched.n_running + self.sched.n_waiting + len(self.pending)
@@ -126,10 +128,11 @@ class DecodeUnit:
         s = self.seg
         return s.start + s.steps * s.step_s
 
-    def truncate(self, now: float) -> bool:
-        """Cut the running segment at the step boundary after `now` so a newcomer can join."""
+    def truncate(self, now: float, force: bool = False) -> bool:
+        """Cut the running segment at the step boundary after `now` so a newcomer can join
+        (`force`: also with a full batch, so a changed step rate takes effect)."""
         s = self.seg
-        if s is None or self.sched.n_running >= self.sched.max_batch:
+        if s is None or (self.sched.n_running >= self.sched.max_batch and not force):
             return False
         done = int(max(0.0, now - s.start) / s.step_s) + 1
         if done >= s.steps:

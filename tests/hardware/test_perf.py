@@ -1,4 +1,5 @@
 """Performance model: calibration table, capacity, speculative option, transfer overlap, cpu cache."""
+import dataclasses
 import json
 
 import pytest
@@ -68,3 +69,42 @@ def test_cpu_profile_from_cache(tmp_path, monkeypatch):
     assert p.flops_bf16 == 1.9e11 and p.default_dtype == "fp32"
     d = make_deployment(get_spec("smollm2-135m"), p, dtype="fp32", kv_dtype="fp32")
     assert 0.005 < decode_step_time(d, 1, 100) < 0.1
+
+
+def _tables(model="smollm2-135m"):
+    from hardware.profiles import MeasuredTables
+    return MeasuredTables(model, (1, 2, 4, 8), (0.04, 0.10, 0.11, 0.12), 128, (1, 8), (8e-6, 6e-6),
+                          (16, 64, 256), (0.13, 0.21, 0.55))
+
+
+def _cpu_like(**perf):
+    p = get_profile("h100")
+    return dataclasses.replace(p, name="cpu", kind="cpu", perf=dataclasses.replace(p.perf, measured=_tables(), **perf))
+
+
+def test_measured_tables_interpolate_and_extrapolate():
+    m = get_spec("smollm2-135m")
+    d = make_deployment(m, _cpu_like(), dtype="fp32", kv_dtype="fp32")
+    assert decode_step_time(d, 1, 128) == pytest.approx(0.04)
+    assert decode_step_time(d, 3, 3 * 128) == pytest.approx(0.105)  # between batch 2 and 4
+    assert decode_step_time(d, 16, 16 * 128) == pytest.approx(0.12 + 8 * 0.01 / 4)  # past the last point
+    # context slope: linear in ctx_sum for a fixed batch (the simulator sums steps in closed form)
+    a, b, c = (decode_step_time(d, 4, 4 * x) for x in (128, 256, 384))
+    assert b - a == pytest.approx(c - b) and b - a == pytest.approx(4 * 128 * (8e-6 - 3 * 2e-6 / 7))
+    assert prefill_time(d, [64]) == pytest.approx(0.21)
+    assert prefill_time(d, [32, 32]) == pytest.approx(0.21)  # one batched call: by total tokens
+    # measured serving extras of the live worker add per request and per token
+    d2 = make_deployment(m, _cpu_like(prefill_extra_s=0.01, prefill_extra_per_token_s=1e-4,
+                                      token_overhead_batches=(1, 8), token_overhead_s=(0.002, 0.009)),
+                         dtype="fp32", kv_dtype="fp32")
+    assert prefill_time(d2, [32, 32]) == pytest.approx(0.21 + 2 * 0.01 + 64e-4)
+    assert decode_step_time(d2, 1, 128) == pytest.approx(0.042)
+
+
+def test_measured_tables_only_for_their_model():
+    big = get_spec("llama-3.1-8b")
+    hw = _cpu_like()
+    plain = dataclasses.replace(hw, perf=dataclasses.replace(hw.perf, measured=None))
+    d, d0 = make_deployment(big, hw), make_deployment(big, plain)
+    assert decode_step_time(d, 4, 1000) == decode_step_time(d0, 4, 1000)
+    assert prefill_time(d, [500]) == prefill_time(d0, [500])

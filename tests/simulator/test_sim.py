@@ -184,3 +184,32 @@ def test_plan_explains_choice(tmp_path):
     r = _cli("plan", "--trace", str(trace), "--model", "llama-3.1-70b", "--rate", "3", "--ttft-ms", "2000",
              "--tpot-ms", "0.5", cwd=root)
     assert r.returncode == 2 and "TPOT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _host_cfg(**perf):
+    """Both pools on a cpu-kind profile with measured tables (like the live bench on this host)."""
+    from hardware.profiles import MeasuredTables
+    t = MeasuredTables("smollm2-135m", (1, 2, 8, 64), (0.04, 0.10, 0.12, 0.30), 128, (1, 64), (8e-6, 6e-6),
+                       (16, 512), (0.13, 1.2))
+    base = get_profile("h100")
+    hw = dataclasses.replace(base, name="cpu", kind="cpu", perf=dataclasses.replace(base.perf, measured=t, **perf))
+    m = get_spec("smollm2-135m")
+    dep = make_deployment(m, hw, dtype="fp32", kv_dtype="fp32")
+    return SimConfig(PoolSetup(dep, 1, 8), PoolSetup(dep, 1, 64, block_tokens=64, kv_capacity_tokens=65536),
+                     SLATarget(5000, 400))
+
+
+def test_shared_host_corun_slowdowns_apply():
+    reqs = poisson(2.0, 40, [(50, 30), (300, 20)], seed=3)
+    runs = {}
+    for name, perf in (("none", {}), ("corun", dict(corun_slowdown_prefill=1.5, corun_slowdown_decode=1.3)),
+                       ("path", dict(request_path_s=0.05))):
+        tr = Simulator(_host_cfg(**perf)).run(reqs)
+        assert not np.isnan(tr.finish).any()
+        runs[name] = tr
+    ttft = {k: np.median(v.first_token - v.arrival) for k, v in runs.items()}
+    e2e = {k: np.median(v.finish - v.arrival) for k, v in runs.items()}
+    assert ttft["corun"] > ttft["none"] and e2e["corun"] > e2e["none"] * 1.05
+    assert ttft["path"] == pytest.approx(ttft["none"] + 0.05, abs=0.02)
+    # an idle request (the first) sees neither slowdown: measured tables only
+    assert runs["corun"].first_token[0] - runs["corun"].arrival[0] == pytest.approx(0.13 + (50 - 16) * 1.07 / 496)

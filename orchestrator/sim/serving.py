@@ -1,0 +1,156 @@
+"""Serving overheads of the live system on this host, for the `cpu` profile (hardware/cpu.py).
+
+`python -m orchestrator.sim.serving` starts the live pools from cluster.yaml (local Ray, as the bench
+does), sends requests *one at a time* (an idle system: no queueing, no prefill/decode co-running) and
+a burst of SERVING_BURST identical requests (decode at that batch), then compares each request's
+client-side timings with the engine times measured in-process (the cached `cpu` tables):
+
+- prefill_extra_s + prefill_extra_per_token_s x prompt tokens: the prefill worker's own prefill_ms +
+  transfer_tail_ms minus the in-process prefill_batch time (KV framing/sending in the per-layer
+  callbacks, the commit round trip), a least-squares line over the idle requests. It occupies the
+  prefill worker, so the simulator adds it to each prefill batch.
+- request_path_s: client TTFT minus the worker's queued + prefill + transfer time: frontend, Ray
+  calls, gRPC to the client. It delays the first token but occupies no worker.
+- token_overhead_s at batch 1 and at SERVING_BURST: client TPOT minus the in-process decode step
+  (forward + sample) at that batch: the step loop's asyncio/executor hops, Ray `next_tokens` polls
+  and gRPC streaming. Interpolated linearly in batch by the performance model.
+
+- corun_slowdown_decode / corun_slowdown_prefill: the two actors share the host's 2 cores (and the
+  KV receiver runs in the decode actor's process). With CORUN_BATCH sequences decoding, prompts are
+  prefilled one at a time: the decode streams' per-token gaps inside the prefill windows over those
+  outside them, and the prefill worker's time over its idle-system time.
+
+Medians over the requests; writes serving.json next to the cpu profile cache (about 45 s).
+No bench request is involved: these are idle-system measurements, not fits to the bench.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SERVING_PROMPTS = (16, 64, 256, 512, 16, 64, 256, 512)  # idle, one at a time (bench prompts <= 512)
+SERVING_OUTPUT = 17  # tokens per idle request
+SERVING_BURST = 8  # concurrent requests for the per-token overhead at a larger batch
+BURST_PROMPT, BURST_OUTPUT = 32, 33
+CORUN_BATCH, CORUN_OUTPUT = 8, 72  # co-run phase: decode batch kept busy while prompts are prefilled
+CORUN_PROMPTS = (256, 128, 256)  # prefilled one at a time while that batch decodes
+
+
+async def _request(client, ids: list[int], max_tokens: int, rid: str, stamps: list | None = None) -> dict:
+    """One request; `stamps` collects (time, tokens) per streamed chunk."""
+    start = time.perf_counter()
+    first, n = None, 0
+    stream = client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True)
+    async for chunk in stream:
+        now = time.perf_counter()
+        if first is None and chunk.token_ids:
+            first = now
+        n += len(chunk.token_ids)
+        if stamps is not None:
+            stamps.append((now, len(chunk.token_ids)))
+    end = time.perf_counter()
+    t = stream.final.timings
+    return dict(prompt=len(ids), start=start, ttft_s=first - start, tpot_s=(end - first) / max(n - 1, 1),
+                queued_s=t.queued_ms / 1e3, prefill_s=t.prefill_ms / 1e3, transfer_s=t.transfer_ms / 1e3)
+
+
+async def _corun(client, tok, filler) -> tuple[list[dict], list[list], list[dict]]:
+    """Decode CORUN_BATCH long requests; once all stream, prefill CORUN_PROMPTS one at a time."""
+    from orchestrator.commands.bench import _prompt_ids
+
+    stamps: list[list] = [[] for _ in range(CORUN_BATCH)]
+    decoders = [asyncio.create_task(_request(client, _prompt_ids(tok, BURST_PROMPT, filler, 200 + i), CORUN_OUTPUT,
+                                             f"corun-d{i}", stamps[i])) for i in range(CORUN_BATCH)]
+    while min(len(s) for s in stamps) < 4:  # all decoding, a few steps in
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # a stretch of decode without prefill
+    prefills = []
+    for j, n in enumerate(CORUN_PROMPTS):
+        prefills.append(await _request(client, _prompt_ids(tok, n, filler, 300 + j), 1, f"corun-p{j}"))
+        await asyncio.sleep(0.6)
+    decoded = await asyncio.gather(*decoders)
+    return prefills, stamps, list(decoded)
+
+
+async def _collect(cfg) -> tuple[list[dict], list[dict]]:
+    from model.loaded import load_model
+    from orchestrator.client import AsyncClient
+    from orchestrator.commands.bench import FILLER, _prompt_ids
+    from orchestrator.deployment import Deployment
+
+    tok = load_model().tokenizer
+    filler = tok.encode(FILLER)
+    async with Deployment(cfg, port=0) as dep, AsyncClient(dep.target) as client:
+        await _request(client, _prompt_ids(tok, 16, filler, 0), 4, "warmup")
+        idle = []
+        for i, n in enumerate(SERVING_PROMPTS):
+            idle.append(await _request(client, _prompt_ids(tok, n, filler, i), SERVING_OUTPUT, f"idle-{i}"))
+            await asyncio.sleep(0.2)
+        burst = await asyncio.gather(*(_request(client, _prompt_ids(tok, BURST_PROMPT, filler, 100 + i),
+                                                BURST_OUTPUT, f"burst-{i}") for i in range(SERVING_BURST)))
+        await asyncio.sleep(0.5)
+        corun = await _corun(client, tok, filler)
+    return idle, list(burst), corun
+
+
+def _gaps(stamps: list[list], windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Per-token gaps of the decoding streams, split into those inside a prefill window and outside."""
+    inside, outside = [], []
+    for s in stamps:
+        for (t0, _), (t1, n) in zip(s[1:-1], s[2:]):  # skip the first token (from prefill)
+            gap = (t1 - t0) / max(n, 1)
+            if any(a <= t0 and t1 <= b for a, b in windows):
+                inside.append(gap)
+            elif not any(t0 < b and a < t1 for a, b in windows):  # no overlap at all
+                outside.append(gap)
+    return inside, outside
+
+
+def measure(config: str = "cluster.yaml") -> dict:
+    from hardware.cpu import load_or_measure, serving_path
+    from hardware.perf import _interp, _measured_decode
+    from orchestrator.config import load_config
+
+    m = load_or_measure()
+    t = m.tables()
+    assert t is not None, "the cpu profile has no engine tables (model wheel missing?)"
+    idle, burst, (prefills, stamps, _) = asyncio.run(_collect(load_config(config)))
+    pf_extra = [r["prefill_s"] + r["transfer_s"] - _interp(r["prompt"], t.prefill_tokens, t.prefill_s) for r in idle]
+    # extra = a + b * tokens (least squares over the idle requests: KV framing/sending grows with the prompt)
+    slope, icept = np.polyfit([r["prompt"] for r in idle], pf_extra, 1)
+    path = [r["ttft_s"] - r["queued_s"] - r["prefill_s"] - r["transfer_s"] for r in idle]
+    # mean context over the generated tokens: prompt + half the output
+    tok1 = [r["tpot_s"] - _measured_decode(t, 1, r["prompt"] + SERVING_OUTPUT / 2) for r in idle]
+    ctx = SERVING_BURST * (BURST_PROMPT + BURST_OUTPUT / 2)
+    tokb = [r["tpot_s"] - _measured_decode(t, SERVING_BURST, ctx) for r in burst]
+    # co-run: prefill worker busy from start + queued to start + queued + prefill + transfer
+    windows = [(r["start"] + r["queued_s"], r["start"] + r["queued_s"] + r["prefill_s"] + r["transfer_s"])
+               for r in prefills]
+    inside, outside = _gaps(stamps, windows)
+    corun_decode = float(np.median(inside) / np.median(outside)) if inside and outside else 1.0
+    alone = [_interp(r["prompt"], t.prefill_tokens, t.prefill_s) + icept + slope * r["prompt"] for r in prefills]
+    corun_prefill = float(np.median([(r["prefill_s"] + r["transfer_s"]) / a for r, a in zip(prefills, alone)]))
+    out = dict(fingerprint=m.fingerprint, corun_slowdown_decode=corun_decode, corun_slowdown_prefill=corun_prefill,
+               corun_gaps_ms=dict(inside=float(np.median(inside) * 1e3) if inside else None,
+                                  outside=float(np.median(outside) * 1e3) if outside else None,
+                                  n_inside=len(inside), n_outside=len(outside)),
+               prefill_extra_s=float(icept), prefill_extra_per_token_s=float(slope),
+               request_path_s=float(np.median(path)), token_overhead_batches=[1, SERVING_BURST],
+               token_overhead_s=[float(np.median(tok1)), float(np.median(tokb))],
+               raw=dict(idle=idle, burst=burst, corun_prefills=prefills))
+    p = serving_path()
+    p.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    res = measure(sys.argv[1] if len(sys.argv) > 1 else "cluster.yaml")
+    print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=1))
+    for kind in ("idle", "burst", "corun_prefills"):
+        for r in res["raw"][kind]:
+            print(kind, {k: round(v * 1e3, 1) if k not in ("prompt", "start") else v for k, v in r.items()})
