@@ -38,7 +38,7 @@ class RecyclingPool(PagedKVPool):
 def serve(kind: str, layout: KVLayout, n_tokens: int, streams: int, conn: Connection) -> None:
     """Child process: start one receiver, send its port to the parent, run until the parent says stop."""
     if kind == "kvtransfer":
-        block = 16
+        block = 64  # the decode pool block size in cluster.yaml
         sink = RecyclingPool(layout, block, capacity_tokens=(n_tokens // streams + 2 * block) * streams)
         server, port = start_kv_server(sink, max_transfers=max(4, streams))
     elif kind == "grpc-bare":
