@@ -6,7 +6,6 @@ deserialization failure.
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid

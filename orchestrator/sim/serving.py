@@ -29,7 +29,6 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 

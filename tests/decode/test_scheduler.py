@@ -85,7 +85,7 @@ def test_abort_during_a_step_is_deferred_until_the_step_is_done():
     s = Scheduler(BlockAllocator(16, 4), max_batch=4)
     add(s, "a", 3)
     add(s, "b", 3)
-    plan = s.schedule()
+    s.schedule()
     assert s.abort("a") is None and s.alloc.holds("a")  # its KV is being written
     done = s.on_step_done([7, 7])
     assert [(d.request_id, d.reason, len(d.generated)) for d in done] == [("a", FinishReason.ABORT, 1)]

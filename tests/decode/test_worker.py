@@ -20,7 +20,7 @@ def worker(lm, **kw) -> DecodeWorker:
 
 
 async def drain(w: DecodeWorker, rid: str):
-    ids, texts, last = [], [], None
+    ids, texts = [], []
     while True:
         chunk = await w.next_tokens(rid, timeout=60)
         assert chunk.start_index == len(ids)

@@ -1,6 +1,6 @@
 """`ray job submit` of the bench against a Ray head this test starts on loopback with free ports.
 
-Follows ../shared/DESIGN.md: loopback only, never `ray stop` (the head is stopped by its PIDs).
+Follows ../shared/DESIGN.md: loopback only; the head is stopped by the PIDs it started, nothing else.
 """
 from __future__ import annotations
 

@@ -211,7 +211,7 @@ def test_batched_decode_equals_unbatched(lm, prompts):
     assert len({len(s) for s in seqs}) == 4
     max_tokens = max(len(s) for s in seqs) + DECODE_STEPS
     batched = DenseKVCache(cfg, batch=4, max_tokens=max_tokens)
-    singles, logits1 = [], []
+    singles = []
     first = []
     for slot, ids in enumerate(seqs):
         logits, ks, vs = lm.model.prefill(ids)

@@ -16,9 +16,9 @@ from orchestrator.request import SLATarget
 from orchestrator.sim.engine import PoolSetup, SimConfig, Simulator
 from orchestrator.sim.report import summarize
 from orchestrator.sim.search import goodput
-from orchestrator.sim.workload import SimRequest, from_trace, poisson
+from orchestrator.sim.workload import from_trace, poisson
 
-CONV = Path("/work/shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv")
+CONV = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
 
 
 def _cfg(**kw):
