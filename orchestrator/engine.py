@@ -11,12 +11,13 @@ from typing import AsyncIterator
 
 import structlog
 
+from decode.worker import DecodeLoad
 from model.generation import find_stop
 from model.tokenizer import IncrementalDecoder, Tokenizer
 from orchestrator.pools import Pools
 from orchestrator.request import FinishReason, Request, RequestState, Timings
 from orchestrator.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
-from prefill.worker import PrefillJob
+from prefill.worker import PrefillJob, PrefillLoad
 
 log = structlog.get_logger("engine")
 
@@ -56,8 +57,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.router = router
         self.kv_deadline_s = kv_deadline_s
-        self._prefill_views: dict[str, PrefillView] = {}
-        self._decode_views: dict[str, DecodeView] = {}
+        self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
+        self.decode_loads: dict[str, DecodeLoad] = {}
         self._pending_prefill_tokens: dict[str, int] = {w: 0 for w in pools.prefill}
         self._pending_decode: dict[str, int] = {w: 0 for w in pools.decode}
         self._live: dict[str, Placement] = {}
@@ -76,10 +77,8 @@ class Engine:
     async def _refresh_views(self) -> None:
         pf = await asyncio.gather(*(a.load.remote() for a in self.pools.prefill.values()))
         dc = await asyncio.gather(*(a.load.remote() for a in self.pools.decode.values()))
-        self._prefill_views = {w: PrefillView(w, l.queued_tokens, l.tokens_per_s) for w, l in zip(self.pools.prefill, pf)}
-        self._decode_views = {
-            w: DecodeView(w, l.active + l.waiting, self.decode_max_batch, l.free_tokens, l.total_blocks * l.block_size,
-                          l.step_ms_if_added) for w, l in zip(self.pools.decode, dc)}
+        self.prefill_loads = dict(zip(self.pools.prefill, pf))
+        self.decode_loads = dict(zip(self.pools.decode, dc))
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -89,23 +88,20 @@ class Engine:
             except Exception:  # a dead worker shows up as errors on its requests, not here
                 log.warning("load refresh failed", exc_info=True)
 
-    def _views(self):
-        """Worker views plus what this engine has sent them since the last refresh."""
-        pf = [PrefillView(v.worker_id, v.queued_tokens + self._pending_prefill_tokens[v.worker_id], v.tokens_per_s)
-              for v in self._prefill_views.values()]
-        dc = [DecodeView(v.worker_id, v.active + self._pending_decode[v.worker_id], v.max_batch, v.free_kv_tokens,
-                         v.total_kv_tokens, v.step_ms) for v in self._decode_views.values()]
+    def views(self) -> tuple[list[PrefillView], list[DecodeView]]:
+        """The workers' last reported loads plus what this engine has sent them since."""
+        pf = [PrefillView(w, l.queued_tokens + self._pending_prefill_tokens[w], l.tokens_per_s)
+              for w, l in self.prefill_loads.items()]
+        dc = [DecodeView(w, l.active + l.waiting + self._pending_decode[w], self.decode_max_batch, l.free_tokens,
+                         l.total_blocks * l.block_size, l.step_ms_if_added) for w, l in self.decode_loads.items()]
         return pf, dc
-
-    def server_load(self) -> tuple[list[PrefillView], list[DecodeView]]:
-        return self._views()
 
     # -- one request ---------------------------------------------------------------------
 
     async def generate(self, req: Request) -> AsyncIterator[Event]:
         """Yield token events, then one final or error event. Closing the iteration early aborts."""
         t0 = time.perf_counter()
-        pf_views, dc_views = self._views()
+        pf_views, dc_views = self.views()
         placed = self.router.place(RouteRequest(req.request_id, req.prompt_tokens, req.sampling.max_tokens, req.sla),
                                    pf_views, dc_views, time.monotonic())
         if isinstance(placed, Rejection):

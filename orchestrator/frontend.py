@@ -183,17 +183,19 @@ class InferenceService:
                          for n, s in self.cfg.sla_classes.items()])
 
     async def server_info(self, msg, context) -> pb.ServerInfo:
-        pf, dc = self.engine.server_load()
         hw = self.engine.pools.hardware
+        budget = max(self.cfg.prefill.token_budget, 1)
         prefill = pb.PoolInfo(name="prefill", kind=pb.WORKER_KIND_PREFILL, hardware=self.cfg.prefill.hardware, workers=[
-            pb.WorkerInfo(worker_id=v.worker_id, kind=pb.WORKER_KIND_PREFILL, hardware=hw.get(v.worker_id, ""),
-                          load=min(1.0, v.queued_tokens / max(self.cfg.prefill.token_budget, 1)),
-                          queued_requests=0, healthy=v.healthy) for v in pf])
-        block = self.cfg.decode.block_tokens
+            pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_PREFILL, hardware=hw.get(w, ""),
+                          load=min(1.0, l.queued_tokens / budget), queued_requests=l.waiting, healthy=True)
+            for w, l in self.engine.prefill_loads.items()])
+        occupancy = {v.worker_id: v.occupancy for v in self.engine.views()[1]}
         decode = pb.PoolInfo(name="decode", kind=pb.WORKER_KIND_DECODE, hardware=self.cfg.decode.hardware, workers=[
-            pb.WorkerInfo(worker_id=v.worker_id, kind=pb.WORKER_KIND_DECODE, hardware=hw.get(v.worker_id, ""),
-                          load=v.occupancy, active_requests=v.active, kv_blocks_free=v.free_kv_tokens // block,
-                          kv_blocks_total=v.total_kv_tokens // block, healthy=v.healthy) for v in dc])
+            pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_DECODE, hardware=hw.get(w, ""),
+                          load=occupancy[w],
+                          active_requests=l.active, queued_requests=l.waiting, kv_blocks_free=l.free_blocks,
+                          kv_blocks_total=l.total_blocks, healthy=True)
+            for w, l in self.engine.decode_loads.items()])
         return pb.ServerInfo(version="0.1.0", model=self.cfg.model_name, pools=[prefill, decode])
 
     def handler(self) -> grpc.GenericRpcHandler:

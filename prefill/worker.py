@@ -83,8 +83,9 @@ class PrefillWorker:
         """Queue a prompt; resolves once its KV is committed on the decode side (or failed)."""
         self._ensure_loop()
         fut = asyncio.get_running_loop().create_future()
-        self._jobs[job.request_id] = (job, fut, time.perf_counter())
-        self.batcher.add(PrefillItem(job.request_id, len(job.prompt_ids), time.monotonic(), job.priority))
+        now = time.perf_counter()  # one clock for queue order and the queued_ms the request reports
+        self._jobs[job.request_id] = (job, fut, now)
+        self.batcher.add(PrefillItem(job.request_id, len(job.prompt_ids), now, job.priority))
         self._wakeup.set()
         return await fut
 
