@@ -2,7 +2,9 @@
 
 Transports (see kvtransfer/bench_transports.py): "kvtransfer" (real sender and receiver into a KV
 pool), "grpc-bare" (raw-bytes gRPC stream, same chunks and channel options) and "tcp" (a plain
-loopback socket); each receiver runs in its own process, as a decode worker would. Rounds are
+loopback socket); each receiver runs in its own process, as a decode worker would. A fourth row,
+"kvtransfer[no-pool-write]", runs the real path with the pool's block copy skipped: it shows what
+the protocol and checksums cost without the memory-bound copy into the pool. Rounds are
 interleaved so machine noise hits every transport alike; medians are reported. With --streams 1,4
 the same bytes are also split over 4 concurrent streams (4 transfers on 4 channels / 4 sockets).
 """
@@ -27,7 +29,7 @@ from kvtransfer.sender import SenderConfig
 from kvtransfer.wire import DEFAULT_CHECKSUM
 
 LAYOUT = KVLayout(n_layers=32, n_kv_heads=8, head_dim=128, dtype="float32")  # Llama-3.1-8B-like: 256 KB/token
-TRANSPORTS = ("kvtransfer", "grpc-bare", "tcp")
+TRANSPORTS = ("kvtransfer", "kvtransfer-nopool", "grpc-bare", "tcp")
 
 
 def _quiet_logs() -> None:
@@ -78,13 +80,16 @@ def run(args) -> list[dict]:
                 config = SenderConfig(chunk_bytes=args.chunk_kb * 1024, window=args.window, checksum=checksum)
                 label = _label("kvtransfer", s, checksum, args.checksum[0])
                 clients[(label, "kvtransfer", s)] = bt.KVTransferClient(ports["kvtransfer"], LAYOUT, config, s)
+            config = SenderConfig(chunk_bytes=args.chunk_kb * 1024, window=args.window, checksum=args.checksum[0])
+            clients[(_label("kvtransfer[no-pool-write]", s, "", ""), "kvtransfer-nopool", s)] = \
+                bt.KVTransferClient(ports["kvtransfer-nopool"], LAYOUT, config, s)
             clients[(_label("grpc-bare", s, "", ""), "grpc-bare", s)] = bt.BareClient(ports["grpc-bare"], s)
             clients[(_label("tcp", s, "", ""), "tcp", s)] = bt.TcpClient(ports["tcp"], s)
 
         def once(key) -> tuple[float, float, float]:
             _, kind, s = key
             kv, chunks = data[s]
-            payload = kv if kind == "kvtransfer" else chunks if kind == "grpc-bare" else \
+            payload = kv if kind.startswith("kvtransfer") else chunks if kind == "grpc-bare" else \
                 [[memoryview(c) for c in cs] for cs in chunks]
             return bt.timed(clients[key].run, payload, receiver=children[kind][1])
 

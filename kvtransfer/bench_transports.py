@@ -2,6 +2,8 @@
 
 - kvtransfer: the real sender -> gRPC -> receiver -> a decode worker's paged KV pool
   (decode.pool.PagedKVPool; this benchmark, not the kvtransfer library, imports decode/).
+- kvtransfer-nopool: the same, except the pool skips the copy into its blocks (everything else - frames,
+  checks, checksums, accounting - runs): a diagnostic row that isolates what the pool write costs.
 - grpc-bare:  a gRPC bidi stream of the same raw-bytes chunks with the same channel options, nothing else.
               Its chunks are `bytes` built before the timed run, so it pays no per-frame copy from KV
               arrays (kvtransfer must: gRPC Python only sends `bytes`); the receiver only counts bytes.
@@ -35,11 +37,19 @@ class RecyclingPool(PagedKVPool):
         self.abort(request_id)  # a committed, unclaimed transfer: releases its blocks
 
 
+class NoCopyPool(RecyclingPool):
+    """RecyclingPool without the copy into the blocks: isolates the pool write's cost in the bench."""
+
+    def store(self, request_id: str, layer: int, token_start: int, k: np.ndarray, v: np.ndarray) -> None:
+        pass
+
+
 def serve(kind: str, layout: KVLayout, n_tokens: int, streams: int, conn: Connection) -> None:
     """Child process: start one receiver, send its port to the parent, run until the parent says stop."""
-    if kind == "kvtransfer":
+    if kind.startswith("kvtransfer"):
         block = 64  # the decode pool block size in cluster.yaml
-        sink = RecyclingPool(layout, block, capacity_tokens=(n_tokens // streams + 2 * block) * streams)
+        pool = NoCopyPool if kind == "kvtransfer-nopool" else RecyclingPool
+        sink = pool(layout, block, capacity_tokens=(n_tokens // streams + 2 * block) * streams)
         server, port = start_kv_server(sink, max_transfers=max(4, streams))
     elif kind == "grpc-bare":
         server, port = _start_bare_server(streams)
