@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -46,8 +47,10 @@ async def _run(args) -> dict:
     from orchestrator.config import load_config
     from orchestrator.deployment import Deployment
     from orchestrator.metrics import format_table
+    from orchestrator.stream_timing import StreamTiming
 
     cfg = load_config(args.config)
+    load_start = os.getloadavg()
     lm = load_model()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, lm.weights.config.vocab_size, args.prompt_tokens).tolist() for _ in range(args.repeats)]
@@ -58,15 +61,10 @@ async def _run(args) -> dict:
         async with AsyncClient(dep.target) as client:
             await client.complete(token_ids=prompts[0][:64], max_tokens=2)  # warm-up
             for ids in prompts:  # interleaved, so load changes hit both sides alike
-                start = time.perf_counter()
-                stream = client.generate(token_ids=ids, max_tokens=2)
-                first = None
-                async for chunk in stream:
-                    if first is None and chunk.token_ids:
-                        first = time.perf_counter()
-                dis.append(first - start)
-                transfer_tail.append(stream.final.timings.transfer_ms / 1e3)
-                actor_prefill.append(stream.final.timings.prefill_ms / 1e3)
+                timing = await StreamTiming().consume(client.generate(token_ids=ids, max_tokens=2))
+                dis.append(timing.ttft_s)
+                transfer_tail.append(timing.final.timings.transfer_ms / 1e3)
+                actor_prefill.append(timing.final.timings.prefill_ms / 1e3)
                 c, s = _colocated(lm, ids)
                 col.append(c)
                 step.append(s)
@@ -78,6 +76,7 @@ async def _run(args) -> dict:
         "overhead_vs_prefill_plus_first_step": d / (c + statistics.median(step)) - 1.0,
         "transfer_tail_s": statistics.median(transfer_tail),
         "prefill_in_actor_s": statistics.median(actor_prefill),  # compute inside the prefill actor
+        "loadavg_at_start": load_start, "loadavg_at_end": os.getloadavg(),  # shared 2-core machine
         "samples": {"disaggregated_s": dis, "colocated_s": col},
     }
     print(format_table(["path", "TTFT median (s)", "min", "max"], [

@@ -55,24 +55,22 @@ def _prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> 
 
 
 async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: float, t0: float) -> Outcome:
+    from orchestrator.stream_timing import StreamTiming
+
     await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
-    start = time.perf_counter()
-    first = None
-    n = 0
+    timing = StreamTiming()
     try:
         # the trace fixes each output length: generate that many tokens, EOS or not (vLLM's ignore_eos)
-        stream = client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True)
-        async for chunk in stream:
-            if first is None and chunk.token_ids:
-                first = time.perf_counter()
-            n += len(chunk.token_ids)
+        await timing.consume(client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True))
     except Exception as e:  # a failed request is reported, not fatal to the bench
-        return Outcome(rid, len(ids), n, None, None, None, False, f"{type(e).__name__}: {e}")
-    end = time.perf_counter()
-    ttft = (first - start) * 1e3 if first else None
-    tpot = (end - first) * 1e3 / (n - 1) if first and n > 1 else None
+        return Outcome(rid, len(ids), timing.tokens, None, None, None, False, f"{type(e).__name__}: {e}")
+    ttft, tpot = _ms(timing.ttft_s), _ms(timing.tpot_s)
     met = ttft is not None and ttft <= sla.ttft_ms and (tpot is None or tpot <= sla.tpot_ms)
-    return Outcome(rid, len(ids), n, ttft, tpot, (end - start) * 1e3, met)
+    return Outcome(rid, len(ids), timing.tokens, ttft, tpot, _ms(timing.e2e_s), met)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 async def _bench(cfg, args) -> dict:

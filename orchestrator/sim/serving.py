@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -42,19 +41,13 @@ CORUN_PROMPTS = (256, 128, 256)  # prefilled one at a time while that batch deco
 
 async def _request(client, ids: list[int], max_tokens: int, rid: str, stamps: list | None = None) -> dict:
     """One request; `stamps` collects (time, tokens) per streamed chunk."""
-    start = time.perf_counter()
-    first, n = None, 0
-    stream = client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True)
-    async for chunk in stream:
-        now = time.perf_counter()
-        if first is None and chunk.token_ids:
-            first = now
-        n += len(chunk.token_ids)
-        if stamps is not None:
-            stamps.append((now, len(chunk.token_ids)))
-    end = time.perf_counter()
-    t = stream.final.timings
-    return dict(prompt=len(ids), start=start, ttft_s=first - start, tpot_s=(end - first) / max(n - 1, 1),
+    from orchestrator.stream_timing import StreamTiming
+
+    timing = await StreamTiming().consume(
+        client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True),
+        None if stamps is None else lambda now, n: stamps.append((now, n)))
+    t = timing.final.timings
+    return dict(prompt=len(ids), start=timing.start, ttft_s=timing.ttft_s, tpot_s=timing.tpot_s,
                 queued_s=t.queued_ms / 1e3, prefill_s=t.prefill_ms / 1e3, transfer_s=t.transfer_ms / 1e3)
 
 

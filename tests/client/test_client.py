@@ -155,3 +155,28 @@ def test_client_imports_no_ray():
 
     code = "import sys, orchestrator.client; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_stream_timing_over_a_real_stream(fake_server):
+    from orchestrator.stream_timing import StreamTiming
+
+    target, _ = fake_server
+    stamps = []
+
+    async def main():
+        async with cl.AsyncClient(target, timeout=5) as c:
+            ok = await StreamTiming().consume(c.generate("abcdef", max_tokens=4),
+                                              lambda now, n: stamps.append((now, n)))
+            failed = StreamTiming()
+            with pytest.raises(cl.Unavailable):
+                await failed.consume(c.generate("stream-error:UNAVAILABLE"))
+            return ok, failed
+
+    ok, failed = asyncio.run(main())
+    assert ok.tokens == 4 == sum(n for _, n in stamps) and ok.final.finish_reason == "length"
+    assert ok.start <= ok.first <= ok.end and ok.first == min(t for t, n in stamps if n)
+    assert ok.ttft_s == ok.first - ok.start and ok.tpot_s == (ok.end - ok.first) / 3
+    assert ok.e2e_s == ok.end - ok.start
+    # a stream that fails keeps what arrived: one token, no end, no TPOT
+    assert failed.tokens == 1 and failed.end is None and failed.tpot_s is None and failed.e2e_s is None
+    assert failed.ttft_s is not None and failed.final is None
