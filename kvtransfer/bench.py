@@ -133,10 +133,10 @@ def _rows(times: dict[tuple, list[tuple[float, float, float]]], total: int) -> l
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'transport':<22}{'MB':>6}{'median s':>10}{'GB/s':>7}{'(min-max)':>14}{'/grpc-bare':>12}{'/tcp':>7}"
+    print(f"{'transport':<30}{'MB':>6}{'median s':>10}{'GB/s':>7}{'(min-max)':>14}{'/grpc-bare':>12}{'/tcp':>7}"
           f"{'CPU s/GB snd+rcv':>18}")
     for r in rows:
-        print(f"{r['transport']:<22}{r['bytes'] / 2**20:>6.0f}{r['seconds']:>10.3f}{r['gb_per_s']:>7.2f}"
+        print(f"{r['transport']:<30}{r['bytes'] / 2**20:>6.0f}{r['seconds']:>10.3f}{r['gb_per_s']:>7.2f}"
               f"{'(' + format(r['gb_per_s_min'], '.2f') + '-' + format(r['gb_per_s_max'], '.2f') + ')':>14}"
               f"{r['ratio_to_grpc_bare']:>11.0%}{r['ratio_to_tcp']:>8.0%}"
               f"{r['sender_cpu_s_per_gb']:>10.2f}+{r['receiver_cpu_s_per_gb']:.2f}")
