@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -48,12 +49,15 @@ class RequestStream:
     finish_reason: str | None = None
     error: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    owner: str = ""  # who polls this stream together with its others (an engine), "" = polled alone
+    notify: Callable[[], None] | None = None  # called on every change, after `changed` is set
 
     @classmethod
     def create(cls, request_id: str, params: SamplingParams, prompt_ids: list[int] | None,
-               tokenizer: Tokenizer, rng: np.random.Generator) -> "RequestStream":
+               tokenizer: Tokenizer, rng: np.random.Generator, owner: str = "",
+               notify: Callable[[], None] | None = None) -> "RequestStream":
         return cls(request_id, params, prompt_ids, IncrementalDecoder(tokenizer),
-                   params.stop_token_ids(tokenizer.stop_token_ids), rng)
+                   params.stop_token_ids(tokenizer.stop_token_ids), rng, owner=owner, notify=notify)
 
     def push(self, token_id: int) -> bool:
         """Add a generated token; True when a stop string ended the request here."""
@@ -72,12 +76,17 @@ class RequestStream:
     def _add(self, token_id: int, text: str) -> None:
         self.pending_ids.append(token_id)
         self.pending_texts.append(text)
-        self.changed.set()
+        self._changed()
 
     def finish(self, reason: str, error: str | None = None) -> None:
         if not self.finished:
             self.finished, self.finish_reason, self.error = True, reason, error
+        self._changed()
+
+    def _changed(self) -> None:
         self.changed.set()
+        if self.notify is not None:
+            self.notify()
 
     def take(self) -> TokenChunk:
         """Hand over everything pending."""

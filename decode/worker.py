@@ -10,7 +10,9 @@ prefill side; either may come first. The sequence joins the batch once both have
 In-process callers use `accept_kv()` instead of the receiver.
 
 Streaming: poll `next_tokens(request_id)`; it blocks until new tokens exist or the request ends
-and returns a TokenChunk (finished=True on the last one). Polling keeps Ray calls plain.
+and returns a TokenChunk (finished=True on the last one). A caller with many requests here (the
+engine) submits them with an `owner` and long-polls `next_outputs(owner)` instead: one Ray call per
+step for all of them, not one per request. Polling keeps Ray calls plain.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class DecodeWorker:
         self.core = DecodeCore(model, self.pool, threads=blas_threads)
         self.steptime = StepTimeModel()
         self._streams: dict[str, RequestStream] = {}
+        self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
         self._committed: set[str] = set()  # KV arrived, no submit yet
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-step")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,11 +94,12 @@ class DecodeWorker:
         return self.pool.layout
 
     async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
-                     prompt_ids: list[int] | None = None) -> None:
+                     prompt_ids: list[int] | None = None, owner: str = "") -> None:
         """Register a request whose first token was sampled by prefill. ValueError on bad input.
 
         prompt_ids lets the worker rebuild the KV itself if the sequence is ever preempted;
-        without them a preempted request ends with an UNAVAILABLE error.
+        without them a preempted request ends with an UNAVAILABLE error. With an owner, the
+        request's tokens go to `next_outputs(owner)`; without one, to `next_tokens(request_id)`.
         """
         self._start()
         params.validate()
@@ -107,7 +111,8 @@ class DecodeWorker:
         rng = make_rng(params)
         if not params.greedy:
             rng.random()  # the prefill side consumed the first draw for the first token
-        stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng)
+        stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng, owner,
+                                      self._notify_outputs if owner else None)
         stream.first_token_id = first_token_id
         self._streams[request_id] = stream
         if request_id in self._committed:
@@ -115,12 +120,12 @@ class DecodeWorker:
             self._join(request_id)
 
     async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
-                        params: SamplingParams, prompt_ids: list[int] | None = None) -> None:
+                        params: SamplingParams, prompt_ids: list[int] | None = None, owner: str = "") -> None:
         """In-process handoff: ks, vs are per-layer (T, Hkv, Dh) from prefill. Raises KVRefused."""
         self._start()
         self._check_fits(request_id, int(ks[0].shape[0]) if ks else 0, params.max_tokens)
         self.pool.load_sequence(request_id, ks, vs)  # commit -> _on_commit, scheduled on the loop
-        await self.submit(request_id, first_token_id, params, prompt_ids)
+        await self.submit(request_id, first_token_id, params, prompt_ids, owner)
 
     async def next_tokens(self, request_id: str, timeout: float | None = None) -> TokenChunk:
         """Block until the request has new tokens or ended; the finished chunk is the last one."""
@@ -129,9 +134,30 @@ class DecodeWorker:
             raise KeyError(f"request_id: {request_id!r} is unknown or already drained")
         if not stream.ready:
             await asyncio.wait_for(stream.changed.wait(), timeout)
+        return self._take(stream)
+
+    async def next_outputs(self, owner: str, timeout: float | None = None) -> list[TokenChunk]:
+        """Block until any of `owner`'s requests has new tokens or ended; return a chunk for each such
+        request ([] after `timeout` seconds). Finished requests are dropped after their last chunk."""
+        while True:
+            chunks = [self._take(s) for s in list(self._streams.values()) if s.owner == owner and s.ready]
+            if chunks:
+                return chunks
+            changed = self._outputs
+            if changed.is_set():  # it recorded changes already handed out: wait for the next one
+                self._outputs = changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                return []
+
+    def _notify_outputs(self) -> None:
+        self._outputs.set()  # the current event: next_outputs replaces it
+
+    def _take(self, stream: RequestStream) -> TokenChunk:
         chunk = stream.take()
         if chunk.finished:
-            del self._streams[request_id]
+            del self._streams[stream.request_id]
         return chunk
 
     async def abort(self, request_id: str) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import structlog
 
+from decode.stream import TokenChunk
 from decode.worker import DecodeLoad
 from model.generation import find_stop
 from model.tokenizer import IncrementalDecoder, Tokenizer
@@ -22,6 +24,7 @@ from prefill.worker import PrefillJob, PrefillLoad
 log = structlog.get_logger("engine")
 
 VIEW_REFRESH_S = 0.05
+OUTPUT_POLL_S = 1.0  # a decode worker's long poll returns at least this often (liveness only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,48 @@ class ErrorEvent:
 Event = TokenEvent | FinalEvent | ErrorEvent
 
 
+class _DecodeOutputs:
+    """One long poll per decode worker brings every token chunk of this engine's requests on it,
+    instead of one Ray call per request per step. Each request reads its chunks from a queue."""
+
+    def __init__(self, actor, owner: str):
+        self._actor, self._owner = actor, owner
+        self._queues: dict[str, asyncio.Queue[TokenChunk]] = {}
+        self._task: asyncio.Task | None = None
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[TokenChunk]:
+        """Call before the request is submitted, so none of its chunks can arrive unclaimed."""
+        queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
+        self._queues[request_id] = queue
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+        return queue
+
+    def unsubscribe(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)  # chunks still coming for it are dropped
+
+    async def _poll(self) -> None:
+        while self._queues:
+            try:
+                chunks = await self._actor.next_outputs.remote(self._owner, OUTPUT_POLL_S)
+            except Exception as e:  # the worker died: every request waiting on it ends with an error
+                log.warning("decode output poll failed", error=repr(e))
+                for rid, queue in self._queues.items():
+                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, "error", f"UNAVAILABLE: decode worker: {e}"))
+                self._queues.clear()
+                return
+            for chunk in chunks:
+                queue = self._queues.get(chunk.request_id)
+                if queue is not None:
+                    queue.put_nowait(chunk)
+                    if chunk.finished:
+                        del self._queues[chunk.request_id]
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Engine:
     def __init__(self, pools: Pools, tokenizer: Tokenizer, router: Router, decode_max_batch: int,
                  kv_deadline_s: float = 30.0):
@@ -63,6 +108,9 @@ class Engine:
         self._pending_decode: dict[str, int] = {w: 0 for w in pools.decode}
         self._live: dict[str, Placement] = {}
         self._refresher: asyncio.Task | None = None
+        owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
+        self._outputs = {w: _DecodeOutputs(actor, owner) for w, actor in pools.decode.items()}
+        self._owner = owner
 
     async def start(self) -> None:
         await self._refresh_views()
@@ -71,6 +119,8 @@ class Engine:
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
+        for outputs in self._outputs.values():
+            outputs.stop()
 
     # -- views for the router ------------------------------------------------------------
 
@@ -140,12 +190,13 @@ class Engine:
             if finished:
                 await decode.abort.remote(req.request_id)  # release the KV that was transferred
             else:
-                await decode.submit.remote(req.request_id, first, req.sampling, req.prompt_ids)
+                chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
+                await decode.submit.remote(req.request_id, first, req.sampling, req.prompt_ids, self._owner)
                 self._pending_decode[placed.decode_worker] -= 1
                 decode_pending = False
                 req.advance(RequestState.DECODING, time.monotonic())
             while not finished:
-                chunk = await decode.next_tokens.remote(req.request_id)
+                chunk = await chunks.get()
                 skip = 1 if chunk.start_index == 0 else 0  # the first token was already sent
                 ids, texts = list(chunk.token_ids[skip:]), chunk.texts[skip:]
                 if ids:
@@ -175,6 +226,7 @@ class Engine:
                 self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
             if decode_pending:
                 self._pending_decode[placed.decode_worker] -= 1
+            self._outputs[placed.decode_worker].unsubscribe(req.request_id)
             self._live.pop(req.request_id, None)
 
     async def _abort_everywhere(self, request_id: str, placed: Placement) -> None:

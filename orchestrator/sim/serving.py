@@ -12,7 +12,7 @@ client-side timings with the engine times measured in-process (the cached `cpu` 
 - request_path_s: client TTFT minus the worker's queued + prefill + transfer time: frontend, Ray
   calls, gRPC to the client. It delays the first token but occupies no worker.
 - token_overhead_s at batch 1 and at SERVING_BURST: client TPOT minus the in-process decode step
-  (forward + sample) at that batch: the step loop's asyncio/executor hops, Ray `next_tokens` polls
+  (forward + sample) at that batch: the step loop's asyncio/executor hops, the engine's `next_outputs` poll
   and gRPC streaming. Interpolated linearly in batch by the performance model.
 
 - corun_slowdown_decode / corun_slowdown_prefill: the two actors share the host's 2 cores (and the

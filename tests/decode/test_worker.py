@@ -154,3 +154,47 @@ def test_load_reports_batch_and_blocks(lm, book):
         await w.abort("x")
         await w.close()
     asyncio.run(main())
+
+
+def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(lm, book):
+    async def main():
+        w = worker(lm)
+        refs = {"o1": (book.get(1), 6), "o2": (book.get(4), 9)}
+        for rid, (ref, n) in refs.items():
+            await w.accept_kv(rid, ref.ks, ref.vs, ref.tokens[0], SamplingParams(max_tokens=n), ref.prompt, "eng")
+        solo = book.get(2)
+        await hand_off(w, "solo", solo, max_tokens=5)  # no owner: only next_tokens sees it
+        got, last, polls = {rid: [] for rid in refs}, {}, 0
+        while len(last) < len(refs):
+            chunks = await w.next_outputs("eng", timeout=60)
+            polls += 1
+            assert chunks and {c.request_id for c in chunks} <= set(refs)
+            for c in chunks:
+                assert c.start_index == len(got[c.request_id])
+                got[c.request_id] += c.token_ids
+                if c.finished:
+                    last[c.request_id] = c
+        for rid, (ref, n) in refs.items():
+            assert judge(tuple(got[rid]), ref, True, n)[0], (rid, got[rid], ref.tokens)
+            assert last[rid].finish_reason == "length"
+        # both requests step together, so one poll usually carries both: far fewer polls than chunks
+        assert polls <= max(n for _, n in refs.values()) + 2
+        assert await w.next_outputs("eng", timeout=0.05) == []  # finished streams are gone
+        ids, _, end = await drain(w, "solo")
+        assert judge(tuple(ids), solo, True, 5)[0] and end.finish_reason == "length"
+
+        ref = book.get(6)  # an owned request aborted mid-stream: its last chunk says so, then it is forgotten
+        await w.accept_kv("ab", ref.ks, ref.vs, ref.tokens[0], SamplingParams(max_tokens=30), ref.prompt, "eng")
+        await w.next_outputs("eng", timeout=60)
+        await w.abort("ab")
+        end = None
+        while end is None:
+            end = next((c for c in await w.next_outputs("eng", timeout=60) if c.finished), None)
+        assert end.request_id == "ab" and end.finish_reason == "abort"
+        with pytest.raises(KeyError, match="unknown or already drained"):
+            await w.next_tokens("ab", timeout=1)
+        await asyncio.sleep(0.05)
+        alloc = w.kv_sink.allocator
+        assert alloc.free_blocks == alloc.n_blocks
+        await w.close()
+    asyncio.run(main())
