@@ -52,7 +52,7 @@ class ErrorEvent:
 Event = TokenEvent | FinalEvent | ErrorEvent
 
 
-class _DecodeOutputs:
+class DecodeOutputs:
     """One long poll per decode worker brings every token chunk of this engine's requests on it,
     instead of one Ray call per request per step. Each request reads its chunks from a queue."""
 
@@ -109,7 +109,7 @@ class Engine:
         self._live: dict[str, Placement] = {}
         self._refresher: asyncio.Task | None = None
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
-        self._outputs = {w: _DecodeOutputs(actor, owner) for w, actor in pools.decode.items()}
+        self._outputs = {w: DecodeOutputs(actor, owner) for w, actor in pools.decode.items()}
         self._owner = owner
 
     async def start(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from decode.stream import TokenChunk
-from orchestrator.engine import _DecodeOutputs
+from orchestrator.engine import DecodeOutputs
 
 
 class _ScriptedActor:
@@ -39,7 +39,7 @@ def test_chunks_reach_their_requests_and_the_poll_stops_when_none_is_left():
     ])
 
     async def main():
-        outputs = _DecodeOutputs(actor, "eng-1")
+        outputs = DecodeOutputs(actor, "eng-1")
         qa, qb = outputs.subscribe("a"), outputs.subscribe("b")
         a = [await qa.get(), await qa.get()]
         b = [await qb.get(), await qb.get()]
@@ -56,7 +56,7 @@ def test_a_failed_poll_ends_every_waiting_request_with_unavailable():
     actor = _ScriptedActor([RuntimeError("actor died")])
 
     async def main():
-        outputs = _DecodeOutputs(actor, "eng-2")
+        outputs = DecodeOutputs(actor, "eng-2")
         queues = [outputs.subscribe(rid) for rid in ("a", "b")]
         return [await q.get() for q in queues]
 
@@ -70,7 +70,7 @@ def test_unsubscribed_request_gets_nothing_more():
     actor = _ScriptedActor([[_chunk("a", (1,), 1)], [_chunk("b", (5,), 1, finished=True)]])
 
     async def main():
-        outputs = _DecodeOutputs(actor, "eng-3")
+        outputs = DecodeOutputs(actor, "eng-3")
         qa, qb = outputs.subscribe("a"), outputs.subscribe("b")
         first = await qa.get()
         outputs.unsubscribe("a")  # the client went away
