@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import structlog
+from ray.exceptions import RayError
 
 from decode.stream import TokenChunk
 from decode.worker import DecodeLoad
@@ -78,8 +79,9 @@ class DecodeOutputs:
                 chunks = await self._actor.next_outputs.remote(self._owner, OUTPUT_POLL_S)
             except Exception as e:  # the worker died: every request waiting on it ends with an error
                 log.warning("decode output poll failed", error=repr(e))
+                error = f"UNAVAILABLE: decode worker unavailable ({type(e).__name__})"
                 for rid, queue in self._queues.items():
-                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, "error", f"UNAVAILABLE: decode worker: {e}"))
+                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, "error", error))
                 self._queues.clear()
                 return
             for chunk in chunks:
@@ -107,6 +109,7 @@ class Engine:
         self._pending_prefill_tokens: dict[str, int] = {w: 0 for w in pools.prefill}
         self._pending_decode: dict[str, int] = {w: 0 for w in pools.decode}
         self._live: dict[str, Placement] = {}
+        self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
         self._refresher: asyncio.Task | None = None
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
         self._outputs = {w: DecodeOutputs(actor, owner) for w, actor in pools.decode.items()}
@@ -125,25 +128,39 @@ class Engine:
     # -- views for the router ------------------------------------------------------------
 
     async def _refresh_views(self) -> None:
-        pf = await asyncio.gather(*(a.load.remote() for a in self.pools.prefill.values()))
-        dc = await asyncio.gather(*(a.load.remote() for a in self.pools.decode.values()))
-        self.prefill_loads = dict(zip(self.pools.prefill, pf))
-        self.decode_loads = dict(zip(self.pools.decode, dc))
+        pf = await asyncio.gather(*(a.load.remote() for a in self.pools.prefill.values()), return_exceptions=True)
+        dc = await asyncio.gather(*(a.load.remote() for a in self.pools.decode.values()), return_exceptions=True)
+        for loads, answers in ((self.prefill_loads, zip(self.pools.prefill, pf)),
+                               (self.decode_loads, zip(self.pools.decode, dc))):
+            for worker, answer in answers:
+                if isinstance(answer, BaseException):
+                    self._mark_unhealthy(worker, answer)
+                else:
+                    loads[worker] = answer  # a dead worker keeps its last load for GetServerInfo
+                    if worker in self.unhealthy:
+                        self.unhealthy.discard(worker)
+                        log.info("worker healthy again", worker=worker)
+
+    def _mark_unhealthy(self, worker: str, error: BaseException) -> None:
+        if worker not in self.unhealthy:
+            self.unhealthy.add(worker)
+            log.warning("worker unhealthy: no new requests go to it", worker=worker, error=repr(error))
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(VIEW_REFRESH_S)
             try:
                 await self._refresh_views()
-            except Exception:  # a dead worker shows up as errors on its requests, not here
+            except Exception:  # a bug here must not stop the refresh
                 log.warning("load refresh failed", exc_info=True)
 
     def views(self) -> tuple[list[PrefillView], list[DecodeView]]:
         """The workers' last reported loads plus what this engine has sent them since."""
-        pf = [PrefillView(w, l.queued_tokens + self._pending_prefill_tokens[w], l.tokens_per_s)
+        pf = [PrefillView(w, l.queued_tokens + self._pending_prefill_tokens[w], l.tokens_per_s, w not in self.unhealthy)
               for w, l in self.prefill_loads.items()]
         dc = [DecodeView(w, l.active + l.waiting + self._pending_decode[w], self.decode_max_batch, l.free_tokens,
-                         l.total_blocks * l.block_size, l.step_ms_if_added) for w, l in self.decode_loads.items()]
+                         l.total_blocks * l.block_size, l.step_ms_if_added, w not in self.unhealthy)
+              for w, l in self.decode_loads.items()]
         return pf, dc
 
     # -- one request ---------------------------------------------------------------------
@@ -165,6 +182,7 @@ class Engine:
         self._pending_decode[placed.decode_worker] += 1
         prefill_pending = decode_pending = True  # counted in _pending_* until the worker reports it
         n_out, reason, finished = 0, FinishReason.LENGTH, False
+        calling = placed.prefill_worker  # the worker a Ray failure is blamed on
         try:
             req.advance(RequestState.PREFILLING, time.monotonic())
             res = await prefill.prefill.remote(PrefillJob(
@@ -176,6 +194,7 @@ class Engine:
                 yield ErrorEvent(res.error_code or "INTERNAL", f"prefill failed: {res.error}")
                 return
             req.advance(RequestState.TRANSFERRING, time.monotonic())  # committed on the decode side
+            calling = placed.decode_worker
             t_first = time.perf_counter()
             first = res.first_token
             first_text = IncrementalDecoder(self.tokenizer).push(first)  # the decode worker's texts[0]
@@ -221,6 +240,11 @@ class Engine:
             log.info("aborted by client", request_id=req.request_id)
             await self._abort_everywhere(req.request_id, placed)
             raise
+        except RayError as e:  # the worker's actor died or is unreachable: fail this request, keep serving
+            self._mark_unhealthy(calling, e)
+            log.warning("worker failed", request_id=req.request_id, worker=calling, error=type(e).__name__)
+            await self._abort_everywhere(req.request_id, placed)
+            yield ErrorEvent("UNAVAILABLE", f"worker {calling} is unavailable ({type(e).__name__})")
         finally:
             if prefill_pending:
                 self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens

@@ -187,14 +187,15 @@ class InferenceService:
         budget = max(self.cfg.prefill.token_budget, 1)
         prefill = pb.PoolInfo(name="prefill", kind=pb.WORKER_KIND_PREFILL, hardware=self.cfg.prefill.hardware, workers=[
             pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_PREFILL, hardware=hw.get(w, ""),
-                          load=min(1.0, l.queued_tokens / budget), queued_requests=l.waiting, healthy=True)
+                          load=min(1.0, l.queued_tokens / budget), queued_requests=l.waiting,
+                          healthy=w not in self.engine.unhealthy)
             for w, l in self.engine.prefill_loads.items()])
         occupancy = {v.worker_id: v.occupancy for v in self.engine.views()[1]}
         decode = pb.PoolInfo(name="decode", kind=pb.WORKER_KIND_DECODE, hardware=self.cfg.decode.hardware, workers=[
             pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_DECODE, hardware=hw.get(w, ""),
                           load=occupancy[w],
                           active_requests=l.active, queued_requests=l.waiting, kv_blocks_free=l.free_blocks,
-                          kv_blocks_total=l.total_blocks, healthy=True)
+                          kv_blocks_total=l.total_blocks, healthy=w not in self.engine.unhealthy)
             for w, l in self.engine.decode_loads.items()])
         return pb.ServerInfo(version="0.1.0", model=self.cfg.model_name, pools=[prefill, decode])
 

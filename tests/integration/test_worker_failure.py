@@ -1,0 +1,83 @@
+"""A decode worker's actor dies mid-stream: its request ends with UNAVAILABLE, the worker is reported
+unhealthy and skipped by the router, and the server keeps serving on the other decode worker."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from orchestrator import client as cl
+from orchestrator.config import parse_config
+from orchestrator.deployment import Deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    tree["metadata"]["pools"]["decode"]["workers"] = 2
+    tree["metadata"]["pools"]["decode"]["kv_capacity_tokens"] = 4096
+    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    dep = asyncio.run_coroutine_threadsafe(Deployment(parse_config(tree, path), port=0).__aenter__(), loop).result(300)
+    yield dep
+    asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+def _decode_workers(c: cl.Client) -> dict:
+    return {w.worker_id: w for p in c.server_info().pools if p.name == "decode" for w in p.workers}
+
+
+def test_decode_worker_death_fails_its_request_and_the_server_keeps_serving(deployment):
+    with cl.Client(deployment.target, timeout=120) as c:
+        stream = c.generate("Tell me a long story about the sea.", max_tokens=400, ignore_eos=True)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        busy = [w for w, info in _decode_workers(c).items() if info.active_requests > 0]
+        assert len(busy) == 1, _decode_workers(c)
+        ray.kill(deployment.pools.decode[busy[0]], no_restart=True)
+        with pytest.raises(cl.Unavailable, match="decode worker"):
+            for _ in chunks:
+                pass
+
+        deadline = time.monotonic() + 10
+        while _decode_workers(c)[busy[0]].healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = {w: info.healthy for w, info in _decode_workers(c).items()}
+        assert health[busy[0]] is False and sum(health.values()) == 1, health
+
+        for i in range(3):  # every new request lands on the surviving worker and completes
+            done = c.complete(f"Say hello number {i}.", max_tokens=8)
+            assert done.final.decode_worker != busy[0] and done.final.usage.completion_tokens >= 1
+        assert c.health() == "SERVING"
+
+
+def test_prefill_worker_death_turns_requests_away_with_unavailable(deployment):
+    """Runs after the decode test: kills the only prefill worker."""
+    with cl.Client(deployment.target, timeout=120) as c:
+        (worker,) = deployment.pools.prefill
+        ray.kill(deployment.pools.prefill[worker], no_restart=True)
+        with pytest.raises(cl.Unavailable):  # placed before the refresh noticed, or rejected after
+            c.complete("Hello?", max_tokens=4)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            prefill = [w for p in c.server_info().pools if p.name == "prefill" for w in p.workers]
+            if not prefill[0].healthy:
+                break
+            time.sleep(0.1)
+        assert not prefill[0].healthy
+        with pytest.raises(cl.Unavailable, match="no healthy prefill worker"):
+            c.complete("Hello again?", max_tokens=4)
+        assert c.health() == "SERVING" and c.model_info().n_layers == 30
