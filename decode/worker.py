@@ -49,6 +49,7 @@ class DecodeLoad:
     block_size: int
     step_ms: float  # predicted step time of the current batch
     step_ms_if_added: float  # predicted step time with one more sequence
+    kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
 
     @property
     def free_tokens(self) -> int:
@@ -81,6 +82,7 @@ class DecodeWorker:
         self.pool.on_abort = lambda rid: self._call_in_loop(self._abort_now, rid)
         self._early: list = []  # receiver callbacks that came before the loop started
         self.steps = 0
+        self.kv_target = ""  # set by whoever starts a KV receiver for this worker
 
     # -- public API ------------------------------------------------------------------------
 
@@ -170,7 +172,7 @@ class DecodeWorker:
         avg = ctx / max(sch.n_running, 1) if sch.n_running else 256
         return DecodeLoad(sch.n_running, sch.n_waiting, alloc.free_blocks, alloc.n_blocks, alloc.block_size,
                           self.steptime.predict(sch.n_running, ctx),
-                          self.steptime.predict(sch.n_running + 1, int(ctx + avg)))
+                          self.steptime.predict(sch.n_running + 1, int(ctx + avg)), self.kv_target)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -130,16 +130,23 @@ class Engine:
     async def _refresh_views(self) -> None:
         pf = await asyncio.gather(*(a.load.remote() for a in self.pools.prefill.values()), return_exceptions=True)
         dc = await asyncio.gather(*(a.load.remote() for a in self.pools.decode.values()), return_exceptions=True)
-        for loads, answers in ((self.prefill_loads, zip(self.pools.prefill, pf)),
-                               (self.decode_loads, zip(self.pools.decode, dc))):
-            for worker, answer in answers:
-                if isinstance(answer, BaseException):
-                    self._mark_unhealthy(worker, answer)
-                else:
-                    loads[worker] = answer  # a dead worker keeps its last load for GetServerInfo
-                    if worker in self.unhealthy:
-                        self.unhealthy.discard(worker)
-                        log.info("worker healthy again", worker=worker)
+        for worker, answer in zip(self.pools.prefill, pf):
+            self._record(self.prefill_loads, worker, answer)
+        for worker, answer in zip(self.pools.decode, dc):
+            if self._record(self.decode_loads, worker, answer) and answer.kv_target:
+                self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
+
+    def _record(self, loads: dict, worker: str, answer) -> bool:
+        """Keep a worker's load report; a failed call marks it unhealthy (it keeps its last load for
+        GetServerInfo). True when the worker answered."""
+        if isinstance(answer, BaseException):
+            self._mark_unhealthy(worker, answer)
+            return False
+        loads[worker] = answer
+        if worker in self.unhealthy:
+            self.unhealthy.discard(worker)
+            log.info("worker healthy again", worker=worker)
+        return True
 
     def _mark_unhealthy(self, worker: str, error: BaseException) -> None:
         if worker not in self.unhealthy:

@@ -53,13 +53,19 @@ def _decode_actor_class():
     from kvtransfer.grpc_backend import start_kv_server
 
     class DecodeActor(DecodeWorker):
-        """A DecodeWorker that also hosts its KV receiver (gRPC on loopback) in the actor's process."""
+        """A DecodeWorker that also hosts its KV receiver (gRPC on loopback) in the actor's process.
+        The receiver starts with the actor, so a restarted actor serves again, on a new port that
+        its load() reports."""
 
-        async def start_kv_server(self, host: str = "127.0.0.1") -> str:
-            self._kv_server, port = start_kv_server(self.kv_sink, host=host, expected_layout=self.layout)
-            return f"{host}:{port}"
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._kv_server, port = start_kv_server(self.kv_sink, host="127.0.0.1", expected_layout=self.layout)
+            self.kv_target = f"127.0.0.1:{port}"
 
     return DecodeActor
+
+
+WORKER_MAX_RESTARTS = 3  # Ray restarts a crashed worker actor this many times; its in-flight requests fail
 
 
 async def build_pools(cfg: Config) -> Pools:
@@ -73,7 +79,8 @@ async def build_pools(cfg: Config) -> Pools:
     for i in range(d.workers):
         wid = f"decode-{i}"
         actor = ray.remote(DecodeActor).options(
-            num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000).remote(
+            num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
+            max_restarts=WORKER_MAX_RESTARTS).remote(
             capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
             blas_threads=d.blas_threads)
         pools.decode[wid] = actor
@@ -81,12 +88,13 @@ async def build_pools(cfg: Config) -> Pools:
     for i in range(p.workers):
         wid = f"prefill-{i}"
         actor = ray.remote(PrefillWorker).options(
-            num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000).remote(
+            num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000,
+            max_restarts=WORKER_MAX_RESTARTS).remote(
             wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads)
         pools.prefill[wid] = actor
         pools.hardware[wid] = p.hardware
-    addresses = await asyncio.gather(*(a.start_kv_server.remote() for a in pools.decode.values()))
-    pools.kv_targets = dict(zip(pools.decode, addresses))
+    loads = await asyncio.gather(*(a.load.remote() for a in pools.decode.values()))
+    pools.kv_targets = {w: load.kv_target for w, load in zip(pools.decode, loads)}
     await asyncio.gather(*(a.ready.remote() for a in pools.prefill.values()))
     log.info("pools ready", prefill=list(pools.prefill), decode=list(pools.decode), kv_targets=pools.kv_targets)
     return pools

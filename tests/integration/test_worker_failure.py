@@ -1,5 +1,8 @@
-"""A decode worker's actor dies mid-stream: its request ends with UNAVAILABLE, the worker is reported
-unhealthy and skipped by the router, and the server keeps serving on the other decode worker."""
+"""Worker actors failing under a live deployment (1 prefill + 2 decode workers, real Ray).
+
+In file order: a decode actor crashes and Ray restarts it (it serves again, on a new KV port); a
+decode actor dies for good mid-stream (its request ends with UNAVAILABLE, the router skips it, the
+other worker serves); the only prefill actor dies (requests are turned away with UNAVAILABLE)."""
 from __future__ import annotations
 
 import asyncio
@@ -37,6 +40,21 @@ def deployment(tmp_path_factory):
 
 def _decode_workers(c: cl.Client) -> dict:
     return {w.worker_id: w for p in c.server_info().pools if p.name == "decode" for w in p.workers}
+
+
+def test_a_crashed_decode_worker_is_restarted_and_serves_again(deployment):
+    with cl.Client(deployment.target, timeout=120) as c:
+        before = deployment.pools.kv_targets["decode-0"]
+        assert c.complete("Warm up.", max_tokens=4).final.decode_worker == "decode-0"  # ties go to decode-0
+        ray.kill(deployment.pools.decode["decode-0"], no_restart=False)  # a crash: Ray restarts the actor
+        deadline = time.monotonic() + 60
+        while deployment.pools.kv_targets["decode-0"] == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert deployment.pools.kv_targets["decode-0"] != before  # its new receiver, learned from load()
+        while not _decode_workers(c)["decode-0"].healthy and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = c.complete("Say hello.", max_tokens=8)
+        assert done.final.decode_worker == "decode-0" and done.final.usage.completion_tokens >= 1
 
 
 def test_decode_worker_death_fails_its_request_and_the_server_keeps_serving(deployment):
