@@ -26,6 +26,7 @@ def deployment(tmp_path_factory):
     tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     tree["metadata"]["pools"]["decode"]["workers"] = 2
     tree["metadata"]["pools"]["decode"]["kv_capacity_tokens"] = 4096
+    tree["metadata"]["router"]["policy"] = "least_loaded"  # idle workers tie: the lowest id wins
     path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
     path.write_text(yaml.safe_dump(tree))
     loop = asyncio.new_event_loop()
