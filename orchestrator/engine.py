@@ -13,10 +13,10 @@ from typing import AsyncIterator
 import structlog
 from ray.exceptions import RayError
 
-from decode.stream import TokenChunk
 from decode.worker import DecodeLoad
 from model.generation import find_stop
 from model.tokenizer import IncrementalDecoder, Tokenizer
+from orchestrator.decode_outputs import DecodeOutputs
 from orchestrator.pools import Pools
 from orchestrator.request import FinishReason, Request, RequestState, Timings
 from orchestrator.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
@@ -25,7 +25,6 @@ from prefill.worker import PrefillJob, PrefillLoad
 log = structlog.get_logger("engine")
 
 VIEW_REFRESH_S = 0.05
-OUTPUT_POLL_S = 1.0  # a decode worker's long poll returns at least this often (liveness only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,49 +50,6 @@ class ErrorEvent:
 
 
 Event = TokenEvent | FinalEvent | ErrorEvent
-
-
-class DecodeOutputs:
-    """One long poll per decode worker brings every token chunk of this engine's requests on it,
-    instead of one Ray call per request per step. Each request reads its chunks from a queue."""
-
-    def __init__(self, actor, owner: str):
-        self._actor, self._owner = actor, owner
-        self._queues: dict[str, asyncio.Queue[TokenChunk]] = {}
-        self._task: asyncio.Task | None = None
-
-    def subscribe(self, request_id: str) -> asyncio.Queue[TokenChunk]:
-        """Call before the request is submitted, so none of its chunks can arrive unclaimed."""
-        queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
-        self._queues[request_id] = queue
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._poll())
-        return queue
-
-    def unsubscribe(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)  # chunks still coming for it are dropped
-
-    async def _poll(self) -> None:
-        while self._queues:
-            try:
-                chunks = await self._actor.next_outputs.remote(self._owner, OUTPUT_POLL_S)
-            except Exception as e:  # the worker died: every request waiting on it ends with an error
-                log.warning("decode output poll failed", error=repr(e))
-                error = f"UNAVAILABLE: decode worker unavailable ({type(e).__name__})"
-                for rid, queue in self._queues.items():
-                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, "error", error))
-                self._queues.clear()
-                return
-            for chunk in chunks:
-                queue = self._queues.get(chunk.request_id)
-                if queue is not None:
-                    queue.put_nowait(chunk)
-                    if chunk.finished:
-                        del self._queues[chunk.request_id]
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 class Engine:

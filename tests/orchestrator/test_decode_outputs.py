@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from decode.stream import TokenChunk
-from orchestrator.engine import DecodeOutputs
+from orchestrator.decode_outputs import DecodeOutputs
 
 
 class _ScriptedActor:

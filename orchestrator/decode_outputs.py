@@ -1,0 +1,60 @@
+"""Token chunks from the decode workers to the engine's requests: one long poll per decode worker.
+
+The engine submits its requests to a decode worker with an owner id; `DecodeWorker.next_outputs(owner)`
+returns a chunk for every one of them that has news, so a step of a batch of B costs one Ray call,
+not B. Each request reads its own chunks from an asyncio queue.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from decode.stream import TokenChunk
+
+log = structlog.get_logger("engine")
+
+OUTPUT_POLL_S = 1.0  # a decode worker's long poll returns at least this often (liveness only)
+
+
+class DecodeOutputs:
+    """One long poll per decode worker brings every token chunk of this engine's requests on it,
+    instead of one Ray call per request per step. Each request reads its chunks from a queue."""
+
+    def __init__(self, actor, owner: str):
+        self._actor, self._owner = actor, owner
+        self._queues: dict[str, asyncio.Queue[TokenChunk]] = {}
+        self._task: asyncio.Task | None = None
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[TokenChunk]:
+        """Call before the request is submitted, so none of its chunks can arrive unclaimed."""
+        queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
+        self._queues[request_id] = queue
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+        return queue
+
+    def unsubscribe(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)  # chunks still coming for it are dropped
+
+    async def _poll(self) -> None:
+        while self._queues:
+            try:
+                chunks = await self._actor.next_outputs.remote(self._owner, OUTPUT_POLL_S)
+            except Exception as e:  # the worker died: every request waiting on it ends with an error
+                log.warning("decode output poll failed", error=repr(e))
+                error = f"UNAVAILABLE: decode worker unavailable ({type(e).__name__})"
+                for rid, queue in self._queues.items():
+                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, "error", error))
+                self._queues.clear()
+                return
+            for chunk in chunks:
+                queue = self._queues.get(chunk.request_id)
+                if queue is not None:
+                    queue.put_nowait(chunk)
+                    if chunk.finished:
+                        del self._queues[chunk.request_id]
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
