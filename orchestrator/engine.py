@@ -25,6 +25,7 @@ from prefill.worker import PrefillJob, PrefillLoad
 log = structlog.get_logger("engine")
 
 VIEW_REFRESH_S = 0.05
+LOAD_TIMEOUT_S = 2.0  # a worker whose load() takes longer (hung, or restarting) counts as unhealthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,10 @@ class Engine:
     # -- views for the router ------------------------------------------------------------
 
     async def _refresh_views(self) -> None:
-        pf = await asyncio.gather(*(a.load.remote() for a in self.pools.prefill.values()), return_exceptions=True)
-        dc = await asyncio.gather(*(a.load.remote() for a in self.pools.decode.values()), return_exceptions=True)
+        ask = lambda actor: asyncio.wait_for(actor.load.remote(), LOAD_TIMEOUT_S)  # noqa: E731
+        pf, dc = await asyncio.gather(
+            asyncio.gather(*(ask(a) for a in self.pools.prefill.values()), return_exceptions=True),
+            asyncio.gather(*(ask(a) for a in self.pools.decode.values()), return_exceptions=True))
         for worker, answer in zip(self.pools.prefill, pf):
             self._record(self.prefill_loads, worker, answer)
         for worker, answer in zip(self.pools.decode, dc):
