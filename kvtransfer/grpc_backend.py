@@ -123,7 +123,7 @@ def start_kv_server(sink: KVSink | KVReceiver, host: str = "127.0.0.1", port: in
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_transfers, thread_name_prefix="kv-recv"),
                          options=list(options), maximum_concurrent_rpcs=max_transfers)
     server.add_generic_rpc_handlers((kv_service_handler(receiver),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")  # IPv6 in brackets
     if bound == 0:
         raise OSError(f"cannot bind the KV server to {host}:{port}")
     server.start()

@@ -4,6 +4,8 @@ Invalid config fails at load with the file, the key and the reason (ConfigError)
 """
 from __future__ import annotations
 
+import ipaddress
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ class PoolConfig:
     token_budget: int = 0  # prefill only
     kv_capacity_tokens: int = 0  # decode only
     block_tokens: int = 16  # decode only
+    kv_host: str = "127.0.0.1"  # decode only: where its KV receiver listens; 0.0.0.0 = every interface
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +138,18 @@ def _pool(r: ConfigReader, kind: str) -> PoolConfig:
         token_budget=r.get("token_budget", int, 4096, minimum=1) if kind == "prefill" else 0,
         kv_capacity_tokens=r.get("kv_capacity_tokens", int, 65536, minimum=1) if kind == "decode" else 0,
         block_tokens=r.get("block_tokens", int, 16, minimum=1) if kind == "decode" else 16,
+        kv_host=_ip_address(r, "kv_host") if kind == "decode" else "127.0.0.1",
     )
+
+
+def _ip_address(r: ConfigReader, key: str) -> str:
+    value = r.get(key, str, "127.0.0.1")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise r.error(key, f"must be an IP address (127.0.0.1 on one machine, 0.0.0.0 for every interface), "
+                           f"got {value!r}") from None
+    return value
 
 
 def _source_checkout() -> Path | None:

@@ -5,6 +5,7 @@ Worker classes stay plain; `ray.remote(...).options(...)` is applied only here.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
@@ -48,6 +49,13 @@ def init_ray(cfg: Config) -> None:
              _node_ip_address="127.0.0.1")
 
 
+def kv_address(bind_host: str, port: int, node_ip) -> str:
+    """The address prefill workers dial: the bound host, or this node's IP (node_ip()) when the
+    receiver listens on every interface."""
+    host = node_ip() if ipaddress.ip_address(bind_host).is_unspecified else bind_host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _decode_actor_class():
     from decode.worker import DecodeWorker
     from kvtransfer.grpc_backend import start_kv_server
@@ -57,10 +65,10 @@ def _decode_actor_class():
         The receiver starts with the actor, so a restarted actor serves again, on a new port that
         its load() reports."""
 
-        def __init__(self, **kwargs):
+        def __init__(self, kv_host: str = "127.0.0.1", **kwargs):
             super().__init__(**kwargs)
-            self._kv_server, port = start_kv_server(self.kv_sink, host="127.0.0.1", expected_layout=self.layout)
-            self.kv_target = f"127.0.0.1:{port}"
+            self._kv_server, port = start_kv_server(self.kv_sink, host=kv_host, expected_layout=self.layout)
+            self.kv_target = kv_address(kv_host, port, ray.util.get_node_ip_address)
 
     return DecodeActor
 
@@ -82,7 +90,7 @@ async def build_pools(cfg: Config) -> Pools:
             num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
             capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
-            blas_threads=d.blas_threads)
+            blas_threads=d.blas_threads, kv_host=d.kv_host)
         pools.decode[wid] = actor
         pools.hardware[wid] = d.hardware
     for i in range(p.workers):

@@ -27,7 +27,7 @@ def test_orchestrator_settings_load_from_metadata():
     assert cfg.prefill.workers >= 1 and cfg.decode.workers >= 1
     assert cfg.local_resources["neuron_cores"] >= 1 and cfg.local_resources["cs3"] >= 1
     assert cfg.default_sla_class in cfg.sla_classes
-    assert cfg.frontend.host == "127.0.0.1"
+    assert cfg.frontend.host == "127.0.0.1" and cfg.decode.kv_host == "127.0.0.1"
     assert cfg.workload.trace.is_file()
 
 
@@ -42,6 +42,7 @@ def _tree():
     (lambda t: t["metadata"].pop("pools"), "metadata.pools"),
     (lambda t: t["metadata"]["sla_classes"]["interactive"].update(ttft_ms=-5), "metadata.sla_classes.interactive.ttft_ms"),
     (lambda t: t["metadata"].update(default_sla_class="gold"), "metadata.default_sla_class"),
+    (lambda t: t["metadata"]["pools"]["decode"].update(kv_host="decode-node"), "metadata.pools.decode.kv_host"),
 ])
 def test_invalid_config_names_file_and_key(mutate, key):
     tree = _tree()
@@ -58,3 +59,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("metadata: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_kv_address_advertises_the_node_ip_only_for_a_wildcard_bind():
+    from orchestrator.pools import kv_address
+
+    def no_lookup():
+        raise AssertionError("a concrete bind address needs no lookup")
+
+    assert kv_address("127.0.0.1", 5051, no_lookup) == "127.0.0.1:5051"
+    assert kv_address("0.0.0.0", 5051, lambda: "10.0.3.7") == "10.0.3.7:5051"
+    assert kv_address("::", 5051, lambda: "fd00::7") == "[fd00::7]:5051"
