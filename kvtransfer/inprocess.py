@@ -36,13 +36,17 @@ class _LocalCall:
             self._inbox.put(frame)
         self._inbox.put(_END)
 
+    def _get(self, box: queue.Queue):
+        """The next item of `box`, or _END once the call's deadline has passed (which terminates it)."""
+        try:
+            return box.get(timeout=max(0.0, self._deadline - time.monotonic()))
+        except queue.Empty:
+            self.terminate("DEADLINE_EXCEEDED")
+            return _END
+
     def _incoming(self) -> Iterator[bytes]:
         while True:
-            try:
-                item = self._inbox.get(timeout=max(0.0, self._deadline - time.monotonic()))
-            except queue.Empty:
-                self.terminate("DEADLINE_EXCEEDED")
-                item = _END
+            item = self._get(self._inbox)
             if self._ended.is_set():
                 raise TransportError(self._code or "CANCELLED", "call terminated")
             if item is _END:
@@ -74,11 +78,7 @@ class _LocalCall:
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
-            try:
-                item = self._outbox.get(timeout=max(0.0, self._deadline - time.monotonic()))
-            except queue.Empty:
-                self.terminate("DEADLINE_EXCEEDED")
-                item = _END
+            item = self._get(self._outbox)
             if item is _END:
                 if self._code is not None:
                     raise TransportError(self._code, "call terminated")
