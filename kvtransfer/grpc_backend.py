@@ -111,6 +111,11 @@ def kv_service_handler(receiver: KVReceiver) -> grpc.GenericRpcHandler:
         wire.SERVICE, {wire.METHOD: grpc.stream_stream_rpc_method_handler(transfer)})
 
 
+def host_port(host: str, port: int) -> str:
+    """A gRPC address: IPv6 hosts go in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def start_kv_server(sink: KVSink | KVReceiver, host: str = "127.0.0.1", port: int = 0, *,
                     expected_layout: KVLayout | None = None, max_transfers: int = 16,
                     options=wire.CHANNEL_OPTIONS) -> tuple[grpc.Server, int]:
@@ -123,8 +128,8 @@ def start_kv_server(sink: KVSink | KVReceiver, host: str = "127.0.0.1", port: in
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_transfers, thread_name_prefix="kv-recv"),
                          options=list(options), maximum_concurrent_rpcs=max_transfers)
     server.add_generic_rpc_handlers((kv_service_handler(receiver),))
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")  # IPv6 in brackets
+    bound = server.add_insecure_port(host_port(host, port))
     if bound == 0:
-        raise OSError(f"cannot bind the KV server to {host}:{port}")
+        raise OSError(f"cannot bind the KV server to {host_port(host, port)}")
     server.start()
     return server, bound

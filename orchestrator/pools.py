@@ -52,8 +52,9 @@ def init_ray(cfg: Config) -> None:
 def kv_address(bind_host: str, port: int, node_ip) -> str:
     """The address prefill workers dial: the bound host, or this node's IP (node_ip()) when the
     receiver listens on every interface."""
-    host = node_ip() if ipaddress.ip_address(bind_host).is_unspecified else bind_host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    from kvtransfer.grpc_backend import host_port
+
+    return host_port(node_ip() if ipaddress.ip_address(bind_host).is_unspecified else bind_host, port)
 
 
 def _decode_actor_class():
