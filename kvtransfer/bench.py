@@ -75,14 +75,16 @@ def run(args) -> list[dict]:
             children[kind] = (proc, parent)
         ports = {kind: parent.recv() for kind, (_, parent) in children.items()}
         data = {s: _payloads(n_tokens, s, args.chunk_kb * 1024) for s in args.streams}
+        def sender(kind: str, streams: int, checksum: str) -> bt.KVTransferClient:
+            config = SenderConfig(chunk_bytes=args.chunk_kb * 1024, window=args.window, checksum=checksum)
+            return bt.KVTransferClient(ports[kind], LAYOUT, config, streams)
+
         for s in args.streams:
             for checksum in args.checksum:
-                config = SenderConfig(chunk_bytes=args.chunk_kb * 1024, window=args.window, checksum=checksum)
                 label = _label("kvtransfer", s, checksum, args.checksum[0])
-                clients[(label, "kvtransfer", s)] = bt.KVTransferClient(ports["kvtransfer"], LAYOUT, config, s)
-            config = SenderConfig(chunk_bytes=args.chunk_kb * 1024, window=args.window, checksum=args.checksum[0])
+                clients[(label, "kvtransfer", s)] = sender("kvtransfer", s, checksum)
             clients[(_label("kvtransfer[no-pool-write]", s, "", ""), "kvtransfer-nopool", s)] = \
-                bt.KVTransferClient(ports["kvtransfer-nopool"], LAYOUT, config, s)
+                sender("kvtransfer-nopool", s, args.checksum[0])
             clients[(_label("grpc-bare", s, "", ""), "grpc-bare", s)] = bt.BareClient(ports["grpc-bare"], s)
             clients[(_label("tcp", s, "", ""), "tcp", s)] = bt.TcpClient(ports["tcp"], s)
 
