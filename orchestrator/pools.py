@@ -62,7 +62,7 @@ def _decode_actor_class():
     from kvtransfer.grpc_backend import start_kv_server
 
     class DecodeActor(DecodeWorker):
-        """A DecodeWorker that also hosts its KV receiver (gRPC on loopback) in the actor's process.
+        """A DecodeWorker that also hosts its KV receiver (gRPC, on `kv_host`) in the actor's process.
         The receiver starts with the actor, so a restarted actor serves again, on a new port that
         its load() reports."""
 
