@@ -26,6 +26,7 @@ SHORT_TIMEOUT_LOG2 = 17  # ~50 us: spans the gaps between one layer's GEMMs, not
 _lib: ctypes.CDLL | None = None
 _checked = False
 _current: int | None = None
+_controller = None  # threadpoolctl's OpenBLAS controller, for set_threads
 
 
 def _openblas() -> ctypes.CDLL | None:
@@ -59,3 +60,17 @@ def set_spin(log2_cycles: int) -> bool:
     lib.blas_thread_shutdown_()  # threads restart with the new timeout on the next threaded call
     _current = log2_cycles
     return True
+
+
+def set_threads(n: int) -> None:
+    """Set OpenBLAS's thread count for the process (no-op with another BLAS)."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController().select(internal_api="openblas")
+    for c in _controller.lib_controllers:
+        c.set_num_threads(n)
+
+
+def is_openblas() -> bool:
+    """Whether numpy's BLAS is OpenBLAS (whose small-matrix kernel decode/projection.py relies on)."""
+    return bool(ThreadpoolController().select(internal_api="openblas").lib_controllers)

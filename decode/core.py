@@ -1,32 +1,69 @@
 """The vectorised decode core: one step for B sequences with ragged contexts over the paged pool.
 
 The step is model/transformer.py's decode_step, feature-major: activations are (D, B) and every
-projection is W^T @ h over the stored (in, out) matrices (no weight copy). OpenBLAS splits that
-GEMM better over its threads than h @ W (30 layers at batch 64, 2 threads: 73-75 vs 86-96 ms).
-RoPE cos/sin are gathered once per step and applied to q and k together; norms, SiLU and residual
-adds run in place in preallocated buffers. Attention is decode/attention.py. Elementwise math is
-the reference's, op for op; GEMM and reduction sums run in another order (~1e-6 relative), which
-the exactness tests' near-tie rule covers. Weights stay memory-mapped: reading them from the page
-cache measured no slower than an in-RAM copy (batch 1: 17.4-17.6 ms vs 18.0-18.7 for the layers).
+projection is W @ h over (out, in) copies of the weights (decode/projection.py; ~0.5 GB of RAM per
+worker for SmolLM2-135M). OpenBLAS splits that GEMM better over its threads than h @ W (30 layers at
+batch 64, 2 threads: 73-75 vs 86-96 ms), and small batches run its unpacked small-matrix kernel on
+row blocks of the contiguous rows. RoPE cos/sin are gathered once per step and applied to q and k
+together; norms, SiLU and residual adds run in place in preallocated buffers. Attention is
+decode/attention.py. Elementwise math is the reference's, op for op; GEMM and reduction sums run in
+another order (~1e-6 relative), which the exactness tests' near-tie rule covers.
 """
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
 from decode import blas
 from decode.attention import BatchInput, PagedBatchAttention, Workspace
 from decode.pool import PagedKVPool
+from decode.projection import Projection, Split
 from kvtransfer.layout import KVLayout
 from model.sampling import SamplingParams, sample_batch
 from model.transformer import Transformer
 
 
+# Largest batch whose projections take the small-kernel row blocks, by thread count. Measured with
+# whole steps (context 160, old path -> row blocks): 1 thread B=2 98 -> 49 ms, B=8 118 -> 83,
+# B=16 143 -> 119, B=32 187 -> 165, B=48 and 64 no gain; 2 threads B=2 61 -> 42, B=4 67 -> 53,
+# B=8 73 -> 66, B=12 equal, B=16 89 -> 95 (worse).
+SMALL_MAX_BATCH = {1: 32, 2: 8}
+
+
+@dataclass(frozen=True, slots=True)
+class LayerProjections:
+    qkv: Projection  # (H + 2Hkv) * Dh x D
+    wo: Projection  # D x H * Dh
+    gate_up: Projection  # 2F x D
+    down: Projection  # D x F
+
+
+_projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_projections(model: Transformer) -> tuple[list[LayerProjections], Projection]:
+    """(per-layer projections, lm_head (V x D)) of a model, built once per model and process: every
+    DecodeCore of the model shares the read-only (out, in) copies."""
+    got = _projections.get(model)
+    if got is None:
+        w = model.weights
+        layers = [LayerProjections(Projection(lw.wqkv), Projection(lw.wo), Projection(lw.w_gate_up),
+                                   Projection(lw.w_down)) for lw in w.layers]
+        got = _projections[model] = (layers, Projection(w.lm_head))
+    return got
+
+
 class DecodeCore:
     """Runs decode steps of the model against the paged pool."""
 
-    def __init__(self, model: Transformer, pool: PagedKVPool, threads: int | None = None):
-        """threads: cores the step may use (BLAS threads and the attention helper); None = numpy's
-        current BLAS thread count."""
+    def __init__(self, model: Transformer, pool: PagedKVPool, threads: int | None = None,
+                 small_max_batch: int | None = None):
+        """threads: cores the step may use (BLAS threads and the helper thread); None = numpy's
+        current BLAS thread count. small_max_batch: the largest batch whose projections run
+        OpenBLAS's small-matrix kernel on row blocks (decode/projection.py); None = measured default
+        for the thread count, 0 = never."""
         problem = pool.layout.mismatch(model_layout(model))
         if problem is not None:
             raise ValueError(f"pool.layout: {problem}")
@@ -34,6 +71,10 @@ class DecodeCore:
         self.threads = blas.blas_threads() if threads is None else threads
         self.ws = Workspace(min(2, self.threads))
         self._scale = 1.0 / float(np.sqrt(model.cfg.head_dim))
+        if small_max_batch is None:
+            small_max_batch = SMALL_MAX_BATCH[min(2, self.threads)] if blas.is_openblas() else 0
+        self.small_max_batch = small_max_batch
+        self.layers, self.lm_head = model_projections(model)
 
     def batch_input(self, request_ids: list[str], token_ids: list[int], positions: list[int]) -> BatchInput:
         """Block tables padded to the longest context (+1 for the fed token) of the batch."""
@@ -49,10 +90,23 @@ class DecodeCore:
 
     def forward(self, batch: BatchInput) -> np.ndarray:
         """One step: store each fed token's KV, return logits (B, V)."""
+        cache = PagedBatchAttention(self.pool, batch, self.ws, self._scale)
+        split = self.ws.split if 2 <= len(batch.token_ids) <= self.small_max_batch else None
+        if self.threads < 2:
+            return self._forward(batch, cache, split)
+        # see decode/blas.py: idle BLAS threads must not spin over the helper thread's work
+        blas.set_spin(blas.SHORT_TIMEOUT_LOG2 if cache.splits or split else blas.DEFAULT_TIMEOUT_LOG2)
+        if split is None:
+            return self._forward(batch, cache, split)
+        blas.set_threads(1)  # row blocks: the caller and the helper thread run the single-threaded kernel
+        try:
+            return self._forward(batch, cache, split)
+        finally:
+            blas.set_threads(self.threads)
+
+    def _forward(self, batch: BatchInput, cache: PagedBatchAttention, split: Split | None) -> np.ndarray:
+        """The step; split: run projections as small-kernel row blocks (decode/projection.py)."""
         m, c, ws = self.model, self.model.cfg, self.ws
-        cache = PagedBatchAttention(self.pool, batch, ws, self._scale)
-        if self.threads > 1:  # see decode/blas.py: idle BLAS threads must not spin over a split attention
-            blas.set_spin(blas.SHORT_TIMEOUT_LOG2 if cache.splits else blas.DEFAULT_TIMEOUT_LOG2)
         b, dh, hq, hkv = len(batch.token_ids), c.head_dim, c.n_heads, c.n_kv_heads
         half, f, eps = dh // 2, c.d_ff, np.float32(c.rms_eps)
         cos, sin = m.rope.cos[batch.positions].T, m.rope.sin[batch.positions].T  # (Dh/2, B)
@@ -68,9 +122,9 @@ class DecodeCore:
         proj = ws.get("proj", h.shape)  # (D, B) output of wo / w_down
         gu = ws.get("gu", (2 * f, b))  # (2F, B)
         act = ws.get("act", (f, b))  # (F, B)
-        for layer, w in enumerate(m.weights.layers):
+        for layer, (w, p) in enumerate(zip(m.weights.layers, self.layers)):
             _rms_norm_fm(h, w.attn_norm, eps, hn, ms)
-            np.matmul(w.wqkv.T, hn, out=qkv.reshape(-1, b))
+            p.qkv.apply(hn, qkv.reshape(-1, b), split)
             qk = qkv[:n_qk]
             np.multiply(qk, cos2, out=rot)  # [x1 c - x2 s, x2 c + x1 s], bitwise as the reference
             np.multiply(qk[:, half:], sin2[:, :half], out=sw[:, :half])
@@ -78,20 +132,22 @@ class DecodeCore:
             rot += sw
             attn = cache.attend(layer, rot[:hq].transpose(2, 0, 1), rot[hq:].transpose(2, 0, 1),
                                 qkv[n_qk:].transpose(2, 0, 1))  # (B, H, Dh)
-            np.matmul(w.wo.T, attn.reshape(b, -1).T, out=proj)
+            p.wo.apply(attn.reshape(b, -1).T, proj, split)
             h += proj
             _rms_norm_fm(h, w.ffn_norm, eps, hn, ms)
-            np.matmul(w.w_gate_up.T, hn, out=gu)
+            p.gate_up.apply(hn, gu, split)
             gate, up = gu[:f], gu[f:]
             np.negative(gate, out=act)  # silu(gate) * up, the reference's op order
             np.exp(act, out=act)
             act += 1.0
             np.divide(gate, act, out=act)
             act *= up
-            np.matmul(w.w_down.T, act, out=proj)
+            p.down.apply(act, proj, split)
             h += proj
         _rms_norm_fm(h, m.weights.final_norm, eps, hn, ms)
-        return hn.T @ m.weights.lm_head  # (B, V)
+        if split is None:
+            return hn.T @ self.lm_head.w.T  # (B, V)
+        return np.ascontiguousarray(self.lm_head.apply(hn, ws.get("logits", (c.vocab_size, b)), split).T)
 
     @staticmethod
     def sample(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:

@@ -42,7 +42,7 @@ import numpy as np
 
 from hardware.profiles import HardwareProfile, MeasuredTables, PerfParams
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: decode core runs small batches as small-kernel row blocks (decode/projection.py)
 MEASURE_BLAS_THREADS = 1  # per live actor (cluster.yaml pools.*.blas_threads)
 
 

@@ -1,0 +1,57 @@
+"""Projection: the small-kernel row blocks give the plain GEMM's result, on one thread or two."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from decode.attention import Workspace
+from decode.core import DecodeCore, model_layout
+from decode.pool import PagedKVPool
+from decode.projection import SMALL_KERNEL_MNK, Projection
+
+
+@pytest.mark.parametrize("n_in,n_out", [(576, 960), (576, 576), (576, 3072), (1536, 576), (7, 5)])
+@pytest.mark.parametrize("batch", [2, 3, 8, 32])
+def test_row_blocks_cover_every_row_once_in_an_even_number_of_equal_blocks(n_in, n_out, batch):
+    blocks = Projection(np.zeros((n_in, n_out), np.float32)).row_blocks(batch)
+    rows = np.concatenate([np.arange(lo, hi) for lo, hi in blocks])
+    assert np.array_equal(rows, np.arange(n_out))
+    assert len(blocks) % 2 == 0
+    sizes = [hi - lo for lo, hi in blocks]
+    assert set(sizes[:-1]) == {sizes[0]} and 0 < sizes[-1] <= sizes[0]
+    if 16 * batch * n_in <= SMALL_KERNEL_MNK:  # the limit allows at least a 16-row block
+        assert sizes[0] * batch * n_in <= SMALL_KERNEL_MNK
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_row_blocks_match_the_plain_product(threads, order):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((576, 960), dtype=np.float32)  # (in, out)
+    p = Projection(w)
+    ws = Workspace(threads)
+    for batch in (2, 5, 8):
+        x = np.asarray(rng.standard_normal((576, batch), dtype=np.float32), order=order)  # (in, B)
+        want = w.T @ x
+        got = p.apply(x, np.full((960, batch), np.nan, np.float32), ws.split)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(p.apply(x, np.empty((960, batch), np.float32)), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_core_logits_agree_with_and_without_row_blocks(lm, book, threads):
+    model = lm.model
+    ref = book.get(3)
+    pool = PagedKVPool(model_layout(model), 16, capacity_tokens=8 * 128)
+    ids = [f"s{i}" for i in range(4)]
+    for rid in ids:
+        pool.load_sequence(rid, ref.ks, ref.vs)
+        pool.claim(rid)
+    n = len(ref.prompt)
+    blocks, plain = (DecodeCore(model, pool, threads=threads, small_max_batch=k) for k in (8, 0))
+    batch = blocks.batch_input(ids, ref.tokens[:4], [n] * 4)
+    got = blocks.forward(batch)  # (B, V); writes the fed tokens' KV, which the second call rewrites alike
+    want = plain.forward(batch)
+    assert got.shape == want.shape == (4, model.cfg.vocab_size) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.array_equal(got.argmax(axis=1), want.argmax(axis=1))
