@@ -145,4 +145,4 @@ if __name__ == "__main__":
     print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=1))
     for kind in ("idle", "burst", "corun_prefills"):
         for r in res["raw"][kind]:
-            print(kind, {k: round(v * 1e3, 1) if k not in ("prompt", "start") else v for k, v in r.items()})
+            print(kind, {k: round(v * 1e3, 1) if k.endswith("_s") and v is not None else v for k, v in r.items()})
