@@ -42,7 +42,7 @@ import numpy as np
 
 from hardware.profiles import HardwareProfile, MeasuredTables, PerfParams
 
-CACHE_VERSION = 4  # 4: decode core runs small batches as small-kernel row blocks (decode/projection.py)
+CACHE_VERSION = 5  # 4: decode core runs small batches as row blocks (decode/projection.py); 5: denser batches
 MEASURE_BLAS_THREADS = 1  # per live actor (cluster.yaml pools.*.blas_threads)
 
 
@@ -101,7 +101,10 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # decode-step table (live decode max_batch is 64)
+# decode-step table (live decode max_batch is 64). Dense below 16: with the small-kernel row blocks
+# (decode/projection.py) the step is not linear between powers of two (1 thread, context 128:
+# B=3 71 ms vs 66 at B=4; B=5 80 ms vs 71 interpolated from 4 and 8; B=10 116 vs 99).
+DECODE_BATCHES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 DECODE_REF_CTX = 128  # cached tokens per sequence in the decode-step table
 SLOPE_BATCHES = (1, 8, 32)  # batches re-measured at SLOPE_CTX for the per-token attention slope
 SLOPE_CTX = 512
