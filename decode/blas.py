@@ -63,7 +63,8 @@ def set_spin(log2_cycles: int) -> bool:
 
 
 def set_threads(n: int) -> None:
-    """Set OpenBLAS's thread count for the process (no-op with another BLAS)."""
+    """Set OpenBLAS's thread count for the process (no-op with another BLAS). Process-wide, like
+    set_spin: the decode core sets 1 for a row-block step and restores its count after it."""
     global _controller
     if _controller is None:
         _controller = ThreadpoolController().select(internal_api="openblas")
