@@ -141,6 +141,7 @@ class DecodeWorker:
     async def next_outputs(self, owner: str, timeout: float | None = None) -> list[TokenChunk]:
         """Block until any of `owner`'s requests has new tokens or ended; return a chunk for each such
         request ([] after `timeout` seconds). Finished requests are dropped after their last chunk."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while True:
             chunks = [self._take(s) for s in list(self._streams.values()) if s.owner == owner and s.ready]
             if chunks:
@@ -148,8 +149,9 @@ class DecodeWorker:
             changed = self._outputs
             if changed.is_set():  # it recorded changes already handed out: wait for the next one
                 self._outputs = changed = asyncio.Event()
-            try:
-                await asyncio.wait_for(changed.wait(), timeout)
+            try:  # one deadline for the whole call: wakes for other owners' changes do not re-arm it
+                async with asyncio.timeout_at(deadline):
+                    await changed.wait()
             except TimeoutError:
                 return []
 

@@ -156,6 +156,21 @@ def test_load_reports_batch_and_blocks(lm, book):
     asyncio.run(main())
 
 
+def test_next_outputs_timeout_bounds_the_whole_call_while_another_owner_streams(lm, book):
+    async def main():
+        w = worker(lm)
+        ref = book.get(3)
+        params = SamplingParams(max_tokens=200, ignore_eos=True)  # streams for seconds, waking every step
+        await w.accept_kv("busy", ref.ks, ref.vs, ref.tokens[0], params, ref.prompt, "other")
+        await w.next_outputs("other", timeout=60)  # it is streaming
+        assert await w.next_outputs("idle", timeout=0.3) == []  # not re-armed by "other"'s wakes
+        chunks = await w.next_outputs("other", timeout=60)
+        assert chunks and not chunks[-1].finished  # "idle" returned while "other" was still streaming
+        await w.abort("busy")
+        await w.close()
+    asyncio.run(main())
+
+
 def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(lm, book):
     async def main():
         w = worker(lm)
