@@ -35,8 +35,10 @@ SERVING_PROMPTS = (16, 64, 256, 512, 16, 64, 256, 512)  # idle, one at a time (b
 SERVING_OUTPUT = 17  # tokens per idle request
 SERVING_BURST = 8  # concurrent requests for the per-token overhead at a larger batch
 BURST_PROMPT, BURST_OUTPUT = 32, 33
-CORUN_BATCH, CORUN_OUTPUT = 8, 72  # co-run phase: decode batch kept busy while prompts are prefilled
-CORUN_PROMPTS = (256, 128, 256)  # prefilled one at a time while that batch decodes
+CORUN_BATCH, CORUN_OUTPUT = 8, 110  # co-run phase: decode batch kept busy while prompts are prefilled
+# prefilled one at a time while that batch decodes: short and long, as the bench's prompts (mostly
+# under 100 tokens, up to 512); short prefills slow down more (their fixed KV-send cost shares the cores too)
+CORUN_PROMPTS = (16, 256, 64, 128, 32, 256)
 
 
 async def _request(client, ids: list[int], max_tokens: int, rid: str, stamps: list | None = None) -> dict:
