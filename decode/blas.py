@@ -26,14 +26,22 @@ SHORT_TIMEOUT_LOG2 = 17  # ~50 us: spans the gaps between one layer's GEMMs, not
 _lib: ctypes.CDLL | None = None
 _checked = False
 _current: int | None = None
-_controller = None  # threadpoolctl's OpenBLAS controller, for set_threads
+_controllers: list | None = None
+
+
+def _openblas_controllers() -> list:
+    """threadpoolctl's controllers of the loaded OpenBLAS libraries ([] with another BLAS), found once."""
+    global _controllers
+    if _controllers is None:
+        _controllers = ThreadpoolController().select(internal_api="openblas").lib_controllers
+    return _controllers
 
 
 def _openblas() -> ctypes.CDLL | None:
     global _lib, _checked
     if not _checked:
         _checked = True
-        for c in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+        for c in _openblas_controllers():
             lib = ctypes.CDLL(c.filepath)
             if hasattr(lib, "openblas_read_env") and hasattr(lib, "blas_thread_shutdown_"):
                 _lib = lib
@@ -65,13 +73,10 @@ def set_spin(log2_cycles: int) -> bool:
 def set_threads(n: int) -> None:
     """Set OpenBLAS's thread count for the process (no-op with another BLAS). Process-wide, like
     set_spin: the decode core sets 1 for a row-block step and restores its count after it."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController().select(internal_api="openblas")
-    for c in _controller.lib_controllers:
+    for c in _openblas_controllers():
         c.set_num_threads(n)
 
 
 def is_openblas() -> bool:
     """Whether numpy's BLAS is OpenBLAS (whose small-matrix kernel decode/projection.py relies on)."""
-    return bool(ThreadpoolController().select(internal_api="openblas").lib_controllers)
+    return bool(_openblas_controllers())

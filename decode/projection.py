@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 SMALL_KERNEL_MNK = 1_000_000  # OpenBLAS's small-matrix limit (x86-64 SkylakeX/Haswell kernels)
-ROW_ALIGN = 16  # row blocks start on 16-row boundaries (the kernel's M step)
+ROW_ALIGN = 16  # the size limit's rows per block round down to this (the kernel's M step)
 
 Split = Callable[[Callable[[int, int], None], int], None]  # run fn(lo, hi) over [0, n), maybe on 2 threads
 
@@ -35,10 +35,6 @@ class Projection:
     def __init__(self, w_in_out: np.ndarray):
         self.w = np.ascontiguousarray(np.asarray(w_in_out, dtype=np.float32).T)  # (out, in)
         self._blocks: dict[int, list[tuple[int, int]]] = {}
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.w.shape
 
     def row_blocks(self, batch: int) -> list[tuple[int, int]]:
         """[lo, hi) row ranges whose GEMM with a (in, batch) input fits the small-matrix kernel: an
