@@ -19,7 +19,7 @@ import numpy as np
 from decode import blas
 from decode.attention import BatchInput, PagedBatchAttention, Workspace
 from decode.pool import PagedKVPool
-from decode.projection import Projection, Split
+from decode.projection import Projection, Split, contiguous_projections
 from kvtransfer.layout import KVLayout
 from model.sampling import SamplingParams, sample_batch
 from model.transformer import Transformer
@@ -49,9 +49,10 @@ def model_projections(model: Transformer) -> tuple[list[LayerProjections], Proje
     got = _projections.get(model)
     if got is None:
         w = model.weights
-        layers = [LayerProjections(Projection(lw.wqkv), Projection(lw.wo), Projection(lw.w_gate_up),
-                                   Projection(lw.w_down)) for lw in w.layers]
-        got = _projections[model] = (layers, Projection(w.lm_head))
+        order = [m for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)] + [w.lm_head]
+        flat = contiguous_projections(order)  # in the step's order of use
+        layers = [LayerProjections(*flat[i:i + 4]) for i in range(0, len(flat) - 1, 4)]
+        got = _projections[model] = (layers, flat[-1])
     return got
 
 

@@ -19,7 +19,7 @@ larger batches stay on the threaded sgemm. With another BLAS, everything takes t
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,8 +32,16 @@ Split = Callable[[Callable[[int, int], None], int], None]  # run fn(lo, hi) over
 class Projection:
     """One weight matrix of the decode step, stored (out, in) C-contiguous."""
 
-    def __init__(self, w_in_out: np.ndarray):
-        self.w = np.ascontiguousarray(np.asarray(w_in_out, dtype=np.float32).T)  # (out, in)
+    def __init__(self, w_in_out: np.ndarray, storage: np.ndarray | None = None):
+        """w_in_out: (in, out). storage: the (out, in) float32 C-contiguous array to copy it into
+        (a slice of contiguous_projections' arena); None = a fresh one."""
+        w = np.asarray(w_in_out, dtype=np.float32).T
+        if storage is None:
+            self.w = np.ascontiguousarray(w)  # (out, in)
+        else:
+            assert storage.shape == w.shape and storage.dtype == np.float32 and storage.flags.c_contiguous
+            storage[...] = w
+            self.w = storage
         self._blocks: dict[int, list[tuple[int, int]]] = {}
 
     def row_blocks(self, batch: int) -> list[tuple[int, int]]:
@@ -62,3 +70,17 @@ class Projection:
 
         split(run, len(blocks))
         return out
+
+
+def contiguous_projections(weights_in_out: Sequence[np.ndarray]) -> list[Projection]:
+    """Projections of weights_in_out (each (in, out)), their copies back to back in one allocation,
+    in the given order. A step that walks them in that order streams one run of memory, which numpy
+    backs with transparent huge pages (allocations >= 4 MB): batch 1's 121 GEMVs of SmolLM2-135M,
+    2 threads, took 21.5 ms as separate arrays and 19.0 ms from the arena (one 538 MB GEMV: 17.4)."""
+    arena = np.empty(sum(w.size for w in weights_in_out), dtype=np.float32)
+    projections, offset = [], 0
+    for w in weights_in_out:
+        n_in, n_out = w.shape
+        projections.append(Projection(w, arena[offset:offset + w.size].reshape(n_out, n_in)))
+        offset += w.size
+    return projections

@@ -7,7 +7,7 @@ import pytest
 from decode.attention import Workspace
 from decode.core import DecodeCore, model_layout
 from decode.pool import PagedKVPool
-from decode.projection import SMALL_KERNEL_MNK, Projection
+from decode.projection import SMALL_KERNEL_MNK, Projection, contiguous_projections
 
 
 @pytest.mark.parametrize("n_in,n_out", [(576, 960), (576, 576), (576, 3072), (1536, 576), (7, 5)])
@@ -21,6 +21,20 @@ def test_row_blocks_cover_every_row_once_in_an_even_number_of_equal_blocks(n_in,
     assert set(sizes[:-1]) == {sizes[0]} and 0 < sizes[-1] <= sizes[0]
     if 16 * batch * n_in <= SMALL_KERNEL_MNK:  # the limit allows at least a 16-row block
         assert sizes[0] * batch * n_in <= SMALL_KERNEL_MNK
+
+
+def test_contiguous_projections_lie_back_to_back_in_the_given_order():
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(shape, dtype=np.float32) for shape in [(6, 10), (4, 6), (6, 3)]]  # (in, out)
+    ps = contiguous_projections(ws)
+    base = ps[0].w.__array_interface__["data"][0]
+    offset = 0
+    for w, p in zip(ws, ps):
+        assert p.w.shape == w.T.shape and p.w.flags.c_contiguous and np.array_equal(p.w, w.T)
+        assert p.w.__array_interface__["data"][0] == base + 4 * offset
+        offset += w.size
+    x = rng.standard_normal((6, 2), dtype=np.float32)
+    np.testing.assert_allclose(ps[0].apply(x, np.empty((10, 2), np.float32)), ws[0].T @ x, rtol=1e-6)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
