@@ -24,7 +24,6 @@ from kvtransfer.layout import KVLayout
 from model.sampling import SamplingParams, sample_batch
 from model.transformer import Transformer
 
-
 # Largest batch whose projections take the small-kernel row blocks, by thread count. Measured with
 # whole steps (context 160, old path -> row blocks): 1 thread B=2 98 -> 49 ms, B=8 118 -> 83,
 # B=16 143 -> 119, B=32 187 -> 165, B=48 and 64 no gain; 2 threads B=2 61 -> 42, B=4 67 -> 53,

@@ -117,7 +117,7 @@ def run(args) -> int:
         if native:  # the speed target: the whole trace at its own timing
             extra["full_trace_sim_s"] = {r["config"]: r["sim_wall_s"] for r in native}
         if exp.fidelity:
-            from orchestrator.sim.fidelity import compare
+            from orchestrator.sim.fidelity import compare, describe
             extra["fidelity"] = compare(exp, reqs)
         files = output.write(Path(args.results) / exp.name, exp.name, results, extra)
         print(output.table(rows))
@@ -127,6 +127,8 @@ def run(args) -> int:
             print(f"simulator speed: whole trace ({len(reqs)} requests, native rate {worst['rate']:.3g} req/s) in "
                   f"{min(r['sim_wall_s'] for r in native):.2f}-{worst['sim_wall_s']:.2f} s per configuration "
                   f"(slowest: {worst['config']})")
+        if exp.fidelity:
+            print(describe(extra["fidelity"]))
         print(f"{len(pts)} runs{' + goodput searches' if exp.goodput else ''} in {elapsed:.1f} s")
         print("wrote " + ", ".join(str(f) for f in files))
     return 0

@@ -65,6 +65,14 @@ class Trace:
     finish: np.ndarray
     rejected: np.ndarray  # bool
 
+    def ttft_s(self) -> np.ndarray:
+        """Time to first token per request (NaN: never prefilled)."""
+        return self.first_token - self.arrival
+
+    def tpot_s(self) -> np.ndarray:
+        """Mean time per output token after the first (NaN: one-token request, or unfinished)."""
+        return np.where(self.output > 1, (self.finish - self.first_token) / np.maximum(self.output - 1, 1), np.nan)
+
 
 def _trace(reqs: list[SimRequest]) -> Trace:
     n = len(reqs)

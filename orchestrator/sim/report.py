@@ -65,8 +65,8 @@ def attribute(tr: Trace, ttft_s: float, tpot_s: float) -> np.ndarray:
     wait = np.nan_to_num(tr.admitted - tr.kv_ready)
     n_out = np.maximum(tr.output - 1, 1)
     decode = np.nan_to_num(tr.finish - np.where(np.isnan(tr.admitted), tr.first_token, tr.admitted))
-    ttft = tr.first_token - tr.arrival
-    tpot = np.where(tr.output > 1, (tr.finish - tr.first_token) / n_out, 0.0)
+    ttft = tr.ttft_s()
+    tpot = np.where(tr.output > 1, tr.tpot_s(), 0.0)
     out = np.full(tr.arrival.size, -1)
     tpot_miss = ~(tpot <= tpot_s)
     # per-token share of each post-prefill phase; the largest takes the blame
@@ -85,9 +85,8 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
     cfg: SimConfig = sim.cfg
     ttft_s, tpot_s = cfg.sla.ttft_ms / 1e3, cfg.sla.tpot_ms / 1e3
     n = tr.arrival.size
-    ttft = tr.first_token - tr.arrival
+    ttft, tpot = tr.ttft_s(), tr.tpot_s()
     done = ~np.isnan(tr.finish)
-    tpot = np.where(tr.output > 1, (tr.finish - tr.first_token) / np.maximum(tr.output - 1, 1), np.nan)
     tpot_ok = np.where(tr.output > 1, tpot <= tpot_s, done)
     ok_ttft, ok = ttft <= ttft_s, (ttft <= ttft_s) & tpot_ok & done
     duration = max(sim.end - float(tr.arrival.min()), 1e-9)

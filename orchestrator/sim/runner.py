@@ -114,8 +114,7 @@ def run_point(p: Point, reqs: list[SimRequest], with_goodput: bool = False,
     row["units"] = s.pools[0].units + (0 if p.mode == "colocated" else s.pools[1].units)
     if with_goodput:
         row.update(config_goodput(p, goodput_reqs or reqs, units=row["units"], price=s.price_per_hour))
-    ttft = (tr.first_token - tr.arrival) * 1e3
-    tpot = np.where(tr.output > 1, (tr.finish - tr.first_token) / np.maximum(tr.output - 1, 1), np.nan) * 1e3
+    ttft, tpot = tr.ttft_s() * 1e3, tr.tpot_s() * 1e3
     blame = attribute(tr, p.cfg.sla.ttft_ms / 1e3, p.cfg.sla.tpot_ms / 1e3)
     return PointResult(row, ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)], tr, blame)
 
@@ -130,12 +129,10 @@ def config_goodput(p: Point, reqs: list[SimRequest], units: int, price: float, i
 def request_table(res: PointResult) -> dict[str, np.ndarray]:
     """Per-request phases (seconds) of one run, for results/NAME/requests.csv."""
     tr = res.trace
-    n_out = np.maximum(tr.output - 1, 1)
     return {"request": np.arange(tr.arrival.size), "arrival_s": tr.arrival, "prompt_tokens": tr.prompt,
             "output_tokens": tr.output, "rejected": tr.rejected.astype(int),
             "queueing_s": tr.prefill_start - tr.arrival, "prefill_s": tr.first_token - tr.prefill_start,
             "transfer_s": tr.kv_ready - tr.first_token, "decode_wait_s": tr.admitted - tr.kv_ready,
-            "ttft_s": tr.first_token - tr.arrival,
-            "tpot_s": np.where(tr.output > 1, (tr.finish - tr.first_token) / n_out, np.nan),
+            "ttft_s": tr.ttft_s(), "tpot_s": tr.tpot_s(),
             "e2e_s": tr.finish - tr.arrival,
             "slo_miss": np.array(["" if b < 0 else PHASES[b] for b in res.blame])}

@@ -1,0 +1,54 @@
+"""fidelity: the simulated trace matched request by request against the live bench's rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.sim.engine import Trace
+from orchestrator.sim.fidelity import describe, per_request_ratios
+
+
+def _trace() -> Trace:
+    nan = np.nan
+    return Trace(arrival=np.array([0.0, 1.0, 2.0]), prompt=np.array([10, 20, 30]), output=np.array([5, 1, 3]),
+                 prefill_start=np.array([0.0, 1.0, nan]), first_token=np.array([0.2, 1.5, nan]),
+                 kv_ready=np.array([0.21, 1.5, nan]), admitted=np.array([0.21, 1.5, nan]),
+                 finish=np.array([0.6, 1.5, nan]), rejected=np.array([False, False, True]))
+
+
+def test_trace_latencies():
+    tr = _trace()
+    np.testing.assert_allclose(tr.ttft_s(), [0.2, 0.5, np.nan])
+    np.testing.assert_allclose(tr.tpot_s(), [0.1, np.nan, np.nan])  # one-token and rejected: none
+
+
+def test_per_request_ratios_match_bench_rows_by_trace_index():
+    live = [{"request_id": "bench-1", "ttft_ms": 250.0, "tpot_ms": None},  # sim 500 ms, one token
+            {"request_id": "warmup", "ttft_ms": 1.0, "tpot_ms": 1.0},  # not a trace request
+            {"request_id": "bench-0", "ttft_ms": 100.0, "tpot_ms": 200.0},  # sim 200 ms, 100 ms/token
+            {"request_id": "bench-2", "ttft_ms": 300.0, "tpot_ms": 10.0},  # rejected in the simulation
+            {"request_id": "bench-7", "ttft_ms": 300.0, "tpot_ms": 10.0},  # beyond the trace
+            {"request_id": "bench-x", "ttft_ms": 300.0, "tpot_ms": 10.0}]
+    got = per_request_ratios(_trace(), live)
+    assert got["ttft_ms"] == {"matched": 2, "ratio_p50": pytest.approx(2.0), "abs_error_p50": pytest.approx(1.0)}
+    assert got["tpot_ms"] == {"matched": 1, "ratio_p50": pytest.approx(0.5), "abs_error_p50": pytest.approx(0.5)}
+    assert per_request_ratios(_trace(), [])["ttft_ms"] == {"matched": 0, "ratio_p50": None, "abs_error_p50": None}
+
+
+def test_describe_prints_errors_and_per_request_agreement():
+    result = {"target": "p50 within 15%", "live_requests": 2, "live": {}, "simulated": {}, "error": {},
+              "per_request": per_request_ratios(_trace(), [{"request_id": "bench-0", "ttft_ms": 100.0,
+                                                            "tpot_ms": 200.0}])}
+    for key in ("ttft_ms", "tpot_ms"):
+        result["simulated"][key] = {"p50": 110.0, "p90": 200.0}
+        result["live"][key] = {"p50": 100.0, "p90": 200.0}
+        result["error"][key] = {"p50": 0.1, "p90": 0.0}
+    text = describe(result)
+    assert "TTFT p50 110 ms simulated vs 100 ms live (+10.0%)" in text
+    assert "sim/live median 2.00, median |error| 100% over 1" in text
+    assert "fidelity: no live bench" in describe({**result, "live": None})
+
+
+@pytest.mark.parametrize("rid", ["bench-", "bench--1", "bench-1.5"])
+def test_malformed_bench_ids_are_skipped(rid):
+    assert per_request_ratios(_trace(), [{"request_id": rid, "ttft_ms": 1.0}])["ttft_ms"]["matched"] == 0
