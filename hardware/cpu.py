@@ -42,7 +42,8 @@ import numpy as np
 
 from hardware.profiles import HardwareProfile, MeasuredTables, PerfParams
 
-CACHE_VERSION = 5  # 4: decode core runs small batches as row blocks (decode/projection.py); 5: denser batches
+CACHE_VERSION = 6  # 4: decode core runs small batches as row blocks (decode/projection.py); 5: denser batches;
+# 6: the step's weights in one arena (faster steps at every batch)
 MEASURE_BLAS_THREADS = 1  # per live actor (cluster.yaml pools.*.blas_threads)
 
 
