@@ -72,6 +72,7 @@ def describe(result: dict) -> str:
         per = result["per_request"][key]
         each = (f"; per request: sim/live median {per['ratio_p50']:.2f}, median |error| {per['abs_error_p50']:.0%}"
                 f" over {per['matched']}") if per["matched"] else ""
-        lines.append(f"  {name} p50 {s['p50']:.0f} ms simulated vs {lv['p50']:.0f} ms live ({err['p50']:+.1%})"
-                     f", p90 {s['p90']:.0f} vs {lv['p90']:.0f} ({err['p90']:+.1%}){each}")
+        pct = {q: f"{err[q]:+.1%}" if q in err else "n/a" for q in ("p50", "p90")}  # n/a: no live value
+        lines.append(f"  {name} p50 {s['p50']:.0f} ms simulated vs {lv['p50'] or 0:.0f} ms live ({pct['p50']})"
+                     f", p90 {s['p90']:.0f} vs {lv['p90'] or 0:.0f} ({pct['p90']}){each}")
     return "\n".join(lines)

@@ -47,6 +47,8 @@ def test_describe_prints_errors_and_per_request_agreement():
     assert "TTFT p50 110 ms simulated vs 100 ms live (+10.0%)" in text
     assert "sim/live median 2.00, median |error| 100% over 1" in text
     assert "fidelity: no live bench" in describe({**result, "live": None})
+    result["live"]["tpot_ms"], result["error"]["tpot_ms"] = {"p50": None, "p90": None}, {}  # no live TPOT at all
+    assert "TPOT p50 110 ms simulated vs 0 ms live (n/a), p90 200 vs 0 (n/a)" in describe(result)
 
 
 @pytest.mark.parametrize("rid", ["bench-", "bench--1", "bench-1.5"])
