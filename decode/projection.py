@@ -32,16 +32,10 @@ Split = Callable[[Callable[[int, int], None], int], None]  # run fn(lo, hi) over
 class Projection:
     """One weight matrix of the decode step, stored (out, in) C-contiguous."""
 
-    def __init__(self, w_in_out: np.ndarray, storage: np.ndarray | None = None):
-        """w_in_out: (in, out). storage: the (out, in) float32 C-contiguous array to copy it into
-        (a slice of contiguous_projections' arena); None = a fresh one."""
-        w = np.asarray(w_in_out, dtype=np.float32).T
-        if storage is None:
-            self.w = np.ascontiguousarray(w)  # (out, in)
-        else:
-            assert storage.shape == w.shape and storage.dtype == np.float32 and storage.flags.c_contiguous
-            storage[...] = w
-            self.w = storage
+    def __init__(self, w: np.ndarray):
+        """w: (out, in) float32, C-contiguous (contiguous_projections builds these), used as is."""
+        assert w.dtype == np.float32 and w.flags.c_contiguous, "Projection needs a C-contiguous float32 (out, in) array"
+        self.w = w
         self._blocks: dict[int, list[tuple[int, int]]] = {}
 
     def row_blocks(self, batch: int) -> list[tuple[int, int]]:
@@ -81,6 +75,8 @@ def contiguous_projections(weights_in_out: Sequence[np.ndarray]) -> list[Project
     projections, offset = [], 0
     for w in weights_in_out:
         n_in, n_out = w.shape
-        projections.append(Projection(w, arena[offset:offset + w.size].reshape(n_out, n_in)))
+        copy = arena[offset:offset + w.size].reshape(n_out, n_in)  # (out, in)
+        copy[...] = w.T
+        projections.append(Projection(copy))
         offset += w.size
     return projections

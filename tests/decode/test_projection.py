@@ -7,13 +7,14 @@ import pytest
 from decode.attention import Workspace
 from decode.core import DecodeCore, model_layout
 from decode.pool import PagedKVPool
-from decode.projection import SMALL_KERNEL_MNK, Projection, contiguous_projections
+from decode.projection import SMALL_KERNEL_MNK, contiguous_projections
 
 
 @pytest.mark.parametrize("n_in,n_out", [(576, 960), (576, 576), (576, 3072), (1536, 576), (7, 5)])
 @pytest.mark.parametrize("batch", [2, 3, 8, 32])
 def test_row_blocks_cover_every_row_once_in_an_even_number_of_equal_blocks(n_in, n_out, batch):
-    blocks = Projection(np.zeros((n_in, n_out), np.float32)).row_blocks(batch)
+    (p,) = contiguous_projections([np.zeros((n_in, n_out), np.float32)])
+    blocks = p.row_blocks(batch)
     rows = np.concatenate([np.arange(lo, hi) for lo, hi in blocks])
     assert np.array_equal(rows, np.arange(n_out))
     assert len(blocks) % 2 == 0
@@ -42,7 +43,7 @@ def test_contiguous_projections_lie_back_to_back_in_the_given_order():
 def test_row_blocks_match_the_plain_product(threads, order):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((576, 960), dtype=np.float32)  # (in, out)
-    p = Projection(w)
+    (p,) = contiguous_projections([w])
     ws = Workspace(threads)
     for batch in (2, 5, 8):
         x = np.asarray(rng.standard_normal((576, batch), dtype=np.float32), order=order)  # (in, B)
