@@ -5,7 +5,6 @@ Invalid config fails at load with the file, the key and the reason (ConfigError)
 from __future__ import annotations
 
 import ipaddress
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
