@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from kvtransfer import bench_transports as bt
+from kvtransfer import heap
 from kvtransfer.layout import KVLayout
 from kvtransfer.sender import SenderConfig
 from kvtransfer.wire import DEFAULT_CHECKSUM
@@ -65,6 +66,7 @@ def _label(kind: str, streams: int, checksum: str, default_checksum: str) -> str
 def run(args) -> list[dict]:
     total = args.mb * 1024 * 1024
     n_tokens = total // LAYOUT.bytes_per_token_per_layer // LAYOUT.n_layers
+    heap.keep_large_buffers()  # the senders' process, as GrpcTransferBackend does: the same for every transport
     ctx = mp.get_context("spawn")
     children, clients = {}, {}  # clients: (label, kind, streams) -> client
     try:

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 import grpc
 import numpy as np
 
-from kvtransfer import wire
+from kvtransfer import heap, wire
 from decode.pool import PagedKVPool
 from kvtransfer.grpc_backend import GrpcTransferBackend, start_kv_server
 from kvtransfer.layout import KVLayout
@@ -46,6 +46,7 @@ class NoCopyPool(RecyclingPool):
 
 def serve(kind: str, layout: KVLayout, n_tokens: int, streams: int, conn: Connection) -> None:
     """Child process: start one receiver, send its port to the parent, run until the parent says stop."""
+    heap.keep_large_buffers()  # as the KV server does: every transport gets the same allocator settings
     if kind.startswith("kvtransfer"):
         block = 64  # the decode pool block size in cluster.yaml
         pool = NoCopyPool if kind == "kvtransfer-nopool" else RecyclingPool

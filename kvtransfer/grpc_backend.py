@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from kvtransfer import wire
+from kvtransfer import heap, wire
 from kvtransfer.layout import KVLayout
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import FrameCall, SenderConfig, TransferBackend
@@ -43,6 +43,7 @@ class GrpcTransferBackend(TransferBackend):
 
     def __init__(self, config: SenderConfig | None = None, *, channel_options=wire.CHANNEL_OPTIONS):
         super().__init__(config)
+        heap.keep_large_buffers()  # every frame is a fresh 256 KB - 1 MB bytes (kvtransfer/heap.py)
         self._options = list(channel_options)
         self._stubs: dict[str, tuple[grpc.Channel, grpc.StreamStreamMultiCallable]] = {}
         self._lock = threading.Lock()
@@ -124,6 +125,7 @@ def start_kv_server(sink: KVSink | KVReceiver, host: str = "127.0.0.1", port: in
     Each open stream holds one of `max_transfers` threads; more concurrent transfers are refused
     with RESOURCE_EXHAUSTED. Stop with `server.stop(grace)`.
     """
+    heap.keep_large_buffers()  # every received frame is a fresh 256 KB - 1 MB bytes (kvtransfer/heap.py)
     receiver = sink if isinstance(sink, KVReceiver) else KVReceiver(sink, expected_layout)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_transfers, thread_name_prefix="kv-recv"),
                          options=list(options), maximum_concurrent_rpcs=max_transfers)
