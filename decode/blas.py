@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+import numpy as np  # noqa: F401  (loads numpy's BLAS before the controllers look for it)
 from threadpoolctl import ThreadpoolController
 
 DEFAULT_TIMEOUT_LOG2 = 28  # OpenBLAS's built-in THREAD_TIMEOUT (cycles, log2)
@@ -78,5 +79,14 @@ def set_threads(n: int) -> None:
 
 
 def is_openblas() -> bool:
-    """Whether numpy's BLAS is OpenBLAS (whose small-matrix kernel decode/projection.py relies on)."""
+    """Whether numpy's BLAS is OpenBLAS (decode/projection.py's small-batch paths rely on its threads)."""
     return bool(_openblas_controllers())
+
+
+SMALL_MATRIX_CORES = {"skylakex", "cooperlake", "sapphirerapids"}  # x86-64 cores with the small-matrix GEMM
+
+
+def small_matrix_kernel() -> bool:
+    """Whether numpy's OpenBLAS runs a core with the unpacked small-matrix GEMM kernel; the core
+    is what OpenBLAS detected or what OPENBLAS_CORETYPE forces (Haswell here)."""
+    return any(str(c.architecture).lower() in SMALL_MATRIX_CORES for c in _openblas_controllers())

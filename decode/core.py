@@ -24,11 +24,14 @@ from kvtransfer.layout import KVLayout
 from model.sampling import SamplingParams, sample_batch
 from model.transformer import Transformer
 
-# Largest batch whose projections take the small-kernel row blocks, by thread count. Measured with
-# whole steps (context 160, old path -> row blocks): 1 thread B=2 98 -> 49 ms, B=8 118 -> 83,
-# B=16 143 -> 119, B=32 187 -> 165, B=48 and 64 no gain; 2 threads B=2 61 -> 42, B=4 67 -> 53,
-# B=8 73 -> 66, B=12 equal, B=16 89 -> 95 (worse).
-SMALL_MAX_BATCH = {1: 32, 2: 8}
+# Largest batch whose projections take a small-batch path (decode/projection.py), by path and thread
+# count. Row blocks (small-matrix kernel), whole steps, context 160, earlier machine, plain -> row
+# blocks: 1 thread B=2 98 -> 49 ms, B=8 118 -> 83, B=16 143 -> 119, B=32 187 -> 165, B=48 and 64 no
+# gain; 2 threads B=2 61 -> 42, B=4 67 -> 53, B=8 73 -> 66, B=12 equal, B=16 89 -> 95 (worse).
+# Vector blocks (Haswell core), same measurement, Zen 5, 2026-12-01: 1 thread B=2 59 -> 26, B=4 64 -> 38,
+# B=6 79 -> 48, B=8 71 -> 59, B=10 84 -> 71, B=12 89 -> 86, B=16 94 -> 106 (worse); 2 threads B=2 36 -> 26,
+# B=4 42 -> 32, B=6 50 -> 39, B=8 44 -> 47 (worse).
+SMALL_MAX_BATCH = {("rows", 1): 32, ("rows", 2): 8, ("vectors", 1): 10, ("vectors", 2): 6}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +64,9 @@ class DecodeCore:
     def __init__(self, model: Transformer, pool: PagedKVPool, threads: int | None = None,
                  small_max_batch: int | None = None):
         """threads: cores the step may use (BLAS threads and the helper thread); None = numpy's
-        current BLAS thread count. small_max_batch: the largest batch whose projections run
-        OpenBLAS's small-matrix kernel on row blocks (decode/projection.py); None = measured default
-        for the thread count, 0 = never."""
+        current BLAS thread count. small_max_batch: the largest batch whose projections take the
+        small-batch path (decode/projection.py: row blocks with OpenBLAS's small-matrix kernel, else
+        vector blocks); None = measured default for the path and thread count, 0 = never."""
         problem = pool.layout.mismatch(model_layout(model))
         if problem is not None:
             raise ValueError(f"pool.layout: {problem}")
@@ -71,8 +74,10 @@ class DecodeCore:
         self.threads = blas.blas_threads() if threads is None else threads
         self.ws = Workspace(min(2, self.threads))
         self._scale = 1.0 / float(np.sqrt(model.cfg.head_dim))
+        self.vectors = not blas.small_matrix_kernel()  # small batches: vector blocks, not row blocks
         if small_max_batch is None:
-            small_max_batch = SMALL_MAX_BATCH[min(2, self.threads)] if blas.is_openblas() else 0
+            path = "vectors" if self.vectors else "rows"
+            small_max_batch = SMALL_MAX_BATCH[path, min(2, self.threads)] if blas.is_openblas() else 0
         self.small_max_batch = small_max_batch
         self.layers, self.lm_head = model_projections(model)
 
@@ -124,7 +129,7 @@ class DecodeCore:
         act = ws.get("act", (f, b))  # (F, B)
         for layer, (w, p) in enumerate(zip(m.weights.layers, self.layers)):
             _rms_norm_fm(h, w.attn_norm, eps, hn, ms)
-            p.qkv.apply(hn, qkv.reshape(-1, b), split)
+            p.qkv.apply(hn, qkv.reshape(-1, b), split, self.vectors)
             qk = qkv[:n_qk]
             np.multiply(qk, cos2, out=rot)  # [x1 c - x2 s, x2 c + x1 s], bitwise as the reference
             np.multiply(qk[:, half:], sin2[:, :half], out=sw[:, :half])
@@ -132,22 +137,22 @@ class DecodeCore:
             rot += sw
             attn = cache.attend(layer, rot[:hq].transpose(2, 0, 1), rot[hq:].transpose(2, 0, 1),
                                 qkv[n_qk:].transpose(2, 0, 1))  # (B, H, Dh)
-            p.wo.apply(attn.reshape(b, -1).T, proj, split)
+            p.wo.apply(attn.reshape(b, -1).T, proj, split, self.vectors)
             h += proj
             _rms_norm_fm(h, w.ffn_norm, eps, hn, ms)
-            p.gate_up.apply(hn, gu, split)
+            p.gate_up.apply(hn, gu, split, self.vectors)
             gate, up = gu[:f], gu[f:]
             np.negative(gate, out=act)  # silu(gate) * up, the reference's op order
             np.exp(act, out=act)
             act += 1.0
             np.divide(gate, act, out=act)
             act *= up
-            p.down.apply(act, proj, split)
+            p.down.apply(act, proj, split, self.vectors)
             h += proj
         _rms_norm_fm(h, m.weights.final_norm, eps, hn, ms)
         if split is None:
             return hn.T @ self.lm_head.w.T  # (B, V)
-        return np.ascontiguousarray(self.lm_head.apply(hn, ws.get("logits", (c.vocab_size, b)), split).T)
+        return np.ascontiguousarray(self.lm_head.apply(hn, ws.get("logits", (c.vocab_size, b)), split, self.vectors).T)
 
     @staticmethod
     def sample(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:

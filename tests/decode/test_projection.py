@@ -1,4 +1,4 @@
-"""Projection: the small-kernel row blocks give the plain GEMM's result, on one thread or two."""
+"""Projection: the small-batch paths (row blocks, vector blocks) give the plain GEMM's result, on one thread or two."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from decode.attention import Workspace
 from decode.core import DecodeCore, model_layout
 from decode.pool import PagedKVPool
-from decode.projection import SMALL_KERNEL_MNK, contiguous_projections
+from decode.projection import SMALL_KERNEL_MNK, contiguous_projections, vector_block_rows
 
 
 @pytest.mark.parametrize("n_in,n_out", [(576, 960), (576, 576), (576, 3072), (1536, 576), (7, 5)])
@@ -38,9 +38,19 @@ def test_contiguous_projections_lie_back_to_back_in_the_given_order():
     np.testing.assert_allclose(ps[0].apply(x, np.empty((10, 2), np.float32)), ws[0].T @ x, rtol=1e-6)
 
 
+@pytest.mark.parametrize("n_out", [960, 576, 3072, 49152, 7, 6, 1])
+def test_vector_blocks_divide_the_rows_into_an_even_number_of_blocks_or_one(n_out):
+    rows = vector_block_rows(n_out)
+    assert n_out % rows == 0
+    assert (n_out // rows) % 2 == 0 or rows == n_out
+    if n_out % 256 == 0 and (n_out // 256) % 2 == 0:
+        assert rows == 256
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("order", ["C", "F"])
-def test_row_blocks_match_the_plain_product(threads, order):
+@pytest.mark.parametrize("vectors", [False, True])
+def test_small_batch_paths_match_the_plain_product(threads, order, vectors):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((576, 960), dtype=np.float32)  # (in, out)
     (p,) = contiguous_projections([w])
@@ -48,13 +58,14 @@ def test_row_blocks_match_the_plain_product(threads, order):
     for batch in (2, 5, 8):
         x = np.asarray(rng.standard_normal((576, batch), dtype=np.float32), order=order)  # (in, B)
         want = w.T @ x
-        got = p.apply(x, np.full((960, batch), np.nan, np.float32), ws.split)
+        got = p.apply(x, np.full((960, batch), np.nan, np.float32), ws.split, vectors)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(p.apply(x, np.empty((960, batch), np.float32)), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_core_logits_agree_with_and_without_row_blocks(lm, book, threads):
+@pytest.mark.parametrize("vectors", [False, True])
+def test_core_logits_agree_with_and_without_the_small_batch_path(lm, book, threads, vectors):
     model = lm.model
     ref = book.get(3)
     pool = PagedKVPool(model_layout(model), 16, capacity_tokens=8 * 128)
@@ -64,6 +75,7 @@ def test_core_logits_agree_with_and_without_row_blocks(lm, book, threads):
         pool.claim(rid)
     n = len(ref.prompt)
     blocks, plain = (DecodeCore(model, pool, threads=threads, small_max_batch=k) for k in (8, 0))
+    blocks.vectors = vectors  # both paths, whichever this host's OpenBLAS core would pick
     batch = blocks.batch_input(ids, ref.tokens[:4], [n] * 4)
     got = blocks.forward(batch)  # (B, V); writes the fed tokens' KV, which the second call rewrites alike
     want = plain.forward(batch)
