@@ -1,8 +1,8 @@
 """The vectorised decode core: one step for B sequences with ragged contexts over the paged pool.
 
 The step is model/transformer.py's decode_step, feature-major: activations are (D, B) and every
-projection is W @ h over (out, in) copies of the weights (decode/projection.py; ~0.5 GB of RAM per
-worker for SmolLM2-135M). OpenBLAS splits that GEMM better over its threads than h @ W (30 layers at
+projection is W @ h over (out, in) copies of the weights (decode/projection.py; ~0.43 GB of RAM per
+worker for SmolLM2-135M, whose tied lm_head is the embedding table itself). OpenBLAS splits that GEMM better over its threads than h @ W (30 layers at
 batch 64, 2 threads: 73-75 vs 86-96 ms), and small batches run its unpacked small-matrix kernel on
 row blocks of the contiguous rows. RoPE cos/sin are gathered once per step and applied to q and k
 together; norms, SiLU and residual adds run in place in preallocated buffers. Attention is
@@ -51,10 +51,15 @@ def model_projections(model: Transformer) -> tuple[list[LayerProjections], Proje
     got = _projections.get(model)
     if got is None:
         w = model.weights
-        order = [m for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)] + [w.lm_head]
+        order = [m for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+        tied = w.token_embedding.dtype == np.float32 and np.array_equal(w.lm_head.T, w.token_embedding)
+        if not tied:
+            order.append(w.lm_head)
         flat = contiguous_projections(order)  # in the step's order of use
-        layers = [LayerProjections(*flat[i:i + 4]) for i in range(0, len(flat) - 1, 4)]
-        got = _projections[model] = (layers, flat[-1])
+        layers = [LayerProjections(*flat[i:i + 4]) for i in range(0, 4 * len(w.layers), 4)]
+        # tied: the embedding table is already lm_head's (V, D) form; a copy would cost 113 MB here
+        lm_head = Projection(w.token_embedding) if tied else flat[-1]
+        got = _projections[model] = (layers, lm_head)
     return got
 
 
