@@ -67,11 +67,12 @@ class DecodeCore:
     """Runs decode steps of the model against the paged pool."""
 
     def __init__(self, model: Transformer, pool: PagedKVPool, threads: int | None = None,
-                 small_max_batch: int | None = None):
+                 small_max_batch: int | None = None, vectors: bool | None = None):
         """threads: cores the step may use (BLAS threads and the helper thread); None = numpy's
         current BLAS thread count. small_max_batch: the largest batch whose projections take the
         small-batch path (decode/projection.py: row blocks with OpenBLAS's small-matrix kernel, else
-        vector blocks); None = measured default for the path and thread count, 0 = never."""
+        vector blocks); None = measured default for the path and thread count, 0 = never. vectors:
+        take vector blocks rather than row blocks; None = whichever suits numpy's OpenBLAS core."""
         problem = pool.layout.mismatch(model_layout(model))
         if problem is not None:
             raise ValueError(f"pool.layout: {problem}")
@@ -79,7 +80,7 @@ class DecodeCore:
         self.threads = blas.blas_threads() if threads is None else threads
         self.ws = Workspace(min(2, self.threads))
         self._scale = 1.0 / float(np.sqrt(model.cfg.head_dim))
-        self.vectors = not blas.small_matrix_kernel()  # small batches: vector blocks, not row blocks
+        self.vectors = not blas.small_matrix_kernel() if vectors is None else vectors
         if small_max_batch is None:
             path = "vectors" if self.vectors else "rows"
             small_max_batch = SMALL_MAX_BATCH[path, min(2, self.threads)] if blas.is_openblas() else 0

@@ -11,8 +11,9 @@ How it is measured (`measure_host`, about 25-30 s, once; cached as JSON in
      SLOPE_BATCHES, giving the extra seconds per cached token (attention) at those batches;
    - prefill table: one Transformer.prefill_batch call (prefill/worker.py) of PREFILL_TOKENS tokens.
    hardware/perf.py interpolates these (PerfParams.measured) for the live model instead of the
-   roofline: at 1 BLAS thread a step is not roofline-shaped (measured 2026-11-22, cache version 6:
-   ~41 ms at batch 1, ~49 at 2, ~84 at 8, ~123 at 16, ~287 at 64; see decode/projection.py). The legacy analytic coefficients
+   roofline: at 1 BLAS thread a step is not roofline-shaped (measured 2026-12-01, cache version 7,
+   Zen 5 with OpenBLAS's Haswell kernels: ~19 ms at batch 1, ~27 at 2, ~58 at 8, ~90 at 16, ~237 at
+   64; see decode/projection.py). The legacy analytic coefficients
    (per-layer overhead, decode/prefill MFU) are still derived from them for other models on `cpu`.
 4. serving overheads of the live stack (optional, a separate ~40 s run because it starts local
    Ray: `python -m orchestrator.sim.serving`, cached as serving.json next to this cache, same

@@ -74,8 +74,8 @@ def test_core_logits_agree_with_and_without_the_small_batch_path(lm, book, threa
         pool.load_sequence(rid, ref.ks, ref.vs)
         pool.claim(rid)
     n = len(ref.prompt)
-    blocks, plain = (DecodeCore(model, pool, threads=threads, small_max_batch=k) for k in (8, 0))
-    blocks.vectors = vectors  # both paths, whichever this host's OpenBLAS core would pick
+    # both small-batch paths, whichever this host's OpenBLAS core would pick
+    blocks, plain = (DecodeCore(model, pool, threads=threads, small_max_batch=k, vectors=vectors) for k in (8, 0))
     batch = blocks.batch_input(ids, ref.tokens[:4], [n] * 4)
     got = blocks.forward(batch)  # (B, V); writes the fed tokens' KV, which the second call rewrites alike
     want = plain.forward(batch)
