@@ -64,7 +64,13 @@ def test_decode_worker_death_fails_its_request_and_the_server_keeps_serving(depl
         chunks = iter(stream)
         for _ in range(3):
             next(chunks)
-        busy = [w for w, info in _decode_workers(c).items() if info.active_requests > 0]
+        # server_info shows the engine's last load reports, which can still count the request as
+        # waiting (KV committed, not yet admitted) a few tokens in: poll until one shows it decoding
+        deadline = time.monotonic() + 10
+        busy = []
+        while not busy and time.monotonic() < deadline:
+            busy = [w for w, info in _decode_workers(c).items() if info.active_requests > 0]
+            time.sleep(0.05)
         assert len(busy) == 1, _decode_workers(c)
         ray.kill(deployment.pools.decode[busy[0]], no_restart=True)
         with pytest.raises(cl.Unavailable, match="decode worker"):
