@@ -14,8 +14,8 @@ the OpenBLAS core in use (decode/blas.py: small_matrix_kernel):
   and each block takes the batch's B matrix-vector products back to back, so the weights stream
   from memory once, unpacked. One numpy matmul per projection: (1, B, 1, in) @ (blocks, 1, in, rows)
   runs its B x blocks GEMVs block by block. All 121 projections of SmolLM2-135M, Zen 5, Haswell
-  core, 2026-12-01 (1 thread / 2 threads): batch 2 55 -> 22 / 31 -> 16 ms, 4 60 -> 34 / 34 -> 23,
-  6 71 -> 45; at 8 no gain.
+  core, 1 thread, 2026-12-01: batch 2 55 -> 22 ms, 4 60 -> 34, 6 71 -> 45; at 8 no gain (whole
+  steps, both thread counts: decode/core.py).
 
 Projection.apply takes either path for a batch in [2, small_max_batch] (decode/core.py) and runs
 its blocks on two threads when the step has two cores. Batch 1 stays a GEMV, and larger batches
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-SMALL_KERNEL_MNK = 1_000_000  # OpenBLAS's small-matrix limit (x86-64 SkylakeX/Haswell kernels)
+SMALL_KERNEL_MNK = 1_000_000  # OpenBLAS's small-matrix limit (its x86-64 SkylakeX-class kernels)
 ROW_ALIGN = 16  # the size limit's rows per block round down to this (the kernel's M step)
 VECTOR_BLOCK_ROWS = 256  # rows per vector block: 256 x 576 floats = 0.6 MB, in L2 for the B passes
 
