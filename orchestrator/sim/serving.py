@@ -1,8 +1,8 @@
 """Serving overheads of the live system on this host, for the `cpu` profile (hardware/cpu.py).
 
 `python -m orchestrator.sim.serving` starts the live pools from cluster.yaml (local Ray, as the bench
-does), sends requests *one at a time* (an idle system: no queueing, no prefill/decode co-running) and
-a burst of SERVING_BURST identical requests (decode at that batch), then compares each request's
+does), sends requests *one at a time* (an idle system: no queueing, no prefill/decode co-running),
+then keeps CORUN_BATCH requests decoding while prompts are prefilled one at a time, and compares the
 client-side timings with the engine times measured in-process (the cached `cpu` tables):
 
 - prefill_extra_s + prefill_extra_per_token_s x prompt tokens: the prefill worker's own prefill_ms +
@@ -11,9 +11,12 @@ client-side timings with the engine times measured in-process (the cached `cpu` 
   prefill worker, so the simulator adds it to each prefill batch.
 - request_path_s: client TTFT minus the worker's queued + prefill + transfer time: frontend, Ray
   calls, gRPC to the client. It delays the first token but occupies no worker.
-- token_overhead_s at batch 1 and at SERVING_BURST: client TPOT minus the in-process decode step
-  (forward + sample) at that batch: the step loop's asyncio/executor hops, the engine's `next_outputs` poll
-  and gRPC streaming. Interpolated linearly in batch by the performance model.
+- token_overhead_s at batch 1 and at CORUN_BATCH: client time per token minus the in-process decode
+  step (forward + sample) at that batch: the step loop's asyncio/executor hops, the engine's
+  `next_outputs` poll and gRPC streaming. Batch 1 from the idle requests' TPOT; CORUN_BATCH from the
+  co-run phase's per-token gaps outside any prefill window, when all CORUN_BATCH streams are decoding
+  (a burst of requests measured too low: its TPOT averages over the steps while the batch fills
+  up). Interpolated linearly in batch by the performance model.
 
 - corun_slowdown_decode / corun_slowdown_prefill: the two actors share the host's 2 cores (and the
   KV receiver runs in the decode actor's process). With CORUN_BATCH sequences decoding, prompts are
@@ -33,9 +36,8 @@ import numpy as np
 
 SERVING_PROMPTS = (16, 64, 256, 512, 16, 64, 256, 512)  # idle, one at a time (bench prompts <= 512)
 SERVING_OUTPUT = 17  # tokens per idle request
-SERVING_BURST = 8  # concurrent requests for the per-token overhead at a larger batch
-BURST_PROMPT, BURST_OUTPUT = 32, 33
 CORUN_BATCH, CORUN_OUTPUT = 8, 110  # co-run phase: decode batch kept busy while prompts are prefilled
+CORUN_DECODE_PROMPT = 32  # prompt tokens of each of the CORUN_BATCH decoding requests
 # prefilled one at a time while that batch decodes: short and long, as the bench's prompts (mostly
 # under 100 tokens, up to 512); short prefills slow down more (their fixed KV-send cost shares the cores too)
 CORUN_PROMPTS = (16, 256, 64, 128, 32, 256)
@@ -58,7 +60,7 @@ async def _corun(client, tok, filler) -> tuple[list[dict], list[list], list[dict
     from orchestrator.commands.bench import _prompt_ids
 
     stamps: list[list] = [[] for _ in range(CORUN_BATCH)]
-    decoders = [asyncio.create_task(_request(client, _prompt_ids(tok, BURST_PROMPT, filler, 200 + i), CORUN_OUTPUT,
+    decoders = [asyncio.create_task(_request(client, _prompt_ids(tok, CORUN_DECODE_PROMPT, filler, 200 + i), CORUN_OUTPUT,
                                              f"corun-d{i}", stamps[i])) for i in range(CORUN_BATCH)]
     while min(len(s) for s in stamps) < 4:  # all decoding, a few steps in
         await asyncio.sleep(0.05)
@@ -85,11 +87,9 @@ async def _collect(cfg) -> tuple[list[dict], list[dict]]:
         for i, n in enumerate(SERVING_PROMPTS):
             idle.append(await _request(client, _prompt_ids(tok, n, filler, i), SERVING_OUTPUT, f"idle-{i}"))
             await asyncio.sleep(0.2)
-        burst = await asyncio.gather(*(_request(client, _prompt_ids(tok, BURST_PROMPT, filler, 100 + i),
-                                                BURST_OUTPUT, f"burst-{i}") for i in range(SERVING_BURST)))
         await asyncio.sleep(0.5)
         corun = await _corun(client, tok, filler)
-    return idle, list(burst), corun
+    return idle, corun
 
 
 def _gaps(stamps: list[list], windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
@@ -113,20 +113,20 @@ def measure(config: str = "cluster.yaml") -> dict:
     m = load_or_measure()
     t = m.tables()
     assert t is not None, "the cpu profile has no engine tables (model wheel missing?)"
-    idle, burst, (prefills, stamps, _) = asyncio.run(_collect(load_config(config)))
+    idle, (prefills, stamps, _) = asyncio.run(_collect(load_config(config)))
     pf_extra = [r["prefill_s"] + r["transfer_s"] - _interp(r["prompt"], t.prefill_tokens, t.prefill_s) for r in idle]
     # extra = a + b * tokens (least squares over the idle requests: KV framing/sending grows with the prompt)
     slope, icept = np.polyfit([r["prompt"] for r in idle], pf_extra, 1)
     path = [r["ttft_s"] - r["queued_s"] - r["prefill_s"] - r["transfer_s"] for r in idle]
     # mean context over the generated tokens: prompt + half the output
     tok1 = [r["tpot_s"] - _measured_decode(t, 1, r["prompt"] + SERVING_OUTPUT / 2) for r in idle]
-    ctx = SERVING_BURST * (BURST_PROMPT + BURST_OUTPUT / 2)
-    tokb = [r["tpot_s"] - _measured_decode(t, SERVING_BURST, ctx) for r in burst]
     # co-run: prefill worker busy from start + queued to start + queued + prefill + transfer
     windows = [(r["start"] + r["queued_s"], r["start"] + r["queued_s"] + r["prefill_s"] + r["transfer_s"])
                for r in prefills]
     inside, outside = _gaps(stamps, windows)
     corun_decode = float(np.median(inside) / np.median(outside)) if inside and outside else 1.0
+    ctx = CORUN_BATCH * (CORUN_DECODE_PROMPT + CORUN_OUTPUT / 2)  # the batch's mean cached tokens
+    tok_batch = float(np.median(outside)) - _measured_decode(t, CORUN_BATCH, ctx) if outside else 0.0
     alone = [_interp(r["prompt"], t.prefill_tokens, t.prefill_s) + icept + slope * r["prompt"] for r in prefills]
     corun_prefill = float(np.median([(r["prefill_s"] + r["transfer_s"]) / a for r, a in zip(prefills, alone)]))
     out = dict(fingerprint=m.fingerprint, corun_slowdown_decode=corun_decode, corun_slowdown_prefill=corun_prefill,
@@ -134,9 +134,9 @@ def measure(config: str = "cluster.yaml") -> dict:
                                   outside=float(np.median(outside) * 1e3) if outside else None,
                                   n_inside=len(inside), n_outside=len(outside)),
                prefill_extra_s=float(icept), prefill_extra_per_token_s=float(slope),
-               request_path_s=float(np.median(path)), token_overhead_batches=[1, SERVING_BURST],
-               token_overhead_s=[float(np.median(tok1)), float(np.median(tokb))],
-               raw=dict(idle=idle, burst=burst, corun_prefills=prefills))
+               request_path_s=float(np.median(path)), token_overhead_batches=[1, CORUN_BATCH],
+               token_overhead_s=[float(np.median(tok1)), tok_batch],
+               raw=dict(idle=idle, corun_prefills=prefills))
     p = serving_path()
     p.write_text(json.dumps(out, indent=1))
     return out
@@ -145,6 +145,6 @@ def measure(config: str = "cluster.yaml") -> dict:
 if __name__ == "__main__":
     res = measure(sys.argv[1] if len(sys.argv) > 1 else "cluster.yaml")
     print(json.dumps({k: v for k, v in res.items() if k != "raw"}, indent=1))
-    for kind in ("idle", "burst", "corun_prefills"):
+    for kind in ("idle", "corun_prefills"):
         for r in res["raw"][kind]:
             print(kind, {k: round(v * 1e3, 1) if k.endswith("_s") and v is not None else v for k, v in r.items()})
