@@ -3,7 +3,8 @@
 `python -m decode.bench [--threads N] [--batches 1 8 32 64] [--prompt 128] [--gen 128]`
 SmolLM2-135M, a 128-token prompt per sequence, 128 generated tokens (the first comes from the
 prefill, as in the disaggregated handoff, so both engines time 127 batched decode steps). Writes
-bench/results/decode.json: a list of rows {engine, batch, tokens_per_s, ms_per_step, blas_threads}.
+bench/results/decode.json: a list of rows {engine, batch, tokens_per_s, ms_per_step, blas_threads,
+blas_core} (blas_core: the OpenBLAS kernels numpy ran, which OPENBLAS_CORETYPE can force).
 The machine is shared: compare rows of one run, never across runs.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from decode import blas
 from decode.core import DecodeCore, model_layout
 from decode.pool import PagedKVPool
 from decode.scheduler import DecodeSeq, Scheduler
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def row(engine, batch, seconds_per_step):
         rows.append({"engine": engine, "batch": batch, "tokens_per_s": round(batch / seconds_per_step, 1),
-                     "ms_per_step": round(seconds_per_step * 1e3, 2), "blas_threads": args.threads})
+                     "ms_per_step": round(seconds_per_step * 1e3, 2), "blas_threads": args.threads,
+                     "blas_core": blas.openblas_core()})
 
     hf = None
     if not args.no_hf:
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def print_table(rows: list[dict], args, flops: float, bw: float, load0: float) -> None:
     print(f"\nSmolLM2-135M decode, {args.prompt}-token prompts, {args.gen} generated tokens, "
-          f"{args.threads} BLAS/torch threads; sgemm {flops / 1e9:.0f} GFLOP/s, read bandwidth {bw / 1e9:.1f} GB/s; "
+          f"{args.threads} BLAS/torch threads (OpenBLAS core {blas.openblas_core() or 'n/a'}); "
+          f"sgemm {flops / 1e9:.0f} GFLOP/s, read bandwidth {bw / 1e9:.1f} GB/s; "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared machine: noisy)")
     by = {(r["engine"], r["batch"]): r for r in rows}
     print(f"{'engine':34s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>9s} {'vs hf':>7s} {'% roofline':>11s}")

@@ -86,7 +86,12 @@ def is_openblas() -> bool:
 SMALL_MATRIX_CORES = {"skylakex", "cooperlake", "sapphirerapids"}  # x86-64 cores with the small-matrix GEMM
 
 
+def openblas_core() -> str:
+    """The OpenBLAS core numpy runs (e.g. "Haswell", "SkylakeX"), or "" with another BLAS."""
+    return ",".join(str(c.architecture) for c in _openblas_controllers())
+
+
 def small_matrix_kernel() -> bool:
     """Whether numpy's OpenBLAS runs a core with the unpacked small-matrix GEMM kernel; the core
     is what OpenBLAS detected or what OPENBLAS_CORETYPE forces (Haswell here)."""
-    return any(str(c.architecture).lower() in SMALL_MATRIX_CORES for c in _openblas_controllers())
+    return openblas_core().lower() in SMALL_MATRIX_CORES

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from decode import blas
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,6 +31,7 @@ def test_decode_bench_rows(tmp_path):
     engines = {"numpy-paged-core", "hf-transformers-fp32-torch-cpu", "roofline-bandwidth", "roofline-compute"}
     assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in engines for b in (1, 3)}
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["blas_threads"] >= 1 for r in rows)
+    assert {r["blas_core"] for r in rows} == {blas.openblas_core()}  # the kernels the numbers came from
     assert "of the bandwidth roofline" in text and f"wrote {out}" in text
 
 
