@@ -86,12 +86,16 @@ def is_openblas() -> bool:
 SMALL_MATRIX_CORES = {"skylakex", "cooperlake", "sapphirerapids"}  # x86-64 cores with the small-matrix GEMM
 
 
+def _cores() -> list[str]:
+    return [str(c.architecture) for c in _openblas_controllers()]
+
+
 def openblas_core() -> str:
     """The OpenBLAS core numpy runs (e.g. "Haswell", "SkylakeX"), or "" with another BLAS."""
-    return ",".join(str(c.architecture) for c in _openblas_controllers())
+    return ",".join(_cores())
 
 
 def small_matrix_kernel() -> bool:
     """Whether numpy's OpenBLAS runs a core with the unpacked small-matrix GEMM kernel; the core
     is what OpenBLAS detected or what OPENBLAS_CORETYPE forces (Haswell here)."""
-    return openblas_core().lower() in SMALL_MATRIX_CORES
+    return any(core.lower() in SMALL_MATRIX_CORES for core in _cores())

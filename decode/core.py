@@ -4,9 +4,9 @@ The step is model/transformer.py's decode_step, feature-major: activations are (
 projection is W @ h over (out, in) copies of the weights (decode/projection.py; ~0.43 GB of RAM per
 worker for SmolLM2-135M, whose tied lm_head is the embedding table itself). OpenBLAS splits that GEMM
 better over its threads than h @ W (30 layers at batch 64, 2 threads: 73-75 vs 86-96 ms), and small
-batches take row blocks or vector blocks instead of the packing sgemm (decode/projection.py). RoPE cos/sin are gathered once per step and applied to q and k
-together; norms, SiLU and residual adds run in place in preallocated buffers. Attention is
-decode/attention.py. Elementwise math is the reference's, op for op; GEMM and reduction sums run in
+batches take row blocks or vector blocks instead of the packing sgemm (decode/projection.py). RoPE
+cos/sin are gathered once per step and applied to q and k together; norms, SiLU and residual adds
+run in place in preallocated buffers. Attention is decode/attention.py. Elementwise math is the reference's, op for op; GEMM and reduction sums run in
 another order (~1e-6 relative), which the exactness tests' near-tie rule covers.
 """
 from __future__ import annotations
@@ -52,13 +52,12 @@ def model_projections(model: Transformer) -> tuple[list[LayerProjections], Proje
     if got is None:
         w = model.weights
         order = [m for lw in w.layers for m in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-        tied = w.token_embedding.dtype == np.float32 and np.array_equal(w.lm_head.T, w.token_embedding)
-        if not tied:
+        if not model.cfg.tied_embeddings:
             order.append(w.lm_head)
         flat = contiguous_projections(order)  # in the step's order of use
         layers = [LayerProjections(*flat[i:i + 4]) for i in range(0, 4 * len(w.layers), 4)]
         # tied: the embedding table is already lm_head's (V, D) form; a copy would cost 113 MB here
-        lm_head = Projection(w.token_embedding) if tied else flat[-1]
+        lm_head = Projection(w.token_embedding) if model.cfg.tied_embeddings else flat[-1]
         got = _projections[model] = (layers, lm_head)
     return got
 

@@ -60,8 +60,8 @@ async def _corun(client, tok, filler) -> tuple[list[dict], list[list], list[dict
     from orchestrator.commands.bench import _prompt_ids
 
     stamps: list[list] = [[] for _ in range(CORUN_BATCH)]
-    decoders = [asyncio.create_task(_request(client, _prompt_ids(tok, CORUN_DECODE_PROMPT, filler, 200 + i), CORUN_OUTPUT,
-                                             f"corun-d{i}", stamps[i])) for i in range(CORUN_BATCH)]
+    decoders = [asyncio.create_task(_request(client, _prompt_ids(tok, CORUN_DECODE_PROMPT, filler, 200 + i),
+                                             CORUN_OUTPUT, f"corun-d{i}", stamps[i])) for i in range(CORUN_BATCH)]
     while min(len(s) for s in stamps) < 4:  # all decoding, a few steps in
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)  # a stretch of decode without prefill
