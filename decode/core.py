@@ -6,8 +6,9 @@ worker for SmolLM2-135M, whose tied lm_head is the embedding table itself). Open
 better over its threads than h @ W (30 layers at batch 64, 2 threads: 73-75 vs 86-96 ms), and small
 batches take row blocks or vector blocks instead of the packing sgemm (decode/projection.py). RoPE
 cos/sin are gathered once per step and applied to q and k together; norms, SiLU and residual adds
-run in place in preallocated buffers. Attention is decode/attention.py. Elementwise math is the reference's, op for op; GEMM and reduction sums run in
-another order (~1e-6 relative), which the exactness tests' near-tie rule covers.
+run in place in preallocated buffers. Attention is decode/attention.py. Elementwise math is the
+reference's, op for op; GEMM and reduction sums run in another order (~1e-6 relative), which the
+exactness tests' near-tie rule covers.
 """
 from __future__ import annotations
 
