@@ -4,10 +4,12 @@ Per layer: write the step's k/v into each sequence's next slot, score every bloc
 its owner's query, softmax each sequence over its blocks, and sum the per-block outputs back per
 sequence. No Python loop runs over sequences; scratch buffers are reused across layers and steps.
 
-The work reads every K/V byte of the batch once per layer, as small stacked matrix-vector products
-(one per block or row and query head: GEMMs with G = 3 rows would spend most of their time packing
-K/V) that OpenBLAS runs on the calling thread only, so on big batches the block range is split over
-two threads (Workspace.split); see decode/blas.py for why BLAS threads must stop spinning then.
+The work reads every K/V byte of the batch once per layer, as small stacked matmuls with G query
+rows (G = 3 for SmolLM2) that OpenBLAS runs on the calling thread only, so on big batches the block
+range is split over two threads (Workspace.split); see decode/blas.py for why BLAS threads must stop
+spinning then. How the small products run follows the OpenBLAS core (decode/blas.py): GEMMs where it
+has the unpacked small-matrix kernel, else GEMVs (`gemv`), because the packing GEMM spends most of
+its time copying each K/V block for only G rows (see _scores).
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ class PagedBatchAttention:
     by sequences outside the batch): each row's blocks are copied into a (Hkv, B, T, Dh) scratch.
     """
 
-    def __init__(self, pool: PagedKVPool, batch: BatchInput, ws: Workspace, head_scale: float):
+    def __init__(self, pool: PagedKVPool, batch: BatchInput, ws: Workspace, head_scale: float, gemv: bool = False):
+        """gemv: run the score and output products as matrix-vector products (module docstring)."""
         bs = pool.block_size
         self.pool, self.ws = pool, ws
         b, nb = batch.tables.shape
@@ -110,6 +113,7 @@ class PagedBatchAttention:
         first = int(batch.tables[0, 0])
         self.single = b == 1 and bool(np.array_equal(batch.tables[0, :counts[0]], np.arange(first, first + counts[0])))
         self.splits = not self.gather and ws.threads > 1 and hi * bs >= SPLIT_MIN_TOKENS  # uses the helper
+        self.gemv = gemv
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """q: (B, H, Dh), k, v: (B, Hkv, Dh) -> (B, H, Dh)"""
@@ -130,11 +134,13 @@ class PagedBatchAttention:
         n = int(self.new_blocks[0]) - int(self.own_tables[0, 0]) + 1  # blocks holding context
         first, t = int(self.own_tables[0, 0]), n * bs
         g = q.shape[1] // hkv
-        qh = np.multiply(q[0].reshape(hkv, g, dh, 1), self.scale)  # (Hkv, G, Dh, 1)
-        s = (kl[:, first:first + n].reshape(hkv, 1, t, dh) @ qh)[..., 0]  # (Hkv, G, T), GEMVs
+        qh = np.multiply(q[0].reshape(hkv, g, dh), self.scale)  # (Hkv, G, Dh)
+        s = np.empty((hkv, g, t), dtype=np.float32)
+        _scores(kl[:, first:first + n].reshape(hkv, t, dh), qh, s, self.gemv)  # (Hkv, G, T)
         s += self.mask[0, 0, :n].reshape(1, 1, t)
         softmax_inplace(s)
-        ctx = s[:, :, None, :] @ vl[:, first:first + n].reshape(hkv, 1, t, dh)  # (Hkv, G, 1, Dh)
+        ctx = np.empty((hkv, g, dh), dtype=np.float32)
+        _mix(s, vl[:, first:first + n].reshape(hkv, t, dh), ctx, self.gemv)
         return ctx.reshape(1, hkv * g, dh)  # (1, H, Dh)
 
     def _gathered(self, kl: np.ndarray, vl: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -148,12 +154,12 @@ class PagedBatchAttention:
         np.take(vl, self.own_tables, axis=1, out=vg, mode="clip")
         qh = ws.get("qh", (hkv, b, g, dh))
         np.multiply(q.reshape(b, hkv, g, dh).transpose(1, 0, 2, 3), self.scale, out=qh)
-        s = ws.get("sg", (hkv, b, g, t))  # (Hkv, B, G, T); GEMVs, as in _in_place
-        np.matmul(kg.reshape(hkv, b, 1, t, dh), qh[..., None], out=s[..., None])
+        s = ws.get("sg", (hkv, b, g, t))  # (Hkv, B, G, T)
+        _scores(kg.reshape(hkv, b, t, dh), qh, s, self.gemv)
         s += self.mask.reshape(1, b, 1, t)
         softmax_inplace(s)
         ctx = ws.get("cg", (hkv, b, g, dh))
-        np.matmul(s[:, :, :, None], vg.reshape(hkv, b, 1, t, dh), out=ctx[:, :, :, None])  # (Hkv, B, G, Dh)
+        _mix(s, vg.reshape(hkv, b, t, dh), ctx, self.gemv)  # (Hkv, B, G, Dh)
         return ctx.transpose(1, 0, 2, 3).reshape(b, hkv * g, dh)
 
     def _get_block_mask(self, b: int, nb: int, bs: int) -> np.ndarray:
@@ -180,12 +186,6 @@ class PagedBatchAttention:
         qb = ws.get("qb", (hkv, hi, g, dh))  # (Hkv, hi, G, Dh): the owner's query for each block
         np.take(qs, self.owner, axis=1, out=qb, mode="clip")  # mode=clip: unbuffered
         s = ws.get("s", (hkv, hi, g, bs))  # (Hkv, hi, G, bs): scores, then probabilities, in block order
-        # matrix-vector products per (block, query head): numpy runs a stacked matmul whose last
-        # dim is 1 as GEMVs, which read K/V in place; GEMMs with G = 3 rows spend most of their
-        # time packing each block (B = 64, 2 threads: 27 vs 37 ms per step for both matmuls)
-        kb, vb = kl[:, :, None], vl[:, :, None]  # (Hkv, n_blocks, 1, bs, Dh)
-        qv = qb[..., None]  # (Hkv, hi, G, Dh, 1)
-        sv = s[..., None]  # (Hkv, hi, G, bs, 1)
         mask = self._get_block_mask(b, nb, bs)  # (1, hi, 1, bs)
         red = ws.get("red", (hkv, hi + 1, g))  # (Hkv, hi+1, G): per-block max, then sum; row hi = padding
         row = ws.get("row", (hkv, b + 1, g))  # (Hkv, B+1, G): per-row max, then sum; row B = blocks no row owns
@@ -196,7 +196,7 @@ class PagedBatchAttention:
         # (Hkv, B, G) per-row max and sum are combined on the caller between the phases.
         def scores(lo: int, up: int) -> None:
             sl = s[:, lo:up]
-            np.matmul(kb[:, lo:up], qv[:, lo:up], out=sv[:, lo:up])
+            _scores(kl[:, lo:up], qb[:, lo:up], sl, self.gemv)
             sl += mask[:, lo:up]
             np.max(sl, axis=3, out=red[:, lo:up])
 
@@ -209,7 +209,7 @@ class PagedBatchAttention:
         def output(lo: int, up: int) -> None:
             sl = s[:, lo:up]
             sl /= by_block[:, lo:up, :, None]
-            np.matmul(sl[:, :, :, None], vb[:, lo:up], out=c[:, lo:up, :, None])
+            _mix(sl, vl[:, lo:up], c[:, lo:up], self.gemv)
 
         ws.split(scores, hi, self.splits)
         red[:, hi] = -np.inf
@@ -227,3 +227,25 @@ class PagedBatchAttention:
         np.take(c, self.tables, axis=1, out=o, mode="clip")  # (Hkv, B, nb, G, Dh)
         ctx = o.sum(axis=2)  # (Hkv, B, G, Dh)
         return ctx.transpose(1, 0, 2, 3).reshape(b, hkv * g, dh)  # (B, H, Dh), a copy
+
+
+def _scores(k: np.ndarray, q: np.ndarray, out: np.ndarray, gemv: bool) -> None:
+    """k: (..., T, Dh), q: (..., G, Dh) -> out: (..., G, T) = q @ k^T.
+
+    gemv: one matrix-vector product per query row (numpy runs a stacked matmul whose last dim is 1
+    as GEMVs, reading k in place). With OpenBLAS's Haswell kernels the GEMM packs k first, ~1.1 us
+    per 64x64 block for 3 rows, hot or cold; measured at batch 64, 2 threads, 30 layers, both
+    products: GEMM 37 ms, GEMV 27. With SkylakeX's small-matrix kernel, GEMM 21 ms, GEMV 26.
+    """
+    if gemv:
+        np.matmul(k[..., None, :, :], q[..., None], out=out[..., None])  # (..., G, T, 1)
+    else:
+        np.matmul(q, np.swapaxes(k, -1, -2), out=out)
+
+
+def _mix(p: np.ndarray, v: np.ndarray, out: np.ndarray, gemv: bool) -> None:
+    """p: (..., G, T), v: (..., T, Dh) -> out: (..., G, Dh) = p @ v; gemv as in _scores."""
+    if gemv:
+        np.matmul(p[..., None, :], v[..., None, :, :], out=out[..., None, :])  # (..., G, 1, Dh)
+    else:
+        np.matmul(p, v, out=out)

@@ -72,7 +72,9 @@ class DecodeCore:
         current BLAS thread count. small_max_batch: the largest batch whose projections take the
         small-batch path (decode/projection.py: row blocks with OpenBLAS's small-matrix kernel, else
         vector blocks); None = measured default for the path and thread count, 0 = never. vectors:
-        take vector blocks rather than row blocks; None = whichever suits numpy's OpenBLAS core."""
+        run small products as matrix-vector products (vector blocks rather than row blocks, GEMV
+        attention: decode/attention.py); None = when numpy's OpenBLAS core lacks the small-matrix
+        kernel."""
         problem = pool.layout.mismatch(model_layout(model))
         if problem is not None:
             raise ValueError(f"pool.layout: {problem}")
@@ -101,7 +103,7 @@ class DecodeCore:
 
     def forward(self, batch: BatchInput) -> np.ndarray:
         """One step: store each fed token's KV, return logits (B, V)."""
-        cache = PagedBatchAttention(self.pool, batch, self.ws, self._scale)
+        cache = PagedBatchAttention(self.pool, batch, self.ws, self._scale, gemv=self.vectors)
         split = self.ws.split if 2 <= len(batch.token_ids) <= self.small_max_batch else None
         if self.threads < 2:
             return self._forward(batch, cache, split)
