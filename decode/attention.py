@@ -78,12 +78,12 @@ class PagedBatchAttention:
 
     In place (the usual path): blocks stay where they are: every block id below `hi` (the batch's highest block + 1; the
     allocator packs blocks in use at the bottom) is scored in place against the query of the row
-    that owns it, as one batched matmul over (Hkv, hi). The softmax runs in block order (per-block
-    max and sum, combined per row on (Hkv, B, G) tiles), then one batched matmul with V; only the
-    per-block outputs are gathered per sequence for the final sum, so the K/V bytes are read once
-    and never copied. Blocks in the range that no batch row owns are scored against a zero query,
-    masked to probability 0 and never read back. Gathered (tiny batches, or a block range mostly owned
-    by sequences outside the batch): each row's blocks are copied into a (Hkv, B, T, Dh) scratch.
+    that owns it and mixed with its V, as batched matmuls over (Hkv, hi), with the softmax split
+    by block (flash attention's rescaling); only the per-block outputs are gathered per sequence
+    for the final weighted sum, so the K/V bytes are read once and never copied. Blocks in the
+    range that no batch row owns are scored against a zero query and never read back. Gathered
+    (tiny batches, or a block range mostly owned by sequences outside the batch): each row's blocks
+    are copied into a (Hkv, B, T, Dh) scratch.
     """
 
     def __init__(self, pool: PagedKVPool, batch: BatchInput, ws: Workspace, head_scale: float, gemv: bool = False):
@@ -163,20 +163,23 @@ class PagedBatchAttention:
         return ctx.transpose(1, 0, 2, 3).reshape(b, hkv * g, dh)
 
     def _get_block_mask(self, b: int, nb: int, bs: int) -> np.ndarray:
-        """(1, hi, 1, bs): 0 where a block's token is in its owner's context, -inf elsewhere."""
+        """(1, hi, 1, bs): 0 where a block's token is in its owner's context, -inf elsewhere;
+        0 throughout blocks no row owns (scored against a zero query, never read back)."""
         if self._block_mask is None:
             real = self.tables < self.hi  # (B, nb)
             slot = np.zeros(self.hi, dtype=np.int64)  # (hi,) index of each owned block in its row's table
             slot[self.tables[real]] = np.broadcast_to(np.arange(nb)[None, :], (b, nb))[real]
             btok = slot[:, None] * bs + np.arange(bs)[None, :]  # (hi, bs) token index in the owner's context
-            owner_pos = np.append(self._pos, -1)[self.owner]  # (hi,): -1 for blocks no row owns (all masked)
+            owner_pos = np.append(self._pos, nb * bs)[self.owner]  # (hi,): past every slot where no row owns
             mask = np.where(btok <= owner_pos[:, None], 0.0, -np.inf).astype(np.float32)
             self._block_mask = mask[None, :, None, :]
         return self._block_mask
 
     def _in_place(self, kl: np.ndarray, vl: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """Score the block range in place; gather only score and output tiles per row."""
-
+        """Score the block range in place, one pass per block on both threads (ws.split), with
+        the softmax split by block as in flash attention: each block is exponentiated against its
+        own max and mixed with its V; per row, the blocks' outputs are then weighted by
+        exp(block max - row max) / the row's sum (small (Hkv, B, nb, G) tiles) and added."""
         hkv, _, bs, dh = kl.shape
         b, nb = self.tables.shape
         hi, g, ws = self.hi, q.shape[1] // hkv, self.ws
@@ -185,49 +188,35 @@ class PagedBatchAttention:
         qs[:, b] = 0.0
         qb = ws.get("qb", (hkv, hi, g, dh))  # (Hkv, hi, G, Dh): the owner's query for each block
         np.take(qs, self.owner, axis=1, out=qb, mode="clip")  # mode=clip: unbuffered
-        s = ws.get("s", (hkv, hi, g, bs))  # (Hkv, hi, G, bs): scores, then probabilities, in block order
+        s = ws.get("s", (hkv, hi, g, bs))  # (Hkv, hi, G, bs): scores, then exp(score - block max)
         mask = self._get_block_mask(b, nb, bs)  # (1, hi, 1, bs)
-        red = ws.get("red", (hkv, hi + 1, g))  # (Hkv, hi+1, G): per-block max, then sum; row hi = padding
-        row = ws.get("row", (hkv, b + 1, g))  # (Hkv, B+1, G): per-row max, then sum; row B = blocks no row owns
-        by_block = ws.get("bb", (hkv, hi, g))  # (Hkv, hi, G): the owner's row value for each block
-        c = ws.get("c", (hkv, hi + 1, g, dh))  # (Hkv, hi+1, G, Dh): per-block partial outputs
+        bmax = ws.get("bmax", (hkv, hi + 1, g))  # (Hkv, hi+1, G): per-block max; row hi = padding
+        bsum = ws.get("bsum", (hkv, hi + 1, g))  # (Hkv, hi+1, G): per-block sum of exp
+        c = ws.get("c", (hkv, hi + 1, g, dh))  # (Hkv, hi+1, G, Dh): per-block unnormalised outputs
 
-        # Softmax in block order: everything per block runs on both threads (ws.split), only the
-        # (Hkv, B, G) per-row max and sum are combined on the caller between the phases.
-        def scores(lo: int, up: int) -> None:
-            sl = s[:, lo:up]
+        def blocks(lo: int, up: int) -> None:
+            sl, ml = s[:, lo:up], bmax[:, lo:up]
             _scores(kl[:, lo:up], qb[:, lo:up], sl, self.gemv)
             sl += mask[:, lo:up]
-            np.max(sl, axis=3, out=red[:, lo:up])
-
-        def exp(lo: int, up: int) -> None:
-            sl = s[:, lo:up]
-            sl -= by_block[:, lo:up, :, None]
-            np.exp(sl, out=sl)  # blocks no row owns: exp(-inf) = 0
-            np.sum(sl, axis=3, out=red[:, lo:up])
-
-        def output(lo: int, up: int) -> None:
-            sl = s[:, lo:up]
-            sl /= by_block[:, lo:up, :, None]
+            np.max(sl, axis=3, out=ml)
+            sl -= ml[..., None]
+            np.exp(sl, out=sl)
+            np.sum(sl, axis=3, out=bsum[:, lo:up])
             _mix(sl, vl[:, lo:up], c[:, lo:up], self.gemv)
 
-        ws.split(scores, hi, self.splits)
-        red[:, hi] = -np.inf
-        np.max(np.take(red, self.tables, axis=1), axis=2, out=row[:, :b])
-        row[:, b] = 0.0
-        np.take(row, self.owner, axis=1, out=by_block, mode="clip")
-        ws.split(exp, hi, self.splits)
-        red[:, hi] = 0.0
-        np.sum(np.take(red, self.tables, axis=1), axis=2, out=row[:, :b])
-        row[:, b] = 1.0
-        np.take(row, self.owner, axis=1, out=by_block, mode="clip")
-        ws.split(output, hi, self.splits)
-        c[:, hi] = 0.0
+        ws.split(blocks, hi, self.splits)
+        bmax[:, hi], bsum[:, hi], c[:, hi] = -np.inf, 0.0, 0.0
+        weight = np.take(bmax, self.tables, axis=1)  # (Hkv, B, nb, G): block max, padding -inf
+        weight -= weight.max(axis=2, keepdims=True)
+        np.exp(weight, out=weight)  # exp(block max - row max); padding 0
+        total = np.take(bsum, self.tables, axis=1)  # (Hkv, B, nb, G)
+        total *= weight
+        weight /= total.sum(axis=2, keepdims=True)
         o = ws.get("o", (hkv, b, nb, g, dh))
         np.take(c, self.tables, axis=1, out=o, mode="clip")  # (Hkv, B, nb, G, Dh)
+        o *= weight[..., None]
         ctx = o.sum(axis=2)  # (Hkv, B, G, Dh)
         return ctx.transpose(1, 0, 2, 3).reshape(b, hkv * g, dh)  # (B, H, Dh), a copy
-
 
 def _scores(k: np.ndarray, q: np.ndarray, out: np.ndarray, gemv: bool) -> None:
     """k: (..., T, Dh), q: (..., G, Dh) -> out: (..., G, T) = q @ k^T.
