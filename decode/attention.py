@@ -214,9 +214,9 @@ class PagedBatchAttention:
         weight /= total.sum(axis=2, keepdims=True)
         o = ws.get("o", (hkv, b, nb, g, dh))
         np.take(c, self.tables, axis=1, out=o, mode="clip")  # (Hkv, B, nb, G, Dh)
-        o *= weight[..., None]
-        ctx = o.sum(axis=2)  # (Hkv, B, G, Dh)
-        return ctx.transpose(1, 0, 2, 3).reshape(b, hkv * g, dh)  # (B, H, Dh), a copy
+        # (Hkv, B, G, 1, nb) @ (Hkv, B, G, nb, Dh): half the time of o *= weight; o.sum(axis=2)
+        ctx = np.matmul(weight.transpose(0, 1, 3, 2)[..., None, :], o.transpose(0, 1, 3, 2, 4))
+        return ctx.transpose(1, 0, 2, 3, 4).reshape(b, hkv * g, dh)  # (B, H, Dh), a copy
 
 def _scores(k: np.ndarray, q: np.ndarray, out: np.ndarray, gemv: bool) -> None:
     """k: (..., T, Dh), q: (..., G, Dh) -> out: (..., G, T) = q @ k^T.
