@@ -43,9 +43,9 @@ import numpy as np
 
 from hardware.profiles import HardwareProfile, MeasuredTables, PerfParams
 
-CACHE_VERSION = 7  # 4: decode core runs small batches as row blocks (decode/projection.py); 5: denser batches;
+CACHE_VERSION = 8  # 4: decode core runs small batches as row blocks (decode/projection.py); 5: denser batches;
 # 6: the step's weights in one arena (faster steps at every batch); 7: vector blocks for small batches on
-# OpenBLAS cores without the small-matrix kernel
+# OpenBLAS cores without the small-matrix kernel; 8: GEMV attention on those cores, one pass per block
 MEASURE_BLAS_THREADS = 1  # per live actor (cluster.yaml pools.*.blas_threads)
 
 
