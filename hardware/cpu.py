@@ -11,8 +11,8 @@ How it is measured (`measure_host`, about 25-30 s, once; cached as JSON in
      SLOPE_BATCHES, giving the extra seconds per cached token (attention) at those batches;
    - prefill table: one Transformer.prefill_batch call (prefill/worker.py) of PREFILL_TOKENS tokens.
    hardware/perf.py interpolates these (PerfParams.measured) for the live model instead of the
-   roofline: at 1 BLAS thread a step is not roofline-shaped (measured 2026-12-01, cache version 7,
-   Zen 5 with OpenBLAS's Haswell kernels: ~19 ms at batch 1, ~27 at 2, ~58 at 8, ~90 at 16, ~237 at
+   roofline: at 1 BLAS thread a step is not roofline-shaped (measured 2026-12-01, cache version 8,
+   Zen 5 with OpenBLAS's Haswell kernels: ~20 ms at batch 1, ~27 at 2, ~62 at 8, ~96 at 16, ~241 at
    64; see decode/projection.py). The legacy analytic coefficients
    (per-layer overhead, decode/prefill MFU) are still derived from them for other models on `cpu`.
 4. serving overheads of the live stack (optional, a separate ~40 s run because it starts local
