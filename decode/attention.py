@@ -218,6 +218,7 @@ class PagedBatchAttention:
         ctx = np.matmul(weight.transpose(0, 1, 3, 2)[..., None, :], o.transpose(0, 1, 3, 2, 4))
         return ctx.transpose(1, 0, 2, 3, 4).reshape(b, hkv * g, dh)  # (B, H, Dh), a copy
 
+
 def _scores(k: np.ndarray, q: np.ndarray, out: np.ndarray, gemv: bool) -> None:
     """k: (..., T, Dh), q: (..., G, Dh) -> out: (..., G, T) = q @ k^T.
 
