@@ -35,7 +35,7 @@ def test_single_row_view_matches_the_dense_cache(length, gemv):
 def check_against_dense(lengths: list[int], block_size: int, gather: bool, gemv: bool,
                         foreign: bool = True) -> PagedBatchAttention:
     """Attend each layer through the pool and through DenseKVCache on the same random data; foreign:
-    interleave blocks no batch row owns."""
+    interleave blocks no batch row owns, holding NaN (another request's KV must not leak in)."""
     rng = np.random.default_rng(block_size + len(lengths))
     lengths = np.array(lengths)  # tokens stored before this step
     b, tmax = len(lengths), int(lengths.max()) + 1
@@ -51,6 +51,11 @@ def check_against_dense(lengths: list[int], block_size: int, gather: bool, gemv:
         dense.load_prefill(row, ks, vs)
         if foreign:
             pool.allocator.allocate(f"gap{row}", block_size)
+    if foreign:
+        for rid in ["other"] + [f"gap{row}" for row in range(b)]:
+            blocks = pool.allocator.block_table(rid)
+            pool.k[:, :, blocks] = np.nan
+            pool.v[:, :, blocks] = np.nan
     nb = pool.allocator.blocks_for(tmax)
     tables = np.zeros((b, nb), dtype=np.int64)
     for row in range(b):
