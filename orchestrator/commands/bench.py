@@ -40,6 +40,10 @@ class Outcome:
     e2e_ms: float | None
     met_sla: bool
     error: str = ""
+    # the server's own timings (GenerateResponse.final.timings), for comparing phases with the simulator
+    queued_ms: float | None = None
+    prefill_ms: float | None = None
+    transfer_ms: float | None = None
 
 
 def _prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> list[int]:
@@ -66,7 +70,9 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
         return Outcome(rid, len(ids), timing.tokens, None, None, None, False, f"{type(e).__name__}: {e}")
     ttft, tpot = _ms(timing.ttft_s), _ms(timing.tpot_s)
     met = ttft is not None and ttft <= sla.ttft_ms and (tpot is None or tpot <= sla.tpot_ms)
-    return Outcome(rid, len(ids), timing.tokens, ttft, tpot, _ms(timing.e2e_s), met)
+    t = timing.final.timings
+    return Outcome(rid, len(ids), timing.tokens, ttft, tpot, _ms(timing.e2e_s), met,
+                   queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms)
 
 
 def _ms(seconds: float | None) -> float | None:

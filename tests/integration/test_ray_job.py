@@ -4,6 +4,7 @@ Follows ../shared/DESIGN.md: loopback only; the head is stopped by the PIDs it s
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -91,16 +92,21 @@ def ray_head():
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_bench_runs_as_a_ray_job(ray_head):
+def test_bench_runs_as_a_ray_job(ray_head, tmp_path):
     env, address = ray_head
+    result = tmp_path / "bench.json"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", '{"excludes": [".venv", ".git", "bench/results", "results"]}', "--",
            "python", "-m", "orchestrator", "bench", "--config", "cluster.yaml", "--requests", "6", "--no-samples",
-           "--output", "/tmp/pdo-ray-job-bench.json"]
+           "--output", str(result)]
     start = time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     logs = out.stdout + out.stderr
     assert out.returncode == 0, logs[-4000:]
     assert "succeeded" in logs.lower(), logs[-4000:]
     assert "TTFT" in logs and "SLA" in logs and "attainment" in logs, logs[-4000:]
+    bench = json.loads(result.read_text())
+    assert bench["failed"] == 0 and len(bench["per_request"]) == 6
+    for r in bench["per_request"]:  # the server's phase timings ride along with what the client timed
+        assert 0 < r["prefill_ms"] < r["ttft_ms"] and r["queued_ms"] >= 0 and r["transfer_ms"] >= 0, r
     print(f"ray job took {time.monotonic() - start:.1f} s")
