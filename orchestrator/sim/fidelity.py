@@ -41,10 +41,22 @@ def compare(exp: Experiment, reqs: list[SimRequest], bench: Path = BENCH, out: P
     return result
 
 
+def _after_queue_ms(row: dict) -> float | None:
+    """A live row's TTFT after the prefill queue: prefill, KV transfer tail and the request path."""
+    if row.get("ttft_ms") is None or row.get("queued_ms") is None:
+        return None  # failed, or a bench file from before the server timings were recorded
+    return row["ttft_ms"] - row["queued_ms"]
+
+
 def per_request_ratios(trace: Trace, live_rows: list[dict]) -> dict:
-    """Simulated / live TTFT and TPOT of each request both sides served (live rows matched to the
-    trace by their index): how many matched, the median ratio and the median |ratio - 1|."""
-    sim = {"ttft_ms": trace.ttft_s() * 1e3, "tpot_ms": trace.tpot_s() * 1e3}  # (N,) each, NaN = none
+    """Simulated / live TTFT, TPOT and TTFT after the prefill queue (`after_queue_ms`: prefill,
+    transfer and request path, which separates the prefill model from queueing) of each request both
+    sides served (live rows matched to the trace by their index): how many matched, the median ratio
+    and the median |ratio - 1|."""
+    sim = {"ttft_ms": trace.ttft_s() * 1e3, "tpot_ms": trace.tpot_s() * 1e3,  # (N,) each, NaN = none
+           "after_queue_ms": (trace.first_token - trace.prefill_start) * 1e3}
+    live_value = {"ttft_ms": lambda r: r.get("ttft_ms"), "tpot_ms": lambda r: r.get("tpot_ms"),
+                  "after_queue_ms": _after_queue_ms}
     out: dict = {}
     for key, values in sim.items():
         ratios = []
@@ -53,7 +65,7 @@ def per_request_ratios(trace: Trace, live_rows: list[dict]) -> dict:
             index = rid.removeprefix(LIVE_ID_PREFIX)
             if rid == index or not index.isdigit() or int(index) >= values.size:
                 continue  # not a bench request of this trace
-            s, lv = values[int(index)], row.get(key)
+            s, lv = values[int(index)], live_value[key](row)
             if lv and not np.isnan(s):
                 ratios.append(s / lv)
         r = np.asarray(ratios)
@@ -69,10 +81,18 @@ def describe(result: dict) -> str:
     lines = [f"fidelity vs the live bench ({result['live_requests']} requests), target {result['target']}:"]
     for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
         s, lv, err = result["simulated"][key], result["live"][key], result["error"][key]
-        per = result["per_request"][key]
-        each = (f"; per request: sim/live median {per['ratio_p50']:.2f}, median |error| {per['abs_error_p50']:.0%}"
-                f" over {per['matched']}") if per["matched"] else ""
         pct = {q: f"{err[q]:+.1%}" if q in err else "n/a" for q in ("p50", "p90")}  # n/a: no live value
         lines.append(f"  {name} p50 {s['p50']:.0f} ms simulated vs {lv['p50'] or 0:.0f} ms live ({pct['p50']})"
-                     f", p90 {s['p90']:.0f} vs {lv['p90'] or 0:.0f} ({pct['p90']}){each}")
+                     f", p90 {s['p90']:.0f} vs {lv['p90'] or 0:.0f} ({pct['p90']}){_per_request(result, key)}")
+    after = _per_request(result, "after_queue_ms")
+    if after:
+        lines.append(f"  TTFT after the prefill queue (prefill + transfer + request path){after.replace(';', ':', 1)}")
     return "\n".join(lines)
+
+
+def _per_request(result: dict, key: str) -> str:
+    per = result["per_request"].get(key)
+    if not per or not per["matched"]:
+        return ""
+    return (f"; per request: sim/live median {per['ratio_p50']:.2f}, median |error| {per['abs_error_p50']:.0%}"
+            f" over {per['matched']}")

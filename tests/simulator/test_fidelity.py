@@ -33,6 +33,15 @@ def test_per_request_ratios_match_bench_rows_by_trace_index():
     assert got["ttft_ms"] == {"matched": 2, "ratio_p50": pytest.approx(2.0), "abs_error_p50": pytest.approx(1.0)}
     assert got["tpot_ms"] == {"matched": 1, "ratio_p50": pytest.approx(0.5), "abs_error_p50": pytest.approx(0.5)}
     assert per_request_ratios(_trace(), [])["ttft_ms"] == {"matched": 0, "ratio_p50": None, "abs_error_p50": None}
+    assert got["after_queue_ms"]["matched"] == 0  # rows without the server's timings
+
+
+def test_ttft_after_the_prefill_queue_separates_prefill_from_queueing():
+    live = [{"request_id": "bench-0", "ttft_ms": 300.0, "queued_ms": 200.0},  # sim: 200 ms, no queue
+            {"request_id": "bench-1", "ttft_ms": 500.0, "queued_ms": 0.0},  # sim: 500 ms, no queue
+            {"request_id": "bench-1", "ttft_ms": None, "queued_ms": None}]  # failed
+    got = per_request_ratios(_trace(), live)["after_queue_ms"]
+    assert got == {"matched": 2, "ratio_p50": pytest.approx(1.5), "abs_error_p50": pytest.approx(0.5)}
 
 
 def test_describe_prints_errors_and_per_request_agreement():
@@ -46,6 +55,11 @@ def test_describe_prints_errors_and_per_request_agreement():
     text = describe(result)
     assert "TTFT p50 110 ms simulated vs 100 ms live (+10.0%)" in text
     assert "sim/live median 2.00, median |error| 100% over 1" in text
+    assert "after the prefill queue" not in text  # the live row has no server timings
+    result["per_request"] = per_request_ratios(_trace(), [{"request_id": "bench-0", "ttft_ms": 100.0,
+                                                           "queued_ms": 0.0}])
+    assert "TTFT after the prefill queue (prefill + transfer + request path): per request: sim/live median 2.00" \
+        in describe(result)
     assert "fidelity: no live bench" in describe({**result, "live": None})
     result["live"]["tpot_ms"], result["error"]["tpot_ms"] = {"p50": None, "p90": None}, {}  # no live TPOT at all
     assert "TPOT p50 110 ms simulated vs 0 ms live (n/a), p90 200 vs 0 (n/a)" in describe(result)
