@@ -82,3 +82,27 @@ def test_core_logits_agree_with_and_without_the_small_batch_path(lm, book, threa
     assert got.shape == want.shape == (4, model.cfg.vocab_size) and got.flags.c_contiguous
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert np.array_equal(got.argmax(axis=1), want.argmax(axis=1))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_core_logits_agree_with_gemv_and_gemm_attention(lm, book, batch, monkeypatch):
+    """`vectors` also picks the attention's products (decode/attention.py): both forms, one answer."""
+    import decode.attention
+    forms = []
+    scores = decode.attention._scores
+    monkeypatch.setattr(decode.attention, "_scores",
+                        lambda k, q, out, gemv: (forms.append(gemv), scores(k, q, out, gemv)))
+    model = lm.model
+    ref = book.get(3)
+    pool = PagedKVPool(model_layout(model), 16, capacity_tokens=8 * 128)
+    ids = [f"s{i}" for i in range(batch)]
+    for rid in ids:
+        pool.load_sequence(rid, ref.ks, ref.vs)
+        pool.claim(rid)
+    gemv, gemm = (DecodeCore(model, pool, small_max_batch=0, vectors=v) for v in (True, False))
+    step = gemv.batch_input(ids, ref.tokens[:batch], [len(ref.prompt)] * batch)
+    got, want = gemv.forward(step), gemm.forward(step)
+    n_layers = model.cfg.n_layers
+    assert forms == [True] * n_layers + [False] * n_layers  # the flag reached every layer's attention
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.array_equal(got.argmax(axis=1), want.argmax(axis=1))
