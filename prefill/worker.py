@@ -132,6 +132,7 @@ class PrefillWorker:
     def _run_batch(self, batch: list[tuple[PrefillJob, float]]) -> list[PrefillResult]:
         """Runs in a thread: prefill the batch, stream KV per layer, sample each first token."""
         start = time.perf_counter()
+        cpu_start = time.thread_time()  # this thread's CPU time: prefill_ms minus it = time not running
         jobs = [j for j, _ in batch]
         transfers = [self.transfer.open(j.kv_target, j.request_id, self.layout, len(j.prompt_ids), j.deadline_s)
                      for j in jobs]
@@ -141,6 +142,7 @@ class PrefillWorker:
 
         logits, _, _ = self.model.prefill_batch([j.prompt_ids for j in jobs], on_layer)  # logits: (N, V)
         computed = time.perf_counter()
+        cpu_ms = (time.thread_time() - cpu_start) * 1e3
         n_tokens = sum(len(j.prompt_ids) for j in jobs)
         rate = n_tokens / max(computed - start, 1e-6)
         self._tokens_per_s = 0.7 * self._tokens_per_s + 0.3 * rate
@@ -157,5 +159,5 @@ class PrefillWorker:
                 results.append(PrefillResult(job.request_id, False, first, error_code=outcome.error_code,
                                              error=outcome.error, **common))
             log.info("prefilled", request_id=job.request_id, worker=self.worker_id, tokens=len(job.prompt_ids),
-                     ok=outcome.ok, **{k: round(v, 2) for k, v in common.items()})
+                     ok=outcome.ok, cpu_ms=round(cpu_ms, 2), **{k: round(v, 2) for k, v in common.items()})
         return results
