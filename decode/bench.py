@@ -161,7 +161,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print_table(rows, args, flops, bw, load0)
+    print(f"plotted {plot(sorted(args.out.parent.glob('decode*.json')), args.out.parent / 'plots' / 'decode.png')}")
     return rows
+
+
+def plot(results: list[Path], path: Path) -> Path:
+    """Tokens/s against batch for every run in `results` (decode.json rows): this core and transformers
+    as lines, the attainable roofline (the slower of the two) dotted; each run labelled by its
+    OpenBLAS core. Runs at other lengths (--prompt, --gen) show up as they are: label them apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, result in enumerate(results):
+        rows = json.loads(result.read_text())
+        core = ",".join(sorted({r["blas_core"] for r in rows})) or "?"
+        by = {(r["engine"], r["batch"]): r for r in rows}
+        batches = sorted({r["batch"] for r in rows})
+        colour = plt.get_cmap("tab10")(i)
+        for engine, style, label in ((CORE, "-o", f"this core, OpenBLAS {core}"),
+                                     (HF, "--s", f"transformers fp32 (torch), run with {core}")):
+            points = [(b, by[engine, b]["tokens_per_s"]) for b in batches if (engine, b) in by]
+            if points:
+                ax.plot(*zip(*points), style, c=colour, label=label)
+        roof = [(b, min(by["roofline-bandwidth", b]["tokens_per_s"], by["roofline-compute", b]["tokens_per_s"]))
+                for b in batches if ("roofline-compute", b) in by]
+        ax.plot(*zip(*roof), ":", c=colour, label=f"roofline, {core}")
+    ax.set(xscale="log", yscale="log", xlabel="batch (sequences stepped together)", ylabel="tokens/s",
+           title="SmolLM2-135M fp32 decode on 2 cores")
+    ax.set_xticks([1, 2, 4, 8, 16, 32, 64], labels=["1", "2", "4", "8", "16", "32", "64"])
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def print_table(rows: list[dict], args, flops: float, bw: float, load0: float) -> None:

@@ -33,6 +33,8 @@ def test_decode_bench_rows(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["blas_threads"] >= 1 for r in rows)
     assert {r["blas_core"] for r in rows} == {blas.openblas_core()}  # the kernels the numbers came from
     assert "of the bandwidth roofline" in text and f"wrote {out}" in text
+    png = tmp_path / "plots" / "decode.png"  # every decode*.json beside --out, in one figure
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plotted {png}" in text
 
 
 def test_kvtransfer_bench_rows(tmp_path):
