@@ -82,17 +82,19 @@ def describe(result: dict) -> str:
     for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
         s, lv, err = result["simulated"][key], result["live"][key], result["error"][key]
         pct = {q: f"{err[q]:+.1%}" if q in err else "n/a" for q in ("p50", "p90")}  # n/a: no live value
+        each = _per_request(result, key)
         lines.append(f"  {name} p50 {s['p50']:.0f} ms simulated vs {lv['p50'] or 0:.0f} ms live ({pct['p50']})"
-                     f", p90 {s['p90']:.0f} vs {lv['p90'] or 0:.0f} ({pct['p90']}){_per_request(result, key)}")
+                     f", p90 {s['p90']:.0f} vs {lv['p90'] or 0:.0f} ({pct['p90']})" + (f"; {each}" if each else ""))
     after = _per_request(result, "after_queue_ms")
     if after:
-        lines.append(f"  TTFT after the prefill queue (prefill + transfer + request path){after.replace(';', ':', 1)}")
+        lines.append(f"  TTFT after the prefill queue (prefill + transfer + request path): {after}")
     return "\n".join(lines)
 
 
 def _per_request(result: dict, key: str) -> str:
+    """One per_request_ratios entry as "per request: ...", or "" when no request matched."""
     per = result["per_request"].get(key)
     if not per or not per["matched"]:
         return ""
-    return (f"; per request: sim/live median {per['ratio_p50']:.2f}, median |error| {per['abs_error_p50']:.0%}"
+    return (f"per request: sim/live median {per['ratio_p50']:.2f}, median |error| {per['abs_error_p50']:.0%}"
             f" over {per['matched']}")
