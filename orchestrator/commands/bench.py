@@ -101,7 +101,7 @@ async def _bench(cfg, args) -> dict:
               f"{len(dep.pools.decode)} decode x {cfg.decode.hardware}; frontend {dep.target}")
         async with AsyncClient(dep.target) as client:
             await _one(client, "warmup", _prompt_ids(tok, 16, filler, 0), 4, sla, 0.0, time.perf_counter())
-            t0 = time.perf_counter()
+            started_unix, t0 = time.time(), time.perf_counter()
             tasks = [asyncio.create_task(_one(client, f"bench-{i}", _prompt_ids(tok, r.prompt_tokens, filler, i),
                                               r.output_tokens, sla, r.arrival_s, t0)) for i, r in enumerate(trace)]
             outcomes = []
@@ -132,7 +132,7 @@ async def _bench(cfg, args) -> dict:
     for q, a in samples:
         print(f"\nQ: {q}\nA: {a.strip()}")
     return {
-        "trace": str(wl.trace.name), "scaling": asdict(scaling), "requests": len(outcomes), "failed": len(outcomes) - len(ok),
+        "trace": str(wl.trace.name), "started_unix": started_unix, "scaling": asdict(scaling), "requests": len(outcomes), "failed": len(outcomes) - len(ok),
         "wall_s": wall, "throughput_req_s": len(ok) / wall, "output_tok_s": out_tokens / wall,
         "sla_class": cfg.default_sla_class, "sla": asdict(sla), "sla_attainment": attainment,
         "ttft_ms": ttft.as_dict(), "tpot_ms": tpot.as_dict(), "e2e_ms": e2e.as_dict(),

@@ -4,7 +4,11 @@ Reads bench/results/bench.json (written by `python -m orchestrator bench`), writ
 bench/results/fidelity.json with both sides' p50/p90 TTFT and TPOT and their relative errors, and
 each request's simulated / live ratio: with 40 requests the p50 of a queueing-bound TTFT moves
 with which few requests sit near the median (live runs of the same requests gave 451-610 ms), so
-the per-request ratios say more about the model than the two p50s."""
+the per-request ratios say more about the model than the two p50s.
+
+This VM's speed drifts by 10-20% within an hour, so the result also records how long before the
+live bench the `cpu` profile and the serving overheads were measured (`make fidelity` measures both
+right before its bench)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +21,7 @@ from orchestrator.sim.engine import Trace
 from orchestrator.sim.runner import points, run_point
 from orchestrator.sim.workload import SimRequest
 
+DRIFT_WARN_S = 15 * 60  # calibration older than this at the bench's start: warn (see the docstring)
 BENCH = Path("bench/results/bench.json")
 OUT = Path("bench/results/fidelity.json")
 LIVE_ID_PREFIX = "bench-"  # the live bench's request ids: bench-<index in the trace>
@@ -36,9 +41,26 @@ def compare(exp: Experiment, reqs: list[SimRequest], bench: Path = BENCH, out: P
         result["error"] = {k: {q: sim[k][q] / live[k][q] - 1 for q in ("p50", "p90") if live[k][q]}
                            for k in ("ttft_ms", "tpot_ms")}
         result["per_request"] = per_request_ratios(res.trace, live.get("per_request", []))
+        result["calibration_age_s"] = calibration_age_s(live.get("started_unix"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def calibration_age_s(bench_started_unix: float | None) -> dict[str, float | None] | None:
+    """Seconds from the last write of each cached calibration (`cpu` profile, serving overheads) to
+    the live bench's start; None for a file that is missing, and overall for a bench without a start."""
+    from hardware.cpu import cache_path, serving_path
+
+    if bench_started_unix is None:
+        return None
+    ages: dict[str, float | None] = {}
+    for name, path in (("cpu_profile", cache_path()), ("serving", serving_path())):
+        try:
+            ages[name] = bench_started_unix - path.stat().st_mtime
+        except OSError:
+            ages[name] = None
+    return ages
 
 
 def _after_queue_ms(row: dict) -> float | None:
@@ -88,7 +110,25 @@ def describe(result: dict) -> str:
     after = _per_request(result, "after_queue_ms")
     if after:
         lines.append(f"  TTFT after the prefill queue (prefill + transfer + request path): {after}")
+    ages = result.get("calibration_age_s")
+    if ages:
+        lines.append("  " + _calibration_line(ages))
     return "\n".join(lines)
+
+
+def _calibration_line(ages: dict[str, float | None]) -> str:
+    """When the calibration was measured relative to the live bench, with a warning when it is old."""
+    def when(age: float | None) -> str:
+        if age is None:
+            return "not measured"
+        return f"{abs(age) / 60:.1f} min {'before' if age >= 0 else 'after'} the live bench"
+
+    line = f"calibration: cpu profile {when(ages.get('cpu_profile'))}, serving overheads {when(ages.get('serving'))}"
+    known = [a for a in ages.values() if a is not None]
+    if any(abs(a) > DRIFT_WARN_S for a in known):
+        line += (f"; more than {DRIFT_WARN_S // 60} min apart, and this VM's speed drifts: "
+                 "`make fidelity` measures both right before its bench")
+    return line
 
 
 def _per_request(result: dict, key: str) -> str:

@@ -1,11 +1,13 @@
 """fidelity: the simulated trace matched request by request against the live bench's rows."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from orchestrator.sim.engine import Trace
-from orchestrator.sim.fidelity import describe, per_request_ratios
+from orchestrator.sim.fidelity import calibration_age_s, describe, per_request_ratios
 
 
 def _trace() -> Trace:
@@ -68,3 +70,26 @@ def test_describe_prints_errors_and_per_request_agreement():
 @pytest.mark.parametrize("rid", ["bench-", "bench--1", "bench-1.5"])
 def test_malformed_bench_ids_are_skipped(rid):
     assert per_request_ratios(_trace(), [{"request_id": rid, "ttft_ms": 1.0}])["ttft_ms"]["matched"] == 0
+
+
+def test_calibration_age_is_measured_from_the_cache_files_to_the_bench_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDO_CACHE_DIR", str(tmp_path))
+    profile = tmp_path / "cpu_profile.json"
+    profile.write_text("{}")
+    os.utime(profile, (1000.0, 1000.0))
+    assert calibration_age_s(1600.0) == {"cpu_profile": 600.0, "serving": None}  # no serving.json
+    assert calibration_age_s(None) is None  # a bench file from before it recorded its start
+
+
+def test_describe_warns_when_the_calibration_is_far_from_the_bench():
+    result = {"target": "p50 within 15%", "live_requests": 1, "per_request": {},
+              "simulated": {k: {"p50": 1.0, "p90": 1.0} for k in ("ttft_ms", "tpot_ms")},
+              "live": {k: {"p50": 1.0, "p90": 1.0} for k in ("ttft_ms", "tpot_ms")},
+              "error": {k: {"p50": 0.0, "p90": 0.0} for k in ("ttft_ms", "tpot_ms")}}
+    recent = describe({**result, "calibration_age_s": {"cpu_profile": 90.0, "serving": -30.0}})
+    assert "calibration: cpu profile 1.5 min before the live bench, serving overheads 0.5 min after" in recent
+    assert "make fidelity" not in recent
+    old = describe({**result, "calibration_age_s": {"cpu_profile": 3600.0, "serving": None}})
+    assert "cpu profile 60.0 min before the live bench, serving overheads not measured" in old
+    assert "`make fidelity` measures both right before its bench" in old
+    assert "calibration" not in describe({**result, "calibration_age_s": None})
