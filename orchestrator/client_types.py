@@ -68,6 +68,8 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Timings:
+    """Milliseconds spent in each phase of a request: the engine fills it, the client receives it."""
+
     queued_ms: float
     prefill_ms: float
     transfer_ms: float

@@ -16,9 +16,10 @@ from ray.exceptions import RayError
 from decode.worker import DecodeLoad
 from model.generation import find_stop
 from model.tokenizer import IncrementalDecoder, Tokenizer
+from orchestrator.client_types import Timings
 from orchestrator.decode_outputs import DecodeOutputs
 from orchestrator.pools import Pools
-from orchestrator.request import FinishReason, Request, RequestState, Timings
+from orchestrator.request import FinishReason, Request, RequestState
 from orchestrator.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
 from prefill.worker import PrefillJob, PrefillLoad
 

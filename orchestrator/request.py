@@ -1,4 +1,4 @@
-"""Contracts between stages: the request, its state machine, placements and timings."""
+"""Contracts between stages: the request, its state machine and placements (timings: client_types)."""
 from __future__ import annotations
 
 import enum
@@ -62,15 +62,3 @@ class Request:
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
-
-
-@dataclass(frozen=True, slots=True)
-class Timings:
-    """Milliseconds spent in each phase, as reported to the client."""
-
-    queued_ms: float
-    prefill_ms: float
-    transfer_ms: float
-    ttft_ms: float
-    mean_tpot_ms: float
-    e2e_ms: float
