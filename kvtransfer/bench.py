@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvtransfer.bench", description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=256, help="MiB of KV per run")
     p.add_argument("--chunk-kb", type=int, default=1024, help="payload bytes per frame")
-    p.add_argument("--window", type=int, default=8, help="unacknowledged frames in flight")
+    p.add_argument("--window", type=int, default=SenderConfig().window, help="unacknowledged frames in flight")
     p.add_argument("--checksum", type=lambda s: s.split(","), default=[DEFAULT_CHECKSUM, "crc32", "none"],
                    help="comma-separated schemes; the first is the 'kvtransfer' row, others add rows")
     p.add_argument("--repeats", type=int, default=7)

@@ -18,9 +18,9 @@ import threading
 M_TRIM_THRESHOLD = -1  # glibc malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit: allocations below this come from the heap
-TRIM_THRESHOLD = 32 * 1024 * 1024  # free heap kept per malloc arena before it goes back to the kernel:
-# a window of 1 MB frames with room to spare; per arena, so a process with many threads may keep
-# several times this (glibc makes up to 8 arenas per core)
+TRIM_THRESHOLD = 64 * 1024 * 1024  # free heap kept per malloc arena before it goes back to the kernel:
+# a window of 1 MB frames (SenderConfig.window = 32) with room to spare; per arena, so a process with
+# many threads may keep several times this (glibc makes up to 8 arenas per core)
 
 _lock = threading.Lock()
 _done: bool | None = None

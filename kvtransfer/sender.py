@@ -34,7 +34,10 @@ _ABORT_GRACE_S = 0.5
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
     chunk_bytes: int = 1 << 20  # payload bytes per frame (K + V), 256 KB - 1 MB works best
-    window: int = 8             # max unacknowledged frames in flight
+    # max unacknowledged frames in flight; the receiver acks every window // 2. An ack can wait a GIL
+    # switch interval (5 ms, ~15 MB at 3 GB/s) for its thread on either end, so 8 stalled the sender:
+    # 32 moved 7% more (2.70 vs 2.53 GB/s, medians of six alternating bench runs)
+    window: int = 32
     checksum: str = wire.DEFAULT_CHECKSUM  # "xxh3", "crc32", "adler32" or "none"
 
     def __post_init__(self) -> None:
