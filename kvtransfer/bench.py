@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=SenderConfig().window, help="unacknowledged frames in flight")
     p.add_argument("--checksum", type=lambda s: s.split(","), default=[DEFAULT_CHECKSUM, "crc32", "none"],
                    help="comma-separated schemes; the first is the 'kvtransfer' row, others add rows")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per transport (7 left runs +-6 points apart)")
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
                    help="comma-separated stream counts, e.g. 1,4")
     p.add_argument("--out", type=Path, default=Path("bench/results/kvtransfer.json"))
