@@ -8,8 +8,8 @@ Shared host (both pools on the `cpu` profile, not colocated: the live bench's pr
 actors on one machine): a prefill batch that starts while a decode unit is stepping takes
 PerfParams.corun_slowdown_prefill times longer, and decode steps run corun_slowdown_decode times
 slower while a prefill batch runs (running segments are cut at the next step when that changes).
-Both factors, and the request path latency added to each first token, are measured on the live
-stack by orchestrator/sim/serving.py (PerfParams; 1.0 / 0 for every other profile).
+Both factors, and the request path latency added to the first and the last token, are measured on
+the live stack by orchestrator/sim/serving.py (PerfParams; 1.0 / 0 for every other profile).
 """
 from __future__ import annotations
 
@@ -234,8 +234,9 @@ class Simulator:
 
     def _segment_end(self, now: float, d: int) -> None:
         unit = self.decode[d]
+        path = unit.dep.hw.perf.request_path_s  # the last token reaches the client the way the first did
         for f in unit.finish_segment():
-            self.tr.finish[int(f.request_id)] = now
+            self.tr.finish[int(f.request_id)] = now + path
         self._admit_pending(unit)
         if self.cfg.colocated and len(self.prefill[d].batcher):
             self._try_prefill(now, d)

@@ -211,5 +211,6 @@ def test_shared_host_corun_slowdowns_apply():
     e2e = {k: np.median(v.finish - v.arrival) for k, v in runs.items()}
     assert ttft["corun"] > ttft["none"] and e2e["corun"] > e2e["none"] * 1.05
     assert ttft["path"] == pytest.approx(ttft["none"] + 0.05, abs=0.02)
+    assert e2e["path"] == pytest.approx(e2e["none"] + 0.05, abs=0.02)  # the last token takes the path too
     # an idle request (the first) sees neither slowdown: measured tables only
     assert runs["corun"].first_token[0] - runs["corun"].arrival[0] == pytest.approx(0.13 + (50 - 16) * 1.07 / 496)
