@@ -41,10 +41,6 @@ class BlockAllocator:
     def capacity_tokens(self) -> int:
         return self.n_blocks * self.block_size
 
-    @property
-    def n_sequences(self) -> int:
-        return len(self._tables)
-
     def blocks_for(self, n_tokens: int) -> int:
         """Blocks needed to hold n_tokens tokens."""
         return -(-n_tokens // self.block_size)

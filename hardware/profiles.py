@@ -7,7 +7,7 @@ see hardware/calibration.py). Price and power are editable assumptions, not quot
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 GB = 1e9
 GIB = 2**30
@@ -88,13 +88,6 @@ class HardwareProfile:
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Dense peak per chip for the weight dtype (fp8 and narrower run at the FP8 rate)."""
         return self.flops_fp8 if dtype in ("fp8", "int8", "mxfp4", "int4") else self.flops_bf16
-
-    @property
-    def unit_mem_bytes(self) -> float:
-        return self.chips * self.mem_bytes
-
-    def with_perf(self, **changes) -> "HardwareProfile":
-        return replace(self, perf=replace(self.perf, **changes))
 
 
 NEURON = "aws-neuron-sdk trainium*.rst / trn*-arch.rst [A]"

@@ -113,10 +113,6 @@ class ModelSpec:
         """Parameters multiplied per token: active blocks plus the output layer (no embedding lookup)."""
         return self._body_active() + self.embedding_params
 
-    def layer_params(self) -> int:
-        """Average stored parameters per transformer block (for per-layer placement)."""
-        return (self.params_total() - self.embedding_params * (1 if self.tied_embeddings else 2)) // self.n_layers
-
     # ---- bytes -----------------------------------------------------------------------------
     def weight_bytes(self, dtype: str = "bf16") -> float:
         return self.params_total() * dtype_bytes(dtype)

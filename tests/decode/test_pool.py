@@ -49,6 +49,10 @@ def test_pool_capacity_in_bytes_and_tokens():
     per_block = LAYOUT.bytes_for(4)
     by_bytes = PagedKVPool(LAYOUT, 4, capacity_bytes=10 * per_block + per_block // 2)
     assert by_bytes.allocator.n_blocks == 10 and by_bytes.capacity_bytes == 10 * per_block
+    by_bytes.open("r", LAYOUT, 9)  # 9 tokens + 1 of headroom: 3 blocks
+    assert (by_bytes.used_bytes, by_bytes.free_bytes) == (3 * per_block, 7 * per_block)
+    by_bytes.abort("r")
+    assert by_bytes.free_bytes == by_bytes.capacity_bytes
     with pytest.raises(ValueError, match="capacity"):
         PagedKVPool(LAYOUT, 4, capacity_tokens=40, capacity_bytes=100)
 
