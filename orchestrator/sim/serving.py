@@ -2,8 +2,9 @@
 
 `python -m orchestrator.sim.serving` starts the live pools from cluster.yaml (local Ray, as the bench
 does), sends requests *one at a time* (an idle system: no queueing, no prefill/decode co-running),
-then keeps CORUN_BATCH requests decoding while prompts are prefilled one at a time, and compares the
-client-side timings with the engine times measured in-process (the cached `cpu` tables):
+then, for each batch in CORUN_BATCHES, keeps that many requests decoding while prompts are prefilled
+one at a time, and compares the client-side timings with the engine times measured in-process (the
+cached `cpu` tables):
 
 - prefill_extra_s + prefill_extra_per_token_s x prompt tokens: the prefill worker's own prefill_ms +
   transfer_tail_ms minus the in-process prefill_batch time (KV framing/sending in the per-layer
@@ -11,19 +12,22 @@ client-side timings with the engine times measured in-process (the cached `cpu` 
   prefill worker, so the simulator adds it to each prefill batch.
 - request_path_s: client TTFT minus the worker's queued + prefill + transfer time: frontend, Ray
   calls, gRPC to the client. It delays the first token but occupies no worker.
-- token_overhead_s at batch 1 and at CORUN_BATCH: client time per token minus the in-process decode
-  step (forward + sample) at that batch: the step loop's asyncio/executor hops, the engine's
-  `next_outputs` poll and gRPC streaming. Batch 1 from the idle requests' TPOT; CORUN_BATCH from the
-  co-run phase's per-token gaps outside any prefill window, when all CORUN_BATCH streams are decoding
-  (a burst of requests measured too low: its TPOT averages over the steps while the batch fills
-  up). Interpolated linearly in batch by the performance model.
+- token_overhead_s at batch 1 and at each of CORUN_BATCHES: client time per token minus the
+  in-process decode step (forward + sample) at that batch: the step loop's asyncio/executor hops, the
+  engine's `next_outputs` poll, gRPC streaming, and the step itself running slower next to the other
+  processes than alone (most at small batches, whose steps stream the weights from memory). Batch 1
+  from the idle requests' TPOT; the others from their co-run phase's per-token gaps outside any
+  prefill window, when all the phase's streams are decoding (a burst of requests measured too low:
+  its TPOT averages over the steps while the batch fills up). Interpolated linearly in batch by the
+  performance model (batch 4 because live steps between 1 and 8 ran above the straight line).
 
 - corun_slowdown_decode / corun_slowdown_prefill: the two actors share the host's 2 cores (and the
-  KV receiver runs in the decode actor's process). With CORUN_BATCH sequences decoding, prompts are
-  prefilled one at a time: the decode streams' per-token gaps inside the prefill windows over those
-  outside them, and the prefill worker's time over its idle-system time.
+  KV receiver runs in the decode actor's process). With a co-run phase's sequences decoding, prompts
+  are prefilled one at a time: the decode streams' per-token gaps inside the prefill windows over
+  those outside them (the mean over the phases), and the prefill worker's time over its idle-system
+  time (the median over every phase's prompts).
 
-Medians over the requests; writes serving.json next to the cpu profile cache (about 45 s).
+Medians over the requests; writes serving.json next to the cpu profile cache (about 60 s).
 No bench request is involved: these are idle-system measurements, not fits to the bench.
 """
 from __future__ import annotations
@@ -36,8 +40,9 @@ import numpy as np
 
 SERVING_PROMPTS = (16, 64, 256, 512, 16, 64, 256, 512)  # idle, one at a time (bench prompts <= 512)
 SERVING_OUTPUT = 17  # tokens per idle request
-CORUN_BATCH, CORUN_OUTPUT = 8, 110  # co-run phase: decode batch kept busy while prompts are prefilled
-CORUN_DECODE_PROMPT = 32  # prompt tokens of each of the CORUN_BATCH decoding requests
+CORUN_BATCHES = (4, 8)  # co-run phases: decode batches kept busy while prompts are prefilled
+CORUN_OUTPUT = 110  # tokens each of a phase's decoding requests generates
+CORUN_DECODE_PROMPT = 32  # prompt tokens of each decoding request of a co-run phase
 # prefilled one at a time while that batch decodes: short and long, as the bench's prompts (mostly
 # under 100 tokens, up to 512); short prefills slow down more (their fixed KV-send cost shares the cores too)
 CORUN_PROMPTS = (16, 256, 64, 128, 32, 256)
@@ -55,25 +60,26 @@ async def _request(client, ids: list[int], max_tokens: int, rid: str, stamps: li
                 queued_s=t.queued_ms / 1e3, prefill_s=t.prefill_ms / 1e3, transfer_s=t.transfer_ms / 1e3)
 
 
-async def _corun(client, tok, filler) -> tuple[list[dict], list[list], list[dict]]:
-    """Decode CORUN_BATCH long requests; once all stream, prefill CORUN_PROMPTS one at a time."""
+async def _corun(client, tok, filler, batch: int) -> tuple[list[dict], list[list]]:
+    """Decode `batch` long requests; once all stream, prefill CORUN_PROMPTS one at a time.
+    Returns the prompts' results and the decoding streams' (time, tokens) stamps."""
     from orchestrator.commands.bench import _prompt_ids
 
-    stamps: list[list] = [[] for _ in range(CORUN_BATCH)]
+    stamps: list[list] = [[] for _ in range(batch)]
     decoders = [asyncio.create_task(_request(client, _prompt_ids(tok, CORUN_DECODE_PROMPT, filler, 200 + i),
-                                             CORUN_OUTPUT, f"corun-d{i}", stamps[i])) for i in range(CORUN_BATCH)]
+                                             CORUN_OUTPUT, f"corun{batch}-d{i}", stamps[i])) for i in range(batch)]
     while min(len(s) for s in stamps) < 4:  # all decoding, a few steps in
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)  # a stretch of decode without prefill
     prefills = []
     for j, n in enumerate(CORUN_PROMPTS):
-        prefills.append(await _request(client, _prompt_ids(tok, n, filler, 300 + j), 1, f"corun-p{j}"))
+        prefills.append(await _request(client, _prompt_ids(tok, n, filler, 300 + j), 1, f"corun{batch}-p{j}"))
         await asyncio.sleep(0.6)
-    decoded = await asyncio.gather(*decoders)
-    return prefills, stamps, list(decoded)
+    await asyncio.gather(*decoders)
+    return prefills, stamps
 
 
-async def _collect(cfg) -> tuple[list[dict], list[dict]]:
+async def _collect(cfg) -> tuple[list[dict], dict[int, tuple[list[dict], list[list]]]]:
     from model.loaded import load_model
     from orchestrator.client import AsyncClient
     from orchestrator.commands.bench import FILLER, _prompt_ids
@@ -87,8 +93,10 @@ async def _collect(cfg) -> tuple[list[dict], list[dict]]:
         for i, n in enumerate(SERVING_PROMPTS):
             idle.append(await _request(client, _prompt_ids(tok, n, filler, i), SERVING_OUTPUT, f"idle-{i}"))
             await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)
-        corun = await _corun(client, tok, filler)
+        corun = {}
+        for batch in CORUN_BATCHES:
+            await asyncio.sleep(0.5)
+            corun[batch] = await _corun(client, tok, filler, batch)
     return idle, corun
 
 
@@ -113,29 +121,34 @@ def measure(config: str = "cluster.yaml") -> dict:
     m = load_or_measure()
     t = m.tables()
     assert t is not None, "the cpu profile has no engine tables (model wheel missing?)"
-    idle, (prefills, stamps, _) = asyncio.run(_collect(load_config(config)))
+    idle, corun = asyncio.run(_collect(load_config(config)))
     pf_extra = [r["prefill_s"] + r["transfer_s"] - _interp(r["prompt"], t.prefill_tokens, t.prefill_s) for r in idle]
     # extra = a + b * tokens (least squares over the idle requests: KV framing/sending grows with the prompt)
     slope, icept = np.polyfit([r["prompt"] for r in idle], pf_extra, 1)
     path = [r["ttft_s"] - r["queued_s"] - r["prefill_s"] - r["transfer_s"] for r in idle]
     # mean context over the generated tokens: prompt + half the output
     tok1 = [r["tpot_s"] - _measured_decode(t, 1, r["prompt"] + SERVING_OUTPUT / 2) for r in idle]
-    # co-run: prefill worker busy from start + queued to start + queued + prefill + transfer
-    windows = [(r["start"] + r["queued_s"], r["start"] + r["queued_s"] + r["prefill_s"] + r["transfer_s"])
-               for r in prefills]
-    inside, outside = _gaps(stamps, windows)
-    corun_decode = float(np.median(inside) / np.median(outside)) if inside and outside else 1.0
-    ctx = CORUN_BATCH * (CORUN_DECODE_PROMPT + CORUN_OUTPUT / 2)  # the batch's mean cached tokens
-    tok_batch = float(np.median(outside)) - _measured_decode(t, CORUN_BATCH, ctx) if outside else 0.0
+    prefills, decode_factors, tok_batches, gaps_ms = [], [], [], {}
+    for batch, (phase_prefills, stamps) in corun.items():
+        # prefill worker busy from start + queued to start + queued + prefill + transfer
+        windows = [(r["start"] + r["queued_s"], r["start"] + r["queued_s"] + r["prefill_s"] + r["transfer_s"])
+                   for r in phase_prefills]
+        inside, outside = _gaps(stamps, windows)
+        if inside and outside:
+            decode_factors.append(float(np.median(inside) / np.median(outside)))
+        ctx = batch * (CORUN_DECODE_PROMPT + CORUN_OUTPUT / 2)  # the batch's mean cached tokens
+        tok_batches.append(float(np.median(outside)) - _measured_decode(t, batch, ctx) if outside else 0.0)
+        gaps_ms[batch] = dict(inside=float(np.median(inside) * 1e3) if inside else None,
+                              outside=float(np.median(outside) * 1e3) if outside else None,
+                              n_inside=len(inside), n_outside=len(outside))
+        prefills += phase_prefills
     alone = [_interp(r["prompt"], t.prefill_tokens, t.prefill_s) + icept + slope * r["prompt"] for r in prefills]
     corun_prefill = float(np.median([(r["prefill_s"] + r["transfer_s"]) / a for r, a in zip(prefills, alone)]))
-    out = dict(fingerprint=m.fingerprint, corun_slowdown_decode=corun_decode, corun_slowdown_prefill=corun_prefill,
-               corun_gaps_ms=dict(inside=float(np.median(inside) * 1e3) if inside else None,
-                                  outside=float(np.median(outside) * 1e3) if outside else None,
-                                  n_inside=len(inside), n_outside=len(outside)),
-               prefill_extra_s=float(icept), prefill_extra_per_token_s=float(slope),
-               request_path_s=float(np.median(path)), token_overhead_batches=[1, CORUN_BATCH],
-               token_overhead_s=[float(np.median(tok1)), tok_batch],
+    out = dict(fingerprint=m.fingerprint, corun_slowdown_prefill=corun_prefill,
+               corun_slowdown_decode=float(np.mean(decode_factors)) if decode_factors else 1.0,
+               corun_gaps_ms=gaps_ms, prefill_extra_s=float(icept), prefill_extra_per_token_s=float(slope),
+               request_path_s=float(np.median(path)), token_overhead_batches=[1, *corun],
+               token_overhead_s=[float(np.median(tok1)), *tok_batches],
                raw=dict(idle=idle, corun_prefills=prefills))
     p = serving_path()
     p.write_text(json.dumps(out, indent=1))
