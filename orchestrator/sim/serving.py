@@ -113,15 +113,12 @@ def _gaps(stamps: list[list], windows: list[tuple[float, float]]) -> tuple[list[
     return inside, outside
 
 
-def measure(config: str = "cluster.yaml") -> dict:
-    from hardware.cpu import load_or_measure, serving_path
+def overheads(t, idle: list[dict], corun: dict[int, tuple[list[dict], list[list]]]) -> dict:
+    """The serving overheads (module docstring) from the requests' timings and the `cpu` tables `t`
+    (hardware.profiles.MeasuredTables): idle requests, and per co-run batch its prompts and the
+    decoding streams' (time, tokens) stamps."""
     from hardware.perf import _interp, _measured_decode
-    from orchestrator.config import load_config
 
-    m = load_or_measure()
-    t = m.tables()
-    assert t is not None, "the cpu profile has no engine tables (model wheel missing?)"
-    idle, corun = asyncio.run(_collect(load_config(config)))
     pf_extra = [r["prefill_s"] + r["transfer_s"] - _interp(r["prompt"], t.prefill_tokens, t.prefill_s) for r in idle]
     # extra = a + b * tokens (least squares over the idle requests: KV framing/sending grows with the prompt)
     slope, icept = np.polyfit([r["prompt"] for r in idle], pf_extra, 1)
@@ -144,14 +141,25 @@ def measure(config: str = "cluster.yaml") -> dict:
         prefills += phase_prefills
     alone = [_interp(r["prompt"], t.prefill_tokens, t.prefill_s) + icept + slope * r["prompt"] for r in prefills]
     corun_prefill = float(np.median([(r["prefill_s"] + r["transfer_s"]) / a for r, a in zip(prefills, alone)]))
-    out = dict(fingerprint=m.fingerprint, corun_slowdown_prefill=corun_prefill,
-               corun_slowdown_decode=float(np.mean(decode_factors)) if decode_factors else 1.0,
-               corun_gaps_ms=gaps_ms, prefill_extra_s=float(icept), prefill_extra_per_token_s=float(slope),
-               request_path_s=float(np.median(path)), token_overhead_batches=[1, *corun],
-               token_overhead_s=[float(np.median(tok1)), *tok_batches],
-               raw=dict(idle=idle, corun_prefills=prefills))
-    p = serving_path()
-    p.write_text(json.dumps(out, indent=1))
+    return dict(corun_slowdown_prefill=corun_prefill,
+                corun_slowdown_decode=float(np.mean(decode_factors)) if decode_factors else 1.0,
+                corun_gaps_ms=gaps_ms, prefill_extra_s=float(icept), prefill_extra_per_token_s=float(slope),
+                request_path_s=float(np.median(path)), token_overhead_batches=[1, *corun],
+                token_overhead_s=[float(np.median(tok1)), *tok_batches])
+
+
+def measure(config: str = "cluster.yaml") -> dict:
+    """Measure on the live stack of `config` and write serving.json; returns what it wrote."""
+    from hardware.cpu import load_or_measure, serving_path
+    from orchestrator.config import load_config
+
+    m = load_or_measure()
+    t = m.tables()
+    assert t is not None, "the cpu profile has no engine tables (model wheel missing?)"
+    idle, corun = asyncio.run(_collect(load_config(config)))
+    out = dict(fingerprint=m.fingerprint, **overheads(t, idle, corun),
+               raw=dict(idle=idle, corun_prefills=[r for prefills, _ in corun.values() for r in prefills]))
+    serving_path().write_text(json.dumps(out, indent=1))
     return out
 
 
