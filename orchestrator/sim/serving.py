@@ -131,12 +131,14 @@ def overheads(t, idle: list[dict], corun: dict[int, tuple[list[dict], list[list]
         windows = [(r["start"] + r["queued_s"], r["start"] + r["queued_s"] + r["prefill_s"] + r["transfer_s"])
                    for r in phase_prefills]
         inside, outside = _gaps(stamps, windows)
-        if inside and outside:
-            decode_factors.append(float(np.median(inside) / np.median(outside)))
+        gap_in = float(np.median(inside)) if inside else None  # seconds per token
+        gap_out = float(np.median(outside)) if outside else None
+        if gap_in is not None and gap_out is not None:
+            decode_factors.append(gap_in / gap_out)
         ctx = batch * (CORUN_DECODE_PROMPT + CORUN_OUTPUT / 2)  # the batch's mean cached tokens
-        tok_batches.append(float(np.median(outside)) - _measured_decode(t, batch, ctx) if outside else 0.0)
-        gaps_ms[batch] = dict(inside=float(np.median(inside) * 1e3) if inside else None,
-                              outside=float(np.median(outside) * 1e3) if outside else None,
+        tok_batches.append(gap_out - _measured_decode(t, batch, ctx) if gap_out is not None else 0.0)
+        gaps_ms[batch] = dict(inside=None if gap_in is None else gap_in * 1e3,
+                              outside=None if gap_out is None else gap_out * 1e3,
                               n_inside=len(inside), n_outside=len(outside))
         prefills += phase_prefills
     alone = [_interp(r["prompt"], t.prefill_tokens, t.prefill_s) + icept + slope * r["prompt"] for r in prefills]
