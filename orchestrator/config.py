@@ -42,6 +42,7 @@ class FrontendConfig:
     port: int = 50051
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_requests: int = 256
+    metrics_port: int | None = 9400  # Prometheus text at http://host:metrics_port/metrics; None = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,14 @@ class ConfigReader:
         if not items:
             raise self.error(key, "empty list")
         return tuple(ConfigReader(self.path, {key: x}, self.prefix).get(key, kind, minimum=minimum) for x in items)
+
+
+def _port(r: ConfigReader, key: str, default: int) -> int:
+    """A TCP port; 0 picks a free one."""
+    port = r.get(key, int, default, minimum=0)
+    if port > 65535:
+        raise r.error(key, f"must be <= 65535, got {port}")
+    return port
 
 
 def _pool(r: ConfigReader, kind: str) -> PoolConfig:
@@ -201,6 +210,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     wl = meta.sub("workload")
     trace = resolve_data_path(Path(wl.get("trace", str)), path.parent)
     host = fe.get("host", str, "127.0.0.1")
+    metrics_port = None if fe.tree.get("metrics_port", ...) is None else _port(fe, "metrics_port", 9400)
     return Config(
         path=path,
         model_name=model.get("name", str),
@@ -208,7 +218,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         prefill=_pool(pools.sub("prefill"), "prefill"),
         decode=_pool(pools.sub("decode"), "decode"),
         frontend=FrontendConfig(
-            host=host, port=fe.get("port", int, 50051, minimum=0),
+            host=host, port=_port(fe, "port", 50051), metrics_port=metrics_port,
             max_message_bytes=fe.get("max_message_bytes", int, 4 * 1024 * 1024, minimum=1024),
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
         router_policy=policy,

@@ -17,6 +17,7 @@ class Deployment:
     cfg: Config
     host: str | None = None
     port: int | None = None  # None: the config's port; 0: any free port
+    metrics_port: int | None = None  # the same for the Prometheus endpoint
 
     async def __aenter__(self) -> "Deployment":
         import ray
@@ -34,9 +35,12 @@ class Deployment:
         self.engine = Engine(self.pools, lm.tokenizer, Router(self.cfg.router_policy), self.cfg.decode.max_batch)
         await self.engine.start()
         cfg_model = lm.weights.config
-        self.server, self.bound_port = await start_frontend(
-            self.cfg, self.engine, lm.tokenizer, cfg_model.context_length, cfg_model.n_layers, self.host, self.port)
-        self.target = f"{self.host or self.cfg.frontend.host}:{self.bound_port}"
+        self.frontend = await start_frontend(self.cfg, self.engine, lm.tokenizer, cfg_model.context_length,
+                                             cfg_model.n_layers, self.host, self.port, self.metrics_port)
+        host = self.host or self.cfg.frontend.host
+        self.target = f"{host}:{self.frontend.port}"
+        self.metrics_url = None if self.frontend.metrics_port is None else \
+            f"http://{host}:{self.frontend.metrics_port}/metrics"
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -44,11 +48,11 @@ class Deployment:
 
         from orchestrator.pools import shutdown_pools
 
-        await self.server.stop(grace=1.0)
+        await self.frontend.stop(grace=1.0)
         await self.engine.stop()
         shutdown_pools(self.pools)
         if self._owns_ray:
             ray.shutdown()
 
     async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
+        await self.frontend.server.wait_for_termination()

@@ -1,14 +1,15 @@
 """The gRPC frontend (asyncio): validate, tokenize, hand to the Engine, stream tokens back.
 
-Serves disagg.v1.Inference plus grpc.health.v1 and server reflection. Generate parses its own
-request bytes so a prompt with invalid UTF-8 gets INVALID_ARGUMENT instead of a generic
-deserialization failure.
+Serves disagg.v1.Inference plus grpc.health.v1 and server reflection, and Prometheus metrics over
+HTTP (orchestrator/serving_metrics.py). Generate parses its own request bytes so a prompt with invalid
+UTF-8 gets INVALID_ARGUMENT instead of a generic deserialization failure.
 """
 from __future__ import annotations
 
 import math
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -21,6 +22,7 @@ from model.tokenizer import ChatMessage, Tokenizer
 from orchestrator.config import Config
 from orchestrator.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
 from orchestrator.request import FinishReason, Request, SLATarget
+from orchestrator.serving_metrics import ServingMetrics, start_metrics_server
 from protos.disagg.v1 import inference_pb2 as pb
 
 log = structlog.get_logger("frontend")
@@ -49,6 +51,7 @@ class InferenceService:
         self.context_length = context_length
         self.n_layers = n_layers
         self._running: set[str] = set()
+        self.metrics = ServingMetrics(self.pools)
 
     # -- validation ----------------------------------------------------------------------
 
@@ -129,29 +132,46 @@ class InferenceService:
         try:
             msg = pb.GenerateRequest.FromString(raw)
         except DecodeError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request: not a valid GenerateRequest (invalid UTF-8 in a string field?): {e}")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request: not a valid GenerateRequest (invalid UTF-8 in a string field?): {e}")
         try:
             req = self.build_request(msg)
         except RequestInvalid as e:
             log.info("invalid request", request_id=msg.request_id, code=e.code.name, reason=str(e))
-            await context.abort(e.code, str(e))
+            await self._refuse(context, e.code, str(e))
         if req.request_id in self._running:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} is already running")
+            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} is already running")
         if len(self._running) >= self.cfg.frontend.max_concurrent_requests:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server: {len(self._running)} requests running, the limit is "
-                                f"{self.cfg.frontend.max_concurrent_requests}")
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server: {len(self._running)} requests running, the limit is "
+                               f"{self.cfg.frontend.max_concurrent_requests}")
         self._running.add(req.request_id)
+        self.metrics.running.inc()
         log.info("accepted", request_id=req.request_id, prompt_tokens=req.prompt_tokens,
                  max_tokens=req.sampling.max_tokens)
+        sla_class = msg.sla.sla_class or self.cfg.default_sla_class
         events = self.engine.generate(req)
+        ended = False
         try:
             async for ev in events:
+                if isinstance(ev, FinalEvent):
+                    self.metrics.final(ev, sla_class, req.sla)
+                    ended = True
+                elif isinstance(ev, ErrorEvent):
+                    self.metrics.failed.labels(ev.code).inc()
+                    ended = True
                 yield self._response(req.request_id, ev)
         finally:  # on client cancel too: closing the engine's stream aborts the request on both pools
             await events.aclose()
             self._running.discard(req.request_id)
+            self.metrics.running.dec()
+            if not ended:
+                self.metrics.failed.labels(grpc.StatusCode.CANCELLED.name).inc()
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        """End the call before its stream starts (context.abort raises)."""
+        self.metrics.refused(code.name)
+        await context.abort(code, message)
 
     @staticmethod
     def _response(rid: str, ev) -> pb.GenerateResponse:
@@ -182,7 +202,8 @@ class InferenceService:
             sla_classes=[pb.SLAClass(name=n, ttft_ms=s.ttft_ms, tpot_ms=s.tpot_ms)
                          for n, s in self.cfg.sla_classes.items()])
 
-    async def server_info(self, msg, context) -> pb.ServerInfo:
+    def pools(self) -> list[pb.PoolInfo]:
+        """Both pools' workers as the engine last saw them (GetServerInfo, the metrics' gauges)."""
         hw = self.engine.pools.hardware
         budget = max(self.cfg.prefill.token_budget, 1)
         prefill = pb.PoolInfo(name="prefill", kind=pb.WORKER_KIND_PREFILL, hardware=self.cfg.prefill.hardware, workers=[
@@ -197,7 +218,10 @@ class InferenceService:
                           active_requests=l.active, queued_requests=l.waiting, kv_blocks_free=l.free_blocks,
                           kv_blocks_total=l.total_blocks, healthy=w not in self.engine.unhealthy)
             for w, l in self.engine.decode_loads.items()])
-        return pb.ServerInfo(version="0.1.0", model=self.cfg.model_name, pools=[prefill, decode])
+        return [prefill, decode]
+
+    async def server_info(self, msg, context) -> pb.ServerInfo:
+        return pb.ServerInfo(version="0.1.0", model=self.cfg.model_name, pools=self.pools())
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -215,9 +239,25 @@ class InferenceService:
         })
 
 
+@dataclass
+class Frontend:
+    """A started frontend: the gRPC server and, if enabled, the metrics endpoint."""
+
+    server: grpc.aio.Server
+    port: int  # the gRPC port it bound
+    metrics_port: int | None  # the HTTP port of /metrics, None when off
+    _metrics_runner: object | None = None
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.server.stop(grace=grace)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+
 async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, context_length: int, n_layers: int,
-                         host: str | None = None, port: int | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the frontend; returns the server and the port it bound (port 0 picks a free one)."""
+                         host: str | None = None, port: int | None = None, metrics_port: int | None = None) -> Frontend:
+    """Start the frontend on host:port and its metrics on host:metrics_port (None: the config's
+    values; port 0 picks a free one)."""
     limit = cfg.frontend.max_message_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)])
@@ -227,10 +267,19 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{host or cfg.frontend.host}:{cfg.frontend.port if port is None else port}"
-    bound = server.add_insecure_port(address)
+    host = host or cfg.frontend.host
+    bound = server.add_insecure_port(f"{host}:{cfg.frontend.port if port is None else port}")
     await server.start()
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("frontend listening", address=f"{host or cfg.frontend.host}:{bound}")
-    return server, bound
+    log.info("frontend listening", address=f"{host}:{bound}")
+    metrics_port = cfg.frontend.metrics_port if metrics_port is None else metrics_port
+    if metrics_port is None:
+        return Frontend(server, bound, None)
+    try:
+        runner, metrics_bound = await start_metrics_server(service.metrics, host, metrics_port)
+    except OSError as e:
+        await server.stop(grace=None)
+        raise OSError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
+    log.info("metrics listening", address=f"http://{host}:{metrics_bound}/metrics")
+    return Frontend(server, bound, metrics_bound, runner)

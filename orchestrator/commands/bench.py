@@ -96,7 +96,7 @@ async def _bench(cfg, args) -> dict:
     tok = load_model().tokenizer
     filler = tok.encode(FILLER)
     sla = cfg.sla_classes[cfg.default_sla_class]
-    async with Deployment(cfg, port=0) as dep:
+    async with Deployment(cfg, port=0, metrics_port=0) as dep:
         print(f"pools: {len(dep.pools.prefill)} prefill x {cfg.prefill.hardware}, "
               f"{len(dep.pools.decode)} decode x {cfg.decode.hardware}; frontend {dep.target}")
         async with AsyncClient(dep.target) as client:

@@ -29,14 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_argument(p)
     p.add_argument("--host", default=None, help="bind address (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default from the config; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the Prometheus /metrics endpoint (default from the config: 9400; 0 picks a free one)")
 
 
-async def _serve(cfg, host, port) -> None:
+async def _serve(cfg, host, port, metrics_port) -> None:
     from orchestrator.deployment import Deployment
 
-    async with Deployment(cfg, host, port) as dep:
+    async with Deployment(cfg, host, port, metrics_port) as dep:
         print(f"serving {cfg.model_name} on {dep.target} "
               f"({len(dep.pools.prefill)} prefill, {len(dep.pools.decode)} decode workers); Ctrl-C stops", flush=True)
+        if dep.metrics_url:
+            print(f"metrics: {dep.metrics_url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,5 +54,9 @@ def run(args) -> int:
 
     configure_logging(level="INFO")
     cfg = load_config_or_exit(args.config)
-    asyncio.run(_serve(cfg, args.host, args.port))
+    for name in ("port", "metrics_port"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 65535:
+            raise UserError(f"--{name.replace('_', '-')}: must be a port in [0, 65535], got {value}")
+    asyncio.run(_serve(cfg, args.host, args.port, args.metrics_port))
     return 0

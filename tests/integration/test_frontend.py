@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def deployment(tmp_path_factory):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, port=0).__aenter__(), loop).result(timeout=300)
+    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, port=0, metrics_port=0).__aenter__(), loop).result(timeout=300)
     yield dep
     asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=60)
     loop.call_soon_threadsafe(loop.stop)
@@ -69,8 +70,6 @@ def _kv_all_free(client) -> bool:
 
 
 def _wait_kv_free(client, timeout_s=10.0) -> bool:
-    import time
-
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if _kv_all_free(client):
@@ -126,8 +125,6 @@ def test_client_cancel_frees_kv_on_both_sides(client):
 
 
 def test_abort_rpc_ends_the_stream_and_unknown_ids_are_not_found(client):
-    import time
-
     stream = client.generate(prompt="List every prime number:", max_tokens=400, request_id="to-abort")
     it = iter(stream)
     next(it)
@@ -219,3 +216,48 @@ def test_ignore_eos_generates_exactly_max_tokens(client):
     assert normal.final.finish_reason == "stop" and normal.final.usage.completion_tokens < 40
     forced = client.complete(messages=question, max_tokens=40, ignore_eos=True)
     assert forced.final.finish_reason == "length" and forced.final.usage.completion_tokens == 40
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample at a Prometheus endpoint, keyed by (name, sorted labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_endpoint_counts_what_the_clients_saw(deployment, client):
+    assert deployment.metrics_url.startswith("http://127.0.0.1:")
+    before = _scrape(deployment.metrics_url)
+    done = [client.complete(prompt=f"Count to {n}.", max_tokens=6, sla_class="interactive") for n in (3, 4)]
+    with pytest.raises(cl.InvalidArgument):
+        client.complete(prompt="", max_tokens=4)
+    stream = client.generate(prompt="Count from one to one thousand:", max_tokens=400)
+    next(iter(stream))
+    stream.cancel()
+    assert _wait_kv_free(client)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    for _ in range(50):  # the server sees the cancel a moment after the client
+        after = _scrape(deployment.metrics_url)
+        if delta("pdorch_requests_failed_total", code="CANCELLED") and not after[("pdorch_requests_running", ())]:
+            break
+        time.sleep(0.1)
+
+    reasons = {c.final.finish_reason for c in done}
+    assert sum(delta("pdorch_requests_finished_total", finish_reason=r, sla_class="interactive") for r in reasons) == 2
+    assert delta("pdorch_requests_failed_total", code="INVALID_ARGUMENT") == 1
+    assert delta("pdorch_requests_failed_total", code="CANCELLED") == 1
+    assert delta("pdorch_generation_tokens_total") == sum(c.final.usage.completion_tokens for c in done)
+    assert delta("pdorch_time_to_first_token_seconds_count") == 2
+    assert after[("pdorch_requests_running", ())] == 0
+    decode = {labels: v for (name, labels), v in after.items() if name == "pdorch_decode_kv_blocks_total"}
+    assert len(decode) == 2 and all(v > 0 for v in decode.values())
+    assert all(v == 1 for (name, _), v in after.items() if name == "pdorch_worker_healthy")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def deployment(tmp_path_factory):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(parse_config(tree, path), port=0).__aenter__(), loop).result(300)
+    dep = asyncio.run_coroutine_threadsafe(Deployment(parse_config(tree, path), port=0, metrics_port=0).__aenter__(), loop).result(300)
     yield dep
     asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=60)
     loop.call_soon_threadsafe(loop.stop)
@@ -82,6 +83,10 @@ def test_decode_worker_death_fails_its_request_and_the_server_keeps_serving(depl
             time.sleep(0.1)
         health = {w: info.healthy for w, info in _decode_workers(c).items()}
         assert health[busy[0]] is False and sum(health.values()) == 1, health
+        with urllib.request.urlopen(deployment.metrics_url, timeout=10) as r:
+            metrics = r.read().decode()
+        assert f'pdorch_worker_healthy{{pool="decode",worker="{busy[0]}"}} 0.0' in metrics
+        assert 'pdorch_requests_failed_total{code="UNAVAILABLE"} 1.0' in metrics
 
         for i in range(3):  # every new request lands on the surviving worker and completes
             done = c.complete(f"Say hello number {i}.", max_tokens=8)

@@ -28,7 +28,14 @@ def test_orchestrator_settings_load_from_metadata():
     assert cfg.local_resources["neuron_cores"] >= 1 and cfg.local_resources["cs3"] >= 1
     assert cfg.default_sla_class in cfg.sla_classes
     assert cfg.frontend.host == "127.0.0.1" and cfg.decode.kv_host == "127.0.0.1"
+    assert cfg.frontend.metrics_port == 9400
     assert cfg.workload.trace.is_file()
+
+
+def test_metrics_port_null_turns_the_endpoint_off():
+    tree = _tree()
+    tree["metadata"]["frontend"]["metrics_port"] = None
+    assert parse_config(tree, Path("cluster.yaml")).frontend.metrics_port is None
 
 
 def _tree():
@@ -43,6 +50,9 @@ def _tree():
     (lambda t: t["metadata"]["sla_classes"]["interactive"].update(ttft_ms=-5), "metadata.sla_classes.interactive.ttft_ms"),
     (lambda t: t["metadata"].update(default_sla_class="gold"), "metadata.default_sla_class"),
     (lambda t: t["metadata"]["pools"]["decode"].update(kv_host="decode-node"), "metadata.pools.decode.kv_host"),
+    (lambda t: t["metadata"]["frontend"].update(metrics_port=70000), "metadata.frontend.metrics_port"),
+    (lambda t: t["metadata"]["frontend"].update(metrics_port="9400"), "metadata.frontend.metrics_port"),
+    (lambda t: t["metadata"]["frontend"].update(port=-1), "metadata.frontend.port"),
 ])
 def test_invalid_config_names_file_and_key(mutate, key):
     tree = _tree()
