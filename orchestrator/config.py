@@ -43,6 +43,7 @@ class FrontendConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_requests: int = 256
     metrics_port: int | None = 9400  # Prometheus text at http://host:metrics_port/metrics; None = off
+    shutdown_grace_s: float = 30.0  # on stop, streams in flight get this long to finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         decode=_pool(pools.sub("decode"), "decode"),
         frontend=FrontendConfig(
             host=host, port=_port(fe, "port", 50051), metrics_port=metrics_port,
+            shutdown_grace_s=fe.get("shutdown_grace_s", float, 30.0, minimum=0.0),
             max_message_bytes=fe.get("max_message_bytes", int, 4 * 1024 * 1024, minimum=1024),
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
         router_policy=policy,

@@ -48,7 +48,7 @@ class Deployment:
 
         from orchestrator.pools import shutdown_pools
 
-        await self.frontend.stop(grace=1.0)
+        await self.frontend.stop(self.cfg.frontend.shutdown_grace_s)
         await self.engine.stop()
         shutdown_pools(self.pools)
         if self._owns_ray:

@@ -244,12 +244,17 @@ class Frontend:
     """A started frontend: the gRPC server and, if enabled, the metrics endpoint."""
 
     server: grpc.aio.Server
+    health: health.aio.HealthServicer
     port: int  # the gRPC port it bound
     metrics_port: int | None  # the HTTP port of /metrics, None when off
     _metrics_runner: object | None = None
 
-    async def stop(self, grace: float = 1.0) -> None:
-        await self.server.stop(grace=grace)
+    async def stop(self, grace_s: float) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, give streams in flight up to grace_s to
+        finish, then cancel the rest (their requests are aborted on both pools)."""
+        await self.health.enter_graceful_shutdown()
+        log.info("frontend draining", grace_s=grace_s)
+        await self.server.stop(grace=grace_s)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 
@@ -275,11 +280,11 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
     log.info("frontend listening", address=f"{host}:{bound}")
     metrics_port = cfg.frontend.metrics_port if metrics_port is None else metrics_port
     if metrics_port is None:
-        return Frontend(server, bound, None)
+        return Frontend(server, health_servicer, bound, None)
     try:
         runner, metrics_bound = await start_metrics_server(service.metrics, host, metrics_port)
     except OSError as e:
         await server.stop(grace=None)
         raise OSError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
     log.info("metrics listening", address=f"http://{host}:{metrics_bound}/metrics")
-    return Frontend(server, bound, metrics_bound, runner)
+    return Frontend(server, health_servicer, bound, metrics_bound, runner)

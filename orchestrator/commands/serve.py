@@ -46,7 +46,10 @@ async def _serve(cfg, host, port, metrics_port) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        print("stopping", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C stops at once
+            loop.remove_signal_handler(sig)
+        print(f"draining: streams in flight get up to {cfg.frontend.shutdown_grace_s:g} s "
+              "(Ctrl-C again stops now)", flush=True)
 
 
 def run(args) -> int:

@@ -53,6 +53,7 @@ def _tree():
     (lambda t: t["metadata"]["frontend"].update(metrics_port=70000), "metadata.frontend.metrics_port"),
     (lambda t: t["metadata"]["frontend"].update(metrics_port="9400"), "metadata.frontend.metrics_port"),
     (lambda t: t["metadata"]["frontend"].update(port=-1), "metadata.frontend.port"),
+    (lambda t: t["metadata"]["frontend"].update(shutdown_grace_s=-1), "metadata.frontend.shutdown_grace_s"),
 ])
 def test_invalid_config_names_file_and_key(mutate, key):
     tree = _tree()

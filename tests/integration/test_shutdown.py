@@ -1,0 +1,51 @@
+"""Stopping a deployment drains it: streams in flight finish, new calls are refused."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import client as cl
+from orchestrator.config import parse_config
+from orchestrator.deployment import Deployment
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_path):
+    tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    tree["metadata"]["frontend"]["shutdown_grace_s"] = 60.0
+    cfg = parse_config(tree, tmp_path / "cluster.yaml")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, port=0, metrics_port=0).__aenter__(), loop).result(300)
+    stopping = None
+    try:
+        with cl.Client(dep.target, timeout=120) as c:
+            stream = c.generate("Tell me a long story about the sea.", max_tokens=40, ignore_eos=True)
+            chunks = iter(stream)
+            got = len(next(chunks).token_ids)
+            stopping = asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop)
+            deadline = time.monotonic() + 10
+            refused = None
+            while refused is None and time.monotonic() < deadline:
+                try:
+                    c.complete("Hello?", max_tokens=2)
+                    time.sleep(0.05)
+                except cl.ClientError as e:
+                    refused = e
+            assert isinstance(refused, cl.Unavailable), refused
+            got += sum(len(chunk.token_ids) for chunk in chunks)
+            assert got == 40 and stream.final.finish_reason == "length"
+        stopping.result(timeout=120)
+    finally:
+        if stopping is None:
+            asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
