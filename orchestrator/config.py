@@ -44,6 +44,7 @@ class FrontendConfig:
     max_concurrent_requests: int = 256
     metrics_port: int | None = 9400  # Prometheus text at http://host:metrics_port/metrics; None = off
     shutdown_grace_s: float = 30.0  # on stop, streams in flight get this long to finish
+    tls: tuple[Path, Path] | None = None  # (certificate chain, private key) PEM files; None = plaintext
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,28 @@ def _port(r: ConfigReader, key: str, default: int) -> int:
     if port > 65535:
         raise r.error(key, f"must be <= 65535, got {port}")
     return port
+
+
+def _tls(r: ConfigReader, config_dir: Path) -> tuple[Path, Path] | None:
+    """tls_cert_file and tls_key_file (PEM, relative to the config's folder): both or neither."""
+    given = [k for k in ("tls_cert_file", "tls_key_file") if r.tree.get(k) is not None]
+    if not given:
+        return None
+    if len(given) == 1:
+        missing = ({"tls_cert_file", "tls_key_file"} - set(given)).pop()
+        raise r.error(missing, f"required with {given[0]} (TLS needs both)")
+    files = []
+    for key, marker in (("tls_cert_file", "-----BEGIN CERTIFICATE-----"), ("tls_key_file", "PRIVATE KEY-----")):
+        f = Path(r.get(key, str))
+        f = f if f.is_absolute() else config_dir / f
+        try:
+            text = f.read_text(errors="replace")
+        except OSError as e:
+            raise r.error(key, f"cannot read {f}: {e.strerror}") from None
+        if marker not in text:
+            raise r.error(key, f"{f} is not a PEM file with a {marker.strip('-').lower()}")
+        files.append(f.resolve())
+    return files[0], files[1]
 
 
 def _pool(r: ConfigReader, kind: str) -> PoolConfig:
@@ -220,7 +243,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         decode=_pool(pools.sub("decode"), "decode"),
         frontend=FrontendConfig(
             host=host, port=_port(fe, "port", 50051), metrics_port=metrics_port,
-            shutdown_grace_s=fe.get("shutdown_grace_s", float, 30.0, minimum=0.0),
+            shutdown_grace_s=fe.get("shutdown_grace_s", float, 30.0, minimum=0.0), tls=_tls(fe, path.parent),
             max_message_bytes=fe.get("max_message_bytes", int, 4 * 1024 * 1024, minimum=1024),
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
         router_policy=policy,

@@ -18,6 +18,7 @@ class Deployment:
     host: str | None = None
     port: int | None = None  # None: the config's port; 0: any free port
     metrics_port: int | None = None  # the same for the Prometheus endpoint
+    api_key: str | None = None  # inference calls need it as a bearer token; None: no authentication
 
     async def __aenter__(self) -> "Deployment":
         import ray
@@ -36,7 +37,8 @@ class Deployment:
         await self.engine.start()
         cfg_model = lm.weights.config
         self.frontend = await start_frontend(self.cfg, self.engine, lm.tokenizer, cfg_model.context_length,
-                                             cfg_model.n_layers, self.host, self.port, self.metrics_port)
+                                             cfg_model.n_layers, self.host, self.port, self.metrics_port,
+                                             self.api_key)
         host = self.host or self.cfg.frontend.host
         self.target = f"{host}:{self.frontend.port}"
         self.metrics_url = None if self.frontend.metrics_port is None else \

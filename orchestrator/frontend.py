@@ -1,7 +1,7 @@
 """The gRPC frontend (asyncio): validate, tokenize, hand to the Engine, stream tokens back.
 
 Serves disagg.v1.Inference plus grpc.health.v1 and server reflection, and Prometheus metrics over
-HTTP (orchestrator/serving_metrics.py). Generate parses its own request bytes so a prompt with invalid
+HTTP (orchestrator/serving_metrics.py); inference calls can require a bearer token (orchestrator/auth.py). Generate parses its own request bytes so a prompt with invalid
 UTF-8 gets INVALID_ARGUMENT instead of a generic deserialization failure.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from model.sampling import SamplingParams
 from model.tokenizer import ChatMessage, Tokenizer
+from orchestrator.auth import BearerAuth
 from orchestrator.config import Config
 from orchestrator.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
 from orchestrator.request import FinishReason, Request, SLATarget
@@ -259,25 +261,42 @@ class Frontend:
             await self._metrics_runner.cleanup()
 
 
+def listen(server: grpc.aio.Server, address: str, tls: tuple[Path, Path] | None) -> int:
+    """Bind `address` in plaintext, or with TLS from (certificate chain, private key) PEM files;
+    returns the port bound."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    cert, key = tls
+    try:
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    except RuntimeError as e:  # gRPC says only "Failed to bind"; its log has the TLS reason
+        raise RuntimeError(f"frontend: cannot listen on {address} with TLS from {cert} and {key} "
+                           f"(does the key match the certificate?): {e}") from None
+
+
 async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, context_length: int, n_layers: int,
-                         host: str | None = None, port: int | None = None, metrics_port: int | None = None) -> Frontend:
+                         host: str | None = None, port: int | None = None, metrics_port: int | None = None,
+                         api_key: str | None = None) -> Frontend:
     """Start the frontend on host:port and its metrics on host:metrics_port (None: the config's
-    values; port 0 picks a free one)."""
+    values; port 0 picks a free one). With an api_key, inference calls need it as a bearer token
+    (orchestrator/auth.py)."""
     limit = cfg.frontend.max_message_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit)])
     service = InferenceService(cfg, engine, tokenizer, context_length, n_layers)
+    interceptors = [BearerAuth(api_key, (SERVICE,), service.metrics.refused)] if api_key else []
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)], interceptors=interceptors)
     server.add_generic_rpc_handlers([service.handler()])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     host = host or cfg.frontend.host
-    bound = server.add_insecure_port(f"{host}:{cfg.frontend.port if port is None else port}")
+    bound = listen(server, f"{host}:{cfg.frontend.port if port is None else port}", cfg.frontend.tls)
     await server.start()
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("frontend listening", address=f"{host}:{bound}")
+    log.info("frontend listening", address=f"{host}:{bound}", tls=cfg.frontend.tls is not None,
+             auth="bearer token" if api_key else "none")
     metrics_port = cfg.frontend.metrics_port if metrics_port is None else metrics_port
     if metrics_port is None:
         return Frontend(server, health_servicer, bound, None)

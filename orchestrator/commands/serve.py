@@ -34,13 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _serve(cfg, host, port, metrics_port) -> None:
+    from orchestrator.auth import API_KEY_ENV, api_key_from_env
     from orchestrator.deployment import Deployment
 
-    async with Deployment(cfg, host, port, metrics_port) as dep:
+    api_key = api_key_from_env()
+    async with Deployment(cfg, host, port, metrics_port, api_key) as dep:
         print(f"serving {cfg.model_name} on {dep.target} "
               f"({len(dep.pools.prefill)} prefill, {len(dep.pools.decode)} decode workers); Ctrl-C stops", flush=True)
         if dep.metrics_url:
             print(f"metrics: {dep.metrics_url}", flush=True)
+        auth = f"bearer token from {API_KEY_ENV}" if api_key else f"none (set {API_KEY_ENV} to require a bearer token)"
+        print(f"tls: {'on' if cfg.frontend.tls else 'off'}; auth: {auth}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

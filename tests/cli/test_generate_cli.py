@@ -52,8 +52,9 @@ def test_generate_local_prints_an_answer():
     (["--local", "hi", "--top-p", "0"], "top_p"),
     (["--local", "hi", "--top-p", "1.5"], "top_p"),
     (["--local", "hi", "--stop", ""], "stop"),
+    (["--target", "127.0.0.1:1", "hi", "--tls-ca", "/no/such/ca.pem"], "--tls-ca"),
 ], ids=["empty", "blank", "max_tokens_0", "max_tokens_neg", "temperature_neg", "temperature_nan",
-        "top_p_0", "top_p_1.5", "empty_stop"])
+        "top_p_0", "top_p_1.5", "empty_stop", "unreadable_tls_ca"])
 def test_bad_arguments_exit_2_with_one_line(args, field):
     assert_refused(run_cli(*args), field)
 

@@ -1,4 +1,5 @@
-"""Stopping a deployment drains it: streams in flight finish, new calls are refused."""
+"""A deployment with an API key refuses calls without it; stopping it drains: streams in flight
+finish, new calls are refused."""
 from __future__ import annotations
 
 import asyncio
@@ -15,19 +16,25 @@ from orchestrator.deployment import Deployment
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+KEY = "integration-key"
 
 
-def test_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_path):
+def test_auth_then_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_path):
     tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     tree["metadata"]["frontend"]["shutdown_grace_s"] = 60.0
     cfg = parse_config(tree, tmp_path / "cluster.yaml")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, port=0, metrics_port=0).__aenter__(), loop).result(300)
+    dep = asyncio.run_coroutine_threadsafe(
+        Deployment(cfg, port=0, metrics_port=0, api_key=KEY).__aenter__(), loop).result(300)
     stopping = None
     try:
-        with cl.Client(dep.target, timeout=120) as c:
+        with cl.Client(dep.target, timeout=30) as anonymous:
+            with pytest.raises(cl.Unauthenticated, match="authorization"):
+                anonymous.complete("Hello?", max_tokens=2)
+            assert anonymous.health() == "SERVING"
+        with cl.Client(dep.target, timeout=120, token=KEY) as c:
             stream = c.generate("Tell me a long story about the sea.", max_tokens=40, ignore_eos=True)
             chunks = iter(stream)
             got = len(next(chunks).token_ids)

@@ -81,3 +81,40 @@ def test_kv_address_advertises_the_node_ip_only_for_a_wildcard_bind():
     assert kv_address("127.0.0.1", 5051, no_lookup) == "127.0.0.1:5051"
     assert kv_address("0.0.0.0", 5051, lambda: "10.0.3.7") == "10.0.3.7:5051"
     assert kv_address("::", 5051, lambda: "fd00::7") == "[fd00::7]:5051"
+
+
+def _with_tls(tmp_path, cert_text: str | None, key_text: str | None):
+    tree = _tree()
+    for name, text in (("tls_cert_file", cert_text), ("tls_key_file", key_text)):
+        if text is not None:
+            (tmp_path / f"{name}.pem").write_text(text)
+            tree["metadata"]["frontend"][name] = f"{name}.pem"  # relative to the config's folder
+    return parse_config(tree, tmp_path / "cluster.yaml")
+
+
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+KEY = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
+
+
+def test_tls_files_load_relative_to_the_config(tmp_path):
+    cfg = _with_tls(tmp_path, CERT, KEY)
+    assert cfg.frontend.tls == ((tmp_path / "tls_cert_file.pem").resolve(), (tmp_path / "tls_key_file.pem").resolve())
+    assert load_config(ROOT / "cluster.yaml").frontend.tls is None
+
+
+@pytest.mark.parametrize("cert,key,field,reason", [
+    (CERT, None, "tls_key_file", "required with tls_cert_file"),
+    (None, KEY, "tls_cert_file", "required with tls_key_file"),
+    ("not a certificate", KEY, "tls_cert_file", "not a PEM file"),
+    (CERT, CERT, "tls_key_file", "not a PEM file"),
+])
+def test_tls_misconfiguration_names_the_key(tmp_path, cert, key, field, reason):
+    with pytest.raises(ConfigError, match=f"metadata.frontend.{field}: .*{reason}"):
+        _with_tls(tmp_path, cert, key)
+
+
+def test_an_unreadable_tls_file_names_the_key(tmp_path):
+    tree = _tree()
+    tree["metadata"]["frontend"].update(tls_cert_file="missing.pem", tls_key_file="missing-key.pem")
+    with pytest.raises(ConfigError, match="metadata.frontend.tls_cert_file: cannot read"):
+        parse_config(tree, tmp_path / "cluster.yaml")
