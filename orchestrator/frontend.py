@@ -6,6 +6,7 @@ UTF-8 gets INVALID_ARGUMENT instead of a generic deserialization failure.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -53,6 +54,7 @@ class InferenceService:
         self.context_length = context_length
         self.n_layers = n_layers
         self._running: set[str] = set()
+        self.draining = False  # set by Frontend.stop: new Generate calls get UNAVAILABLE
         self.metrics = ServingMetrics(self.pools)
 
     # -- validation ----------------------------------------------------------------------
@@ -141,6 +143,8 @@ class InferenceService:
         except RequestInvalid as e:
             log.info("invalid request", request_id=msg.request_id, code=e.code.name, reason=str(e))
             await self._refuse(context, e.code, str(e))
+        if self.draining:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server: shutting down; retry on another replica")
         if req.request_id in self._running:
             await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} is already running")
         if len(self._running) >= self.cfg.frontend.max_concurrent_requests:
@@ -169,6 +173,15 @@ class InferenceService:
             self.metrics.running.dec()
             if not ended:
                 self.metrics.failed.labels(grpc.StatusCode.CANCELLED.name).inc()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new Generate calls and wait up to timeout_s for the running ones to end;
+        returns how many are still running."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._running)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         """End the call before its stream starts (context.abort raises)."""
@@ -246,17 +259,22 @@ class Frontend:
     """A started frontend: the gRPC server and, if enabled, the metrics endpoint."""
 
     server: grpc.aio.Server
+    service: InferenceService
     health: health.aio.HealthServicer
     port: int  # the gRPC port it bound
     metrics_port: int | None  # the HTTP port of /metrics, None when off
     _metrics_runner: object | None = None
 
     async def stop(self, grace_s: float) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, give streams in flight up to grace_s to
-        finish, then cancel the rest (their requests are aborted on both pools)."""
+        """Drain: report NOT_SERVING, answer new Generate calls with UNAVAILABLE, give the streams
+        in flight up to grace_s to finish, then stop the server, which cancels the rest (their
+        requests are aborted on both pools)."""
         await self.health.enter_graceful_shutdown()
         log.info("frontend draining", grace_s=grace_s)
-        await self.server.stop(grace=grace_s)
+        left = await self.service.drain(grace_s)
+        if left:
+            log.warning("cancelling streams still running after the grace period", running=left)
+        await self.server.stop(grace=0.5)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 
@@ -299,11 +317,11 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
              auth="bearer token" if api_key else "none")
     metrics_port = cfg.frontend.metrics_port if metrics_port is None else metrics_port
     if metrics_port is None:
-        return Frontend(server, health_servicer, bound, None)
+        return Frontend(server, service, health_servicer, bound, None)
     try:
         runner, metrics_bound = await start_metrics_server(service.metrics, host, metrics_port)
     except OSError as e:
         await server.stop(grace=None)
         raise OSError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
     log.info("metrics listening", address=f"http://{host}:{metrics_bound}/metrics")
-    return Frontend(server, health_servicer, bound, metrics_bound, runner)
+    return Frontend(server, service, health_servicer, bound, metrics_bound, runner)

@@ -47,12 +47,12 @@ def test_auth_then_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_
                     time.sleep(0.05)
                 except cl.ClientError as e:
                     refused = e
-            assert isinstance(refused, cl.Unavailable), refused
+            assert isinstance(refused, cl.Unavailable) and "shutting down" in str(refused), refused
             got += sum(len(chunk.token_ids) for chunk in chunks)
             assert got == 40 and stream.final.finish_reason == "length"
-        stopping.result(timeout=120)
-    finally:
+    finally:  # stopped (and Ray shut down) before the loop goes, even when the test failed
         if stopping is None:
-            asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=120)
+            stopping = asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop)
+        stopping.result(timeout=120)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
