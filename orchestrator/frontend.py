@@ -7,6 +7,7 @@ UTF-8 gets INVALID_ARGUMENT instead of a generic deserialization failure.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import math
 import time
 import uuid
@@ -31,6 +32,7 @@ from protos.disagg.v1 import inference_pb2 as pb
 log = structlog.get_logger("frontend")
 
 SERVICE = "disagg.v1.Inference"
+VERSION = importlib.metadata.version("pdorchestrator")  # the installed package's, from pyproject.toml
 DEFAULT_MAX_TOKENS = 128
 _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
            FinishReason.ABORT: pb.FINISH_REASON_ABORT}
@@ -236,7 +238,7 @@ class InferenceService:
         return [prefill, decode]
 
     async def server_info(self, msg, context) -> pb.ServerInfo:
-        return pb.ServerInfo(version="0.1.0", model=self.cfg.model_name, pools=self.pools())
+        return pb.ServerInfo(version=VERSION, model=self.cfg.model_name, pools=self.pools())
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {

@@ -5,6 +5,7 @@ One deployment is shared by the module (Ray and four actors cost ~10 s to start 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import math
 import threading
 import time
@@ -185,6 +186,7 @@ def test_model_and_server_info(client):
     server = client.server_info()
     assert sorted(p.name for p in server.pools) == ["decode", "prefill"]
     assert all(len(p.workers) == 2 for p in server.pools)
+    assert server.version == importlib.metadata.version("pdorchestrator")
 
 
 def test_cli_generate_against_the_server(deployment):
