@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "generate": "answer a prompt (in-process with --local, or through a server with --target)",
     "serve": "start the prefill and decode pools and the gRPC frontend from cluster.yaml",
+    "status": "show a running frontend's model, SLA classes and the health and load of every worker",
     "bench": "replay a real trace through local pools and report TTFT / TPOT / SLA attainment",
     "simulate": "run the scaling experiments listed in cluster.yaml in the discrete-event simulator",
     "predict": "predict TTFT, ITL and tokens/s of one model on one hardware configuration",

@@ -4,16 +4,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from orchestrator.cli import UserError
+from orchestrator.commands.remote import TARGET_HELP, add_tls_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the user's message (the chat template is applied)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="run the numpy model in this process (no Ray)")
-    where.add_argument("--target", metavar="HOST:PORT", help="a running frontend (python -m orchestrator serve); PDORCH_API_KEY, if set, goes as its bearer token")
+    where.add_argument("--target", metavar="HOST:PORT", help=TARGET_HELP)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -21,8 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds, with --target")
-    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
-                   help="with --target: connect over TLS, trusting the certificate(s) in this file")
+    add_tls_argument(p)
 
 
 def _params(args):

@@ -7,20 +7,14 @@ from orchestrator.cli import UserError
 
 
 def run_remote(args, params) -> int:
-    from orchestrator.auth import api_key_from_env
-    from orchestrator.client import Client, ClientError
+    from orchestrator.client import ClientError
+    from orchestrator.commands.remote import open_client
 
     kwargs = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                   seed=params.seed, stop=list(params.stop))
     prompt = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
-    root = None
-    if args.tls_ca is not None:
-        try:
-            root = args.tls_ca.read_bytes()
-        except OSError as e:
-            raise UserError(f"--tls-ca: cannot read {args.tls_ca}: {e.strerror}") from None
     try:
-        with Client(args.target, timeout=args.timeout, token=api_key_from_env(), root_certificates=root) as client:
+        with open_client(args.target, args.tls_ca, args.timeout) as client:
             stream = client.generate(**prompt, **kwargs)
             for chunk in stream:
                 sys.stdout.write(chunk.text)

@@ -263,3 +263,25 @@ def test_metrics_endpoint_counts_what_the_clients_saw(deployment, client):
     decode = {labels: v for (name, labels), v in after.items() if name == "pdorch_decode_kv_blocks_total"}
     assert len(decode) == 2 and all(v > 0 for v in decode.values())
     assert all(v == 1 for (name, _), v in after.items() if name == "pdorch_worker_healthy")
+
+
+def test_cli_status_shows_every_worker(deployment):
+    import json
+    import subprocess
+    import sys
+
+    def status(*args):
+        return subprocess.run([sys.executable, "-m", "orchestrator", "status", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    out = status("--target", deployment.target, "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    workers = {w["worker_id"]: w for p in info["server"]["pools"] for w in p["workers"]}
+    assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
+    assert info["health"] == "SERVING" and all(w["healthy"] for w in workers.values())
+    assert all(workers[d]["kv_blocks_total"] > 0 for d in ("decode-0", "decode-1"))
+    table = status("--target", deployment.target)
+    assert table.returncode == 0 and "decode-1" in table.stdout and "interactive" in table.stdout
+    down = status("--target", "127.0.0.1:1", "--timeout", "2")
+    assert down.returncode == 2 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
