@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from model.loaded import LoadedModel, load_model
 from model.sampling import SamplingParams, make_rng
 
 log = structlog.get_logger("decode.worker")
+
+ABORTED_EARLY_KEPT = 4096  # request ids aborted before their submit, remembered (oldest dropped first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,10 @@ class DecodeWorker:
         self._streams: dict[str, RequestStream] = {}
         self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
         self._committed: set[str] = set()  # KV arrived, no submit yet
+        # aborted with no stream yet: a submit that arrives after its abort ends at once (an Abort RPC can
+        # overtake the engine's submit; an async actor runs calls out of order). A new transfer of the
+        # same id clears its entry, so a reused request_id is not hit by an old abort.
+        self._aborted_early: OrderedDict[str, None] = OrderedDict()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-step")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -110,6 +117,8 @@ class DecodeWorker:
             raise ValueError(f"first_token_id: {first_token_id} outside [0, {vocab})")
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already submitted")
+        aborted = request_id in self._aborted_early
+        self._aborted_early.pop(request_id, None)
         rng = make_rng(params)
         if not params.greedy:
             rng.random()  # the prefill side consumed the first draw for the first token
@@ -117,7 +126,9 @@ class DecodeWorker:
                                       self._notify_outputs if owner else None)
         stream.first_token_id = first_token_id
         self._streams[request_id] = stream
-        if request_id in self._committed:
+        if aborted:
+            self._end(stream, "abort")
+        elif request_id in self._committed:
             self._committed.discard(request_id)
             self._join(request_id)
 
@@ -126,6 +137,7 @@ class DecodeWorker:
         """In-process handoff: ks, vs are per-layer (T, Hkv, Dh) from prefill. Raises KVRefused."""
         self._start()
         self._check_fits(request_id, int(ks[0].shape[0]) if ks else 0, params.max_tokens)
+        self._aborted_early.pop(request_id, None)  # a new handoff of this id
         self.pool.load_sequence(request_id, ks, vs)  # commit -> _on_commit, scheduled on the loop
         await self.submit(request_id, first_token_id, params, prompt_ids, owner)
 
@@ -219,6 +231,7 @@ class DecodeWorker:
                                                   f"exceed the capacity of {limit} tokens")
 
     def _on_commit(self, request_id: str) -> None:
+        self._aborted_early.pop(request_id, None)  # a new transfer of this id: earlier aborts were for another
         if self.pool.state(request_id) is not TransferState.COMMITTED:
             return  # aborted meanwhile
         if request_id in self._streams:
@@ -264,6 +277,10 @@ class DecodeWorker:
                 self._release_unscheduled(request_id)
             if stream is not None:
                 self._end(stream, "abort")
+            else:
+                self._aborted_early[request_id] = None
+                while len(self._aborted_early) > ABORTED_EARLY_KEPT:
+                    self._aborted_early.popitem(last=False)
         if self._wake is not None:
             self._wake.set()  # freed blocks may admit a preempted sequence
 

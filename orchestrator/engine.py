@@ -67,6 +67,7 @@ class Engine:
         self._pending_prefill_tokens: dict[str, int] = {w: 0 for w in pools.prefill}
         self._pending_decode: dict[str, int] = {w: 0 for w in pools.decode}
         self._live: dict[str, Placement] = {}
+        self._aborted: set[str] = set()  # live requests an Abort RPC ended: they must not be submitted
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
         self._refresher: asyncio.Task | None = None
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
@@ -173,7 +174,9 @@ class Engine:
                 yield TokenEvent([first], first_text if cut < 0 else first_text[:cut])
                 if cut >= 0 or req.sampling.max_tokens == 1:
                     reason, finished = (FinishReason.STOP if cut >= 0 else FinishReason.LENGTH), True
-            if finished:
+            if req.request_id in self._aborted:  # aborted while its first token was out: the decode
+                reason, finished = FinishReason.ABORT, True  # side has released its KV, never submit it
+            elif finished:
                 await decode.abort.remote(req.request_id)  # release the KV that was transferred
             else:
                 chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
@@ -219,6 +222,7 @@ class Engine:
                 self._pending_decode[placed.decode_worker] -= 1
             self._outputs[placed.decode_worker].unsubscribe(req.request_id)
             self._live.pop(req.request_id, None)
+            self._aborted.discard(req.request_id)
 
     async def _abort_everywhere(self, request_id: str, placed: Placement) -> None:
         await asyncio.gather(self.pools.prefill[placed.prefill_worker].abort.remote(request_id),
@@ -229,5 +233,6 @@ class Engine:
         placed = self._live.get(request_id)
         if placed is None:
             return False
+        self._aborted.add(request_id)
         await self._abort_everywhere(request_id, placed)
         return True

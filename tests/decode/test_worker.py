@@ -122,6 +122,44 @@ def test_abort_mid_stream_and_during_transfer_release_blocks(lm, book):
     asyncio.run(main())
 
 
+def _transfer(w: DecodeWorker, rid: str, ref) -> None:
+    """The KV of `ref` into the worker's sink, as the kvtransfer receiver writes it."""
+    sink = w.kv_sink
+    sink.open(rid, w.layout, len(ref.prompt))
+    for layer, (k, v) in enumerate(zip(ref.ks, ref.vs)):
+        sink.write(rid, layer, 0, k, v)
+    sink.commit(rid)
+
+
+def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_still_runs(lm, book):
+    """An Abort RPC can reach the worker between the KV's commit and the engine's submit (or, on an
+    async actor, ahead of a submit sent first): the submit must then end at once, not wait forever."""
+    async def main():
+        w = worker(lm)
+        ref = book.get(2)
+        await w.start()
+        _transfer(w, "raced", ref)
+        await asyncio.sleep(0.05)  # the commit callback runs on the loop
+        await w.abort("raced")
+        await w.submit("raced", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
+        last = await w.next_tokens("raced", timeout=5)
+        assert last.finished and last.finish_reason == "abort"
+        # aborted with no submit ever (the engine ended it at its first token), then the id reused by a
+        # new request: the new transfer clears the old abort
+        _transfer(w, "reused", ref)
+        await asyncio.sleep(0.05)
+        await w.abort("reused")
+        _transfer(w, "reused", ref)
+        await asyncio.sleep(0.05)
+        await w.submit("reused", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
+        ids, _, last = await drain(w, "reused")
+        assert ids == ref.tokens[:8] and last.finish_reason == "length"
+        alloc = w.kv_sink.allocator
+        assert alloc.free_blocks == alloc.n_blocks
+        await w.close()
+    asyncio.run(main())
+
+
 def test_seeded_sampling_and_stop_strings_match_in_process_generate(lm, book):
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=1234)
     ref = book.get(10)

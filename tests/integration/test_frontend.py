@@ -285,3 +285,60 @@ def test_cli_status_shows_every_worker(deployment):
     assert table.returncode == 0 and "decode-1" in table.stdout and "interactive" in table.stdout
     down = status("--target", "127.0.0.1:1", "--timeout", "2")
     assert down.returncode == 2 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_a_mixed_load_of_completions_cancels_aborts_and_bad_requests_leaks_nothing(client, deployment):
+    """48 requests at once, by a fixed seed: a third cancelled or aborted after their first token, some
+    invalid; every other one gets exactly its tokens, the server's counts add up and no KV is held.
+    (An abort right after the first token once left its stream hanging: it overtook the submit.)"""
+    import random
+
+    rng = random.Random(7)
+    before = _scrape(deployment.metrics_url)
+    kinds = [rng.choice(["complete"] * 3 + ["cancel", "abort", "bad"]) for _ in range(48)]
+    # cancelled and aborted ones ask for many tokens, so they cannot finish before the client acts
+    plan = [(k, rng.randint(4, 24) if k == "complete" else 200) for k in kinds]
+
+    def run(i):
+        kind, n = plan[i]
+        rid = f"mix-{i}"
+        if kind == "bad":
+            with pytest.raises(cl.InvalidArgument):
+                client.complete(prompt="hi", max_tokens=4, top_p=0.0, request_id=rid)
+            return kind, None
+        stream = client.generate(prompt=f"Tell me about {TOPICS[i % 16]}.", max_tokens=n, ignore_eos=True,
+                                 request_id=rid, timeout=60)  # a stream left hanging fails, not stalls
+        chunks = iter(stream)
+        got = len(next(chunks).token_ids)
+        if kind == "cancel":
+            stream.cancel()
+            return kind, None
+        if kind == "abort":
+            client.abort(rid)
+        got += sum(len(c.token_ids) for c in chunks)
+        if kind == "complete":
+            assert got == n == stream.final.usage.completion_tokens and stream.final.finish_reason == "length"
+        else:
+            assert stream.final.finish_reason == "abort" and got < n
+        return kind, stream.final.finish_reason
+
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        results = list(pool.map(run, range(48)))
+    assert _wait_kv_free(client), "KV blocks still held after the mixed load"
+    for _ in range(50):  # the server sees cancels a moment after the clients
+        after = _scrape(deployment.metrics_url)
+        if not after[("pdorch_requests_running", ())]:
+            break
+        time.sleep(0.1)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    counts = {k: sum(1 for kind, _ in results if kind == k) for k in ("complete", "cancel", "abort", "bad")}
+    assert delta("pdorch_requests_finished_total", finish_reason="length", sla_class="standard") == counts["complete"]
+    assert delta("pdorch_requests_finished_total", finish_reason="abort", sla_class="standard") == counts["abort"]
+    assert delta("pdorch_requests_failed_total", code="CANCELLED") == counts["cancel"]
+    assert delta("pdorch_requests_failed_total", code="INVALID_ARGUMENT") == counts["bad"]
+    assert all(v > 0 for v in counts.values()), counts
+    assert client.health() == "SERVING"
