@@ -159,7 +159,15 @@ class Engine:
             self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
             prefill_pending = False
             if not res.ok:
-                yield ErrorEvent(res.error_code or "INTERNAL", f"prefill failed: {res.error}")
+                if req.request_id in self._aborted:  # the Abort RPC stopped the prefill or its transfer
+                    now_ms = (time.perf_counter() - t0) * 1e3
+                    yield FinalEvent(FinishReason.ABORT, req.prompt_tokens, 0,
+                                     Timings(queued_ms=res.queued_ms, prefill_ms=res.prefill_ms,
+                                             transfer_ms=res.transfer_tail_ms, ttft_ms=now_ms, mean_tpot_ms=0.0,
+                                             e2e_ms=now_ms),
+                                     placed.prefill_worker, placed.decode_worker)
+                else:
+                    yield ErrorEvent(res.error_code or "INTERNAL", f"prefill failed: {res.error}")
                 return
             req.advance(RequestState.TRANSFERRING, time.monotonic())  # committed on the decode side
             calling = placed.decode_worker

@@ -139,6 +139,28 @@ def test_abort_rpc_ends_the_stream_and_unknown_ids_are_not_found(client):
     assert _wait_kv_free(client)
 
 
+def test_abort_during_prefill_ends_with_an_abort_final_not_an_error(client):
+    """Aborted while its prompt is prefilled or its KV in transfer: a clean final, like an abort mid-decode."""
+    import threading
+
+    for delay in (0.05, 0.4):
+        rid = f"abort-in-prefill-{delay}"
+        stream = client.generate(prompt="word " * 1200, max_tokens=20, request_id=rid, timeout=60)
+        def abort(rid=rid):  # retried: the server may not have registered the request yet
+            for _ in range(100):
+                try:
+                    return client.abort(rid)
+                except cl.NotFound:
+                    time.sleep(0.02)
+
+        timer = threading.Timer(delay, abort)
+        timer.start()
+        chunks = list(stream)
+        timer.join()
+        assert stream.final.finish_reason == "abort" and sum(len(c.token_ids) for c in chunks) <= 1
+    assert _wait_kv_free(client)
+
+
 BAD = [
     (dict(prompt=""), cl.InvalidArgument, "prompt"),
     (dict(prompt="word " * 9000), cl.OutOfRange, "prompt"),
