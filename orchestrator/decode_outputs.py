@@ -55,6 +55,8 @@ class DecodeOutputs:
                     if chunk.finished:
                         del self._queues[chunk.request_id]
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop polling; returns once the poll task has ended."""
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -81,8 +81,8 @@ class Engine:
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
-        for outputs in self._outputs.values():
-            outputs.stop()
+            await asyncio.gather(self._refresher, return_exceptions=True)  # ended, not left pending at exit
+        await asyncio.gather(*(outputs.stop() for outputs in self._outputs.values()))
 
     # -- views for the router ------------------------------------------------------------
 
