@@ -36,9 +36,13 @@ class Deployment:
         self.engine = Engine(self.pools, lm.tokenizer, Router(self.cfg.router_policy), self.cfg.decode.max_batch)
         await self.engine.start()
         cfg_model = lm.weights.config
-        self.frontend = await start_frontend(self.cfg, self.engine, lm.tokenizer, cfg_model.context_length,
-                                             cfg_model.n_layers, self.host, self.port, self.metrics_port,
-                                             self.api_key)
+        try:
+            self.frontend = await start_frontend(self.cfg, self.engine, lm.tokenizer, cfg_model.context_length,
+                                                 cfg_model.n_layers, self.host, self.port, self.metrics_port,
+                                                 self.api_key)
+        except BaseException:  # no frontend: stop what was started, as __aexit__ would
+            await self._stop_pools()
+            raise
         host = self.host or self.cfg.frontend.host
         self.target = f"{host}:{self.frontend.port}"
         self.metrics_url = None if self.frontend.metrics_port is None else \
@@ -46,11 +50,14 @@ class Deployment:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        await self.frontend.stop(self.cfg.frontend.shutdown_grace_s)
+        await self._stop_pools()
+
+    async def _stop_pools(self) -> None:
         import ray
 
         from orchestrator.pools import shutdown_pools
 
-        await self.frontend.stop(self.cfg.frontend.shutdown_grace_s)
         await self.engine.stop()
         shutdown_pools(self.pools)
         if self._owns_ray:

@@ -198,17 +198,22 @@ class Frontend:
             await self._metrics_runner.cleanup()
 
 
+class ListenError(OSError):
+    """The frontend cannot listen where it is told to (port in use, unknown address, bad TLS files)."""
+
+
 def listen(server: grpc.aio.Server, address: str, tls: tuple[Path, Path] | None) -> int:
     """Bind `address` in plaintext, or with TLS from (certificate chain, private key) PEM files;
-    returns the port bound."""
-    if tls is None:
-        return server.add_insecure_port(address)
-    cert, key = tls
+    returns the port bound. ListenError if it cannot."""
     try:
+        if tls is None:
+            return server.add_insecure_port(address)
+        cert, key = tls
         return server.add_secure_port(address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
-    except RuntimeError as e:  # gRPC says only "Failed to bind"; its log has the TLS reason
-        raise RuntimeError(f"frontend: cannot listen on {address} with TLS from {cert} and {key} "
-                           f"(does the key match the certificate?): {e}") from None
+    except RuntimeError:  # gRPC says only "Failed to bind"; its log has the reason
+        why = "in use, or not an address of this host?" if tls is None else \
+            f"with TLS from {tls[0]} and {tls[1]}: in use, or does the key not match the certificate?"
+        raise ListenError(f"frontend.port: cannot listen on {address} ({why})") from None
 
 
 async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, context_length: int, n_layers: int,
@@ -241,6 +246,6 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
         runner, metrics_bound = await start_metrics_server(service.metrics, host, metrics_port)
     except OSError as e:
         await server.stop(grace=None)
-        raise OSError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
+        raise ListenError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
     log.info("metrics listening", address=f"http://{host}:{metrics_bound}/metrics")
     return Frontend(server, service, health_servicer, bound, metrics_bound, runner)

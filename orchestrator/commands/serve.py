@@ -65,5 +65,10 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 65535:
             raise UserError(f"--{name.replace('_', '-')}: must be a port in [0, 65535], got {value}")
-    asyncio.run(_serve(cfg, args.host, args.port, args.metrics_port))
+    from orchestrator.frontend import ListenError
+
+    try:
+        asyncio.run(_serve(cfg, args.host, args.port, args.metrics_port))
+    except ListenError as e:
+        raise UserError(str(e)) from None
     return 0

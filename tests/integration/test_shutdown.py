@@ -56,3 +56,22 @@ def test_auth_then_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_
         stopping.result(timeout=120)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+def test_a_frontend_that_cannot_listen_stops_what_the_deployment_started(tmp_path):
+    import socket
+
+    import ray
+
+    from orchestrator.frontend import ListenError
+
+    cfg = parse_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()), tmp_path / "cluster.yaml")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        with pytest.raises(ListenError, match="metrics_port"):
+            asyncio.run(Deployment(cfg, port=0, metrics_port=holder.getsockname()[1]).__aenter__())
+    finally:
+        holder.close()
+    assert not ray.is_initialized()  # the pools and the Ray it started are gone, not leaked

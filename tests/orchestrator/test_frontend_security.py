@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator import client as cl
 from orchestrator.auth import BearerAuth
-from orchestrator.frontend import listen
+from orchestrator.frontend import ListenError, listen
 from protos.disagg.v1 import inference_pb2 as pb
 
 SERVICE = "disagg.v1.Inference"
@@ -147,9 +147,31 @@ def test_a_key_that_does_not_match_the_certificate_names_both_files(certificate,
     async def main():
         server = grpc.aio.server()
         try:
-            with pytest.raises(RuntimeError, match="other-key.pem"):
+            with pytest.raises(ListenError, match="other-key.pem"):
                 listen(server, "127.0.0.1:0", (certificate[0], other))
         finally:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_a_port_in_use_is_a_listen_error_naming_the_setting():
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+
+    async def main():
+        server = grpc.aio.server()
+        try:
+            with pytest.raises(ListenError, match=f"frontend.port: cannot listen on 127.0.0.1:{port}"):
+                listen(server, f"127.0.0.1:{port}", None)
+        finally:
+            await server.stop(None)
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.close()
