@@ -125,10 +125,14 @@ class ConfigReader:
         return tuple(ConfigReader(self.path, {key: x}, self.prefix).get(key, kind, minimum=minimum) for x in items)
 
 
+def is_port(value: int) -> bool:
+    """A TCP port to bind, 0 (a free one) included."""
+    return 0 <= value <= 65535
+
+
 def _port(r: ConfigReader, key: str, default: int) -> int:
-    """A TCP port; 0 picks a free one."""
     port = r.get(key, int, default, minimum=0)
-    if port > 65535:
+    if not is_port(port):
         raise r.error(key, f"must be <= 65535, got {port}")
     return port
 

@@ -43,10 +43,7 @@ class Deployment:
         except BaseException:  # no frontend: stop what was started, as __aexit__ would
             await self._stop_pools()
             raise
-        host = self.host or self.cfg.frontend.host
-        self.target = f"{host}:{self.frontend.port}"
-        self.metrics_url = None if self.frontend.metrics_port is None else \
-            f"http://{host}:{self.frontend.metrics_port}/metrics"
+        self.target, self.metrics_url = self.frontend.target, self.frontend.metrics_url
         return self
 
     async def __aexit__(self, *exc) -> None:

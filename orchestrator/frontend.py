@@ -74,13 +74,12 @@ class InferenceService:
         self.metrics.running.inc()
         log.info("accepted", request_id=req.request_id, prompt_tokens=req.prompt_tokens,
                  max_tokens=req.sampling.max_tokens)
-        sla_class = msg.sla.sla_class or self.cfg.default_sla_class
         events = self.engine.generate(req)
         ended = False
         try:
             async for ev in events:
                 if isinstance(ev, FinalEvent):
-                    self.metrics.final(ev, sla_class, req.sla)
+                    self.metrics.final(ev, req.sla)
                     ended = True
                 elif isinstance(ev, ErrorEvent):
                     self.metrics.failed.labels(ev.code).inc()
@@ -180,9 +179,19 @@ class Frontend:
     server: grpc.aio.Server
     service: InferenceService
     health: health.aio.HealthServicer
+    host: str  # the address both endpoints bound
     port: int  # the gRPC port it bound
     metrics_port: int | None  # the HTTP port of /metrics, None when off
     _metrics_runner: object | None = None
+
+    @property
+    def target(self) -> str:
+        """host:port for the client library."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return None if self.metrics_port is None else f"http://{self.host}:{self.metrics_port}/metrics"
 
     async def stop(self, grace_s: float) -> None:
         """Drain: report NOT_SERVING, answer new Generate calls with UNAVAILABLE, give the streams
@@ -241,11 +250,12 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
              auth="bearer token" if api_key else "none")
     metrics_port = cfg.frontend.metrics_port if metrics_port is None else metrics_port
     if metrics_port is None:
-        return Frontend(server, service, health_servicer, bound, None)
+        return Frontend(server, service, health_servicer, host, bound, None)
     try:
         runner, metrics_bound = await start_metrics_server(service.metrics, host, metrics_port)
     except OSError as e:
         await server.stop(grace=None)
         raise ListenError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
-    log.info("metrics listening", address=f"http://{host}:{metrics_bound}/metrics")
-    return Frontend(server, service, health_servicer, bound, metrics_bound, runner)
+    frontend = Frontend(server, service, health_servicer, host, bound, metrics_bound, runner)
+    log.info("metrics listening", address=frontend.metrics_url)
+    return frontend

@@ -39,6 +39,7 @@ class SLATarget:
     ttft_ms: float
     tpot_ms: float
     priority: int = 0
+    sla_class: str = ""  # the named class the targets came from ("" when given directly)
 
 
 @dataclass(slots=True)

@@ -61,9 +61,9 @@ class ServingMetrics:
         """A request refused before its stream started (validation, limits)."""
         self.failed.labels(code).inc()
 
-    def final(self, ev: FinalEvent, sla_class: str, sla: SLATarget) -> None:
-        """A stream that ended with a final response."""
-        self.finished.labels(ev.finish_reason.value, sla_class).inc()
+    def final(self, ev: FinalEvent, sla: SLATarget) -> None:
+        """A stream that ended with a final response; `sla` is its request's (labels: sla.sla_class)."""
+        self.finished.labels(ev.finish_reason.value, sla.sla_class).inc()
         self.prompt_tokens.inc(ev.prompt_tokens)
         self.generation_tokens.inc(ev.completion_tokens)
         if ev.finish_reason is FinishReason.ABORT:
@@ -77,7 +77,7 @@ class ServingMetrics:
         if ev.completion_tokens > 1:
             self.tpot.observe(t.mean_tpot_ms / 1e3)
         if t.ttft_ms <= sla.ttft_ms and t.mean_tpot_ms <= sla.tpot_ms:  # one token: mean_tpot_ms is 0
-            self.sla_met.labels(sla_class).inc()
+            self.sla_met.labels(sla.sla_class).inc()
 
 
 class _PoolCollector(Collector):

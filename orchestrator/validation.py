@@ -89,7 +89,7 @@ class RequestValidator:
             if not math.isfinite(value) or value <= 0:
                 raise _invalid(f"sla.{field}: must be a positive finite number of milliseconds, got {value}")
             targets[field] = value
-        return SLATarget(priority=s.priority, **targets)
+        return SLATarget(priority=s.priority, sla_class=name, **targets)
 
     def build_request(self, msg: pb.GenerateRequest) -> Request:
         """The Request `msg` asks for; raises RequestInvalid naming the first wrong field."""

@@ -61,9 +61,11 @@ def run(args) -> int:
 
     configure_logging(level="INFO")
     cfg = load_config_or_exit(args.config)
+    from orchestrator.config import is_port
+
     for name in ("port", "metrics_port"):
         value = getattr(args, name)
-        if value is not None and not 0 <= value <= 65535:
+        if value is not None and not is_port(value):
             raise UserError(f"--{name.replace('_', '-')}: must be a port in [0, 65535], got {value}")
     from orchestrator.frontend import ListenError
 

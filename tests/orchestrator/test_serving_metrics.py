@@ -13,7 +13,8 @@ from orchestrator.request import FinishReason, SLATarget
 from orchestrator.serving_metrics import ServingMetrics, start_metrics_server
 from protos.disagg.v1 import inference_pb2 as pb
 
-SLA = SLATarget(ttft_ms=500.0, tpot_ms=50.0)
+INTERACTIVE = SLATarget(ttft_ms=500.0, tpot_ms=50.0, sla_class="interactive")
+BATCH = SLATarget(ttft_ms=500.0, tpot_ms=50.0, sla_class="batch")
 
 
 def _final(reason=FinishReason.LENGTH, ttft_ms=100.0, tpot_ms=20.0, tokens=10, prompt=30) -> FinalEvent:
@@ -32,11 +33,11 @@ def _samples(metrics: ServingMetrics) -> dict[tuple[str, tuple], float]:
 
 def test_finals_count_by_reason_and_class_and_feed_the_latency_histograms():
     m = ServingMetrics()
-    m.final(_final(), "interactive", SLA)
-    m.final(_final(reason=FinishReason.STOP, ttft_ms=900.0), "interactive", SLA)  # misses TTFT
-    m.final(_final(tpot_ms=80.0), "batch", SLA)  # misses TPOT
-    m.final(_final(tokens=1, tpot_ms=0.0), "batch", SLA)  # one token (the engine reports TPOT 0): met
-    m.final(_final(reason=FinishReason.ABORT, ttft_ms=0.0, tokens=3), "batch", SLA)
+    m.final(_final(), INTERACTIVE)
+    m.final(_final(reason=FinishReason.STOP, ttft_ms=900.0), INTERACTIVE)  # misses TTFT
+    m.final(_final(tpot_ms=80.0), BATCH)  # misses TPOT
+    m.final(_final(tokens=1, tpot_ms=0.0), BATCH)  # one token (the engine reports TPOT 0): met
+    m.final(_final(reason=FinishReason.ABORT, ttft_ms=0.0, tokens=3), BATCH)
     s = _samples(m)
     assert s[("pdorch_requests_finished_total", (("finish_reason", "length"), ("sla_class", "interactive")))] == 1
     assert s[("pdorch_requests_finished_total", (("finish_reason", "stop"), ("sla_class", "interactive")))] == 1
