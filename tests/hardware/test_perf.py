@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hardware.calibration import calibration_table
+from bench.calibration import calibration_table
 from hardware.perf import (Speculative, decode_step_time, kv_token_capacity, kv_transfer_time, make_deployment,
                            prefill_time)
 from hardware.profiles import HARDWARE_NAMES, PROFILES, get_profile
@@ -63,7 +63,7 @@ def test_layerwise_overlap_hides_transfer():
 def test_cpu_profile_from_cache(tmp_path, monkeypatch):
     from hardware import cpu
     monkeypatch.setenv("PDO_CACHE_DIR", str(tmp_path))
-    m = cpu.CpuMeasurement(1.9e11, 3e10, 1e-4, 0.5, 0.6, 8e9, True, cpu._fingerprint())
+    m = cpu.CpuMeasurement(1.9e11, 3e10, 1e-4, 0.5, 0.6, 8e9, True, cpu.fingerprint())
     (tmp_path / "cpu_profile.json").write_text(json.dumps({f: getattr(m, f) for f in m.__slots__}))
     p = get_profile("cpu")
     assert p.flops_bf16 == 1.9e11 and p.default_dtype == "fp32"

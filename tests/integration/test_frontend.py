@@ -20,8 +20,8 @@ from model.generation import greedy_reference
 from model.loaded import load_model
 from model.tokenizer import ChatMessage
 from orchestrator import client as cl
-from orchestrator.config import parse_config
-from orchestrator.deployment import Deployment
+from orchestrator.core.config import parse_config
+from orchestrator.serving.deployment import Deployment
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from orchestrator import client as cl
-from orchestrator.config import parse_config
-from orchestrator.deployment import Deployment
+from orchestrator.core.config import parse_config
+from orchestrator.serving.deployment import Deployment
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_a_frontend_that_cannot_listen_stops_what_the_deployment_started(tmp_pat
 
     import ray
 
-    from orchestrator.frontend import ListenError
+    from orchestrator.serving.frontend import ListenError
 
     cfg = parse_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()), tmp_path / "cluster.yaml")
     holder = socket.socket()

@@ -16,8 +16,8 @@ import ray
 import yaml
 
 from orchestrator import client as cl
-from orchestrator.config import parse_config
-from orchestrator.deployment import Deployment
+from orchestrator.core.config import parse_config
+from orchestrator.serving.deployment import Deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 

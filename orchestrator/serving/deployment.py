@@ -1,0 +1,64 @@
+"""A running deployment: Ray, both pools, the engine and the gRPC frontend, started and stopped together."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from orchestrator.core.config import Config
+
+log = structlog.get_logger("deployment")
+
+
+@dataclass
+class Deployment:
+    """`async with Deployment(cfg) as dep:` then talk to `dep.target` with the client library."""
+
+    cfg: Config
+    host: str | None = None
+    port: int | None = None  # None: the config's port; 0: any free port
+    metrics_port: int | None = None  # the same for the Prometheus endpoint
+    api_key: str | None = None  # inference calls need it as a bearer token; None: no authentication
+
+    async def __aenter__(self) -> "Deployment":
+        import ray
+
+        from model.loaded import load_model
+        from orchestrator.serving.engine import Engine
+        from orchestrator.serving.frontend import start_frontend
+        from orchestrator.serving.pools import build_pools, init_ray
+        from orchestrator.core.router import Router
+
+        self._owns_ray = not ray.is_initialized()
+        init_ray(self.cfg)
+        lm = load_model()  # memory-mapped: the frontend needs only the tokenizer and the shapes
+        self.pools = await build_pools(self.cfg)
+        self.engine = Engine(self.pools, lm.tokenizer, Router(self.cfg.router_policy), self.cfg.decode.max_batch)
+        await self.engine.start()
+        cfg_model = lm.weights.config
+        try:
+            self.frontend = await start_frontend(self.cfg, self.engine, lm.tokenizer, cfg_model.context_length,
+                                                 cfg_model.n_layers, self.host, self.port, self.metrics_port,
+                                                 self.api_key)
+        except BaseException:  # no frontend: stop what was started, as __aexit__ would
+            await self._stop_pools()
+            raise
+        self.target, self.metrics_url = self.frontend.target, self.frontend.metrics_url
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.frontend.stop(self.cfg.frontend.shutdown_grace_s)
+        await self._stop_pools()
+
+    async def _stop_pools(self) -> None:
+        import ray
+
+        from orchestrator.serving.pools import shutdown_pools
+
+        await self.engine.stop()
+        shutdown_pools(self.pools)
+        if self._owns_ray:
+            ray.shutdown()
+
+    async def wait_for_termination(self) -> None:
+        await self.frontend.server.wait_for_termination()

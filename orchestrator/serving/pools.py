@@ -1,0 +1,114 @@
+"""Builds the prefill and decode pools as Ray actors from the config, on a local or existing Ray.
+
+Worker classes stay plain; `ray.remote(...).options(...)` is applied only here.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+import structlog
+
+from orchestrator.core.config import Config
+
+log = structlog.get_logger("pools")
+
+# Local Ray must bind loopback and never phone home (../shared/DESIGN.md, "Ray on the development machines").
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+for _k, _v in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import ray  # noqa: E402  (after the environment above)
+
+
+@dataclass
+class Pools:
+    prefill: dict[str, "ray.actor.ActorHandle"] = field(default_factory=dict)
+    decode: dict[str, "ray.actor.ActorHandle"] = field(default_factory=dict)
+    kv_targets: dict[str, str] = field(default_factory=dict)  # decode worker id -> host:port of its KV receiver
+    hardware: dict[str, str] = field(default_factory=dict)  # worker id -> hardware profile name
+
+    def all_actors(self):
+        return [*self.prefill.values(), *self.decode.values()]
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster a Ray job runs in, or start a private local Ray sized by the config."""
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": dict(LOCAL_RAY_ENV),
+                   "worker_process_setup_hook": "orchestrator.logging_setup.configure_logging"}
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` or pointed at a cluster on purpose
+        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = cfg.prefill.num_cpus * cfg.prefill.workers + cfg.decode.num_cpus * cfg.decode.workers + 1
+    ray.init(address="local", num_cpus=max(int(cpus), os.cpu_count() or 1), resources=cfg.local_resources,
+             include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
+
+
+def kv_address(bind_host: str, port: int, node_ip) -> str:
+    """The address prefill workers dial: the bound host, or this node's IP (node_ip()) when the
+    receiver listens on every interface."""
+    from kvtransfer.grpc_backend import host_port
+
+    return host_port(node_ip() if ipaddress.ip_address(bind_host).is_unspecified else bind_host, port)
+
+
+def _decode_actor_class():
+    from decode.worker import DecodeWorker
+    from kvtransfer.grpc_backend import start_kv_server
+
+    class DecodeActor(DecodeWorker):
+        """A DecodeWorker that also hosts its KV receiver (gRPC, on `kv_host`) in the actor's process.
+        The receiver starts with the actor, so a restarted actor serves again, on a new port that
+        its load() reports."""
+
+        def __init__(self, kv_host: str = "127.0.0.1", **kwargs):
+            super().__init__(**kwargs)
+            self._kv_server, port = start_kv_server(self.kv_sink, host=kv_host, expected_layout=self.layout)
+            self.kv_target = kv_address(kv_host, port, ray.util.get_node_ip_address)
+
+    return DecodeActor
+
+
+WORKER_MAX_RESTARTS = 3  # Ray restarts a crashed worker actor this many times; its in-flight requests fail
+
+
+async def build_pools(cfg: Config) -> Pools:
+    """Start every worker, wait until each has loaded the model, and learn the KV receiver addresses."""
+    from prefill.worker import PrefillWorker
+
+    DecodeActor = _decode_actor_class()
+
+    pools = Pools()
+    p, d = cfg.prefill, cfg.decode
+    for i in range(d.workers):
+        wid = f"decode-{i}"
+        actor = ray.remote(DecodeActor).options(
+            num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
+            max_restarts=WORKER_MAX_RESTARTS).remote(
+            capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
+            blas_threads=d.blas_threads, kv_host=d.kv_host)
+        pools.decode[wid] = actor
+        pools.hardware[wid] = d.hardware
+    for i in range(p.workers):
+        wid = f"prefill-{i}"
+        actor = ray.remote(PrefillWorker).options(
+            num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000,
+            max_restarts=WORKER_MAX_RESTARTS).remote(
+            wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads)
+        pools.prefill[wid] = actor
+        pools.hardware[wid] = p.hardware
+    loads = await asyncio.gather(*(a.load.remote() for a in pools.decode.values()))
+    pools.kv_targets = {w: load.kv_target for w, load in zip(pools.decode, loads)}
+    await asyncio.gather(*(a.ready.remote() for a in pools.prefill.values()))
+    log.info("pools ready", prefill=list(pools.prefill), decode=list(pools.decode), kv_targets=pools.kv_targets)
+    return pools
+
+
+def shutdown_pools(pools: Pools) -> None:
+    for actor in pools.all_actors():
+        ray.kill(actor)

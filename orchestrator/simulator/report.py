@@ -1,0 +1,115 @@
+"""Summaries of a simulated run: latency percentiles, SLA attainment, SLO-miss attribution by
+phase, pool utilisation, cost and energy per million output tokens.
+
+TTFT = arrival -> first token (sampled by the prefill). TPOT = (finish - first token) / (n - 1),
+so KV transfer and waiting for a decode slot count against TPOT, as in the live frontend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from orchestrator.simulator.engine import SimConfig, Simulator, Trace
+
+PHASES = ("rejected", "queueing", "prefill", "transfer", "decode_wait", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    name: str
+    hardware: str
+    units: int
+    utilisation: float  # busy time / run time, mean over replicas
+    mean_batch: float  # prompts per prefill batch / sequences per decode step
+    kv_occupancy: float  # time-weighted mean used-block fraction (decode only)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    requests: int
+    completed: int
+    rejected: int
+    duration_s: float
+    rate: float  # offered requests/s
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p90_ms: float
+    tpot_p99_ms: float
+    e2e_p50_s: float
+    queue_p50_ms: float
+    transfer_p50_ms: float
+    ttft_attainment: float
+    tpot_attainment: float
+    sla_attainment: float  # both targets met, over all requests (rejections count as misses)
+    output_tokens_per_s: float
+    cost_per_m_tokens: float  # $ per million output tokens
+    kwh_per_m_tokens: float
+    price_per_hour: float
+    misses: tuple[tuple[str, int], ...]  # phase -> requests whose miss it caused
+    pools: tuple[PoolStats, ...]
+
+
+def _pct(x: np.ndarray, q: float, scale: float = 1.0) -> float:
+    x = x[~np.isnan(x)]
+    return float(np.percentile(x, q) * scale) if x.size else float("nan")
+
+
+def attribute(tr: Trace, ttft_s: float, tpot_s: float) -> np.ndarray:
+    """Index into PHASES of the phase that caused each request's miss (-1: no miss)."""
+    queue = tr.prefill_start - tr.arrival
+    prefill = tr.first_token - tr.prefill_start
+    transfer = np.nan_to_num(tr.kv_ready - tr.first_token)
+    wait = np.nan_to_num(tr.admitted - tr.kv_ready)
+    n_out = np.maximum(tr.output - 1, 1)
+    decode = np.nan_to_num(tr.finish - np.where(np.isnan(tr.admitted), tr.first_token, tr.admitted))
+    ttft = tr.ttft_s()
+    tpot = np.where(tr.output > 1, tr.tpot_s(), 0.0)
+    out = np.full(tr.arrival.size, -1)
+    tpot_miss = ~(tpot <= tpot_s)
+    # per-token share of each post-prefill phase; the largest takes the blame
+    post = np.stack([transfer / n_out, wait / n_out, decode / n_out])
+    out[tpot_miss] = 3 + np.argmax(post[:, tpot_miss], axis=0)
+    # never finished (the simulation drained with the request stuck): blame the phase it is stuck in
+    stuck = np.isnan(tr.finish) & ~np.isnan(tr.first_token) & (tr.output > 1)
+    out[stuck] = np.where(np.isnan(tr.kv_ready[stuck]), 3, np.where(np.isnan(tr.admitted[stuck]), 4, 5))
+    ttft_miss = ~(ttft <= ttft_s)
+    out[ttft_miss] = np.where(queue[ttft_miss] >= prefill[ttft_miss], 1, 2)
+    out[tr.rejected] = 0
+    return out
+
+
+def summarize(sim: Simulator, tr: Trace) -> RunSummary:
+    cfg: SimConfig = sim.cfg
+    ttft_s, tpot_s = cfg.sla.ttft_ms / 1e3, cfg.sla.tpot_ms / 1e3
+    n = tr.arrival.size
+    ttft, tpot = tr.ttft_s(), tr.tpot_s()
+    done = ~np.isnan(tr.finish)
+    tpot_ok = np.where(tr.output > 1, tpot <= tpot_s, done)
+    ok_ttft, ok = ttft <= ttft_s, (ttft <= ttft_s) & tpot_ok & done
+    duration = max(sim.end - float(tr.arrival.min()), 1e-9)
+    tokens = float(tr.output[done].sum())
+    pf, dc = cfg.prefill, cfg.decode
+    units = [(pf.dep, pf.replicas)] if cfg.colocated else [(pf.dep, pf.replicas), (dc.dep, dc.replicas)]
+    price = sum(d.price_per_hour * r for d, r in units)
+    power = sum(d.power_kw * r for d, r in units)
+    hours = duration / 3600
+    blame = attribute(tr, ttft_s, tpot_s)
+    misses = tuple((p, int((blame == k).sum())) for k, p in enumerate(PHASES))
+    p_busy = np.mean([u.busy_s for u in sim.prefill]) / duration
+    p_batch = sum(u.batched_prompts for u in sim.prefill) / max(1, sum(u.batches for u in sim.prefill))
+    d_busy = np.mean([u.busy_s for u in sim.decode]) / duration
+    d_batch = sum(u.seq_steps for u in sim.decode) / max(1, sum(u.steps for u in sim.decode))
+    d_kv = np.mean([u.kv_used_s for u in sim.decode]) / duration
+    pools = (PoolStats("prefill", pf.dep.hw.name, pf.replicas * pf.dep.units, float(p_busy), p_batch, 0.0),
+             PoolStats("decode", dc.dep.hw.name, dc.replicas * dc.dep.units, float(d_busy), d_batch, float(d_kv)))
+    per_m = 1e6 / tokens if tokens else float("nan")
+    return RunSummary(
+        n, int(done.sum()), int(tr.rejected.sum()), duration, (n - 1) / max(np.ptp(tr.arrival), 1e-9),
+        _pct(ttft, 50, 1e3), _pct(ttft, 90, 1e3), _pct(ttft, 99, 1e3),
+        _pct(tpot, 50, 1e3), _pct(tpot, 90, 1e3), _pct(tpot, 99, 1e3), _pct(tr.finish - tr.arrival, 50),
+        _pct(tr.prefill_start - tr.arrival, 50, 1e3), _pct(tr.kv_ready - tr.first_token, 50, 1e3),
+        float(ok_ttft.mean()), float(tpot_ok.mean()), float(ok.mean()),
+        tokens / duration, price * hours * per_m, power * hours * per_m, price, misses, pools)

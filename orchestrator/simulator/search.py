@@ -1,0 +1,47 @@
+"""Goodput: the highest request rate at which >= 90% of requests meet both TTFT and TPOT targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from orchestrator.simulator.engine import SimConfig, Simulator
+from orchestrator.simulator.report import RunSummary, summarize
+from orchestrator.simulator.workload import SimRequest, rescale
+
+
+def run_once(cfg: SimConfig, reqs: list[SimRequest]) -> RunSummary:
+    sim = Simulator(cfg)
+    return summarize(sim, sim.run(reqs))
+
+
+@dataclass(frozen=True, slots=True)
+class Goodput:
+    rate: float  # requests/s (0: even the lowest rate tried misses)
+    summary: RunSummary | None  # the run at that rate
+    probes: tuple[tuple[float, float], ...]  # (rate, attainment) of every run
+
+
+def goodput(cfg: SimConfig, reqs: list[SimRequest], lo: float = 0.05, hi: float = 64.0, target: float = 0.9,
+            iters: int = 8, on_probe: Callable[[float, float], None] | None = None) -> Goodput:
+    """Bisection on the rate (geometric) over `reqs` rescaled; attainment assumed monotone in rate."""
+    probes: list[tuple[float, float]] = []
+    best: tuple[float, RunSummary | None] = (0.0, None)
+
+    def probe(rate: float) -> bool:
+        nonlocal best
+        s = run_once(cfg, rescale(reqs, rate))
+        probes.append((rate, s.sla_attainment))
+        if on_probe:
+            on_probe(rate, s.sla_attainment)
+        if s.sla_attainment >= target and rate > best[0]:
+            best = (rate, s)
+        return s.sla_attainment >= target
+
+    if not probe(lo):
+        return Goodput(0.0, None, tuple(probes))
+    while probe(hi) and hi < 1e4:
+        lo, hi = hi, hi * 4
+    for _ in range(iters):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    return Goodput(best[0], best[1], tuple(probes))

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.core.trace import TraceError, fit_trace, load_azure_trace
+from tests.paths import shared_data
+
+CONV = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/data (tests/paths.py)
+
+
+def test_reads_the_real_azure_trace():
+    reqs = load_azure_trace(shared_data(CONV), limit=200)
+    assert len(reqs) == 200 and reqs[0].arrival_s == 0.0
+    assert all(b.arrival_s >= a.arrival_s for a, b in zip(reqs, reqs[1:]))
+    assert all(r.prompt_tokens > 0 for r in reqs)
+
+
+def test_fit_scales_lengths_and_rate():
+    reqs = load_azure_trace(shared_data(CONV), limit=200)
+    fitted, s = fit_trace(reqs, max_prompt=256, max_output=32, target_rate=4.0)
+    assert max(r.prompt_tokens for r in fitted) <= 256 and max(r.output_tokens for r in fitted) <= 32
+    assert min(r.prompt_tokens for r in fitted) >= 1
+    rate = (len(fitted) - 1) / fitted[-1].arrival_s
+    assert rate == pytest.approx(4.0, rel=1e-6)
+    assert "req/s" in s.describe()
+
+
+def test_malformed_traces_name_the_file(tmp_path):
+    with pytest.raises(TraceError, match="cannot open"):
+        load_azure_trace(tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(TraceError, match="not an Azure LLM trace"):
+        load_azure_trace(bad)
+    worse = tmp_path / "worse.csv"
+    worse.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,12,x\n")
+    with pytest.raises(TraceError, match="worse.csv:2"):
+        load_azure_trace(worse)

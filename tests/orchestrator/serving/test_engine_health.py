@@ -1,0 +1,59 @@
+"""Engine's view of worker health, against scripted stand-ins for the workers' `load()` calls: a failing
+or hung worker is marked unhealthy and left out of routing; when it answers again it is healthy, and a
+decode worker's reported KV receiver address replaces the old one (a restarted actor)."""
+from __future__ import annotations
+
+import asyncio
+
+from decode.worker import DecodeLoad
+from orchestrator.serving import engine as engine_mod
+from orchestrator.serving.engine import Engine
+from orchestrator.serving.pools import Pools
+from orchestrator.core.router import Router
+from prefill.worker import PrefillLoad
+
+
+class _Worker:
+    """`load.remote()` answers with `self.answer`: a load, an exception to raise, or "hang"."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.load = self
+
+    def remote(self):
+        async def call():
+            if self.answer == "hang":
+                await asyncio.sleep(3600)
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+        return call()
+
+
+def _decode_load(port: int) -> DecodeLoad:
+    return DecodeLoad(0, 0, 100, 100, 16, 10.0, 11.0, f"127.0.0.1:{port}")
+
+
+def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
+    monkeypatch.setattr(engine_mod, "LOAD_TIMEOUT_S", 0.05)
+    p0, d0, d1 = _Worker(PrefillLoad("p0", 0, 0, 1000.0)), _Worker(_decode_load(1)), _Worker(_decode_load(2))
+    pools = Pools(prefill={"p0": p0}, decode={"d0": d0, "d1": d1}, kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
+    eng = Engine(pools, tokenizer=None, router=Router("least_loaded"), decode_max_batch=8)
+
+    async def main():
+        await eng._refresh_views()
+        healthy_before = {v.worker_id: v.healthy for v in eng.views()[1]}
+        d0.answer, d1.answer = RuntimeError("actor died"), "hang"
+        await eng._refresh_views()
+        views_down = eng.views()
+        d0.answer, d1.answer = _decode_load(7), _decode_load(2)  # d0 restarted on a new port
+        await eng._refresh_views()
+        return healthy_before, views_down, eng.views()
+
+    # without the load timeout the hung worker would stall the refresh: bounded here, so that fails
+    healthy_before, (pf_down, dc_down), (pf_up, dc_up) = asyncio.run(asyncio.wait_for(main(), 10))
+    assert healthy_before == {"d0": True, "d1": True}
+    assert {v.worker_id: v.healthy for v in dc_down} == {"d0": False, "d1": False}  # kept, marked
+    assert all(v.healthy for v in pf_down)  # the prefill worker kept answering
+    assert {v.worker_id: v.healthy for v in dc_up} == {"d0": True, "d1": True} and not eng.unhealthy
+    assert pools.kv_targets == {"d0": "127.0.0.1:7", "d1": "127.0.0.1:2"}
