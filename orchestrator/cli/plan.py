@@ -46,7 +46,7 @@ def run(args) -> int:
 
     from hardware.perf import decode_step_time, kv_token_capacity, prefill_time
     from orchestrator.core.experiments import PoolSweep
-    from orchestrator.core.request import SLATarget
+    from orchestrator.core.sla import SLATarget
     from orchestrator.simulator.engine import SimConfig
     from orchestrator.simulator.runner import _setup, deployment
     from orchestrator.simulator.search import run_once

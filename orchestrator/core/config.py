@@ -11,15 +11,12 @@ from typing import Any
 
 import yaml
 
+from orchestrator.core.router import POLICIES
+from orchestrator.core.sla import SLATarget
+
 
 class ConfigError(ValueError):
     """cluster.yaml is unusable; the message names the file and key."""
-
-
-@dataclass(frozen=True, slots=True)
-class SLA:
-    ttft_ms: float
-    tpot_ms: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +63,7 @@ class Config:
     decode: PoolConfig
     frontend: FrontendConfig
     router_policy: str
-    sla_classes: dict[str, SLA]
+    sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig
     metadata: dict[str, Any] = field(repr=False)  # the raw metadata tree (experiments read their part)
@@ -79,9 +76,6 @@ class Config:
             for name, amount in pool.ray_resources.items():
                 total[name] = total.get(name, 0) + amount * pool.workers
         return total
-
-
-ROUTER_POLICIES = ("round_robin", "least_loaded", "sla")
 
 
 class ConfigReader:
@@ -112,6 +106,12 @@ class ConfigReader:
             raise self.error(key, f"expected {kind.__name__}, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"must be >= {minimum}, got {value!r}")
+        return value
+
+    def choice(self, key: str, value: str, choices: tuple[str, ...], what: str) -> str:
+        """`value` (read from `key`) if it is one of `choices`, else the error naming them."""
+        if value not in choices:
+            raise self.error(key, f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
         return value
 
     def many(self, key: str, kind: type, default: Any = ..., minimum: float | None = None) -> tuple:
@@ -224,14 +224,13 @@ def parse_config(tree: Any, path: Path) -> Config:
     pools = meta.sub("pools")
     fe = meta.sub("frontend") if "frontend" in meta.tree else ConfigReader(path, {}, "metadata.frontend.")
     router = meta.sub("router") if "router" in meta.tree else ConfigReader(path, {}, "metadata.router.")
-    policy = router.get("policy", str, "least_loaded")
-    if policy not in ROUTER_POLICIES:
-        raise router.error("policy", f"unknown policy {policy!r}; choose one of {', '.join(ROUTER_POLICIES)}")
+    policy = router.choice("policy", router.get("policy", str, "least_loaded"), POLICIES, "policy")
     slas_r = meta.sub("sla_classes")
     slas = {}
     for name in slas_r.tree:
         s = slas_r.sub(name)
-        slas[name] = SLA(ttft_ms=s.get("ttft_ms", float, minimum=1e-9), tpot_ms=s.get("tpot_ms", float, minimum=1e-9))
+        slas[name] = SLATarget(ttft_ms=s.get("ttft_ms", float, minimum=1e-9), tpot_ms=s.get("tpot_ms", float, minimum=1e-9),
+                               sla_class=str(name))
     default_sla = meta.get("default_sla_class", str, next(iter(slas), ""))
     if default_sla not in slas:
         raise meta.error("default_sla_class", f"{default_sla!r} is not one of the sla_classes {sorted(slas)}")

@@ -88,8 +88,7 @@ def parse_experiment(path: Path, name: str, tree: Any) -> Experiment:
     sla = s.sub("sla")
     policies = s.many("router_policy", str, "least_loaded")
     for p in policies:
-        if p not in POLICIES:
-            raise s.error("router_policy", f"unknown policy {p!r}; choose one of {', '.join(POLICIES)}")
+        s.choice("router_policy", p, POLICIES, "policy")
     trace = resolve_data_path(Path(s.get("trace", str)), path.parent)
     poisson = s.get("poisson", bool, False)
     return Experiment(name, s.many("model", str), trace, s.get("requests", int, None, minimum=1), _rates(s),

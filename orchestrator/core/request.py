@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 from model.sampling import SamplingParams
+from orchestrator.core.sla import SLATarget
 
 
 class RequestState(enum.Enum):
@@ -32,14 +33,6 @@ class FinishReason(enum.Enum):
     ABORT = "abort"  # the client went away or asked to abort
     REJECTED = "rejected"  # the router found no placement that meets the SLA
     ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class SLATarget:
-    ttft_ms: float
-    tpot_ms: float
-    priority: int = 0
-    sla_class: str = ""  # the named class the targets came from ("" when given directly)
 
 
 @dataclass(slots=True)

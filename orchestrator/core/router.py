@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from orchestrator.core.request import SLATarget
+from orchestrator.core.sla import SLATarget
 
 
 @dataclass(frozen=True, slots=True)

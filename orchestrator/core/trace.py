@@ -5,6 +5,7 @@ import csv
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -58,6 +59,26 @@ def load_azure_trace(path: str | Path, limit: int | None = None) -> list[TraceRe
     return out
 
 
+def mean_rate(arrivals_s: Sequence[float]) -> float | None:
+    """Requests/s of sorted arrival times: (n - 1) / span; None with fewer than two or a zero span."""
+    span = arrivals_s[-1] - arrivals_s[0] if len(arrivals_s) else 0.0
+    return (len(arrivals_s) - 1) / span if span > 0 else None
+
+
+def check_rate(rate: float) -> None:
+    """ValueError naming `rate` unless it is a positive number of requests/s."""
+    if not rate > 0:
+        raise ValueError(f"rate: must be > 0 requests/s, got {rate}")
+
+
+def time_scale(arrivals_s: Sequence[float], rate: float) -> float:
+    """The factor arrival times are multiplied by so that their mean rate becomes `rate` requests/s
+    (1.0 when the mean rate is undefined). The one rescaling rule of the live bench and the simulator."""
+    check_rate(rate)
+    native = mean_rate(arrivals_s)
+    return 1.0 if native is None else native / rate
+
+
 @dataclass(frozen=True, slots=True)
 class Scaling:
     """How a trace was fitted to a smaller model and machine (printed with every bench)."""
@@ -83,9 +104,9 @@ def fit_trace(reqs: list[TraceRequest], max_prompt: int, max_output: int,
     outputs = np.array([r.output_tokens for r in reqs], dtype=np.float64)
     ls = min(1.0, max_prompt / max(np.percentile(prompts, 99), 1))
     os_ = min(1.0, max_output / max(np.percentile(outputs, 99), 1))
-    span = reqs[-1].arrival_s - reqs[0].arrival_s
-    source_rate = (len(reqs) - 1) / span if span > 0 else target_rate
-    ts = source_rate / target_rate
+    arrivals = [r.arrival_s for r in reqs]
+    source_rate = mean_rate(arrivals) or target_rate
+    ts = time_scale(arrivals, target_rate)
     fitted = [TraceRequest((r.arrival_s - reqs[0].arrival_s) * ts,
                            int(np.clip(round(r.prompt_tokens * ls), 1, max_prompt)),
                            int(np.clip(round(r.output_tokens * os_), 1, max_output))) for r in reqs]

@@ -15,7 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.serving.engine import FinalEvent
-from orchestrator.core.request import FinishReason, SLATarget
+from orchestrator.core.request import FinishReason
+from orchestrator.core.sla import SLATarget, sla_met
 from protos.disagg.v1 import inference_pb2 as pb
 
 PREFIX = "pdorch_"
@@ -74,9 +75,10 @@ class ServingMetrics:
         self.queued.observe(t.queued_ms / 1e3)
         self.prefill.observe(t.prefill_ms / 1e3)
         self.transfer.observe(t.transfer_ms / 1e3)
-        if ev.completion_tokens > 1:
-            self.tpot.observe(t.mean_tpot_ms / 1e3)
-        if t.ttft_ms <= sla.ttft_ms and t.mean_tpot_ms <= sla.tpot_ms:  # one token: mean_tpot_ms is 0
+        tpot_ms = t.mean_tpot_ms if ev.completion_tokens > 1 else None  # one token: no TPOT
+        if tpot_ms is not None:
+            self.tpot.observe(tpot_ms / 1e3)
+        if sla_met(sla, t.ttft_ms, tpot_ms):
             self.sla_met.labels(sla.sla_class).inc()
 
 

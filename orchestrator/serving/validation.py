@@ -10,7 +10,8 @@ import grpc
 from model.sampling import SamplingParams
 from model.tokenizer import ChatMessage, Tokenizer
 from orchestrator.core.config import Config
-from orchestrator.core.request import Request, SLATarget
+from orchestrator.core.request import Request
+from orchestrator.core.sla import SLATarget
 from protos.disagg.v1 import inference_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 128

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orchestrator.core.sla import SLATarget, tpot_met, ttft_met
 from orchestrator.simulator.engine import SimConfig, Simulator, Trace
 
 PHASES = ("rejected", "queueing", "prefill", "transfer", "decode_wait", "decode")
@@ -57,7 +58,7 @@ def _pct(x: np.ndarray, q: float, scale: float = 1.0) -> float:
     return float(np.percentile(x, q) * scale) if x.size else float("nan")
 
 
-def attribute(tr: Trace, ttft_s: float, tpot_s: float) -> np.ndarray:
+def attribute(tr: Trace, sla: SLATarget) -> np.ndarray:
     """Index into PHASES of the phase that caused each request's miss (-1: no miss)."""
     queue = tr.prefill_start - tr.arrival
     prefill = tr.first_token - tr.prefill_start
@@ -65,17 +66,15 @@ def attribute(tr: Trace, ttft_s: float, tpot_s: float) -> np.ndarray:
     wait = np.nan_to_num(tr.admitted - tr.kv_ready)
     n_out = np.maximum(tr.output - 1, 1)
     decode = np.nan_to_num(tr.finish - np.where(np.isnan(tr.admitted), tr.first_token, tr.admitted))
-    ttft = tr.ttft_s()
-    tpot = np.where(tr.output > 1, tr.tpot_s(), 0.0)
     out = np.full(tr.arrival.size, -1)
-    tpot_miss = ~(tpot <= tpot_s)
+    tpot_miss = ~tpot_met(sla, tr.tpot_s() * 1e3)  # NaN for one-token requests: met; unfinished: "stuck" below
     # per-token share of each post-prefill phase; the largest takes the blame
     post = np.stack([transfer / n_out, wait / n_out, decode / n_out])
     out[tpot_miss] = 3 + np.argmax(post[:, tpot_miss], axis=0)
     # never finished (the simulation drained with the request stuck): blame the phase it is stuck in
     stuck = np.isnan(tr.finish) & ~np.isnan(tr.first_token) & (tr.output > 1)
     out[stuck] = np.where(np.isnan(tr.kv_ready[stuck]), 3, np.where(np.isnan(tr.admitted[stuck]), 4, 5))
-    ttft_miss = ~(ttft <= ttft_s)
+    ttft_miss = ~ttft_met(sla, tr.ttft_s() * 1e3)
     out[ttft_miss] = np.where(queue[ttft_miss] >= prefill[ttft_miss], 1, 2)
     out[tr.rejected] = 0
     return out
@@ -83,12 +82,12 @@ def attribute(tr: Trace, ttft_s: float, tpot_s: float) -> np.ndarray:
 
 def summarize(sim: Simulator, tr: Trace) -> RunSummary:
     cfg: SimConfig = sim.cfg
-    ttft_s, tpot_s = cfg.sla.ttft_ms / 1e3, cfg.sla.tpot_ms / 1e3
     n = tr.arrival.size
     ttft, tpot = tr.ttft_s(), tr.tpot_s()
     done = ~np.isnan(tr.finish)
-    tpot_ok = np.where(tr.output > 1, tpot <= tpot_s, done)
-    ok_ttft, ok = ttft <= ttft_s, (ttft <= ttft_s) & tpot_ok & done
+    ok_ttft = ttft_met(cfg.sla, ttft * 1e3)
+    tpot_ok = tpot_met(cfg.sla, tpot * 1e3) & done  # tpot is NaN for one-token requests (met once done)
+    ok = ok_ttft & tpot_ok
     duration = max(sim.end - float(tr.arrival.min()), 1e-9)
     tokens = float(tr.output[done].sum())
     pf, dc = cfg.prefill, cfg.decode
@@ -96,7 +95,7 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
     price = sum(d.price_per_hour * r for d, r in units)
     power = sum(d.power_kw * r for d, r in units)
     hours = duration / 3600
-    blame = attribute(tr, ttft_s, tpot_s)
+    blame = attribute(tr, cfg.sla)
     misses = tuple((p, int((blame == k).sum())) for k, p in enumerate(PHASES))
     p_busy = np.mean([u.busy_s for u in sim.prefill]) / duration
     p_batch = sum(u.batched_prompts for u in sim.prefill) / max(1, sum(u.batches for u in sim.prefill))

@@ -11,7 +11,8 @@ from hardware.perf import Deployment, make_deployment
 from hardware.profiles import get_profile
 from model.specs import get_spec
 from orchestrator.core.experiments import Experiment, PoolSweep
-from orchestrator.core.request import SLATarget
+from orchestrator.core.sla import SLATarget
+from orchestrator.core.trace import fit_trace, load_azure_trace, mean_rate
 from orchestrator.simulator.engine import PoolSetup, SimConfig, Simulator, Trace
 from orchestrator.simulator.report import PHASES, attribute, summarize
 from orchestrator.simulator.search import goodput
@@ -56,18 +57,24 @@ def points(exp: Experiment) -> list[Point]:
     return out
 
 
+def _native_rate(exp: Experiment, arrivals_s: list[float]) -> float:
+    rate = mean_rate(arrivals_s)
+    if rate is None:
+        raise ValueError(f"trace: {exp.trace} has no native rate (needs two or more requests at different times)")
+    return rate
+
+
 def workload(exp: Experiment) -> list[SimRequest]:
     if exp.max_prompt_tokens and exp.max_output_tokens:  # the live bench's requests, exactly
-        from orchestrator.core.trace import fit_trace, load_azure_trace
         rate = next((r for r in exp.rates if r is not None), None)
         rows = load_azure_trace(exp.trace, exp.requests)
         rows, _ = fit_trace(rows, exp.max_prompt_tokens, exp.max_output_tokens,
-                            rate or (len(rows) - 1) / max(rows[-1].arrival_s, 1e-9))
+                            rate or _native_rate(exp, [r.arrival_s for r in rows]))
         return [SimRequest(i, r.arrival_s, max(1, r.prompt_tokens), max(1, r.output_tokens))
                 for i, r in enumerate(rows)]
     reqs = from_trace(exp.trace, limit=exp.requests)
     if exp.poisson:
-        native = (len(reqs) - 1) / max(reqs[-1].arrival_s, 1e-9)
+        native = _native_rate(exp, [r.arrival_s for r in reqs])
         reqs = poisson(native, len(reqs), [(r.prompt_tokens, r.output_tokens) for r in reqs])
     return reqs
 
@@ -115,7 +122,7 @@ def run_point(p: Point, reqs: list[SimRequest], with_goodput: bool = False,
     if with_goodput:
         row.update(config_goodput(p, goodput_reqs or reqs, units=row["units"], price=s.price_per_hour))
     ttft, tpot = tr.ttft_s() * 1e3, tr.tpot_s() * 1e3
-    blame = attribute(tr, p.cfg.sla.ttft_ms / 1e3, p.cfg.sla.tpot_ms / 1e3)
+    blame = attribute(tr, p.cfg.sla)
     return PointResult(row, ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)], tr, blame)
 
 

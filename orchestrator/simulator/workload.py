@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.core.trace import TraceError, load_azure_trace
+from orchestrator.core.trace import TraceError, check_rate, load_azure_trace, time_scale
 
 __all__ = ["SimRequest", "from_trace", "poisson", "TraceError"]
 
@@ -19,26 +19,19 @@ class SimRequest:
     output_tokens: int  # tokens generated, the first one by the prefill
 
 
-def _check_rate(rate: float | None) -> None:
-    if rate is not None and not rate > 0:
-        raise ValueError(f"rate: must be > 0 requests/s, got {rate}")
-
-
 def from_trace(path: str | Path, rate: float | None = None, limit: int | None = None) -> list[SimRequest]:
     """Requests of an Azure CSV; with `rate`, arrival times are scaled so the mean rate is `rate`/s."""
-    _check_rate(rate)
+    if rate is not None:
+        check_rate(rate)
     rows = load_azure_trace(path, limit)
-    span = rows[-1].arrival_s - rows[0].arrival_s
-    scale = 1.0
-    if rate is not None and span > 0:
-        scale = (len(rows) - 1) / span / rate
+    scale = 1.0 if rate is None else time_scale([r.arrival_s for r in rows], rate)
     return [SimRequest(i, r.arrival_s * scale, max(1, r.prompt_tokens), max(1, r.output_tokens))
             for i, r in enumerate(rows)]
 
 
 def poisson(rate: float, n: int, lengths: list[tuple[int, int]], seed: int = 0) -> list[SimRequest]:
     """n Poisson arrivals at `rate`/s; (prompt, output) lengths drawn from `lengths` with replacement."""
-    _check_rate(rate)
+    check_rate(rate)
     if not lengths:
         raise ValueError("lengths: need at least one (prompt, output) pair")
     rng = np.random.default_rng(seed)
@@ -49,10 +42,6 @@ def poisson(rate: float, n: int, lengths: list[tuple[int, int]], seed: int = 0) 
 
 
 def rescale(reqs: list[SimRequest], rate: float) -> list[SimRequest]:
-    """The same requests with arrival times scaled to a mean rate of `rate`/s."""
-    _check_rate(rate)
-    span = reqs[-1].arrival_s - reqs[0].arrival_s
-    if len(reqs) < 2 or span <= 0:
-        return list(reqs)
-    k = (len(reqs) - 1) / span / rate
+    """The same requests with arrival times scaled to a mean rate of `rate`/s (trace.time_scale)."""
+    k = time_scale([r.arrival_s for r in reqs], rate)
     return [SimRequest(r.rid, r.arrival_s * k, r.prompt_tokens, r.output_tokens) for r in reqs]

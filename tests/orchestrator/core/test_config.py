@@ -118,3 +118,20 @@ def test_an_unreadable_tls_file_names_the_key(tmp_path):
     tree["metadata"]["frontend"].update(tls_cert_file="missing.pem", tls_key_file="missing-key.pem")
     with pytest.raises(ConfigError, match="metadata.frontend.tls_cert_file: cannot read"):
         parse_config(tree, tmp_path / "cluster.yaml")
+
+
+def test_sla_classes_are_sla_targets_and_the_router_policies_are_one_list():
+    from orchestrator.core.router import POLICIES, Router
+    from orchestrator.core.sla import SLATarget
+
+    cfg = load_config(ROOT / "cluster.yaml")
+    assert cfg.sla_classes and all(type(s) is SLATarget and s.sla_class == name for name, s in cfg.sla_classes.items())
+    for policy in POLICIES:  # every policy the router knows is accepted by the config, and the reverse
+        tree = _tree()
+        tree["metadata"]["router"]["policy"] = policy
+        assert Router(parse_config(tree, Path("cluster.yaml")).router_policy).policy == policy
+    tree = _tree()
+    tree["metadata"]["router"]["policy"] = "fastest"
+    with pytest.raises(ConfigError) as e:
+        parse_config(tree, Path("cluster.yaml"))
+    assert str(e.value) == f"cluster.yaml: metadata.router.policy: unknown policy 'fastest'; choose one of {', '.join(POLICIES)}"

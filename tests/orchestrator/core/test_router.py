@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.core.request import SLATarget
+from orchestrator.core.sla import SLATarget
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
 
 SLA = SLATarget(ttft_ms=1000, tpot_ms=50)

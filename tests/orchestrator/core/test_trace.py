@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.core.trace import TraceError, fit_trace, load_azure_trace
+from orchestrator.core.trace import TraceError, TraceRequest, fit_trace, load_azure_trace
 from tests.paths import shared_data
 
 CONV = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/data (tests/paths.py)
@@ -36,3 +36,21 @@ def test_malformed_traces_name_the_file(tmp_path):
     worse.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,12,x\n")
     with pytest.raises(TraceError, match="worse.csv:2"):
         load_azure_trace(worse)
+
+
+def test_mean_rate_and_time_scale_are_the_one_rescaling_rule():
+    from orchestrator.core.trace import mean_rate, time_scale
+    from orchestrator.simulator.workload import SimRequest, rescale
+
+    arrivals = [0.0, 1.0, 2.0, 4.0]  # 3 gaps over 4 s
+    assert mean_rate(arrivals) == 0.75
+    assert mean_rate([3.0]) is None and mean_rate([2.0, 2.0]) is None and mean_rate([]) is None
+    assert time_scale(arrivals, 1.5) == 0.5  # twice as fast: half the times
+    assert time_scale([2.0, 2.0], 9.0) == 1.0  # no rate to scale from: unchanged
+    with pytest.raises(ValueError, match="rate: must be > 0"):
+        time_scale(arrivals, 0.0)
+    reqs = [SimRequest(i, a, 10, 5) for i, a in enumerate(arrivals)]
+    assert [r.arrival_s for r in rescale(reqs, 1.5)] == [0.0, 0.5, 1.0, 2.0]
+    rows = [TraceRequest(a, 10, 5) for a in arrivals]
+    fitted, s = fit_trace(rows, max_prompt=10, max_output=5, target_rate=1.5)
+    assert [r.arrival_s for r in fitted] == [0.0, 0.5, 1.0, 2.0] and (s.source_rate, s.time_scale) == (0.75, 0.5)
