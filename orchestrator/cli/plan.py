@@ -21,18 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _trace_path(args) -> Path:
+    """--trace, else the config's metadata.workload.trace, read and resolved by the one config loader."""
     if args.trace:
         return Path(args.trace)
-    import yaml
-    path = Path(args.config)
-    try:
-        tree = yaml.safe_load(path.read_text())
-        trace = Path(tree["metadata"]["workload"]["trace"])
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found (or pass --trace)") from None
-    except (KeyError, TypeError, yaml.YAMLError):
-        raise UserError(f"{path}: metadata.workload.trace: missing (or pass --trace)") from None
-    return trace if trace.is_absolute() else (path.parent / trace).resolve()
+    from orchestrator.cli.serve import load_config_or_exit
+    return load_config_or_exit(Path(args.config), hint=" (or pass --trace)").workload.trace
 
 
 def _fmt_misses(s) -> str:

@@ -16,13 +16,14 @@ def add_config_argument(p: argparse.ArgumentParser) -> None:
                    help=f"cluster.yaml with the orchestrator's settings under metadata: (default {DEFAULT_CONFIG.name})")
 
 
-def load_config_or_exit(path: Path):
+def load_config_or_exit(path: Path, hint: str = ""):
+    """The validated config (core/config.py), or a UserError `file: key: reason` followed by `hint`."""
     from orchestrator.core.config import ConfigError, load_config
 
     try:
         return load_config(path)
     except ConfigError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"{e}{hint}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
