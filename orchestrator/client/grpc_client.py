@@ -10,14 +10,15 @@ Imports no Ray. gRPC status codes, and errors sent inside a Generate stream, rai
 """
 from __future__ import annotations
 
+import contextlib
 import uuid
-from typing import AsyncIterator, Iterator, Mapping, Sequence
+from typing import AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.client.types import Chunk, Completion, Final, ModelInfo, ServerInfo, error_for
+from orchestrator.client.types import ClientError, Chunk, Completion, Final, error_for
 from orchestrator.client.wire import error_from_rpc, final_from_pb, model_info_from_pb, server_info_from_pb
 from protos.disagg.v1 import inference_pb2 as pb
 from protos.disagg.v1 import inference_pb2_grpc as pb_grpc
@@ -75,7 +76,8 @@ def _chunk_or_final(resp: pb.GenerateResponse, request_id: str) -> Chunk | Final
 class _StreamState:
     """What a stream has produced so far (shared by the sync and async streams)."""
 
-    def __init__(self, request_id: str):
+    def __init__(self, call, request_id: str):
+        self._call = call
         self.request_id = request_id
         self.final: Final | None = None
         self._texts: list[str] = []
@@ -103,25 +105,27 @@ class _StreamState:
             raise ClientError(grpc.StatusCode.UNKNOWN, "stream ended without a final message")
         return Completion(self.text, self.token_ids, self.final)
 
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+@contextlib.contextmanager
+def _typed_errors():
+    """A grpc.RpcError raised inside becomes the typed ClientError of its status."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise error_from_rpc(e) from None
+
 
 class GenerateStream(_StreamState):
     """Iterate for Chunks; afterwards `.final` holds finish reason, usage and timings. `cancel()` stops it."""
 
-    def __init__(self, call, request_id: str):
-        super().__init__(request_id)
-        self._call = call
-
     def __iter__(self) -> Iterator[Chunk]:
-        try:
+        with _typed_errors():
             for resp in self._call:
-                chunk = self.take(resp)
-                if chunk is not None:
+                if (chunk := self.take(resp)) is not None:
                     yield chunk
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
     def __enter__(self) -> "GenerateStream":
         return self
@@ -134,29 +138,30 @@ class GenerateStream(_StreamState):
 class AsyncGenerateStream(_StreamState):
     """`async for chunk in stream`; afterwards `.final`. `cancel()` stops it."""
 
-    def __init__(self, call, request_id: str):
-        super().__init__(request_id)
-        self._call = call
-
     async def __aiter__(self) -> AsyncIterator[Chunk]:
-        try:
+        with _typed_errors():
             async for resp in self._call:
-                chunk = self.take(resp)
-                if chunk is not None:
+                if (chunk := self.take(resp)) is not None:
                     yield chunk
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 # ---------------------------------------------------------------------------------- clients
 
 
+def _health_status(resp: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 class _Base:
-    def __init__(self, target: str, tls: bool, root_certificates: bytes | None, token: str | None,
-                 timeout: float | None, options: Sequence[tuple[str, object]], aio: bool):
-        mod = grpc.aio if aio else grpc
+    """The calls of both clients. Each subclass says how a call runs (`_unary`: blocking or awaited)
+    and which stream `generate` returns; on AsyncClient every method below returns an awaitable."""
+
+    _aio: bool
+    _stream: type[_StreamState]
+
+    def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
+                 token: str | None = None, timeout: float | None = None, options: Sequence = ()):
+        """`timeout` (seconds) is the default deadline of every call, whole streams included."""
+        mod = grpc.aio if self._aio else grpc
         if tls or root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates)
             self._channel = mod.secure_channel(target, creds, options=list(options))
@@ -170,44 +175,46 @@ class _Base:
     def _kw(self, timeout: float | None) -> dict:
         return dict(timeout=timeout if timeout is not None else self._timeout, metadata=self._metadata)
 
-
-class Client(_Base):
-    """Blocking client. `timeout` (seconds) is the default deadline of every call, whole streams included."""
-
-    def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
-                 token: str | None = None, timeout: float | None = None, options: Sequence = ()):
-        super().__init__(target, tls, root_certificates, token, timeout, options, aio=False)
-
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> GenerateStream:
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw):
         """Start a generation (arguments as build_request); iterate the returned stream for chunks."""
         req = build_request(prompt, **kw)
-        return GenerateStream(self._stub.Generate(req, **self._kw(timeout)), req.request_id)
+        return self._stream(self._stub.Generate(req, **self._kw(timeout)), req.request_id)
+
+    def abort(self, request_id: str, *, timeout: float | None = None):
+        """True if the server knew the request and aborted it."""
+        return self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id), timeout, lambda r: r.aborted)
+
+    def model_info(self, *, timeout: float | None = None):
+        """The served model and its SLA classes (ModelInfo)."""
+        return self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout, model_info_from_pb)
+
+    def server_info(self, *, timeout: float | None = None):
+        """The pools and every worker's health and load (ServerInfo)."""
+        return self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout, server_info_from_pb)
+
+    def health(self, service: str = "", *, timeout: float | None = None):
+        """grpc.health.v1 status name: "SERVING", "NOT_SERVING", ..."""
+        return self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout, _health_status)
+
+    def _unary(self, method, request, timeout: float | None, convert: Callable):
+        raise NotImplementedError
+
+
+class Client(_Base):
+    """Blocking client: every call returns its result."""
+
+    _aio, _stream = False, GenerateStream
 
     def complete(self, prompt: str | None = None, **kw) -> Completion:
+        """Generate to the end (arguments as build_request); the whole text, ids and final."""
         stream = self.generate(prompt, **kw)
         for _ in stream:
             pass
         return stream.completion()
 
-    def _unary(self, method, request, timeout: float | None):
-        try:
-            return method(request, **self._kw(timeout))
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-
-    def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
-        return self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id), timeout).aborted
-
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return model_info_from_pb(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
-
-    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        return server_info_from_pb(self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
-
-    def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """grpc.health.v1 status name: "SERVING", "NOT_SERVING", ..."""
-        resp = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    def _unary(self, method, request, timeout: float | None, convert: Callable):
+        with _typed_errors():
+            return convert(method(request, **self._kw(timeout)))
 
     def close(self) -> None:
         self._channel.close()
@@ -220,15 +227,9 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """asyncio client with the same methods as Client (coroutines; generate returns an async stream)."""
+    """asyncio client with the same methods as Client: coroutines, and generate returns an async stream."""
 
-    def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
-                 token: str | None = None, timeout: float | None = None, options: Sequence = ()):
-        super().__init__(target, tls, root_certificates, token, timeout, options, aio=True)
-
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw) -> AsyncGenerateStream:
-        req = build_request(prompt, **kw)
-        return AsyncGenerateStream(self._stub.Generate(req, **self._kw(timeout)), req.request_id)
+    _aio, _stream = True, AsyncGenerateStream
 
     async def complete(self, prompt: str | None = None, **kw) -> Completion:
         stream = self.generate(prompt, **kw)
@@ -236,24 +237,9 @@ class AsyncClient(_Base):
             pass
         return stream.completion()
 
-    async def _unary(self, method, request, timeout: float | None):
-        try:
-            return await method(request, **self._kw(timeout))
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-
-    async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
-        return (await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id), timeout)).aborted
-
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return model_info_from_pb(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
-
-    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        return server_info_from_pb(await self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
-
-    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        resp = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    async def _unary(self, method, request, timeout: float | None, convert: Callable):
+        with _typed_errors():
+            return convert(await method(request, **self._kw(timeout)))
 
     async def close(self) -> None:
         await self._channel.close()

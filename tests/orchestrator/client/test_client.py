@@ -180,3 +180,15 @@ def test_stream_timing_over_a_real_stream(fake_server):
     # a stream that fails keeps what arrived: one token, no end, no TPOT
     assert failed.tokens == 1 and failed.end is None and failed.tpot_s is None and failed.e2e_s is None
     assert failed.ttft_s is not None and failed.final is None
+
+
+def test_a_response_of_no_known_kind_or_a_stream_without_final_is_a_client_error():
+    from orchestrator.client.grpc_client import GenerateStream
+    from protos.disagg.v1 import inference_pb2 as pb
+
+    stream = GenerateStream(iter([pb.GenerateResponse(request_id="r")]), "r")
+    with pytest.raises(cl.ClientError, match="unknown kind None") as e:
+        list(stream)
+    assert e.value.code == grpc.StatusCode.INTERNAL
+    with pytest.raises(cl.ClientError, match="without a final message"):
+        stream.completion()
