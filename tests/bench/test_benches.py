@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from decode import blas
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,11 +53,21 @@ def test_kvtransfer_bench_rows(tmp_path):
     assert doc["meta"]["cpus"] == os.cpu_count() and "kvtransfer[no-pool-write]" in text
 
 
+def test_handoff_overhead_is_median_over_median_minus_one():
+    from bench.handoff import overhead
+
+    # medians 1.2 s and 1.0 s: 20% slower; a mean (1.7 / 1.333) or a ratio the other way round would differ
+    assert overhead([1.1, 3.0, 1.2], [1.0, 1.0, 2.0]) == pytest.approx(0.2)
+    assert overhead([0.5], [1.0]) == pytest.approx(-0.5)  # faster than colocated is a negative overhead
+    assert overhead([2.0, 2.0], [2.0, 2.0]) == 0.0
+
+
 def test_handoff_bench_fields(tmp_path):
     out = tmp_path / "handoff.json"
     text = _run("bench.handoff", "--prompt-tokens", "48", "--repeats", "1", "--output", str(out))
     doc = json.loads(out.read_text())
     assert doc["ttft_disaggregated_s"] > 0 and doc["ttft_colocated_s"] > 0
-    assert doc["overhead"] == doc["ttft_disaggregated_s"] / doc["ttft_colocated_s"] - 1.0
+    assert doc["ttft_disaggregated_s"] == doc["samples"]["disaggregated_s"][0]  # the median of one repeat
+    assert f"overhead {100 * doc['overhead']:+.1f}%" in text
     assert doc["prompt_tokens"] == 48 and len(doc["samples"]["disaggregated_s"]) == 1
     assert doc["transfer_tail_s"] >= 0 and doc["prefill_in_actor_s"] > 0 and "overhead" in text

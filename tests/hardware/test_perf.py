@@ -1,4 +1,5 @@
-"""Performance model: calibration table, capacity, speculative option, transfer overlap, cpu cache."""
+"""Performance model: the calibration fit and its one unfitted prediction, capacity, speculative option,
+transfer overlap, cpu cache."""
 import dataclasses
 import json
 
@@ -11,14 +12,22 @@ from hardware.profiles import HARDWARE_NAMES, PROFILES, get_profile
 from model.specs import get_spec
 
 
-def test_calibration_fitted_rows_within_3_percent():
-    rows = calibration_table()
-    assert len(rows) == 5
-    for r in rows:
-        if r.fitted:
-            assert abs(r.error) < 0.03, r
-    spec = [r for r in rows if not r.fitted][0]
-    assert spec.predicted > 450  # speculative helps, but the model under-predicts Oct-2024 software
+def test_fit_reproduces_the_rows_it_was_fitted_to():
+    """Four coefficients were each solved from one of these figures (bench/calibration.py), so these
+    rows match by construction: this checks the fit and the model's form, it validates nothing."""
+    fitted = [r for r in calibration_table() if r.fitted]
+    assert len(fitted) == 4
+    for r in fitted:
+        assert abs(r.error) < 0.03, r
+
+
+def test_unfitted_speculative_figure_is_predicted_faster_than_plain_decode_but_below_published():
+    """The one figure no coefficient was fitted to (Cerebras' Oct-2024 speculative 70B, 2,100 tok/s/user):
+    the prediction beats the plain 4-system figure (450 tok/s/user) but misses the published one by a
+    wide margin, as README's calibration section says; a change to either would show here."""
+    [spec] = [r for r in calibration_table() if not r.fitted]
+    assert spec.metric == "tok/s/user" and spec.published == 2100
+    assert 450 < spec.predicted < 0.5 * spec.published
 
 
 def test_every_profile_has_sources_price_power():
