@@ -35,9 +35,39 @@ async def hand_off(w: DecodeWorker, rid: str, ref, max_tokens: int, **params):
                       prompt_ids=ref.prompt)
 
 
-def test_streams_exact_tokens_for_concurrent_requests(lm, book):
+async def started(w: DecodeWorker, rid: str, ref, max_tokens: int):
+    """Hand `ref` off and wait for its first chunk."""
+    await hand_off(w, rid, ref, max_tokens=max_tokens)
+    return await w.next_tokens(rid, timeout=60)
+
+
+def _transfer(w: DecodeWorker, rid: str, ref) -> None:
+    """The KV of `ref` into the worker's sink, as the kvtransfer receiver writes it."""
+    sink = w.kv_sink
+    sink.open(rid, w.layout, len(ref.prompt))
+    for layer, (k, v) in enumerate(zip(ref.ks, ref.vs)):
+        sink.write(rid, layer, 0, k, v)
+    sink.commit(rid)
+
+
+def assert_all_blocks_free(w: DecodeWorker) -> None:
+    alloc = w.kv_sink.allocator
+    assert alloc.free_blocks == alloc.n_blocks, (alloc.free_blocks, alloc.n_blocks)
+
+
+def run(lm, body, **kw) -> None:
+    """`await body(w)` on a fresh worker (worker(lm, **kw)), closed afterwards whatever happens."""
     async def main():
-        w = worker(lm)
+        w = worker(lm, **kw)
+        try:
+            await body(w)
+        finally:
+            await w.close()
+    asyncio.run(main())
+
+
+def test_streams_exact_tokens_for_concurrent_requests(lm, book):
+    async def body(w: DecodeWorker):
         refs = [book.get(i) for i in (0, 5, 9)]
         for i, ref in enumerate(refs):
             await hand_off(w, f"r{i}", ref, max_tokens=8 + i)
@@ -48,34 +78,23 @@ def test_streams_exact_tokens_for_concurrent_requests(lm, book):
             assert last.finish_reason == "length" and text == lm.tokenizer.decode(ids)
         load = await w.load()
         assert load.active == 0 and load.free_blocks == load.total_blocks and w.steps > 0
-        await w.close()
-    asyncio.run(main())
+    run(lm, body)
 
 
 def test_submit_before_kv_arrives_through_the_sink_from_another_thread(lm, book):
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         ref = book.get(3)
         await w.submit("r", ref.tokens[0], SamplingParams(max_tokens=6), prompt_ids=ref.prompt)
-
-        def receiver():
-            sink = w.kv_sink
-            sink.open("r", w.layout, len(ref.prompt))
-            for layer, (k, v) in enumerate(zip(ref.ks, ref.vs)):
-                sink.write("r", layer, 0, k, v)
-            sink.commit("r")
-        t = threading.Thread(target=receiver)
+        t = threading.Thread(target=_transfer, args=(w, "r", ref))
         t.start()
         ids, _, last = await drain(w, "r")
         t.join()
         assert ids == ref.tokens[:6] and last.finish_reason == "length"
-        await w.close()
-    asyncio.run(main())
+    run(lm, body)
 
 
 def test_bad_layout_and_oversized_requests_are_refused_without_disturbing_the_batch(lm, book):
-    async def main():
-        w = worker(lm, capacity_tokens=512)
+    async def body(w: DecodeWorker):
         good = book.get(4)
         await hand_off(w, "good", good, max_tokens=12)
         bad = KVLayout(w.layout.n_layers, w.layout.n_kv_heads + 1, w.layout.head_dim)
@@ -95,17 +114,14 @@ def test_bad_layout_and_oversized_requests_are_refused_without_disturbing_the_ba
         assert e.value.code == "RESOURCE_EXHAUSTED" and w.kv_sink.state("toolong") is None
         ids, _, last = await drain(w, "good")
         assert ids == good.tokens[:12] and last.finish_reason == "length"
-        assert w.kv_sink.allocator.free_blocks == w.kv_sink.allocator.n_blocks
-        await w.close()
-    asyncio.run(main())
+        assert_all_blocks_free(w)
+    run(lm, body, capacity_tokens=512)
 
 
 def test_abort_mid_stream_and_during_transfer_release_blocks(lm, book):
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         ref = book.get(7)
-        await hand_off(w, "a", ref, max_tokens=16)
-        first = await w.next_tokens("a", timeout=60)
+        first = await started(w, "a", ref, max_tokens=16)
         await w.abort("a")
         rest = await w.next_tokens("a", timeout=60)
         while not rest.finished:
@@ -116,26 +132,14 @@ def test_abort_mid_stream_and_during_transfer_release_blocks(lm, book):
         await w.abort("t")
         assert (await w.next_tokens("t", timeout=5)).finish_reason == "abort"
         await asyncio.sleep(0.05)
-        alloc = w.kv_sink.allocator
-        assert alloc.free_blocks == alloc.n_blocks
-        await w.close()
-    asyncio.run(main())
-
-
-def _transfer(w: DecodeWorker, rid: str, ref) -> None:
-    """The KV of `ref` into the worker's sink, as the kvtransfer receiver writes it."""
-    sink = w.kv_sink
-    sink.open(rid, w.layout, len(ref.prompt))
-    for layer, (k, v) in enumerate(zip(ref.ks, ref.vs)):
-        sink.write(rid, layer, 0, k, v)
-    sink.commit(rid)
+        assert_all_blocks_free(w)
+    run(lm, body)
 
 
 def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_still_runs(lm, book):
     """An Abort RPC can reach the worker between the KV's commit and the engine's submit (or, on an
     async actor, ahead of a submit sent first): the submit must then end at once, not wait forever."""
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         ref = book.get(2)
         await w.start()
         _transfer(w, "raced", ref)
@@ -154,10 +158,8 @@ def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_stil
         await w.submit("reused", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
         ids, _, last = await drain(w, "reused")
         assert ids == ref.tokens[:8] and last.finish_reason == "length"
-        alloc = w.kv_sink.allocator
-        assert alloc.free_blocks == alloc.n_blocks
-        await w.close()
-    asyncio.run(main())
+        assert_all_blocks_free(w)
+    run(lm, body)
 
 
 def test_seeded_sampling_and_stop_strings_match_in_process_generate(lm, book):
@@ -169,34 +171,28 @@ def test_seeded_sampling_and_stop_strings_match_in_process_generate(lm, book):
     text_all = lm.tokenizer.decode(ref.tokens)
     stop = text_all[len(text_all) // 2:len(text_all) // 2 + 3]
 
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         await w.accept_kv("s", ref.ks, ref.vs, first, params, prompt_ids=ref.prompt)
         await hand_off(w, "g", ref, max_tokens=16, stop=(stop,))
         (ids, _, _), (_, text, last) = await asyncio.gather(drain(w, "s"), drain(w, "g"))
         assert ids == expected
         assert last.finish_reason == "stop" and stop not in text and text_all.startswith(text)
-        await w.close()
-    asyncio.run(main())
+    run(lm, body)
 
 
 def test_load_reports_batch_and_blocks(lm, book):
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         ref = book.get(2)
-        await hand_off(w, "x", ref, max_tokens=16)
-        await w.next_tokens("x", timeout=60)
+        await started(w, "x", ref, max_tokens=16)
         load = await w.load()
         assert load.active + load.waiting == 1 and load.free_blocks < load.total_blocks
         assert load.step_ms_if_added >= load.step_ms > 0
         await w.abort("x")
-        await w.close()
-    asyncio.run(main())
+    run(lm, body)
 
 
 def test_next_outputs_timeout_bounds_the_whole_call_while_another_owner_streams(lm, book):
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         ref = book.get(3)
         params = SamplingParams(max_tokens=200, ignore_eos=True)  # streams for seconds, waking every step
         await w.accept_kv("busy", ref.ks, ref.vs, ref.tokens[0], params, ref.prompt, "other")
@@ -205,13 +201,11 @@ def test_next_outputs_timeout_bounds_the_whole_call_while_another_owner_streams(
         chunks = await w.next_outputs("other", timeout=60)
         assert chunks and not chunks[-1].finished  # "idle" returned while "other" was still streaming
         await w.abort("busy")
-        await w.close()
-    asyncio.run(main())
+    run(lm, body)
 
 
 def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(lm, book):
-    async def main():
-        w = worker(lm)
+    async def body(w: DecodeWorker):
         refs = {"o1": (book.get(1), 6), "o2": (book.get(4), 9)}
         for rid, (ref, n) in refs.items():
             await w.accept_kv(rid, ref.ks, ref.vs, ref.tokens[0], SamplingParams(max_tokens=n), ref.prompt, "eng")
@@ -247,7 +241,5 @@ def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(
         with pytest.raises(KeyError, match="unknown or already drained"):
             await w.next_tokens("ab", timeout=1)
         await asyncio.sleep(0.05)
-        alloc = w.kv_sink.allocator
-        assert alloc.free_blocks == alloc.n_blocks
-        await w.close()
-    asyncio.run(main())
+        assert_all_blocks_free(w)
+    run(lm, body)

@@ -25,17 +25,17 @@ def test_fit_scales_lengths_and_rate():
     assert "req/s" in s.describe()
 
 
-def test_malformed_traces_name_the_file(tmp_path):
-    with pytest.raises(TraceError, match="cannot open"):
-        load_azure_trace(tmp_path / "missing.csv")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,2\n")
-    with pytest.raises(TraceError, match="not an Azure LLM trace"):
-        load_azure_trace(bad)
-    worse = tmp_path / "worse.csv"
-    worse.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,12,x\n")
-    with pytest.raises(TraceError, match="worse.csv:2"):
-        load_azure_trace(worse)
+@pytest.mark.parametrize("text,message", [
+    (None, r"t\.csv: cannot open"),
+    ("a,b\n1,2\n", r"t\.csv: not an Azure LLM trace"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,12,x\n", r"t\.csv:2: malformed row"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n", r"t\.csv: trace holds no requests"),
+])
+def test_malformed_traces_name_the_file(tmp_path, text, message):
+    if text is not None:
+        (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(TraceError, match=message):
+        load_azure_trace(tmp_path / "t.csv")
 
 
 def test_mean_rate_and_time_scale_are_the_one_rescaling_rule():
