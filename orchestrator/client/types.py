@@ -93,6 +93,9 @@ class Completion:
 
 @dataclass(frozen=True, slots=True)
 class SLAClass:
+    """A named SLA class as GetModelInfo reports it: data from the wire (client/wire.py), no rule of its own.
+    The server's type, and the rule for "met", are orchestrator/core/sla.py's."""
+
     name: str
     ttft_ms: float
     tpot_ms: float
