@@ -22,7 +22,7 @@ deployment); the wait and the steps depend on the decode worker only. `best_pair
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from hardware.perf import (Deployment, Speculative, decode_step_time, inter_token_latency, kv_transfer_time,
@@ -76,6 +76,7 @@ class PrefillState:
     queue: tuple[QueuedPrompt, ...] = ()  # waiting prompts, in the order they were added
     busy_until_s: float = 0.0  # seconds (epoch of now): predicted end of the batch in progress; <= now: idle
     slowdown: float = 1.0  # factor on batch times (PerfParams.corun_slowdown_prefill on a shared host)
+    plan: QueuePlan = field(init=False, repr=False, compare=False)  # the queue's batches, timed at construction
 
     def __post_init__(self) -> None:
         _count("token_budget", self.token_budget, 1)
@@ -83,10 +84,8 @@ class PrefillState:
         if not math.isfinite(self.busy_until_s):
             raise ValueError(f"busy_until_s: must be finite, got {self.busy_until_s!r}")
         _positive("slowdown", self.slowdown)
-
-    def plan(self) -> QueuePlan:
-        """The queue's batches; build once per queue state and reuse across requests."""
-        return plan_queue(self.dep, self.queue, self.token_budget, self.max_batch, self.slowdown)
+        object.__setattr__(self, "plan", plan_queue(self.dep, self.queue, self.token_budget, self.max_batch,
+                                                    self.slowdown))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +102,7 @@ class DecodeState:
     slowdown: float = 1.0  # factor on step times (PerfParams.corun_slowdown_decode on a shared host)
     spec: Speculative | None = None  # speculative decoding, as the simulator's DecodeUnit
     draft: Deployment | None = None
+    step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
 
     def __post_init__(self) -> None:
         _count("batch", self.batch, 0)
@@ -112,6 +112,7 @@ class DecodeState:
         if not (self.tightest_tpot_s > 0):  # NaN fails too; inf allowed
             raise ValueError(f"tightest_tpot_s: must be > 0 (inf: no target), got {self.tightest_tpot_s!r}")
         _positive("slowdown", self.slowdown)
+        object.__setattr__(self, "step_now_s", self.step_s(self.batch, self.ctx_sum) if self.batch else 0.0)
 
     def step_s(self, batch: int, ctx_sum: float) -> float:
         """Perf-model seconds per emitted token per sequence (orchestrator/simulator/units.py)."""
@@ -183,13 +184,11 @@ class Predictor:
         f = self.corrections.factors(worker, phase)
         return Estimate(seconds * f.point, seconds * f.bound)
 
-    def prefill_part(self, req: PredictRequest, st: PrefillState, dst: Deployment, now: float,
-                     plan: QueuePlan | None = None) -> PrefillPart:
+    def prefill_part(self, req: PredictRequest, st: PrefillState, dst: Deployment, now: float) -> PrefillPart:
         """TTFT parts on `st` with the KV bound for a decode worker of deployment `dst`."""
         if not math.isfinite(now):
             raise ValueError(f"now: must be finite, got {now!r}")
-        plan = plan if plan is not None else st.plan()
-        slot = locate(plan, st.dep, req.prompt_tokens, req.priority, now, st.token_budget, st.max_batch, st.slowdown)
+        slot = locate(st.plan, st.dep, req.prompt_tokens, req.priority, now, st.token_budget, st.max_batch, st.slowdown)
         own_s = prefill_time(st.dep, slot.lengths) * st.slowdown
         busy = max(0.0, st.busy_until_s - now)
         wait = Estimate(busy, busy) + self._scaled(st.worker_id, "prefill", slot.before_s)
@@ -213,8 +212,7 @@ class Predictor:
         step = self._scaled(st.worker_id, "decode", with_s)
         f = self.corrections.factors(st.worker_id, "decode")
         # arrival at a uniformly random phase of the step in flight: mean half a step, q-quantile q steps
-        now_s = st.step_s(b, st.ctx_sum) if b else 0.0
-        wait = Estimate(0.5 * now_s * f.point, self.corrections.quantile * now_s * f.bound)
+        wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
         decode = wait + step.scale(steps)
         fits = b < st.max_batch and st.free_kv_tokens >= req.prompt_tokens + req.max_tokens
         protects = b == 0 or step.bound_s <= st.tightest_tpot_s

@@ -10,6 +10,7 @@ from model.specs import get_spec
 from orchestrator.core.correction import Corrections
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
                                          PrefillState, best_pair, completion_key)
+from orchestrator.core.pairsearch import search_best_pair
 from orchestrator.core.queueplan import QueuedPrompt, locate, plan_queue
 from orchestrator.core.request import SLATarget
 from prefill.batcher import PrefillBatcher, PrefillItem
@@ -278,3 +279,21 @@ def test_decomposed_best_pair_equals_brute_force_at_1000_by_1000():
         assert got is not None and (got[0].worker_id, got[1].worker_id) == (pp[i].worker_id, dp[j].worker_id)
         assert pred.combine(req, *got).ok
     assert hits >= 2 and coupled > 0  # not vacuous: the transfer tail decides which pairs are feasible
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_pruned_search_finds_the_same_pair_as_best_pair(seed):
+    rng = random.Random(100 + seed)
+    corr, ps, ds = _random_pools(rng, 200, 200)
+    pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
+    found = 0
+    for _ in range(8):
+        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
+                             rng.uniform(0.2, 2.0), rng.uniform(0.002, 0.005), priority=rng.randint(0, 1))
+        want = best_pair(req, [pred.prefill_part(req, p, CS3, 0.0) for p in ps], [pred.decode_part(req, d) for d in ds])
+        got = search_best_pair(pred, req, ps, ds, CS3, 0.0)
+        assert (got is None) == (want is None)
+        if want is not None:
+            found += 1
+            assert got == want
+    assert found >= 2
