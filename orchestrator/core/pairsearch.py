@@ -50,7 +50,8 @@ def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeSt
 
 
 def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],
-                     decode: Sequence[DecodeState], dst: Deployment, now: float) -> tuple[PrefillPart, DecodePart] | None:
+                     decode: Sequence[DecodeState], dst: Deployment,
+                     now: float) -> tuple[PrefillPart, DecodePart] | None:
     """The pair `best_pair` would choose from every worker's parts (same ties), computing few of them.
     `dst`: the decode workers' deployment (one per call; heterogeneous pools: one call per group)."""
     d = _best_decode(pred, req, decode)
