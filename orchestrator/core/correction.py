@@ -1,0 +1,105 @@
+"""Online corrections of the latency predictor: observed/predicted ratios per worker and phase.
+
+Pure data structure (no clock, no I/O): callers report what happened with `observe(worker, phase,
+observed_s, predicted_s)`; `factors(worker, phase)` returns the multipliers the predictor applies to
+that phase's perf-model time: the window's median for the point estimate and its q-quantile for
+the bound. Phases: "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
+tail, keyed by the sending prefill worker) and "decode" (one decode step on a decode worker).
+
+Prior (fewer than `min_samples` observations): the ratio is log-normal with median 1 and log
+standard deviation `prior_sigma` (0.1: the perf model is calibrated to ~10% of published trn2/CS-3
+figures, hardware/profiles.py), so the bound factor is exp(z_q * prior_sigma), 1.137 at p90.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from statistics import NormalDist
+
+PHASES = ("prefill", "transfer", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class Factors:
+    """Multipliers of a phase's perf-model seconds (dimensionless)."""
+
+    point: float  # median observed/predicted ratio
+    bound: float  # q-quantile of the ratio
+
+
+def _finite(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated q-quantile of an ascending list (numpy's default method)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def check_quantile(q: float) -> float:
+    """ValueError naming `quantile` unless 0 < q < 1."""
+    if not isinstance(q, (int, float)) or not 0.0 < q < 1.0:  # NaN fails both comparisons
+        raise ValueError(f"quantile: must be in (0, 1), got {q!r}")
+    return float(q)
+
+
+class Corrections:
+    """Bounded windows of observed/predicted ratios, one per (worker, phase)."""
+
+    def __init__(self, quantile: float = 0.9, window: int = 64, min_samples: int = 5,
+                 prior_sigma: float = 0.1):
+        self.quantile = check_quantile(quantile)
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: must be an integer >= 1, got {window!r}")
+        if not isinstance(min_samples, int) or not 1 <= min_samples <= window:
+            raise ValueError(f"min_samples: must be an integer in [1, window={window}], got {min_samples!r}")
+        if _finite("prior_sigma", prior_sigma) < 0:
+            raise ValueError(f"prior_sigma: must be >= 0, got {prior_sigma!r}")
+        self.window, self.min_samples = window, min_samples
+        self.prior = Factors(1.0, math.exp(NormalDist().inv_cdf(self.quantile) * prior_sigma))
+        self._ratios: dict[tuple[str, str], deque[float]] = {}
+        self._cache: dict[tuple[str, str], Factors] = {}
+
+    def observe(self, worker: str, phase: str, observed_s: float, predicted_s: float) -> None:
+        """Record one phase's observed and predicted seconds (the oldest ratio drops out when full)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase: unknown {phase!r}; valid: {', '.join(PHASES)}")
+        if _finite("observed_s", observed_s) < 0:
+            raise ValueError(f"observed_s: must be >= 0, got {observed_s!r}")
+        if _finite("predicted_s", predicted_s) <= 0:
+            raise ValueError(f"predicted_s: must be > 0, got {predicted_s!r}")
+        key = (worker, phase)
+        ratios = self._ratios.get(key)
+        if ratios is None:
+            ratios = self._ratios[key] = deque(maxlen=self.window)
+        ratios.append(observed_s / predicted_s)
+        self._cache.pop(key, None)
+
+    def samples(self, worker: str, phase: str) -> int:
+        ratios = self._ratios.get((worker, phase))
+        return len(ratios) if ratios else 0
+
+    def factors(self, worker: str, phase: str) -> Factors:
+        """Point and bound multipliers for a phase on a worker (the prior until min_samples)."""
+        key = (worker, phase)
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        ratios = self._ratios.get(key)
+        if ratios is None or len(ratios) < self.min_samples:
+            return self.prior
+        s = sorted(ratios)
+        got = self._cache[key] = Factors(quantile(s, 0.5), quantile(s, self.quantile))
+        return got
+
+    def forget(self, worker: str) -> None:
+        """Drop a worker's windows (it was replaced or restarted)."""
+        for phase in PHASES:
+            self._ratios.pop((worker, phase), None)
+            self._cache.pop((worker, phase), None)

@@ -1,0 +1,99 @@
+"""Fast best pair: `best_pair`'s answer without computing every worker's part (issue 16, item 9).
+
+Pure. Each side is searched best-first on a cheap lower bound of the quantity `best_pair` ranks it
+by, and exact parts are computed only while a bound can still beat the best found:
+
+- decode: decode.bound >= f_bound x step_now x (q + n - 1), because the step with the newcomer at a
+  larger context is no faster than the step in flight (true of the analytic roofline and wafer
+  models; profiles with measured tables and speculative decoding get the bound 0: always computed);
+- prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
+  newcomer's batch can start + the prompt alone) + request path (the prompt-alone term only on
+  analytic profiles, where adding prompts to a batch never makes it faster), plus the transfer's
+  floor (kv_transfer_time with an unbounded overlap) x its f_bound.
+
+Cost: O(P log P + D log D) cheap steps plus the exact parts of the few candidates; the states carry
+their precomputation (PrefillState.plan, DecodeState.step_now_s), so build them when a worker's
+state changes, not per decision.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Sequence
+
+from hardware.perf import Deployment, kv_transfer_time, prefill_time
+from orchestrator.core.predictor import DecodePart, DecodeState, PredictRequest, Predictor, PrefillPart, PrefillState
+from orchestrator.core.queueplan import order_key
+
+_SLACK = 1.0 - 1e-9  # lower bounds are rounded down so float rounding never prunes an exact tie
+
+
+def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState]) -> DecodePart | None:
+    steps, corr = req.max_tokens - 1, pred.corrections
+    need = req.prompt_tokens + req.max_tokens
+    cands = []
+    for st in decode:
+        if st.batch >= st.max_batch or st.free_kv_tokens < need:  # DecodePart.fits, exactly
+            continue
+        lb = 0.0
+        if st.spec is None and st.dep.hw.perf.measured is None:
+            lb = corr.factors(st.worker_id, "decode").bound * st.step_now_s * (corr.quantile + steps) * _SLACK
+        cands.append((lb, st.worker_id, st))
+    cands.sort(key=lambda c: (c[0], c[1]))
+    best: DecodePart | None = None
+    for lb, wid, st in cands:
+        if best is not None and (lb, wid) > (best.decode.bound_s, best.worker_id):
+            break
+        d = pred.decode_part(req, st)
+        if d.fits and d.protects and (best is None or (d.decode.bound_s, wid) < (best.decode.bound_s, best.worker_id)):
+            best = d
+    return best
+
+
+def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],
+                     decode: Sequence[DecodeState], dst: Deployment,
+                     now: float) -> tuple[PrefillPart, DecodePart] | None:
+    """The pair `best_pair` would choose from every worker's parts (same ties), computing few of them.
+    `dst`: the decode workers' deployment (one per call; heterogeneous pools: one call per group)."""
+    d = _best_decode(pred, req, decode)
+    if d is None:
+        return None
+    steps, corr = req.max_tokens - 1, pred.corrections
+    inv = 1.0 / steps if steps else 0.0
+    key = order_key(req.priority, now)
+    alone: dict[tuple[int, float], float] = {}
+    floor: dict[int, float] = {}  # exposed transfer is non-increasing in the prefill time: its floor
+    cands = []
+    for st in prefill:
+        plan = st.plan
+        pos = bisect.bisect_right(plan.keys, key)
+        b = plan.batch_of[pos - 1] if pos else 0
+        before = plan.ends_s[b - 1] if b else 0.0
+        own = 0.0
+        if st.dep.hw.perf.measured is None:
+            k = (id(st.dep), st.slowdown)
+            own = alone.get(k)
+            if own is None:
+                own = alone[k] = prefill_time(st.dep, [req.prompt_tokens]) * st.slowdown
+        tr = floor.get(id(st.dep))
+        if tr is None:
+            kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
+            tr = floor[id(st.dep)] = kv_transfer_time(st.dep, dst, kv, 1e30)
+        tr *= corr.factors(st.worker_id, "transfer").bound
+        busy = st.busy_until_s - now
+        lb = (busy if busy > 0 else 0.0) + corr.factors(st.worker_id, "prefill").bound * (before + own) + \
+            st.dep.hw.perf.request_path_s
+        if (lb + tr if pred.first_token_after_transfer else lb) * _SLACK <= req.ttft_s:  # else ttft.bound > target
+            cands.append(((lb + tr) * _SLACK, st.worker_id, st))  # a floor of ttft.bound + tail.bound
+    cands.sort(key=lambda c: (c[0], c[1]))
+    best: PrefillPart | None = None
+    best_key = (0.0, "")
+    for lb, wid, st in cands:
+        if best is not None and (lb, wid) > best_key:
+            break
+        p = pred.prefill_part(req, st, dst, now)
+        if p.ttft.bound_s > req.ttft_s or (steps and (p.tail.bound_s + d.decode.bound_s) * inv > req.tpot_s):
+            continue
+        k = (p.ttft.bound_s + p.tail.bound_s, wid)
+        if best is None or k < best_key:
+            best, best_key = p, k
+    return None if best is None else (best, d)

@@ -1,0 +1,258 @@
+"""The latency predictor (issue 16, item 1): TTFT and TPOT of a request on a (prefill, decode) pair.
+
+Pure: state and `now` are arguments; times come from hardware/perf.py, scaled by online corrections
+(orchestrator/core/correction.py): point = perf-model seconds x the median observed/predicted ratio,
+bound = x its q-quantile. A bound of a sum is the sum of the parts' bounds (conservative).
+
+What is predicted is what the project measures (orchestrator/simulator/report.py, serving/engine.py):
+TTFT = arrival -> the first token, which the *prefill* worker samples; TPOT = (last token - first
+token) / (n - 1). So the decode-side wait and steps belong to TPOT, not TTFT:
+
+    TTFT = queue wait + own batch [+ KV transfer tail] + request path (PerfParams.request_path_s)
+    TPOT = ([KV transfer tail] + wait for the next step boundary + (n - 1) steps) / (n - 1)
+
+The transfer tail sits in TTFT when `first_token_after_transfer` (live: PrefillWorker.prefill
+returns once the KV is committed) and in TPOT otherwise (the simulator releases the first token when
+the prefill batch ends). Both are predicted from the same parts; pick the mode that matches the caller.
+
+Decomposition, for O(P + D) routing: TTFT and the tail depend on the prefill worker only (the link is
+the pair of deployments, alike across a homogeneous pool: compute prefill parts once per decode
+deployment); the wait and the steps depend on the decode worker only. `best_pair` uses that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from hardware.perf import (Deployment, Speculative, decode_step_time, inter_token_latency, kv_transfer_time,
+                           prefill_time)
+from orchestrator.core.correction import Corrections
+from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
+from orchestrator.core.request import SLATarget
+
+
+def _positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+
+
+def _count(name: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PredictRequest:
+    """The request as the predictor sees it (targets in seconds; `from_sla` converts from ms)."""
+
+    prompt_tokens: int  # tokens, >= 1
+    max_tokens: int  # output tokens including the first (sampled by the prefill), >= 1
+    ttft_s: float  # seconds, TTFT target (finite, > 0)
+    tpot_s: float  # seconds, TPOT target (finite, > 0)
+    priority: int = 0  # the prefill batcher's priority (higher runs first)
+
+    def __post_init__(self) -> None:
+        _count("prompt_tokens", self.prompt_tokens, 1)
+        _count("max_tokens", self.max_tokens, 1)
+        _positive("ttft_s", self.ttft_s)
+        _positive("tpot_s", self.tpot_s)
+
+    @classmethod
+    def from_sla(cls, prompt_tokens: int, max_tokens: int, sla: SLATarget) -> PredictRequest:
+        _positive("ttft_ms", sla.ttft_ms)
+        _positive("tpot_ms", sla.tpot_ms)
+        return cls(prompt_tokens, max_tokens, sla.ttft_ms / 1e3, sla.tpot_ms / 1e3, sla.priority)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillState:
+    """One prefill worker at `now`: its deployment, batcher settings, queue and batch in progress."""
+
+    worker_id: str
+    dep: Deployment
+    token_budget: int  # tokens per batch (PrefillBatcher.token_budget)
+    max_batch: int  # prompts per batch (PrefillBatcher.max_batch)
+    queue: tuple[QueuedPrompt, ...] = ()  # waiting prompts, in the order they were added
+    busy_until_s: float = 0.0  # seconds (epoch of now): predicted end of the batch in progress; <= now: idle
+    slowdown: float = 1.0  # factor on batch times (PerfParams.corun_slowdown_prefill on a shared host)
+    plan: QueuePlan = field(init=False, repr=False, compare=False)  # the queue's batches, timed at construction
+
+    def __post_init__(self) -> None:
+        _count("token_budget", self.token_budget, 1)
+        _count("max_batch", self.max_batch, 1)
+        if not math.isfinite(self.busy_until_s):
+            raise ValueError(f"busy_until_s: must be finite, got {self.busy_until_s!r}")
+        _positive("slowdown", self.slowdown)
+        object.__setattr__(self, "plan", plan_queue(self.dep, self.queue, self.token_budget, self.max_batch,
+                                                    self.slowdown))
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeState:
+    """One decode worker at `now`: the sequences that will share its steps, and its room."""
+
+    worker_id: str
+    dep: Deployment
+    batch: int  # sequences running, waiting or with KV pending there (all will share the steps)
+    ctx_sum: int  # tokens, total cached context of those sequences
+    max_batch: int  # sequences per step (Scheduler.max_batch)
+    free_kv_tokens: int  # tokens of free KV blocks
+    tightest_tpot_s: float = math.inf  # seconds, smallest TPOT target among those sequences (inf: none)
+    slowdown: float = 1.0  # factor on step times (PerfParams.corun_slowdown_decode on a shared host)
+    spec: Speculative | None = None  # speculative decoding, as the simulator's DecodeUnit
+    draft: Deployment | None = None
+    step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
+
+    def __post_init__(self) -> None:
+        _count("batch", self.batch, 0)
+        _count("ctx_sum", self.ctx_sum, 0)
+        _count("max_batch", self.max_batch, 1)
+        _count("free_kv_tokens", self.free_kv_tokens, 0)
+        if not (self.tightest_tpot_s > 0):  # NaN fails too; inf allowed
+            raise ValueError(f"tightest_tpot_s: must be > 0 (inf: no target), got {self.tightest_tpot_s!r}")
+        _positive("slowdown", self.slowdown)
+        object.__setattr__(self, "step_now_s", self.step_s(self.batch, self.ctx_sum) if self.batch else 0.0)
+
+    def step_s(self, batch: int, ctx_sum: float) -> float:
+        """Perf-model seconds per emitted token per sequence (orchestrator/simulator/units.py)."""
+        if self.spec is None:
+            return decode_step_time(self.dep, batch, ctx_sum) * self.slowdown
+        return inter_token_latency(self.dep, batch, max(1, int(ctx_sum / batch)), self.spec, self.draft) * self.slowdown
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    point_s: float  # seconds, median-corrected prediction
+    bound_s: float  # seconds, at the corrections' quantile
+
+    def __add__(self, other: Estimate) -> Estimate:
+        return Estimate(self.point_s + other.point_s, self.bound_s + other.bound_s)
+
+    def scale(self, k: float) -> Estimate:
+        return Estimate(self.point_s * k, self.bound_s * k)
+
+
+ZERO = Estimate(0.0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPart:
+    """The prefill-side part for one request on one prefill worker (towards one decode deployment)."""
+
+    worker_id: str
+    batch: int  # index of its batch in the queue (0: the next to start)
+    queue_wait: Estimate  # seconds until its batch starts (the batch in progress as given, uncorrected)
+    prefill: Estimate  # seconds of its own batch
+    transfer: Estimate  # seconds of exposed KV transfer after the batch (layer-wise overlap)
+    ttft: Estimate  # seconds, the TTFT as defined above
+    tail: Estimate  # seconds counted in the TPOT numerator (the transfer, or zero)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePart:
+    """The decode-side part for one request on one decode worker."""
+
+    worker_id: str
+    fits: bool  # a batch slot and KV room for prompt + max_tokens
+    step: Estimate  # seconds per step with the newcomer (context at the midpoint of its output)
+    wait: Estimate  # seconds from its KV arriving to the next step boundary
+    decode: Estimate  # seconds, wait + (max_tokens - 1) steps
+    running_before_s: float  # seconds per step the sequences there get without it (point, same horizon)
+    running_tpot: Estimate  # seconds per step they get with it (= step)
+    protects: bool  # running_tpot.bound <= the tightest TPOT target there
+
+
+@dataclass(frozen=True, slots=True)
+class PairPrediction:
+    prefill_worker: str
+    decode_worker: str
+    ttft: Estimate  # seconds
+    tpot: Estimate  # seconds (0 for a one-token request)
+    running_tpot: Estimate  # seconds, what the decode worker's sequences would get
+    ok: bool  # fits, protects the running sequences, and both bounds meet the request's targets
+
+
+class Predictor:
+    """The one latency predictor; `corrections` is updated by the caller with observe()."""
+
+    def __init__(self, corrections: Corrections | None = None, first_token_after_transfer: bool = True):
+        self.corrections = corrections if corrections is not None else Corrections()
+        self.first_token_after_transfer = first_token_after_transfer
+
+    def _scaled(self, worker: str, phase: str, seconds: float) -> Estimate:
+        f = self.corrections.factors(worker, phase)
+        return Estimate(seconds * f.point, seconds * f.bound)
+
+    def prefill_part(self, req: PredictRequest, st: PrefillState, dst: Deployment, now: float) -> PrefillPart:
+        """TTFT parts on `st` with the KV bound for a decode worker of deployment `dst`."""
+        if not math.isfinite(now):
+            raise ValueError(f"now: must be finite, got {now!r}")
+        slot = locate(st.plan, st.dep, req.prompt_tokens, req.priority, now, st.token_budget, st.max_batch, st.slowdown)
+        own_s = prefill_time(st.dep, slot.lengths) * st.slowdown
+        busy = max(0.0, st.busy_until_s - now)
+        wait = Estimate(busy, busy) + self._scaled(st.worker_id, "prefill", slot.before_s)
+        prefill = self._scaled(st.worker_id, "prefill", own_s)
+        kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
+        transfer = self._scaled(st.worker_id, "transfer", kv_transfer_time(st.dep, dst, kv, own_s))
+        path = st.dep.hw.perf.request_path_s
+        ttft = wait + prefill + Estimate(path, path)
+        if self.first_token_after_transfer:
+            return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer, ttft + transfer, ZERO)
+        return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer, ttft, transfer)
+
+    def decode_part(self, req: PredictRequest, st: DecodeState) -> DecodePart:
+        """TPOT parts on `st`: the batch grows by one and every context by one per step; the step time is
+        taken at the midpoint of the newcomer's (max_tokens - 1) steps (exact mean: perf is linear in ctx)."""
+        steps = req.max_tokens - 1
+        half = (steps - 1) / 2 if steps > 0 else 0.0
+        b = st.batch
+        with_s = st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (b + 1) * half)
+        before_s = st.step_s(b, st.ctx_sum + b * half) if b else 0.0
+        step = self._scaled(st.worker_id, "decode", with_s)
+        f = self.corrections.factors(st.worker_id, "decode")
+        # arrival at a uniformly random phase of the step in flight: mean half a step, q-quantile q steps
+        wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
+        decode = wait + step.scale(steps)
+        fits = b < st.max_batch and st.free_kv_tokens >= req.prompt_tokens + req.max_tokens
+        protects = b == 0 or step.bound_s <= st.tightest_tpot_s
+        return DecodePart(st.worker_id, fits, step, wait, decode, before_s * f.point, step, protects)
+
+    @staticmethod
+    def combine(req: PredictRequest, pp: PrefillPart, dp: DecodePart) -> PairPrediction:
+        """The pair's prediction from its two parts (O(1))."""
+        steps = req.max_tokens - 1
+        tpot = (pp.tail + dp.decode).scale(1.0 / steps) if steps else ZERO
+        ok = (dp.fits and dp.protects and pp.ttft.bound_s <= req.ttft_s and tpot.bound_s <= req.tpot_s)
+        return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok)
+
+    def predict(self, req: PredictRequest, p: PrefillState, d: DecodeState, now: float) -> PairPrediction:
+        """One pair, from the states (convenience; routers should use the parts)."""
+        return self.combine(req, self.prefill_part(req, p, d.dep, now), self.decode_part(req, d))
+
+
+def completion_key(req: PredictRequest, pp: PrefillPart, dp: DecodePart) -> float:
+    """Seconds from arrival to the last token, at the bound: the rule `best_pair` minimises."""
+    return pp.ttft.bound_s + pp.tail.bound_s + dp.decode.bound_s
+
+
+def best_pair(req: PredictRequest, prefill: Sequence[PrefillPart],
+              decode: Sequence[DecodePart]) -> tuple[PrefillPart, DecodePart] | None:
+    """The pair with the earliest predicted completion (bound) among those `combine` calls ok, in O(P + D).
+
+    Exact: every feasible pair has decode.bound >= that of the best feasible decode worker d*, and a
+    prefill worker feasible with some d is feasible with d* (TPOT = (tail + decode) / (n - 1)), so
+    the optimum is d* with the best prefill worker that meets TTFT and fits d*'s TPOT budget.
+    All parts must be computed towards the same decode deployment. Ties: lowest worker ids.
+    """
+    steps = req.max_tokens - 1
+    ds = [d for d in decode if d.fits and d.protects]
+    if not ds:
+        return None
+    d = min(ds, key=lambda v: (v.decode.bound_s, v.worker_id))
+    inv = 1.0 / steps if steps else 0.0  # the same arithmetic as combine()
+    ps = [p for p in prefill if p.ttft.bound_s <= req.ttft_s
+          and (not steps or (p.tail.bound_s + d.decode.bound_s) * inv <= req.tpot_s)]
+    if not ps:
+        return None
+    return min(ps, key=lambda v: (v.ttft.bound_s + v.tail.bound_s, v.worker_id)), d

@@ -1,0 +1,299 @@
+import math
+import random
+
+import numpy as np
+import pytest
+
+from hardware.perf import decode_step_time, kv_transfer_time, make_deployment, prefill_time
+from hardware.profiles import get_profile
+from model.specs import get_spec
+from orchestrator.core.correction import Corrections
+from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
+                                         PrefillState, best_pair, completion_key)
+from orchestrator.core.pairsearch import search_best_pair
+from orchestrator.core.queueplan import QueuedPrompt, locate, plan_queue
+from orchestrator.core.request import SLATarget
+from prefill.batcher import PrefillBatcher, PrefillItem
+
+MODEL = get_spec("llama-3.1-70b")
+TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
+CS3 = make_deployment(MODEL, get_profile("cs3"), systems=4)
+REQ = PredictRequest(prompt_tokens=2000, max_tokens=200, ttft_s=2.0, tpot_s=0.02)
+
+
+def pstate(queue=(), busy_until=0.0, wid="p0", budget=4096, max_batch=8):
+    return PrefillState(wid, TRN, budget, max_batch, tuple(queue), busy_until)
+
+
+def dstate(batch=8, ctx_per_seq=3000, wid="d0", free=10**6, tightest=math.inf, max_batch=64):
+    return DecodeState(wid, CS3, batch, batch * ctx_per_seq, max_batch, free, tightest)
+
+
+def queue(n, tokens=1500):
+    return [QueuedPrompt(tokens, -1.0 - i) for i in range(n)]
+
+
+def _batcher(q, budget, max_batch, extra=None):
+    b = PrefillBatcher(budget, max_batch)
+    for i, it in enumerate(q):
+        b.add(PrefillItem(str(i), it.n_tokens, it.arrival_s, it.priority))
+    if extra is not None:
+        b.add(extra)
+    out = []
+    while len(b):
+        out.append([it.request_id for it in b.next_batch()])
+    return out
+
+
+def test_queue_batches_match_the_prefill_batcher_on_random_queues():
+    rng = random.Random(7)
+    for _ in range(400):
+        budget, max_batch = rng.choice([64, 512, 4096]), rng.randint(1, 6)
+        q = [QueuedPrompt(rng.choice([rng.randint(1, 100), rng.randint(1, 5000)]), float(rng.randint(-5, 0)),
+                          rng.randint(0, 2)) for _ in range(rng.randint(0, 14))]
+        plan = plan_queue(TRN, tuple(q), budget, max_batch)
+        assert [list(map(str, b)) for b in plan.batches] == _batcher(q, budget, max_batch)
+        n, prio = rng.randint(1, 5000), rng.randint(0, 2)
+        slot = locate(plan, TRN, n, prio, 0.0, budget, max_batch)
+        actual = _batcher(q, budget, max_batch, PrefillItem("new", n, 0.0, prio))
+        k = next(i for i, b in enumerate(actual) if "new" in b)
+        assert slot.batch == k
+        assert sorted(map(str, slot.members)) == sorted(r for r in actual[k] if r != "new")
+        lengths = {str(i): it.n_tokens for i, it in enumerate(q)} | {"new": n}
+        assert sorted(slot.lengths) == sorted(lengths[r] for r in actual[k])
+        before = sum(prefill_time(TRN, [lengths[r] for r in b]) for b in actual[:k])
+        assert slot.before_s == pytest.approx(before, rel=1e-12, abs=1e-15)
+
+
+def test_a_longer_queue_predicts_a_longer_ttft():
+    pred = Predictor()
+    ttfts = [pred.prefill_part(REQ, pstate(queue(n)), CS3, 0.0).ttft.point_s for n in (0, 2, 6, 12)]
+    assert ttfts == sorted(ttfts) and ttfts[-1] > ttfts[0] + 0.5
+    busy = pred.prefill_part(REQ, pstate(busy_until=0.3), CS3, 0.0).ttft.point_s
+    assert busy == pytest.approx(ttfts[0] + 0.3)
+
+
+def test_higher_priority_jumps_the_queue():
+    pred = Predictor()
+    low = pred.prefill_part(REQ, pstate(queue(6)), CS3, 0.0)
+    high = pred.prefill_part(PredictRequest(2000, 200, 2.0, 0.02, priority=1), pstate(queue(6)), CS3, 0.0)
+    assert high.batch == 0 < low.batch and high.ttft.point_s < low.ttft.point_s
+
+
+def test_adding_a_sequence_raises_the_running_sequences_tpot():
+    pred = Predictor()
+    for batch in (1, 8, 32):
+        d = pred.decode_part(REQ, dstate(batch))
+        assert d.running_tpot.point_s > d.running_before_s > 0
+    assert pred.decode_part(REQ, dstate(32)).step.point_s > pred.decode_part(REQ, dstate(8)).step.point_s
+    # the documented approximation: batch + 1 at the context of the midpoint of the newcomer's 199 steps
+    d = pred.decode_part(REQ, dstate(8))
+    assert d.step.point_s == pytest.approx(decode_step_time(CS3, 9, 8 * 3000 + 2000 + 9 * 99))
+    assert d.running_before_s == pytest.approx(decode_step_time(CS3, 8, 8 * 3000 + 8 * 99))
+    assert d.wait.point_s == pytest.approx(0.5 * decode_step_time(CS3, 8, 8 * 3000))
+
+
+def test_a_placement_that_would_push_a_running_sequence_past_its_target_is_refused():
+    pred = Predictor()
+    step = pred.decode_part(REQ, dstate(16)).step
+    tight = pred.decode_part(REQ, dstate(16, tightest=step.bound_s * 0.999))
+    loose = pred.decode_part(REQ, dstate(16, tightest=step.bound_s * 1.001))
+    assert not tight.protects and loose.protects
+    assert not pred.predict(REQ, pstate(), dstate(16, tightest=step.bound_s * 0.999), 0.0).ok
+    assert pred.predict(REQ, pstate(), dstate(16, tightest=step.bound_s * 1.001), 0.0).ok
+    assert not pred.decode_part(REQ, dstate(64, max_batch=64)).fits
+    assert not pred.decode_part(REQ, dstate(4, free=REQ.prompt_tokens + REQ.max_tokens - 1)).fits
+
+
+def test_bound_is_at_least_the_point_estimate():
+    corr = Corrections(0.9)
+    rng = random.Random(3)
+    for _ in range(20):
+        corr.observe("p0", "prefill", rng.uniform(0.5, 2.0), 1.0)
+        corr.observe("d0", "decode", rng.uniform(0.5, 2.0), 1.0)
+    for pred in (Predictor(), Predictor(corr), Predictor(corr, first_token_after_transfer=False)):
+        for n in (0, 3, 9):
+            x = pred.predict(REQ, pstate(queue(n), busy_until=0.05), dstate(n * 3), 0.0)
+            assert x.ttft.bound_s >= x.ttft.point_s > 0
+            assert x.tpot.bound_s >= x.tpot.point_s > 0
+            assert x.running_tpot.bound_s >= x.running_tpot.point_s > 0
+
+
+def test_corrections_move_predictions_toward_what_was_observed():
+    base = Predictor()
+    corr = Corrections(0.9, window=16)
+    for phase, worker in (("prefill", "p0"), ("transfer", "p0"), ("decode", "d0")):
+        for _ in range(16):
+            corr.observe(worker, phase, 2.0, 1.0)
+    pred = Predictor(corr)
+    p0, p1 = base.prefill_part(REQ, pstate(queue(3)), CS3, 0.0), pred.prefill_part(REQ, pstate(queue(3)), CS3, 0.0)
+    assert p1.prefill.point_s == pytest.approx(2 * p0.prefill.point_s)
+    assert p1.transfer.point_s == pytest.approx(2 * p0.transfer.point_s)
+    assert p1.ttft.point_s == pytest.approx(2 * p0.ttft.point_s)  # no batch in progress, no request path
+    d0, d1 = base.decode_part(REQ, dstate(8)), pred.decode_part(REQ, dstate(8))
+    assert d1.step.point_s == pytest.approx(2 * d0.step.point_s)
+    assert d1.decode.point_s == pytest.approx(2 * d0.decode.point_s)
+    assert pred.predict(REQ, pstate(), dstate(8), 0.0).tpot.point_s == pytest.approx(
+        2 * base.predict(REQ, pstate(), dstate(8), 0.0).tpot.point_s)
+    # another worker keeps the prior; the window forgets: 16 ratios of 1.0 bring it back
+    assert pred.prefill_part(REQ, pstate(queue(3), wid="p1"), CS3, 0.0).ttft.point_s == pytest.approx(p0.ttft.point_s)
+    for _ in range(16):
+        corr.observe("p0", "prefill", 1.0, 1.0)
+    assert corr.factors("p0", "prefill").point == pytest.approx(1.0)
+
+
+def test_prior_spread_is_the_documented_lognormal():
+    corr = Corrections(0.9, prior_sigma=0.1)
+    f = corr.factors("never-seen", "decode")
+    assert f.point == 1.0 and f.bound == pytest.approx(math.exp(1.2815516 * 0.1), rel=1e-6)
+    for _ in range(4):  # below min_samples: still the prior
+        corr.observe("d0", "decode", 3.0, 1.0)
+    assert corr.factors("d0", "decode") == f
+
+
+def test_transfer_goes_into_tpot_when_the_first_token_leaves_before_it():
+    live, sim = Predictor(), Predictor(first_token_after_transfer=False)
+    a, b = live.predict(REQ, pstate(), dstate(8), 0.0), sim.predict(REQ, pstate(), dstate(8), 0.0)
+    transfer = live.prefill_part(REQ, pstate(), CS3, 0.0).transfer.point_s
+    assert a.ttft.point_s - b.ttft.point_s == pytest.approx(transfer)
+    assert (b.tpot.point_s - a.tpot.point_s) * (REQ.max_tokens - 1) == pytest.approx(transfer)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: PredictRequest(-1, 10, 1.0, 0.1), "prompt_tokens"),
+    (lambda: PredictRequest(10, 0, 1.0, 0.1), "max_tokens"),
+    (lambda: PredictRequest(10, 10, float("nan"), 0.1), "ttft_s"),
+    (lambda: PredictRequest(10, 10, 1.0, float("inf")), "tpot_s"),
+    (lambda: PredictRequest(10, 10, 1.0, 0.0), "tpot_s"),
+    (lambda: PredictRequest.from_sla(10, 10, SLATarget(float("nan"), 50)), "ttft_ms"),
+    (lambda: Corrections(quantile=1.0), "quantile"),
+    (lambda: Corrections(quantile=0.0), "quantile"),
+    (lambda: Corrections(quantile=float("nan")), "quantile"),
+    (lambda: Corrections().observe("p0", "prefill", 1.0, 0.0), "predicted_s"),
+    (lambda: Corrections().observe("p0", "prefill", float("nan"), 1.0), "observed_s"),
+    (lambda: Corrections().observe("p0", "sampling", 1.0, 1.0), "phase"),
+    (lambda: QueuedPrompt(0, 0.0), "n_tokens"),
+    (lambda: pstate(budget=0), "token_budget"),
+    (lambda: PrefillState("p0", TRN, 4096, 8, (), float("nan")), "busy_until_s"),
+    (lambda: DecodeState("d0", CS3, -1, 0, 64, 100), "batch"),
+    (lambda: DecodeState("d0", CS3, 1, 10, 64, 100, float("nan")), "tightest_tpot_s"),
+    (lambda: Predictor().prefill_part(REQ, pstate(), CS3, float("nan")), "now"),
+])
+def test_bad_inputs_raise_value_error_naming_the_field(make, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        make()
+
+
+def test_big_model_predictions_agree_with_the_perf_model_and_are_plausible():
+    pred = Predictor()
+    x = pred.predict(REQ, pstate(), dstate(0), 0.0)  # idle pair: no queue, no running batch
+    pf = prefill_time(TRN, [2000])
+    tr = kv_transfer_time(TRN, CS3, MODEL.kv_bytes(2000), pf)
+    assert x.ttft.point_s == pytest.approx(pf + tr)
+    assert 0.05 < x.ttft.point_s < 1.0  # calibrated trn2 TP64: 0.576 s at Llama-3.3-70B's benchmark prompt
+    step = decode_step_time(CS3, 1, 2000 + 198 / 2)
+    assert x.tpot.point_s == pytest.approx(step)
+    assert 1.5e-3 < x.tpot.point_s < 4e-3  # CS-3 x4 at ~450 tok/s/user
+    busy = pred.predict(REQ, pstate(queue(4), busy_until=0.2), dstate(32), 0.0)
+    assert busy.ttft.point_s == pytest.approx(0.2 + 2 * prefill_time(TRN, [1500, 1500]) + pf + tr)
+    assert busy.tpot.point_s > x.tpot.point_s
+
+
+def test_best_pair_counts_the_transfer_tail_and_the_decode_wait():
+    e = lambda s: Estimate(s, s)  # noqa: E731
+    req = PredictRequest(100, 11, 1.0, 0.0101)
+    pp = [PrefillPart("pa", 0, e(0), e(0.2), e(0.05), e(0.2), e(0.05)),
+          PrefillPart("pb", 0, e(0), e(0.21), e(0.001), e(0.21), e(0.001))]
+    dp = [DecodePart("da", True, e(0.005), e(0.0), e(0.05), 0.004, e(0.005), True),
+          DecodePart("db", True, e(0.004), e(0.0), e(0.04), 0.003, e(0.004), False),  # would hurt its sequences
+          DecodePart("dc", False, e(0.001), e(0.0), e(0.01), 0.001, e(0.001), True)]  # no room
+    p, d = best_pair(req, pp, dp)
+    assert (p.worker_id, d.worker_id) == ("pb", "da")  # pa's tail finishes it later, and da fits pa's TPOT too
+    tight = PredictRequest(100, 11, 1.0, 0.0099)  # (0.05 + 0.05) / 10 > 0.0099: only pb's small tail fits
+    assert best_pair(tight, pp[:1], dp) is None and best_pair(tight, pp, dp)[0].worker_id == "pb"
+    assert best_pair(PredictRequest(100, 11, 0.205, 0.0101), pp, dp)[0].worker_id == "pa"  # pb misses TTFT
+
+
+def _random_pools(rng, n_prefill, n_decode):
+    corr = Corrections(0.9, window=8, min_samples=2)
+    for i in range(0, n_prefill, 3):
+        for _ in range(3):
+            corr.observe(f"p{i}", "prefill", rng.uniform(0.7, 1.6), 1.0)
+            corr.observe(f"p{i}", "transfer", rng.uniform(0.7, 60.0), 1.0)  # some congested links
+    for i in range(0, n_decode, 2):
+        for _ in range(3):
+            corr.observe(f"d{i}", "decode", rng.uniform(0.8, 1.4), 1.0)
+    ps = [PrefillState(f"p{i}", TRN, 4096, 8, tuple(QueuedPrompt(rng.randint(1, 4000), -rng.random())
+                                                     for _ in range(rng.randint(0, 8))), rng.uniform(-0.1, 0.3))
+          for i in range(n_prefill)]
+    ds = [DecodeState(f"d{i}", CS3, (b := rng.randint(0, 64)), b * rng.randint(100, 8000), 64,
+                      rng.randint(0, 300_000), rng.choice([math.inf, rng.uniform(0.002, 0.006)]))
+          for i in range(n_decode)]
+    return corr, ps, ds
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decomposed_best_pair_equals_brute_force_over_combine(seed):
+    rng = random.Random(seed)
+    corr, ps, ds = _random_pools(rng, 30, 30)
+    pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
+    for _ in range(5):
+        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
+                             rng.uniform(0.2, 2.0), rng.uniform(0.002, 0.005))
+        pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
+        dp = [pred.decode_part(req, d) for d in ds]
+        ok = [(completion_key(req, a, b), a.worker_id, b.worker_id) for a in pp for b in dp
+              if pred.combine(req, a, b).ok]
+        got = best_pair(req, pp, dp)
+        if not ok:
+            assert got is None
+        else:
+            assert got is not None and pred.combine(req, *got).ok
+            assert (got[0].worker_id, got[1].worker_id) == min(ok)[1:]
+
+
+def test_decomposed_best_pair_equals_brute_force_at_1000_by_1000():
+    rng = random.Random(11)
+    corr, ps, ds = _random_pools(rng, 1000, 1000)
+    pred = Predictor(corr, first_token_after_transfer=False)  # the transfer tail couples into TPOT
+    hits = coupled = 0
+    for req in (PredictRequest(3000, 400, 0.6, 0.0035), PredictRequest(500, 50, 0.3, 0.003),
+                PredictRequest(6000, 2, 1.0, 0.004)):
+        pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
+        dp = [pred.decode_part(req, d) for d in ds]
+        x = np.array([p.ttft.bound_s + p.tail.bound_s for p in pp])[:, None]  # (P, 1)
+        tail = np.array([p.tail.bound_s for p in pp])[:, None]
+        z = np.array([d.decode.bound_s for d in dp])[None, :]  # (1, D)
+        d_ok = np.array([d.fits and d.protects for d in dp])[None, :]
+        p_ok = np.array([p.ttft.bound_s <= req.ttft_s for p in pp])[:, None]
+        feasible = p_ok & d_ok & ((tail + z) * (1.0 / (req.max_tokens - 1)) <= req.tpot_s)  # (P, D)
+        got = best_pair(req, pp, dp)
+        if not feasible.any():
+            assert got is None
+            continue
+        hits += 1
+        rows = feasible[p_ok[:, 0]][:, d_ok[0]]
+        coupled += int((rows.any(axis=1) & ~rows.all(axis=1)).sum())  # p fits some decode workers, not all
+        cost = np.where(feasible, x + z, np.inf)
+        i, j = np.unravel_index(np.argmin(cost), cost.shape)
+        assert got is not None and (got[0].worker_id, got[1].worker_id) == (pp[i].worker_id, dp[j].worker_id)
+        assert pred.combine(req, *got).ok
+    assert hits >= 2 and coupled > 0  # not vacuous: the transfer tail decides which pairs are feasible
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_pruned_search_finds_the_same_pair_as_best_pair(seed):
+    rng = random.Random(100 + seed)
+    corr, ps, ds = _random_pools(rng, 200, 200)
+    pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
+    found = 0
+    for _ in range(8):
+        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
+                             rng.uniform(0.2, 2.0), rng.uniform(0.002, 0.005), priority=rng.randint(0, 1))
+        want = best_pair(req, [pred.prefill_part(req, p, CS3, 0.0) for p in ps], [pred.decode_part(req, d) for d in ds])
+        got = search_best_pair(pred, req, ps, ds, CS3, 0.0)
+        assert (got is None) == (want is None)
+        if want is not None:
+            found += 1
+            assert got == want
+    assert found >= 2
