@@ -26,6 +26,7 @@ def _run(*args: str, timeout: float = 300) -> str:
     return done.stdout
 
 
+@pytest.mark.integration  # a bench process end to end (the model, gRPC servers; handoff starts Ray)
 def test_decode_bench_rows(tmp_path):
     out = tmp_path / "decode.json"
     text = _run("bench.decode", "--batches", "1", "3", "--prompt", "16", "--gen", "4", "--out", str(out))
@@ -39,6 +40,7 @@ def test_decode_bench_rows(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plotted {png}" in text
 
 
+@pytest.mark.integration  # a bench process end to end (the model, gRPC servers; handoff starts Ray)
 def test_kvtransfer_bench_rows(tmp_path):
     out = tmp_path / "kv.json"
     text = _run("bench.kvtransfer", "--mb", "8", "--repeats", "1", "--streams", "1", "--checksum", "xxh3,none",
@@ -62,6 +64,7 @@ def test_handoff_overhead_is_median_over_median_minus_one():
     assert overhead([2.0, 2.0], [2.0, 2.0]) == 0.0
 
 
+@pytest.mark.integration  # a bench process end to end (the model, gRPC servers; handoff starts Ray)
 def test_handoff_bench_fields(tmp_path):
     out = tmp_path / "handoff.json"
     text = _run("bench.handoff", "--prompt-tokens", "48", "--repeats", "1", "--output", str(out))

@@ -20,6 +20,7 @@ from orchestrator.core.config import parse_config
 from orchestrator.serving.deployment import Deployment
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
