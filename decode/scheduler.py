@@ -256,7 +256,7 @@ class Scheduler:
                 self._running.remove(seq)
                 done.append(self._finish(seq, seq.finish_reason or FinishReason.ABORT))
                 continue
-            take = min(j, seq.max_tokens - len(seq.generated))  # >= 1: a running sequence has room
+            take = j  # j <= plan.steps <= the tokens left to any sequence of the batch
             if seq.stop_token_ids:
                 take = next((n + 1 for n, t in enumerate(toks[:take]) if t in seq.stop_token_ids), take)
             seq.context_len += take  # the fed tokens' KV is now stored
