@@ -14,7 +14,8 @@ a step every running sequence must own room for `context_len + 1` tokens; a plan
 (`schedule(max_steps)`, the simulator's fast path) reserves `context_len + k`
 (allocator.tokens_to_run). Over a multi-step plan the batch does not change: k is at most the
 tokens any of its sequences may still generate, so none finishes by length before step k, and the
-blocks for all k steps are reserved up front. Live decoding plans one step at a time.
+blocks for all k steps are reserved up front; on_steps_done() applies the j <= k steps that ran
+(a stop token ends its sequence there). Live decoding plans one step at a time.
 
 Preemption policy (recompute, LIFO): when a running sequence cannot get a block for its next
 token, the most recently admitted running sequence is preempted (possibly the one asking): its
