@@ -6,10 +6,21 @@ use stay packed at the bottom of the pool (the decode core computes over that pr
 sequence owns a block table: the ordered list of its block ids; token `t` of
 a sequence lives in block `table[t // block_size]` at offset `t % block_size`. The live decode
 worker and the simulator both drive this class.
+
+Handoff admission is `reserve()`: when a sequence's KV transfer opens, it gets room for its
+prompt plus the token the first decode step writes (`tokens_to_run`), or is refused holding
+nothing; `release()` gives the blocks back if the transfer fails. The live KV pool (decode/pool.py)
+and the simulator call it at the same point of the handoff.
 """
 from __future__ import annotations
 
 import heapq
+
+
+def tokens_to_run(context_len: int, steps: int = 1) -> int:
+    """Tokens a sequence with `context_len` stored tokens must own to run `steps` decode steps:
+    each step writes the KV of the token it feeds at position context_len, which then grows by one."""
+    return context_len + steps
 
 
 class BlockAllocator:
@@ -74,6 +85,15 @@ class BlockAllocator:
         table = [heapq.heappop(self._free) for _ in range(need)]
         self._tables[seq_id] = table
         return table
+
+    def reserve(self, seq_id: str, n_tokens: int) -> bool:
+        """Handoff admission: room for a new sequence of n_tokens and its first step, or False
+        (holding nothing) when the free blocks cannot hold it."""
+        need = tokens_to_run(n_tokens)
+        if not self.can_allocate(need):
+            return False
+        self.allocate(seq_id, need)
+        return True
 
     def extend(self, seq_id: str, n_tokens: int) -> bool:
         """Grow the sequence to hold n_tokens in total. False (nothing changed) if blocks run out."""

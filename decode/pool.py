@@ -4,8 +4,8 @@ Storage per layer and per K/V is (Hkv, n_blocks, block_size, Dh) float32, so a b
 gather with one `np.take(..., axis=1)` into (Hkv, B, n, block_size, Dh) = (Hkv, B, T, Dh).
 Block bookkeeping is the pure BlockAllocator; this class adds the bytes and the transfer states.
 
-A transfer goes OPEN (blocks reserved for its tokens plus one token of headroom, so a committed
-sequence is always admissible) -> COMMITTED (every layer of every token written; `on_commit` is
+A transfer goes OPEN (blocks reserved by the shared admission rule, BlockAllocator.reserve: its
+tokens and the first step's, so a committed sequence is always admissible) -> COMMITTED (every layer of every token written; `on_commit` is
 called) -> ACTIVE (claimed by the scheduler, which owns the blocks from then on). All methods
 are thread-safe: the gRPC receiver calls them from its own threads.
 """
@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from decode.allocator import BlockAllocator
+from decode.allocator import BlockAllocator, tokens_to_run
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
 
@@ -95,7 +95,8 @@ class PagedKVPool:
     # -- KVSink --------------------------------------------------------------------------
 
     def open(self, request_id: str, layout: KVLayout, n_tokens: int) -> None:
-        """Reserve blocks for n_tokens (+1 headroom) or raise KVRefused, holding nothing."""
+        """Handoff admission (BlockAllocator.reserve): blocks for n_tokens and the first step, or
+        KVRefused holding nothing."""
         problem = self.layout.mismatch(layout)
         if problem is not None:
             raise KVRefused("INVALID_ARGUMENT", f"KV layout mismatch: {problem}")
@@ -107,12 +108,11 @@ class PagedKVPool:
         with self.lock:
             if request_id in self._transfers or self.allocator.holds(request_id):
                 raise KVRefused("ALREADY_EXISTS", f"request_id: {request_id!r} already holds KV")
-            need = self.allocator.blocks_for(n_tokens + 1)
-            if need > self.allocator.free_blocks:
+            if not self.allocator.reserve(request_id, n_tokens):
+                need = self.allocator.blocks_for(tokens_to_run(n_tokens))
                 raise KVRefused("RESOURCE_EXHAUSTED",
                                 f"KV pool: {n_tokens} tokens need {need} blocks, "
                                 f"{self.allocator.free_blocks} of {self.allocator.n_blocks} free")
-            self.allocator.allocate(request_id, n_tokens + 1)
             self._transfers[request_id] = _Transfer(n_tokens, np.zeros(self.layout.n_layers, np.int64))
 
     def write(self, request_id: str, layer: int, token_start: int, k: np.ndarray, v: np.ndarray) -> None:

@@ -10,7 +10,12 @@ Lifecycle of a sequence (its KV of `context_len` tokens already sits in allocato
     step in flight when the sequence is part of it (its KV is being written).
 
 One decode step feeds each running sequence's last token at position `context_len`, so before
-a step every running sequence must own room for `context_len + 1` tokens.
+a step every running sequence must own room for `context_len + 1` tokens; a plan of k steps
+(`schedule(max_steps)`, the simulator's fast path) reserves `context_len + k`
+(allocator.tokens_to_run). Over a multi-step plan the batch does not change: k is at most the
+tokens any of its sequences may still generate, so none finishes by length before step k, and the
+blocks for all k steps are reserved up front; on_steps_done() applies the j <= k steps that ran
+(a stop token ends its sequence there). Live decoding plans one step at a time.
 
 Preemption policy (recompute, LIFO): when a running sequence cannot get a block for its next
 token, the most recently admitted running sequence is preempted (possibly the one asking): its
@@ -19,9 +24,10 @@ A schedule() call that preempted admits nothing. Otherwise admission is FIFO, th
 queue first: a preempted sequence is re-admitted once `context_len + 1` tokens fit in the free
 blocks; its blocks are allocated here and the caller must rebuild its KV (a prefill over the
 prompt and the tokens generated so far, except the last, which is fed by the next step) before
-running the plan. A WAITING sequence already holds its blocks (the KV pool reserves one token of
-headroom at open), so it is admissible whenever there is a batch slot, even while a preempted
-sequence does not fit (holding it back could leave nothing running and nothing ever freed).
+running the plan. A WAITING sequence already holds its blocks (handoff admission,
+BlockAllocator.reserve, gave it room for its first step when its transfer opened), so it is
+admissible whenever there is a batch slot, even while a preempted sequence does not fit (holding it
+back could leave nothing running and nothing ever freed).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from decode.allocator import BlockAllocator
+from decode.allocator import BlockAllocator, tokens_to_run
 
 
 class SeqStatus(enum.Enum):
@@ -67,11 +73,12 @@ class DecodeSeq:
 
 @dataclass(slots=True)
 class StepPlan:
-    """What the next step runs. `batch` order is the row order of the step's tensors."""
+    """What the next steps run. `batch` order is the row order of the step's tensors."""
 
     batch: list[DecodeSeq]
     recompute: list[DecodeSeq]  # admitted back after preemption: rebuild their KV first
     preempted: list[str]  # request ids that lost their blocks in this call
+    steps: int = 1  # steps the batch may run unchanged; every sequence owns room for them
 
     @property
     def empty(self) -> bool:
@@ -164,14 +171,20 @@ class Scheduler:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        """Reserve room for every running sequence's next token, preempting if needed; admit more."""
+    def schedule(self, max_steps: int = 1) -> StepPlan:
+        """Reserve room for every running sequence's next token, preempting if needed; admit more.
+
+        With max_steps > 1, plan up to that many steps of the same batch (plan.steps), bounded by
+        the tokens left to any sequence and by the free blocks, and reserve their room too.
+        """
         assert self._in_flight is None, "schedule() called twice without on_step_done()"
+        if max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {max_steps}")
         plan = StepPlan(batch=[], recompute=[], preempted=[])
         i = 0
         while i < len(self._running):
             seq = self._running[i]
-            if self.alloc.extend(seq.request_id, seq.context_len + 1):
+            if self.alloc.extend(seq.request_id, tokens_to_run(seq.context_len)):
                 i += 1
                 continue
             victim = self._running.pop()  # LIFO: the latest admitted
@@ -187,24 +200,38 @@ class Scheduler:
         plan.batch = list(self._running)
         if plan.batch:
             self._in_flight = plan
+            if max_steps > 1:
+                self._reserve_steps(plan, max_steps)
         return plan
+
+    def _reserve_steps(self, plan: StepPlan, max_steps: int) -> None:
+        """Lengthen the plan to k steps and give every sequence room for them. Always fits: each
+        sequence needs at most ceil((k - 1) / block_size) blocks more, and k <= its even share of
+        the free blocks times block_size."""
+        b, bs = len(plan.batch), self.alloc.block_size
+        left = min(s.max_tokens - len(s.generated) for s in plan.batch)
+        k = max(1, min(max_steps, left, self.alloc.free_blocks // b * bs))
+        for seq in plan.batch:
+            ok = self.alloc.extend(seq.request_id, tokens_to_run(seq.context_len, k))
+            assert ok, "a multi-step plan must leave room for every sequence"
+        plan.steps = k
 
     def _admit(self, plan: StepPlan) -> None:
         while self._preempted and len(self._running) < self.max_batch:
             seq = self._preempted[0]
-            if not self.alloc.can_allocate(seq.context_len + 1):
+            if not self.alloc.can_allocate(tokens_to_run(seq.context_len)):
                 break  # no later preempted sequence overtakes it; waiting ones may (see below)
             self._preempted.popleft()
-            self.alloc.allocate(seq.request_id, seq.context_len + 1)
+            self.alloc.allocate(seq.request_id, tokens_to_run(seq.context_len))
             seq.status = SeqStatus.RUNNING
             self._running.append(seq)
             plan.recompute.append(seq)
-        # WAITING sequences already hold their blocks (the pool reserves them at open), so admitting
+        # WAITING sequences already hold their blocks (reserved at handoff open), so admitting
         # them costs no free block; holding them back behind a preempted sequence that does not fit
         # could leave nothing running and nothing ever freed (a deadlock).
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting[0]
-            if not self.alloc.extend(seq.request_id, seq.context_len + 1):
+            if not self.alloc.extend(seq.request_id, tokens_to_run(seq.context_len)):
                 return
             self._waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -212,18 +239,29 @@ class Scheduler:
 
     def on_step_done(self, token_ids: Sequence[int]) -> list[Finished]:
         """Apply the tokens sampled for the in-flight plan's batch (same order). Returns finishes."""
+        return self.on_steps_done([(t,) for t in token_ids])
+
+    def on_steps_done(self, tokens: Sequence[Sequence[int]]) -> list[Finished]:
+        """Apply j <= plan.steps steps: tokens[i] holds the j tokens sampled for batch row i, in
+        order (a plan may be cut short). A sequence that finishes drops the tokens after its finish."""
         plan = self._in_flight
         assert plan is not None, "on_step_done() without a scheduled step"
-        assert len(token_ids) == len(plan.batch), "one token per sequence of the batch"
+        assert len(tokens) == len(plan.batch), "tokens for every sequence of the batch"
+        j = len(tokens[0]) if tokens else 0
+        assert 1 <= j <= plan.steps and all(len(t) == j for t in tokens), "1..plan.steps tokens per sequence"
         self._in_flight = None
         done = []
-        for seq, tok in zip(plan.batch, token_ids):
-            seq.context_len += 1  # the fed token's KV is now stored
+        for seq, toks in zip(plan.batch, tokens):
             if seq.abort_pending:
+                seq.context_len += j  # the fed tokens' KV is stored; the sampled ones are dropped
                 self._running.remove(seq)
                 done.append(self._finish(seq, seq.finish_reason or FinishReason.ABORT))
                 continue
-            seq.generated.append(int(tok))
+            take = j  # j <= plan.steps <= the tokens left to any sequence of the batch
+            if seq.stop_token_ids:
+                take = next((n + 1 for n, t in enumerate(toks[:take]) if t in seq.stop_token_ids), take)
+            seq.context_len += take  # the fed tokens' KV is now stored
+            seq.generated.extend(int(t) for t in toks[:take])
             reason = self._finish_reason(seq)
             if reason is not None:
                 self._running.remove(seq)

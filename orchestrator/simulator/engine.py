@@ -2,7 +2,9 @@
 
 Events: arrival, prefill batch done, KV ready at the decode unit, decode segment end. With
 `colocated`, prefill unit i and decode unit i are one replica (no transfer; prefill first, a
-running decode segment is cut at the next step when prompts arrive).
+running decode segment is cut at the next step when prompts arrive). A request's KV blocks are
+reserved when its prefill batch starts, by the live admission rule (units.DecodeUnit.open); a
+refused handoff sends its KV once blocks are freed.
 
 Shared host (both pools on the `cpu` profile, not colocated: the live bench's prefill and decode
 actors on one machine): a prefill batch that starts while a decode unit is stepping takes
@@ -14,7 +16,7 @@ the live stack by bench/serving_overheads.py (PerfParams; 1.0 / 0 for every othe
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from decode.scheduler import DecodeSeq, Scheduler
 from hardware.perf import Deployment, Speculative, kv_token_capacity, kv_transfer_time, prefill_time
 from orchestrator.core.request import SLATarget
 from orchestrator.core.router import Rejection, RouteRequest, Router
-from orchestrator.simulator.units import DecodeUnit, PrefillUnit
+from orchestrator.simulator.units import DecodeUnit, Handoff, PrefillUnit
 from orchestrator.simulator.workload import SimRequest
 from prefill.batcher import PrefillBatcher, PrefillItem
 
@@ -64,6 +66,7 @@ class Trace:
     admitted: np.ndarray
     finish: np.ndarray
     rejected: np.ndarray  # bool
+    kv_wait: np.ndarray  # seconds a handoff refused at open waited for KV blocks after its prefill
 
     def ttft_s(self) -> np.ndarray:
         """Time to first token per request (NaN: never prefilled)."""
@@ -73,13 +76,43 @@ class Trace:
         """Mean time per output token after the first (NaN: one-token request, or unfinished)."""
         return np.where(self.output > 1, (self.finish - self.first_token) / np.maximum(self.output - 1, 1), np.nan)
 
+    def transfer_s(self) -> np.ndarray:
+        """First token -> KV in the decode pool, less the wait for blocks (counted in decode_wait_s)."""
+        return self.kv_ready - self.first_token - self.kv_wait
+
+    def decode_wait_s(self) -> np.ndarray:
+        """Waiting on the decode side: for KV blocks (refused handoffs), then for a batch slot."""
+        return self.admitted - self.kv_ready + self.kv_wait
+
 
 def _trace(reqs: list[SimRequest]) -> Trace:
     n = len(reqs)
     nan = lambda: np.full(n, np.nan)  # noqa: E731
     return Trace(np.array([r.arrival_s for r in reqs]), np.array([r.prompt_tokens for r in reqs]),
                  np.array([r.output_tokens for r in reqs]), nan(), nan(), nan(), nan(), nan(),
-                 np.zeros(n, dtype=bool))
+                 np.zeros(n, dtype=bool), np.zeros(n))
+
+
+@dataclass(slots=True)
+class _Run:
+    """The state of one run, made before the first event."""
+
+    reqs: list[SimRequest]
+    trace: Trace
+    index: dict[str, int]  # request id given to the policies -> request index
+    dest: np.ndarray  # (n,) decode unit of each placed request
+    prefill_dt: np.ndarray  # (n,) seconds of its prefill batch (overlaps the transfer)
+    prefill_end: np.ndarray  # (n,) when its prefill batch ended (NaN: not yet)
+    opened: np.ndarray  # (n,) bool: its KV blocks are reserved (handoff admitted)
+    heap: list = field(default_factory=list)  # (time, seq, kind, a, b) events
+    n_events: int = 0
+    end: float = 0.0
+
+
+def _new_run(reqs: list[SimRequest]) -> _Run:
+    n = len(reqs)
+    return _Run(reqs, _trace(reqs), {str(i): i for i in range(n)}, np.full(n, -1),
+                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool))
 
 
 class Simulator:
@@ -89,7 +122,7 @@ class Simulator:
         self.cfg = cfg
         pf, dc = cfg.prefill, cfg.decode
         tps = pf.token_budget / prefill_time(pf.dep, [pf.token_budget])
-        self.prefill = [PrefillUnit(f"p{i}", pf.dep, PrefillBatcher(pf.token_budget, pf.max_batch), tps)
+        self.prefill = [PrefillUnit(i, pf.dep, PrefillBatcher(pf.token_budget, pf.max_batch), tps)
                         for i in range(pf.replicas)]
         cap = dc.kv_capacity_tokens or kv_token_capacity(dc.dep)
         if cap < dc.block_tokens:
@@ -98,26 +131,34 @@ class Simulator:
         self.decode = []
         for i in range(dc.replicas):
             alloc = BlockAllocator(cap // dc.block_tokens, dc.block_tokens)
-            self.decode.append(DecodeUnit(f"d{i}", dc.dep, alloc, Scheduler(alloc, dc.max_batch),
+            self.decode.append(DecodeUnit(i, dc.dep, alloc, Scheduler(alloc, dc.max_batch),
                                           cfg.speculative, cfg.draft))
+        self._prefill_by_id = {u.uid: u for u in self.prefill}
+        self._decode_by_id = {u.uid: u for u in self.decode}
         self.router = Router(cfg.router_policy)
         self.shared_host = (not cfg.colocated and pf.dep.hw.kind == "cpu" and dc.dep.hw.kind == "cpu")
-        self._heap: list = []
-        self._n = 0
+        self._run = _new_run([])
+
+    @property
+    def end(self) -> float:
+        """Time of the last event of the run."""
+        return self._run.end
+
+    @property
+    def reqs(self) -> list[SimRequest]:
+        return self._run.reqs
 
     def _push(self, t: float, kind: int, a: int, b=None) -> None:
-        self._n += 1
-        heapq.heappush(self._heap, (t, self._n, kind, a, b))
+        self._run.n_events += 1
+        heapq.heappush(self._run.heap, (t, self._run.n_events, kind, a, b))
 
     def run(self, reqs: list[SimRequest]) -> Trace:
-        self.tr = tr = _trace(reqs)
-        self.reqs = reqs
-        for r in reqs:
-            self._push(r.arrival_s, ARRIVAL, r.rid)
-        self.end = 0.0
-        while self._heap:
-            t, _, kind, a, b = heapq.heappop(self._heap)
-            self.end = t
+        self._run = run = _new_run(reqs)
+        for i, r in enumerate(reqs):
+            self._push(r.arrival_s, ARRIVAL, i)
+        while run.heap:
+            t, _, kind, a, b = heapq.heappop(run.heap)
+            run.end = t
             if kind == ARRIVAL:
                 self._arrive(t, a)
             elif kind == PREFILL_DONE:
@@ -126,25 +167,24 @@ class Simulator:
                 self._kv_ready(t, a, b)
             elif kind == SEG_END and self.decode[a].seg is not None and self.decode[a].seg.version == b:
                 self._segment_end(t, a)
-        return tr
+        return run.trace
 
     # -- prefill -----------------------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
-        r = self.reqs[i]
+        run, r = self._run, self.reqs[i]
         route = RouteRequest(str(i), r.prompt_tokens, r.output_tokens, self.cfg.sla)
         dviews = [u.view() for u in self.decode]
         place = self.router.place(route, [u.view() for u in self.prefill], dviews, now)
         if isinstance(place, Rejection):
-            self.tr.rejected[i] = True
+            run.trace.rejected[i] = True
             return
-        p = int(place.prefill_worker[1:])
-        self._dest = getattr(self, "_dest", {})
-        self._dest[i] = p if self.cfg.colocated else int(place.decode_worker[1:])
+        p = self._prefill_by_id[place.prefill_worker].index
+        run.dest[i] = p if self.cfg.colocated else self._decode_by_id[place.decode_worker].index
         self.prefill[p].batcher.add(PrefillItem(str(i), r.prompt_tokens, now))
         self._try_prefill(now, p)
 
     def _try_prefill(self, now: float, p: int) -> None:
-        unit = self.prefill[p]
+        unit, run = self.prefill[p], self._run
         if unit.busy:
             return
         if self.cfg.colocated and self.decode[p].seg is not None:
@@ -155,35 +195,41 @@ class Simulator:
         if self.shared_host and any(u.seg is not None for u in self.decode):
             slow = unit.dep.hw.perf.corun_slowdown_prefill
         batch, dt = unit.start(slow)
-        if batch:
-            self._retime_decode(now)
-        for it in batch:
-            self.tr.prefill_start[int(it.request_id)] = now
-        if batch:
-            self._push(now + dt, PREFILL_DONE, p, (batch, dt))
+        if not batch:
+            return
+        self._retime_decode(now)
+        for it in batch:  # the batch opens its handoffs as it starts, as the live PrefillWorker does
+            i = run.index[it.request_id]
+            run.trace.prefill_start[i], run.prefill_dt[i] = now, dt
+            if self.reqs[i].output_tokens > 1:
+                run.opened[i] = self.decode[run.dest[i]].open(Handoff(i, self.reqs[i].prompt_tokens))
+        self._push(now + dt, PREFILL_DONE, p, batch)
 
-    def _prefill_done(self, now: float, p: int, payload) -> None:
-        batch, dt = payload
-        unit = self.prefill[p]
+    def _prefill_done(self, now: float, p: int, batch: list[PrefillItem]) -> None:
+        unit, run = self.prefill[p], self._run
         unit.busy, unit.running_tokens = False, 0
         self._retime_decode(now)
         path = unit.dep.hw.perf.request_path_s  # measured live frontend/Ray/gRPC latency (cpu profile)
         for it in batch:
-            i = int(it.request_id)
-            self.tr.first_token[i] = now + path
-            r = self.reqs[i]
-            if r.output_tokens <= 1:
-                self.tr.finish[i] = now + path
-                continue
-            d = self._dest.pop(i)
-            if self.cfg.colocated:
-                self._push(now, KV_READY, d, i)
-            else:
-                kv = self.cfg.prefill.dep.model.kv_bytes(r.prompt_tokens, self.cfg.prefill.dep.kv_dtype)
-                self._push(now + kv_transfer_time(unit.dep, self.decode[d].dep, kv, dt), KV_READY, d, i)
+            i = run.index[it.request_id]
+            run.trace.first_token[i] = now + path
+            run.prefill_end[i] = now
+            if self.reqs[i].output_tokens <= 1:
+                run.trace.finish[i] = now + path
+            elif run.opened[i]:
+                self._send_kv(now, i, run.prefill_dt[i])
         self._try_prefill(now, p)
         if self.cfg.colocated:
             self._try_decode(now, p)
+
+    def _send_kv(self, now: float, i: int, overlap_s: float) -> None:
+        """Move request i's KV (prefill ended, blocks reserved) to its decode unit."""
+        d = int(self._run.dest[i])
+        if self.cfg.colocated:
+            return self._push(now, KV_READY, d, i)
+        src = self.cfg.prefill.dep
+        kv = src.model.kv_bytes(self.reqs[i].prompt_tokens, src.kv_dtype)
+        self._push(now + kv_transfer_time(src, self.decode[d].dep, kv, overlap_s), KV_READY, d, i)
 
     def _retime_decode(self, now: float) -> None:
         """Shared host: set decode units' co-run slowdown from the prefill units' state."""
@@ -200,24 +246,21 @@ class Simulator:
 
     # -- decode ------------------------------------------------------------------------------
     def _kv_ready(self, now: float, d: int, i: int) -> None:
-        unit = self.decode[d]
-        self.tr.kv_ready[i] = now
-        unit.pending.append(i)
-        self._admit_pending(unit)
+        unit, r = self.decode[d], self.reqs[i]
+        self._run.trace.kv_ready[i] = now
+        unit.sched.add(DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens))  # it holds its blocks
         if unit.seg is not None and unit.sched.n_waiting and unit.truncate(now):
             self._push(unit.end_time(), SEG_END, d, unit.seg.version)
         self._try_decode(now, d)
 
-    def _admit_pending(self, unit: DecodeUnit) -> None:
-        """Hand transferred KV to the scheduler once its blocks can be allocated (FIFO)."""
-        while unit.pending:
-            i = unit.pending[0]
-            r = self.reqs[i]
-            if not unit.can_take(r.prompt_tokens + 1):
-                return
-            unit.pending.pop(0)
-            unit.alloc.allocate(str(i), r.prompt_tokens + 1)
-            unit.sched.add(DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens))
+    def _retry_refused(self, now: float, unit: DecodeUnit) -> None:
+        """Freed blocks: open refused handoffs in order; those already prefilled send their KV now."""
+        run = self._run
+        for h in unit.retry_refused():
+            run.opened[h.request] = True
+            if not np.isnan(run.prefill_end[h.request]):
+                run.trace.kv_wait[h.request] = now - run.prefill_end[h.request]
+                self._send_kv(now, h.request, 0.0)
 
     def _try_decode(self, now: float, d: int) -> None:
         unit = self.decode[d]
@@ -226,18 +269,19 @@ class Simulator:
         seg = unit.begin(now)
         if seg is None:
             return
+        admitted = self._run.trace.admitted
         for s in seg.plan.batch:
-            i = int(s.request_id)
-            if np.isnan(self.tr.admitted[i]):
-                self.tr.admitted[i] = seg.start
+            i = self._run.index[s.request_id]
+            if np.isnan(admitted[i]):
+                admitted[i] = seg.start
         self._push(unit.end_time(), SEG_END, d, seg.version)
 
     def _segment_end(self, now: float, d: int) -> None:
         unit = self.decode[d]
         path = unit.dep.hw.perf.request_path_s  # the last token reaches the client the way the first did
         for f in unit.finish_segment():
-            self.tr.finish[int(f.request_id)] = now + path
-        self._admit_pending(unit)
+            self._run.trace.finish[self._run.index[f.request_id]] = now + path
+        self._retry_refused(now, unit)
         if self.cfg.colocated and len(self.prefill[d].batcher):
             self._try_prefill(now, d)
             if self.prefill[d].busy:

@@ -42,9 +42,10 @@ def table(rows: list[dict]) -> str:
 
 
 def misses_table(rows: list[dict]) -> str:
-    """SLO-miss attribution: requests whose miss each phase caused, per (configuration, rate)."""
-    cols = ["config", "rate", "requests"] + [f"miss_{p}" for p in PHASES]
-    heads = ["SLO misses by phase", "rate", "requests"] + list(PHASES)
+    """SLO-miss attribution: requests whose miss each phase caused, per (configuration, rate), and
+    the handoffs refused at open for want of KV blocks."""
+    cols = ["config", "rate", "requests"] + [f"miss_{p}" for p in PHASES] + ["kv_refusals"]
+    heads = ["SLO misses by phase", "rate", "requests"] + list(PHASES) + ["kv_refused"]
     return _render(cols, [[_fmt(r.get(c)) for c in cols] for r in rows], heads)
 
 

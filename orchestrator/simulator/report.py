@@ -3,6 +3,8 @@ phase, pool utilisation, cost and energy per million output tokens.
 
 TTFT = arrival -> first token (sampled by the prefill). TPOT = (finish - first token) / (n - 1),
 so KV transfer and waiting for a decode slot count against TPOT, as in the live frontend.
+A handoff refused at open for want of KV blocks (the live rule: live fails it, the simulator
+retries it) is counted in `kv_refusals`; its wait after the prefill counts as decode_wait.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class RunSummary:
     kwh_per_m_tokens: float
     price_per_hour: float
     misses: tuple[tuple[str, int], ...]  # phase -> requests whose miss it caused
+    kv_refusals: int  # handoffs refused at open for want of KV blocks (retried; their wait is decode_wait)
     pools: tuple[PoolStats, ...]
 
 
@@ -62,8 +65,8 @@ def attribute(tr: Trace, sla: SLATarget) -> np.ndarray:
     """Index into PHASES of the phase that caused each request's miss (-1: no miss)."""
     queue = tr.prefill_start - tr.arrival
     prefill = tr.first_token - tr.prefill_start
-    transfer = np.nan_to_num(tr.kv_ready - tr.first_token)
-    wait = np.nan_to_num(tr.admitted - tr.kv_ready)
+    transfer = np.nan_to_num(tr.transfer_s())
+    wait = np.nan_to_num(tr.decode_wait_s())
     n_out = np.maximum(tr.output - 1, 1)
     decode = np.nan_to_num(tr.finish - np.where(np.isnan(tr.admitted), tr.first_token, tr.admitted))
     out = np.full(tr.arrival.size, -1)
@@ -109,6 +112,7 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
         n, int(done.sum()), int(tr.rejected.sum()), duration, (n - 1) / max(np.ptp(tr.arrival), 1e-9),
         _pct(ttft, 50, 1e3), _pct(ttft, 90, 1e3), _pct(ttft, 99, 1e3),
         _pct(tpot, 50, 1e3), _pct(tpot, 90, 1e3), _pct(tpot, 99, 1e3), _pct(tr.finish - tr.arrival, 50),
-        _pct(tr.prefill_start - tr.arrival, 50, 1e3), _pct(tr.kv_ready - tr.first_token, 50, 1e3),
+        _pct(tr.prefill_start - tr.arrival, 50, 1e3), _pct(tr.transfer_s(), 50, 1e3),
         float(ok_ttft.mean()), float(tpot_ok.mean()), float(ok.mean()),
-        tokens / duration, price * hours * per_m, power * hours * per_m, price, misses, pools)
+        tokens / duration, price * hours * per_m, power * hours * per_m, price, misses,
+        sum(u.refusals for u in sim.decode), pools)

@@ -139,7 +139,7 @@ def request_table(res: PointResult) -> dict[str, np.ndarray]:
     return {"request": np.arange(tr.arrival.size), "arrival_s": tr.arrival, "prompt_tokens": tr.prompt,
             "output_tokens": tr.output, "rejected": tr.rejected.astype(int),
             "queueing_s": tr.prefill_start - tr.arrival, "prefill_s": tr.first_token - tr.prefill_start,
-            "transfer_s": tr.kv_ready - tr.first_token, "decode_wait_s": tr.admitted - tr.kv_ready,
+            "transfer_s": tr.transfer_s(), "decode_wait_s": tr.decode_wait_s(),
             "ttft_s": tr.ttft_s(), "tpot_s": tr.tpot_s(),
             "e2e_s": tr.finish - tr.arrival,
             "slo_miss": np.array(["" if b < 0 else PHASES[b] for b in res.blame])}

@@ -1,26 +1,34 @@
 """Simulated workers: a prefill unit around the live PrefillBatcher, a decode unit around the live
 Scheduler and BlockAllocator. Timing comes from hardware/perf.py; decisions from the policies.
 
-Decode advances analytically: one `Scheduler.schedule()` per *segment* of k steps, during which
-the batch cannot change (no finish before step k, enough free blocks for k more tokens per
-sequence, segment cut short when a newcomer could be admitted). `fast_forward` applies the first
-k-1 steps' bookkeeping exactly as k-1 schedule()/on_step_done() rounds would; the k-th step goes
-through `on_step_done`, which detects finishes.
+Decode advances analytically: one `Scheduler.schedule(max_steps)` per *segment* of k steps, during
+which the batch cannot change (the scheduler bounds k by the tokens left and the free blocks, and
+reserves the blocks); a segment is cut short when a newcomer could be admitted, and
+`Scheduler.on_steps_done` applies the steps that ran.
+
+Handoff admission is the live rule, BlockAllocator.reserve, at the same point: when the prefill
+batch starts (prefill/worker.py opens its transfers then). Live fails a refused handoff with
+RESOURCE_EXHAUSTED; the simulator counts it (`refusals`) and retries it, in arrival order, as
+blocks are freed.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from decode.allocator import BlockAllocator
-from decode.scheduler import DecodeSeq, Scheduler, StepPlan
+from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, decode_step_time, inter_token_latency, prefill_time
 from orchestrator.core.router import DecodeView, PrefillView
 from prefill.batcher import PrefillBatcher, PrefillItem
 
 
+SEGMENT_STEPS = 1 << 30  # no bound of the simulator's own: the scheduler's (tokens left, free blocks)
+
+
 @dataclass(slots=True)
 class PrefillUnit:
-    uid: str
+    index: int  # position in Simulator.prefill; the router sees `uid`
     dep: Deployment
     batcher: PrefillBatcher
     tokens_per_s: float
@@ -29,6 +37,10 @@ class PrefillUnit:
     busy_s: float = 0.0
     batches: int = 0
     batched_prompts: int = 0
+
+    @property
+    def uid(self) -> str:
+        return f"p{self.index}"
 
     def view(self) -> PrefillView:
         return PrefillView(self.uid, self.batcher.queued_tokens + self.running_tokens, self.tokens_per_s)
@@ -56,12 +68,19 @@ class Segment:
     steps: int
     step_s: float  # mean seconds per step over the segment
     version: int
-    reserve_blocks: int = 0  # blocks the segment's sequences may still claim (kept free)
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A request's KV on its way to a decode unit (request index into the run's requests)."""
+
+    request: int
+    n_tokens: int
 
 
 @dataclass(slots=True)
 class DecodeUnit:
-    uid: str
+    index: int  # position in Simulator.decode; the router sees `uid`
     dep: Deployment
     alloc: BlockAllocator
     sched: Scheduler
@@ -69,13 +88,18 @@ class DecodeUnit:
     draft: Deployment | None = None
     seg: Segment | None = None
     version: int = 0
-    pending: list = field(default_factory=list)  # handoffs waiting for KV blocks
-    preempted: set = field(default_factory=set)  # request ids preempted and not yet re-admitted
+    refused: deque[Handoff] = field(default_factory=deque)  # refused at open, retried in order
+    refusals: int = 0  # handoffs refused at open (live would fail them)
+    preemptions: int = 0
     busy_s: float = 0.0
     steps: int = 0
     seq_steps: int = 0
     kv_used_s: float = 0.0  # integral of used-block fraction over time
     slowdown: float = 1.0  # step-time factor while a prefill shares the host (PerfParams.corun_slowdown_decode)
+
+    @property
+    def uid(self) -> str:
+        return f"d{self.index}"
 
     def step_seconds(self, batch: int, ctx_sum: float) -> float:
         """Seconds per emitted token of each sequence (speculative decoding amortised)."""
@@ -84,7 +108,7 @@ class DecodeUnit:
         return inter_token_latency(self.dep, batch, max(1, int(ctx_sum / batch)), self.spec, self.draft) * self.slowdown
 
     def view(self) -> DecodeView:
-        active = self.sched.n_running + self.sched.n_waiting + len(self.pending)
+        active = self.sched.n_running + self.sched.n_waiting + len(self.refused)
         ctx = sum(s.context_len for s in self.seg.plan.batch) if self.seg else 0
         step = self.step_seconds(active + 1, ctx + 1024) * 1e3
         free = self.alloc.free_blocks * self.alloc.block_size
@@ -94,35 +118,32 @@ class DecodeUnit:
         """Schedule a segment if idle with work: the policy picks the batch, we pick k."""
         if self.seg is not None or not self.sched.has_work:
             return None
-        plan = self.sched.schedule()
-        self.preempted.update(plan.preempted)
-        self.preempted.difference_update(s.request_id for s in plan.recompute)
+        plan = self.sched.schedule(SEGMENT_STEPS)
+        self.preemptions += len(plan.preempted)
         if plan.empty:
             return None
         extra = sum(prefill_time(self.dep, [s.context_len]) for s in plan.recompute)
-        b = len(plan.batch)
+        b, k = len(plan.batch), plan.steps
         ctx0 = sum(s.context_len for s in plan.batch)
-        k = min(s.max_tokens - len(s.generated) for s in plan.batch)
-        per_seq_blocks = self.alloc.free_blocks // b
-        k = max(1, min(k, per_seq_blocks * self.alloc.block_size))
         step = self.step_seconds(b, ctx0 + b * (k - 1) / 2)
         self.version += 1
-        reserve = b * -(-(k - 1) // self.alloc.block_size)
-        self.seg = Segment(now + extra, plan, b, ctx0, k, step, self.version, reserve)
+        self.seg = Segment(now + extra, plan, b, ctx0, k, step, self.version)
         return self.seg
 
-    def can_take(self, n_tokens: int) -> bool:
-        """Room for a new sequence's KV without eating the running segment's reserved blocks.
+    def open(self, h: Handoff) -> bool:
+        """The live handoff admission (BlockAllocator.reserve); a refusal queues behind earlier ones."""
+        if not self.refused and self.alloc.reserve(str(h.request), h.n_tokens):
+            return True
+        self.refused.append(h)
+        self.refusals += 1
+        return False
 
-        No new KV is accepted while a preempted sequence waits to be re-admitted: the scheduler
-        re-admits preempted sequences first (FIFO) and a WAITING sequence holds its blocks, so
-        handoffs filling the pool then would starve the preempted one and, with nothing running,
-        stall the unit for good (decode/scheduler.py has no way out of that state).
-        """
-        if self.preempted:
-            return False
-        reserve = self.seg.reserve_blocks if self.seg else 0
-        return self.alloc.blocks_for(n_tokens) + reserve <= self.alloc.free_blocks
+    def retry_refused(self) -> list[Handoff]:
+        """Open refused handoffs, oldest first, while their blocks fit; returns those opened."""
+        opened = []
+        while self.refused and self.alloc.reserve(str(self.refused[0].request), self.refused[0].n_tokens):
+            opened.append(self.refused.popleft())
+        return opened
 
     def end_time(self) -> float:
         s = self.seg
@@ -147,19 +168,8 @@ class DecodeUnit:
         s = self.seg
         self.seg = None
         k = s.steps
-        for seq in s.plan.batch:
-            if k > 1:
-                fast_forward(self.alloc, seq, k - 1)
         self.busy_s += k * s.step_s
         self.steps += k
         self.seq_steps += k * s.batch
         self.kv_used_s += k * s.step_s * self.alloc.used_blocks / self.alloc.n_blocks
-        return self.sched.on_step_done([0] * s.batch)
-
-
-def fast_forward(alloc: BlockAllocator, seq: DecodeSeq, n: int) -> None:
-    """n decode steps of a running sequence without a finish or a preemption (checked by caller)."""
-    ok = alloc.extend(seq.request_id, seq.context_len + n + 1)
-    assert ok, "segment length must leave room for every sequence"
-    seq.context_len += n
-    seq.generated.extend([0] * n)
+        return self.sched.on_steps_done([(0,) * k] * s.batch)

@@ -15,7 +15,8 @@ def _trace() -> Trace:
     return Trace(arrival=np.array([0.0, 1.0, 2.0]), prompt=np.array([10, 20, 30]), output=np.array([5, 1, 3]),
                  prefill_start=np.array([0.0, 1.0, nan]), first_token=np.array([0.2, 1.5, nan]),
                  kv_ready=np.array([0.21, 1.5, nan]), admitted=np.array([0.21, 1.5, nan]),
-                 finish=np.array([0.6, 1.5, nan]), rejected=np.array([False, False, True]))
+                 finish=np.array([0.6, 1.5, nan]), rejected=np.array([False, False, True]),
+                 kv_wait=np.zeros(3))
 
 
 def test_trace_latencies():

@@ -6,6 +6,7 @@ import pytest
 
 from decode.allocator import BlockAllocator
 from decode.pool import PagedKVPool, TransferState
+from decode.scheduler import DecodeSeq, Scheduler
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
 
@@ -162,3 +163,23 @@ def test_in_process_load_refuses_ragged_token_counts_and_holds_nothing():
     with pytest.raises(KVRefused):
         pool.load_sequence("r", [k, k], [v, v])  # 2 layers for a 3-layer pool
     assert pool.state("r") is None and pool.allocator.free_blocks == pool.allocator.n_blocks
+
+
+@pytest.mark.parametrize("n_tokens", [3, 4, 7, 8])
+def test_open_is_the_shared_handoff_admission(n_tokens):
+    """The pool reserves what BlockAllocator.reserve does (prompt + the first step), refuses when
+    that does not fit, and a committed sequence then runs its first step without another block."""
+    pool = PagedKVPool(LAYOUT, 4, capacity_tokens=8)
+    mirror = BlockAllocator(2, 4)
+    if not mirror.reserve("r", n_tokens):
+        with pytest.raises(KVRefused) as e:
+            pool.open("r", LAYOUT, n_tokens)
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+        assert pool.allocator.free_blocks == 2
+        return
+    pool.load_sequence("r", *(list(x) for x in zip(*[kv(n_tokens, s) for s in range(3)])))
+    assert pool.allocator.block_table("r") == mirror.block_table("r")
+    sched = Scheduler(pool.allocator, max_batch=1)
+    assert sched.add(DecodeSeq("r", pool.claim("r"), [1], max_tokens=2)) is None
+    plan = sched.schedule()
+    assert [s.request_id for s in plan.batch] == ["r"] and plan.preempted == []

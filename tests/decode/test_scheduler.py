@@ -1,18 +1,19 @@
-"""The pure continuous-batching scheduler: admission, finishing, preemption, aborts, no leaks."""
+"""The pure continuous-batching scheduler: handoff admission, finishing, preemption, aborts,
+multi-step plans, no leaks."""
 from __future__ import annotations
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from decode.allocator import BlockAllocator
+from decode.allocator import BlockAllocator, tokens_to_run
 from decode.scheduler import DecodeSeq, FinishReason, Scheduler, SeqStatus
 
 EOS = 2
 
 
 def add(sched: Scheduler, rid: str, n_tokens: int, max_tokens: int = 10, first: int = 7):
-    sched.alloc.allocate(rid, n_tokens + 1)  # what the KV pool does at open
+    assert sched.alloc.reserve(rid, n_tokens)  # handoff admission, as the KV pool and the simulator do at open
     return sched.add(DecodeSeq(rid, n_tokens, [first], max_tokens, frozenset({EOS})))
 
 
@@ -95,7 +96,7 @@ def test_abort_during_a_step_is_deferred_until_the_step_is_done():
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["add", "step", "abort", "eos"]), st.integers(0, 7),
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "step", "abort", "eos", "multi"]), st.integers(0, 7),
                               st.integers(1, 30)), max_size=60),
        n_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 16]), max_batch=st.integers(1, 5))
 def test_random_operations_never_leak_blocks(ops, n_blocks, block_size, max_batch):
@@ -105,17 +106,21 @@ def test_random_operations_never_leak_blocks(ops, n_blocks, block_size, max_batc
     for i, (op, who, n) in enumerate(ops):
         rid = f"r{who}"
         if op == "add" and rid not in live:
-            if alloc.can_allocate(n + 1) and n + n % 7 <= alloc.capacity_tokens:
-                add(s, rid, n, max_tokens=1 + n % 7)
+            free = alloc.free_blocks
+            if n + n % 7 <= alloc.capacity_tokens and alloc.reserve(rid, n):
+                s.add(DecodeSeq(rid, n, [7], 1 + n % 7, frozenset({EOS})))
                 live.add(rid)
+            else:  # refused: nothing held
+                assert not alloc.holds(rid) and alloc.free_blocks == free
         elif op == "abort":
             s.abort(rid)
         else:
-            plan = s.schedule()
-            for seq in plan.batch:  # every running sequence owns room for the token it is fed
-                assert alloc.capacity_of(seq.request_id) >= seq.context_len + 1
+            plan = s.schedule(max_steps=n if op == "multi" else 1)
+            for seq in plan.batch:  # every running sequence owns room for the tokens it is fed
+                assert alloc.capacity_of(seq.request_id) >= seq.context_len + plan.steps
             if plan.batch:
-                s.on_step_done([EOS if op == "eos" else 7] * len(plan.batch))
+                j = 1 + who % plan.steps  # the simulator may cut a plan short
+                s.on_steps_done([[EOS if op == "eos" else 7] * j] * len(plan.batch))
         live = {r for r in live if s.get(r) is not None}
         alloc.check()
     for rid in list(live):
@@ -140,3 +145,64 @@ def test_waiting_sequences_run_while_a_preempted_one_cannot_fit():
         _, done = step(s)
         finished += [d.request_id for d in done]
     assert sorted(finished) == ["b", "c", "d"] and s.alloc.free_blocks == 4
+
+
+def test_handoff_reservation_holds_prompt_and_first_step_or_nothing():
+    a = BlockAllocator(5, 4)
+    assert tokens_to_run(7) == 8 and a.reserve("a", 7) and len(a.block_table("a")) == 2  # 8 tokens: 2 blocks
+    assert a.reserve("b", 8) and len(a.block_table("b")) == 3  # 9 tokens: 3 blocks, none left
+    assert not a.reserve("c", 1) and not a.holds("c") and a.free_blocks == 0
+    a.release("b")  # the transfer failed: its blocks go back
+    assert a.reserve("c", 7) and a.free_blocks == 1
+    a.check()
+
+
+def test_a_reserved_sequence_runs_its_first_step_without_another_block():
+    s = Scheduler(BlockAllocator(2, 4), max_batch=4)
+    add(s, "a", 7, max_tokens=2)  # 7 prompt tokens + the first step's: both blocks
+    assert s.alloc.free_blocks == 0
+    plan = s.schedule()
+    assert [q.request_id for q in plan.batch] == ["a"] and plan.preempted == [] and plan.steps == 1
+
+
+def test_multi_step_plan_is_bounded_by_tokens_left():
+    s = Scheduler(BlockAllocator(8, 4), max_batch=4)
+    add(s, "a", 3, max_tokens=20)
+    add(s, "b", 3, max_tokens=6)  # 5 tokens left to generate
+    plan = s.schedule(max_steps=100)
+    assert plan.steps == 5  # b may not finish before the last step
+    assert all(s.alloc.capacity_of(q.request_id) >= q.context_len + 5 for q in plan.batch)
+    done = s.on_steps_done([[7] * 5, [7] * 5])
+    assert [(d.request_id, d.reason, len(d.generated)) for d in done] == [("b", FinishReason.LENGTH, 6)]
+    assert (s.get("a").context_len, len(s.get("a").generated)) == (8, 6)
+
+
+def test_multi_step_plan_is_bounded_by_free_blocks_and_may_be_cut_short():
+    s = Scheduler(BlockAllocator(16, 4), max_batch=4)
+    assert s.alloc.reserve("x", 51)  # a transfer in flight holds 13 blocks
+    add(s, "a", 3, max_tokens=50)  # 1 block, 2 free
+    plan = s.schedule(max_steps=100)
+    assert plan.steps == 8 and s.alloc.free_blocks == 0  # room for 3 + 8 tokens: 3 blocks
+    s.on_steps_done([[7, 7, 7]])  # cut after 3 steps
+    assert (s.get("a").context_len, len(s.get("a").generated)) == (6, 4)
+
+
+def test_a_stop_token_inside_a_multi_step_plan_ends_the_sequence_there():
+    s = Scheduler(BlockAllocator(8, 4), max_batch=4)
+    add(s, "a", 3, max_tokens=20)
+    assert s.schedule(max_steps=4).steps == 4
+    (done,) = s.on_steps_done([[7, EOS, 7, 7]])
+    assert done.reason is FinishReason.STOP and done.generated == (7, 7, EOS) and s.alloc.free_blocks == 8
+
+
+def test_k_steps_at_once_match_k_single_steps():
+    def run(max_steps):
+        s = Scheduler(BlockAllocator(64, 4), max_batch=4)
+        for rid, n, m in (("a", 5, 30), ("b", 9, 12), ("c", 2, 7)):
+            add(s, rid, n, max_tokens=m)
+        out = []
+        while s.has_work:
+            plan = s.schedule(max_steps)
+            out += [(d.request_id, d.generated) for d in s.on_steps_done([[7] * plan.steps] * len(plan.batch))]
+        return sorted(out)
+    assert run(100) == run(1)

@@ -47,19 +47,28 @@ def test_every_request_finishes_and_timestamps_ordered():
     assert 1.5 < s.tpot_p50_ms < 4 and s.sla_attainment > 0.95
 
 
-def test_tight_kv_forces_waiting_but_completes():
-    cfg = _cfg()
-    cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, kv_capacity_tokens=8192))
-    sim = Simulator(cfg)
-    tr = sim.run(_reqs(200, rate=20))
+def _kv_cfg(kv_capacity_tokens: int, **kw):
+    cfg = _cfg(**kw)
+    dep = cfg.prefill.dep if kw.get("colocated") else cfg.decode.dep
+    return dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, dep=dep, kv_capacity_tokens=kv_capacity_tokens))
+
+
+def test_tight_kv_refuses_handoffs_which_wait_for_blocks_and_complete():
+    reqs = _reqs(200, rate=20)
+    roomy = Simulator(_cfg())
+    assert summarize(roomy, roomy.run(reqs)).kv_refusals == 0
+    sim = Simulator(_kv_cfg(8192))
+    tr = sim.run(reqs)
     assert not np.isnan(tr.finish).any()
-    assert summarize(sim, tr).misses  # attribution computed
+    s = summarize(sim, tr)
+    assert s.kv_refusals == sum(u.refusals for u in sim.decode) > 0
+    waited = tr.kv_wait > 0  # refused until after their prefill ended: their KV left when blocks were freed
+    assert waited.any() and (tr.kv_ready[waited] >= tr.first_token[waited] + tr.kv_wait[waited]).all()
+    assert (tr.decode_wait_s()[waited] >= tr.kv_wait[waited]).all()  # the report counts it as decode_wait
 
 
 def test_colocated_baseline_runs():
-    cfg = _cfg()
-    cfg = dataclasses.replace(cfg, colocated=True, decode=dataclasses.replace(cfg.decode, dep=cfg.prefill.dep))
-    sim = Simulator(cfg)
+    sim = Simulator(_kv_cfg(0, colocated=True))
     tr = sim.run(_reqs(200))
     assert not np.isnan(tr.finish).any() and np.isnan(tr.kv_ready[tr.output == 1]).all()
 
@@ -126,16 +135,15 @@ def test_cli_bad_input_one_line(tmp_path):
 
 
 def test_colocated_overload_never_stalls():
-    """Regression: KV handoffs used to fill the pool while a preempted sequence waited; the FIFO
-    re-admission in decode/scheduler.py then stalled the unit for good (requests never finished)."""
-    cfg = _cfg()
-    cfg = dataclasses.replace(cfg, colocated=True,
-                              decode=dataclasses.replace(cfg.decode, dep=cfg.prefill.dep, kv_capacity_tokens=20_000))
+    """Handoffs fill the pool while a preempted sequence waits for blocks: the unit keeps going only
+    because the scheduler admits WAITING sequences (which hold their blocks) past a preempted one
+    that does not fit (decode/scheduler.py); strict FIFO re-admission stalls it for good."""
     reqs = poisson(30.0, 600, [(1500, 400), (3000, 300), (200, 50)], seed=2)
-    sim = Simulator(cfg)
+    sim = Simulator(_kv_cfg(20_000, colocated=True))
     tr = sim.run(reqs)
+    assert sum(u.preemptions for u in sim.decode) > 0 and sum(u.refusals for u in sim.decode) > 0
     assert not np.isnan(tr.finish).any()
-    assert sum(u.sched.n_running + u.sched.n_waiting + len(u.pending) for u in sim.decode) == 0
+    assert sum(u.sched.n_running + u.sched.n_waiting + len(u.refused) for u in sim.decode) == 0
 
 
 def _tiny_trace(path: Path, n: int = 120) -> Path:
@@ -169,7 +177,7 @@ def test_simulate_writes_results_with_goodput_baseline_and_attribution(tmp_path)
     assert {c["mode"] for c in s["configurations"].values()} == {"disagg", "colocated"}
     assert all(c["goodput_rps"] >= 0 for c in s["configurations"].values())
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert "miss_queueing" in header and "goodput_per_dollar_hour" in header and "sim_wall_s" in header
+    assert "miss_queueing" in header and "kv_refusals" in header and "goodput_per_dollar_hour" in header and "sim_wall_s" in header
     r = _cli("simulate", "--config", str(cfg), "--rates", "native,-3", cwd=root)
     assert r.returncode == 2 and "--rates" in r.stderr and "Traceback" not in r.stderr
 
