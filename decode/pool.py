@@ -11,7 +11,6 @@ are thread-safe: the gRPC receiver calls them from its own threads.
 """
 from __future__ import annotations
 
-import enum
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -21,19 +20,14 @@ import numpy as np
 from decode.allocator import BlockAllocator
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
-
-
-class TransferState(enum.Enum):
-    OPEN = "open"
-    COMMITTED = "committed"
-    ACTIVE = "active"
+from kvtransfer.states import TransferState
 
 
 @dataclass(slots=True)
 class _Transfer:
     n_tokens: int
     filled: np.ndarray  # (L,) tokens written per layer
-    state: TransferState = TransferState.OPEN
+    state: TransferState = TransferState.TRANSFERRING
 
 
 class PagedKVPool:
@@ -69,7 +63,7 @@ class PagedKVPool:
         self.lock = threading.RLock()
         self._transfers: dict[str, _Transfer] = {}
         self.on_commit: Callable[[str], None] | None = None  # called after a successful commit
-        self.on_abort: Callable[[str], None] | None = None  # abort() of an ACTIVE sequence
+        self.on_abort: Callable[[str], None] | None = None  # abort() of a CLAIMED sequence
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -119,7 +113,7 @@ class PagedKVPool:
         """k, v: (n, Hkv, Dh) for tokens [token_start, token_start + n) of `layer`."""
         with self.lock:
             t = self._transfers.get(request_id)
-            if t is None or t.state is not TransferState.OPEN:
+            if t is None or t.state is not TransferState.TRANSFERRING:
                 raise KVRefused("NOT_FOUND", f"request_id: {request_id!r} has no open transfer")
             expect = (self.layout.n_kv_heads, self.layout.head_dim)
             if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != expect:
@@ -136,7 +130,7 @@ class PagedKVPool:
     def commit(self, request_id: str) -> None:
         with self.lock:
             t = self._transfers.get(request_id)
-            if t is None or t.state is not TransferState.OPEN:
+            if t is None or t.state is not TransferState.TRANSFERRING:
                 raise KVRefused("NOT_FOUND", f"request_id: {request_id!r} has no open transfer")
             short = np.flatnonzero(t.filled != t.n_tokens)
             if short.size:
@@ -148,12 +142,12 @@ class PagedKVPool:
             self.on_commit(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Release an open or committed transfer; an ACTIVE one is handed to `on_abort`."""
+        """Release an open or committed transfer; a CLAIMED one is handed to `on_abort`."""
         with self.lock:
             t = self._transfers.get(request_id)
             if t is None:
                 return
-            if t.state is not TransferState.ACTIVE:
+            if t.state is not TransferState.CLAIMED:
                 del self._transfers[request_id]
                 self.allocator.release(request_id)
                 return
@@ -167,7 +161,7 @@ class PagedKVPool:
         with self.lock:
             t = self._transfers[request_id]
             assert t.state is TransferState.COMMITTED, f"{request_id}: claim of a {t.state} transfer"
-            t.state = TransferState.ACTIVE
+            t.state = TransferState.CLAIMED
             return t.n_tokens
 
     def forget(self, request_id: str) -> None:

@@ -32,18 +32,14 @@ from typing import Sequence
 
 from decode.allocator import BlockAllocator
 
+from model.finish import FinishReason
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # a stop token or a stop string
-    LENGTH = "length"  # max_tokens generated
-    ABORT = "abort"
 
 
 @dataclass(slots=True)

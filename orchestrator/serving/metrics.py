@@ -15,7 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.serving.engine import FinalEvent
-from orchestrator.core.request import FinishReason, SLATarget
+from model.finish import FinishReason
+from orchestrator.core.request import SLATarget
 from protos.disagg.v1 import inference_pb2 as pb
 
 PREFIX = "pdorch_"
