@@ -4,6 +4,9 @@ stop strings, an abort at each stage (the decode pool's KV freed after each), a 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,6 +27,7 @@ from orchestrator.core.router import Router
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
 from orchestrator.serving.workers import DecodeHandle, LocalCalls, Pools, PrefillHandle, WorkerUnavailable
 from prefill.worker import PrefillWorker
+from tests.paths import REPO
 
 ANY_SLA = SLATarget(ttft_ms=1e9, tpot_ms=1e9)
 
@@ -50,20 +54,14 @@ class _GatedSink:
     def gate(self, request_id: str) -> None:
         self.gates[request_id], self.reached[request_id] = threading.Event(), threading.Event()
 
-    def open(self, request_id, layout, n_tokens):
-        self.pool.open(request_id, layout, n_tokens)
-
     def write(self, request_id, layer, token_start, k, v):
         if request_id in self.gates and layer == 1:
             self.reached[request_id].set()
             self.gates[request_id].wait(60)
         self.pool.write(request_id, layer, token_start, k, v)
 
-    def commit(self, request_id):
-        self.pool.commit(request_id)
-
-    def abort(self, request_id):
-        self.pool.abort(request_id)
+    def __getattr__(self, name):  # open, commit, abort: straight to the pool
+        return getattr(self.pool, name)
 
 
 class _Setup:
@@ -301,3 +299,10 @@ def test_no_placement_is_a_rejection(lm, prompt):
     assert len(events) == 1 and events[0].failure.code == "RESOURCE_EXHAUSTED"
     assert req.state is RequestState.REJECTED and req.failure == events[0].failure
     assert sum(s.prefill_calls.calls.values()) == s.prefill_calls.calls["load"]  # no worker saw it
+
+
+def test_the_engine_imports_no_ray():
+    code = "import sys, orchestrator.serving.engine; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"
