@@ -4,14 +4,14 @@ Storage per layer and per K/V is (Hkv, n_blocks, block_size, Dh) float32, so a b
 gather with one `np.take(..., axis=1)` into (Hkv, B, n, block_size, Dh) = (Hkv, B, T, Dh).
 Block bookkeeping is the pure BlockAllocator; this class adds the bytes and the transfer states.
 
-A transfer goes OPEN (blocks reserved by the shared admission rule, BlockAllocator.reserve: its
-tokens and the first step's, so a committed sequence is always admissible) -> COMMITTED (every layer of every token written; `on_commit` is
-called) -> ACTIVE (claimed by the scheduler, which owns the blocks from then on). All methods
+A transfer goes TRANSFERRING (blocks reserved by the shared admission rule, BlockAllocator.reserve:
+its tokens and the first step's, so a committed sequence is always admissible) -> COMMITTED (every
+layer of every token written; `on_commit` is called) -> CLAIMED (by the scheduler, which owns the
+blocks from then on); states are kvtransfer.states.TransferState. All methods
 are thread-safe: the gRPC receiver calls them from its own threads.
 """
 from __future__ import annotations
 
-import enum
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -21,19 +21,14 @@ import numpy as np
 from decode.allocator import BlockAllocator, tokens_to_run
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
-
-
-class TransferState(enum.Enum):
-    OPEN = "open"
-    COMMITTED = "committed"
-    ACTIVE = "active"
+from kvtransfer.states import TransferState
 
 
 @dataclass(slots=True)
 class _Transfer:
     n_tokens: int
     filled: np.ndarray  # (L,) tokens written per layer
-    state: TransferState = TransferState.OPEN
+    state: TransferState = TransferState.TRANSFERRING
 
 
 class PagedKVPool:
@@ -69,7 +64,7 @@ class PagedKVPool:
         self.lock = threading.RLock()
         self._transfers: dict[str, _Transfer] = {}
         self.on_commit: Callable[[str], None] | None = None  # called after a successful commit
-        self.on_abort: Callable[[str], None] | None = None  # abort() of an ACTIVE sequence
+        self.on_abort: Callable[[str], None] | None = None  # abort() of a CLAIMED sequence
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -119,7 +114,7 @@ class PagedKVPool:
         """k, v: (n, Hkv, Dh) for tokens [token_start, token_start + n) of `layer`."""
         with self.lock:
             t = self._transfers.get(request_id)
-            if t is None or t.state is not TransferState.OPEN:
+            if t is None or t.state is not TransferState.TRANSFERRING:
                 raise KVRefused("NOT_FOUND", f"request_id: {request_id!r} has no open transfer")
             expect = (self.layout.n_kv_heads, self.layout.head_dim)
             if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != expect:
@@ -136,7 +131,7 @@ class PagedKVPool:
     def commit(self, request_id: str) -> None:
         with self.lock:
             t = self._transfers.get(request_id)
-            if t is None or t.state is not TransferState.OPEN:
+            if t is None or t.state is not TransferState.TRANSFERRING:
                 raise KVRefused("NOT_FOUND", f"request_id: {request_id!r} has no open transfer")
             short = np.flatnonzero(t.filled != t.n_tokens)
             if short.size:
@@ -148,12 +143,12 @@ class PagedKVPool:
             self.on_commit(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Release an open or committed transfer; an ACTIVE one is handed to `on_abort`."""
+        """Release an open or committed transfer; a CLAIMED one is handed to `on_abort`."""
         with self.lock:
             t = self._transfers.get(request_id)
             if t is None:
                 return
-            if t.state is not TransferState.ACTIVE:
+            if t.state is not TransferState.CLAIMED:
                 del self._transfers[request_id]
                 self.allocator.release(request_id)
                 return
@@ -167,7 +162,7 @@ class PagedKVPool:
         with self.lock:
             t = self._transfers[request_id]
             assert t.state is TransferState.COMMITTED, f"{request_id}: claim of a {t.state} transfer"
-            t.state = TransferState.ACTIVE
+            t.state = TransferState.CLAIMED
             return t.n_tokens
 
     def forget(self, request_id: str) -> None:

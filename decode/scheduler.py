@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from decode.allocator import BlockAllocator, tokens_to_run
+from model.finish import FinishReason
 
 
 class SeqStatus(enum.Enum):
@@ -44,12 +45,6 @@ class SeqStatus(enum.Enum):
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # a stop token or a stop string
-    LENGTH = "length"  # max_tokens generated
-    ABORT = "abort"
 
 
 @dataclass(slots=True)

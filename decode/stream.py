@@ -7,9 +7,10 @@ from typing import Callable
 
 import numpy as np
 
-from model.generation import find_stop
+from model.finish import Failure, FinishReason
+from model.generation import TextStream
 from model.sampling import SamplingParams
-from model.tokenizer import IncrementalDecoder, Tokenizer
+from model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +18,8 @@ class TokenChunk:
     """New tokens of one request since the last poll. texts[i] is the text delta of token_ids[i].
 
     start_index is the index of token_ids[0] among the request's generated tokens; index 0 is the
-    first token, sampled on the prefill side, so a frontend that already sent it skips index 0.
-    Stop tokens are not streamed; a stop string is cut out of the last delta.
+    first token, sampled on the prefill side and detokenized here like every other.
+    Stop tokens are not streamed; no part of a stop string is (model.generation.TextStream).
     """
 
     request_id: str
@@ -26,8 +27,8 @@ class TokenChunk:
     texts: tuple[str, ...]
     start_index: int
     finished: bool
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
-    error: str | None = None  # for "error": "<gRPC code>: message"
+    finish_reason: FinishReason | None = None  # set on the finished chunk
+    error: Failure | None = None  # with FinishReason.ERROR
 
 
 @dataclass(slots=True)
@@ -37,17 +38,16 @@ class RequestStream:
     request_id: str
     params: SamplingParams
     prompt_ids: list[int] | None
-    decoder: IncrementalDecoder
+    text: TextStream
     stop_token_ids: frozenset[int]
     rng: np.random.Generator
     first_token_id: int = -1  # sampled on the prefill side
-    text: str = ""
     emitted: int = 0  # tokens handed to the client so far
     pending_ids: list[int] = field(default_factory=list)
     pending_texts: list[str] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None
-    error: str | None = None
+    finish_reason: FinishReason | None = None
+    error: Failure | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     owner: str = ""  # who polls this stream together with its others (an engine), "" = polled alone
     notify: Callable[[], None] | None = None  # called on every change, after `changed` is set
@@ -56,30 +56,27 @@ class RequestStream:
     def create(cls, request_id: str, params: SamplingParams, prompt_ids: list[int] | None,
                tokenizer: Tokenizer, rng: np.random.Generator, owner: str = "",
                notify: Callable[[], None] | None = None) -> "RequestStream":
-        return cls(request_id, params, prompt_ids, IncrementalDecoder(tokenizer),
+        return cls(request_id, params, prompt_ids, TextStream(tokenizer, params.stop),
                    params.stop_token_ids(tokenizer.stop_token_ids), rng, owner=owner, notify=notify)
 
     def push(self, token_id: int) -> bool:
         """Add a generated token; True when a stop string ended the request here."""
-        if self.finished or token_id in self.stop_token_ids:
+        if self.finished or self.text.stopped or token_id in self.stop_token_ids:
             return False
-        delta = self.decoder.push(token_id)
-        if self.params.stop:
-            cut = find_stop(self.text + delta, self.params.stop)
-            if cut >= 0:
-                self._add(token_id, (self.text + delta)[len(self.text):cut])
-                return True
-        self.text += delta
-        self._add(token_id, delta)
-        return False
+        for token, delta in self.text.push(token_id):
+            self._add(token, delta)
+        return self.text.stopped
 
     def _add(self, token_id: int, text: str) -> None:
         self.pending_ids.append(token_id)
         self.pending_texts.append(text)
         self._changed()
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: Failure | None = None) -> None:
+        assert (reason is FinishReason.ERROR) == (error is not None), "an error ends with FinishReason.ERROR"
         if not self.finished:
+            for token, delta in self.text.flush():  # held back for a stop string that never came
+                self._add(token, delta)
             self.finished, self.finish_reason, self.error = True, reason, error
         self._changed()
 
@@ -96,6 +93,11 @@ class RequestStream:
         self.pending_ids, self.pending_texts = [], []
         self.changed.clear()
         return chunk
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string ended the text."""
+        return self.text.stopped
 
     @property
     def ready(self) -> bool:

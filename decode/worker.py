@@ -27,12 +27,14 @@ import structlog
 from threadpoolctl import threadpool_limits
 
 from decode.core import DecodeCore, model_layout
-from decode.pool import PagedKVPool, TransferState
-from decode.scheduler import DecodeSeq, FinishReason, Finished, Scheduler, StepPlan
+from decode.pool import PagedKVPool
+from decode.scheduler import DecodeSeq, Finished, Scheduler, StepPlan
 from decode.steptime import StepTimeModel
 from decode.stream import RequestStream, TokenChunk
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
+from kvtransfer.states import TransferState
+from model.finish import Failure, FinishReason
 from model.loaded import LoadedModel, load_model
 from model.sampling import SamplingParams, make_rng
 
@@ -127,7 +129,7 @@ class DecodeWorker:
         stream.first_token_id = first_token_id
         self._streams[request_id] = stream
         if aborted:
-            self._end(stream, "abort")
+            self._end(stream, FinishReason.ABORT)
         elif request_id in self._committed:
             self._committed.discard(request_id)
             self._join(request_id)
@@ -247,7 +249,7 @@ class DecodeWorker:
             self._check_fits(request_id, n_tokens, params.max_tokens)
         except KVRefused as e:
             self._release_unscheduled(request_id)
-            return self._end(stream, "error", f"{e.code}: {e}")
+            return self._fail(stream, Failure(e.code, str(e)))
         first = stream.first_token_id
         hit = stream.push(first)
         seq = DecodeSeq(request_id, n_tokens, [first], params.max_tokens, stream.stop_token_ids)
@@ -276,7 +278,7 @@ class DecodeWorker:
             if self.pool.state(request_id) is not None:
                 self._release_unscheduled(request_id)
             if stream is not None:
-                self._end(stream, "abort")
+                self._end(stream, FinishReason.ABORT)
             else:
                 self._aborted_early[request_id] = None
                 while len(self._aborted_early) > ABORTED_EARLY_KEPT:
@@ -284,16 +286,18 @@ class DecodeWorker:
         if self._wake is not None:
             self._wake.set()  # freed blocks may admit a preempted sequence
 
-    def _end(self, stream: RequestStream, reason: str, error: str | None = None) -> None:
-        stream.finish(reason, error)
-        if error is not None:
-            log.warning("request failed", request_id=stream.request_id, error=error)
+    def _end(self, stream: RequestStream, reason: FinishReason) -> None:
+        stream.finish(reason)
+
+    def _fail(self, stream: RequestStream, error: Failure) -> None:
+        stream.finish(FinishReason.ERROR, error)
+        log.warning("request failed", request_id=stream.request_id, code=error.code, error=error.message)
 
     def _finished(self, done: Finished) -> None:
         self.pool.forget(done.request_id)
         stream = self._streams.get(done.request_id)
-        if stream is not None:
-            self._end(stream, done.reason.value)
+        if stream is not None:  # a stop string ends it with STOP even on the token that reached max_tokens
+            self._end(stream, FinishReason.STOP if stream.stopped else done.reason)
 
     # -- the step loop -------------------------------------------------------------------------
 
@@ -325,7 +329,7 @@ class DecodeWorker:
                 tokens = np.zeros(len(plan.batch), dtype=np.int64)
                 for s in plan.batch:
                     if s.request_id in self._streams:
-                        self._end(self._streams[s.request_id], "error", "INTERNAL: decode step failed")
+                        self._fail(self._streams[s.request_id], Failure("INTERNAL", "decode step failed"))
                     with self.pool.lock:
                         self.scheduler.abort(s.request_id)  # deferred to on_step_done
             self.steptime.observe(len(plan.batch), int(batch.positions.sum()), (time.perf_counter() - t0) * 1e3)
@@ -341,7 +345,7 @@ class DecodeWorker:
                 with self.pool.lock:
                     self.scheduler.abort(seq.request_id)  # deferred: the step is in flight
                 if stream is not None:
-                    self._end(stream, "error", "UNAVAILABLE: preempted and no prompt_ids to rebuild the KV")
+                    self._fail(stream, Failure("UNAVAILABLE", "preempted and no prompt_ids to rebuild the KV"))
                 continue
             jobs.append((seq.request_id, stream.prompt_ids + seq.generated[:-1]))
         return jobs

@@ -9,12 +9,13 @@ class TransferState(enum.Enum):
     PENDING = "pending"            # opened, the receiver has not accepted yet
     TRANSFERRING = "transferring"  # the receiver accepted the open; chunks are flowing
     COMMITTED = "committed"        # the receiver's sink committed every layer
+    CLAIMED = "claimed"            # receiving side only: the sink's consumer took the committed KV over
     ABORTED = "aborted"            # the sender aborted; both sides released everything
     FAILED = "failed"              # refused, corrupted, timed out or disconnected; both sides released
 
     @property
     def terminal(self) -> bool:
-        return self in (TransferState.COMMITTED, TransferState.ABORTED, TransferState.FAILED)
+        return self in (TransferState.COMMITTED, TransferState.CLAIMED, TransferState.ABORTED, TransferState.FAILED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,11 +23,69 @@ def find_stop(text: str, stop: tuple[str, ...]) -> int:
     return min(hits) if hits else -1
 
 
+class TextStream:
+    """One sequence's text as its tokens arrive: UTF-8-safe deltas, ended by the first stop string.
+
+    The one place stop strings are found (generate() here, the decode worker's request streams).
+    A token whose text may begin a stop string is held back until a later token decides; the token
+    that completes one releases the held tokens with their text cut before it, and `stopped` turns
+    True. So no part of a stop string is ever streamed, even one split across tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stop = stop
+        self._held: list[tuple[int, str]] = []  # (token id, text delta) not streamed yet
+        self.stopped = False
+
+    def push(self, token_id: int) -> list[tuple[int, str]]:
+        """Add a token; returns the (token id, text delta) pairs now safe to stream, in order."""
+        assert not self.stopped, "push after a stop string"
+        self._held.append((token_id, self._decoder.push(token_id)))
+        if not self._stop:
+            return self.flush()
+        pending = "".join(text for _, text in self._held)  # the streamed text never ends in a stop string's prefix
+        cut = find_stop(pending, self._stop)
+        if cut >= 0:
+            self.stopped = True
+            return self._release(len(self._held), cut)
+        safe = len(pending) - _stop_prefix_len(pending, self._stop)
+        n, end = 0, 0
+        while n < len(self._held) and end + len(self._held[n][1]) <= safe:
+            end += len(self._held[n][1])
+            n += 1
+        return self._release(n, end)
+
+    def flush(self) -> list[tuple[int, str]]:
+        """Release everything held (the sequence ended without a stop string)."""
+        return self._release(len(self._held), None)
+
+    def _release(self, n: int, limit: int | None) -> list[tuple[int, str]]:
+        """The first n held tokens, their texts cut at `limit` characters of held text (None: whole)."""
+        out, at = [], 0
+        for token_id, text in self._held[:n]:
+            out.append((token_id, text if limit is None else text[:max(0, limit - at)]))
+            at += len(text)
+        del self._held[:n]
+        return out
+
+
+def _stop_prefix_len(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that a stop string begins with (0 if none)."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
 def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
              params: SamplingParams) -> Iterator[GeneratedToken]:
     """Yield tokens one by one until a stop token, a stop string or max_tokens.
 
-    Stop strings are cut out of the streamed text (the final delta ends before them).
+    Stop strings are cut out of the streamed text (TextStream: no part of one is ever yielded).
     """
     cfg = model.cfg
     if len(prompt_ids) + params.max_tokens > cfg.context_length:
@@ -37,22 +95,17 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
     logits, ks, vs = model.prefill(prompt_ids)
     cache = DenseKVCache(cfg, batch=1, max_tokens=len(prompt_ids) + params.max_tokens)
     cache.load_prefill(0, ks, vs)
-    decoder = IncrementalDecoder(tokenizer)
-    text = ""
+    text = TextStream(tokenizer, params.stop)
     for step in range(params.max_tokens):
         token = sample_one(logits, params, rng)
         if token in params.stop_token_ids(tokenizer.stop_token_ids):
+            break
+        yield from (GeneratedToken(t, delta) for t, delta in text.push(token))
+        if text.stopped:
             return
-        delta = decoder.push(token)
-        if params.stop:
-            cut = find_stop(text + delta, params.stop)
-            if cut >= 0:
-                yield GeneratedToken(token, (text + delta)[len(text):cut])
-                return
-        text += delta
-        yield GeneratedToken(token, delta)
         if step + 1 < params.max_tokens:
             logits = model.decode_step(np.array([token]), cache.lengths.copy(), cache)[0]
+    yield from (GeneratedToken(t, delta) for t, delta in text.flush())
 
 
 def greedy_reference(model: Transformer, prompt_ids: list[int], max_tokens: int,

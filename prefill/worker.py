@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
 
 from kvtransfer.layout import KVLayout
+from model.finish import Failure
 from model.sampling import SamplingParams, make_rng, sample_one
 from prefill.batcher import PrefillBatcher, PrefillItem
+
+if TYPE_CHECKING:
+    from model.loaded import LoadedModel
 
 log = structlog.get_logger("prefill")
 
@@ -34,14 +39,18 @@ class PrefillJob:
 
 @dataclass(frozen=True, slots=True)
 class PrefillResult:
+    """A prefilled prompt whose KV is committed on the decode side, or the Failure that stopped it."""
+
     request_id: str
-    ok: bool
     first_token: int = -1
     queued_ms: float = 0.0
     prefill_ms: float = 0.0
     transfer_tail_ms: float = 0.0  # transfer time left after the last layer was computed
-    error_code: str = ""
-    error: str = ""
+    error: Failure | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +63,15 @@ class PrefillLoad:
 
 class PrefillWorker:
     def __init__(self, worker_id: str, token_budget: int = 4096, max_batch: int = 8, blas_threads: int = 1,
-                 transfer_backend=None, model_path: str | None = None):
+                 transfer_backend=None, model_path: str | None = None, loaded: LoadedModel | None = None):
+        """`loaded`: a model already in this process (tests share one); else loaded from model_path."""
         from threadpoolctl import threadpool_limits
 
         from model.loaded import load_model
 
         threadpool_limits(blas_threads)
         self.worker_id = worker_id
-        lm = load_model(model_path)
+        lm = loaded if loaded is not None else load_model(model_path)
         self.model = lm.model
         cfg = lm.weights.config
         self.layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, "float32")
@@ -93,7 +103,7 @@ class PrefillWorker:
         """Drop a waiting prompt. A prompt already running finishes its batch, then its transfer aborts."""
         if self.batcher.remove(request_id):
             job, fut, _ = self._jobs.pop(request_id)
-            fut.set_result(PrefillResult(request_id, ok=False, error_code="CANCELLED", error="aborted"))
+            fut.set_result(PrefillResult(request_id, error=Failure("CANCELLED", "aborted")))
             return True
         return False
 
@@ -122,7 +132,7 @@ class PrefillWorker:
                     results = await asyncio.to_thread(self._run_batch, [(j, t) for j, _, t in batch])
                 except Exception as e:  # a bug must not wedge the loop: fail this batch's requests
                     log.exception("prefill batch failed", worker=self.worker_id)
-                    results = [PrefillResult(j.request_id, ok=False, error_code="INTERNAL", error=str(e))
+                    results = [PrefillResult(j.request_id, error=Failure("INTERNAL", str(e)))
                                for j, _, _ in batch]
                 self._running_tokens = 0
                 for (_, fut, _), res in zip(batch, results):
@@ -153,11 +163,8 @@ class PrefillWorker:
             done = time.perf_counter()
             common = dict(queued_ms=(start - enqueued) * 1e3, prefill_ms=(computed - start) * 1e3,
                           transfer_tail_ms=(done - computed) * 1e3)
-            if outcome.ok:
-                results.append(PrefillResult(job.request_id, True, first, **common))
-            else:
-                results.append(PrefillResult(job.request_id, False, first, error_code=outcome.error_code,
-                                             error=outcome.error, **common))
+            error = None if outcome.ok else Failure(outcome.error_code or "INTERNAL", outcome.error)
+            results.append(PrefillResult(job.request_id, first, error=error, **common))
             log.info("prefilled", request_id=job.request_id, worker=self.worker_id, tokens=len(job.prompt_ids),
                      ok=outcome.ok, cpu_ms=round(cpu_ms, 2), **{k: round(v, 2) for k, v in common.items()})
         return results

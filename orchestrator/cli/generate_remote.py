@@ -23,7 +23,7 @@ def run_remote(args, params) -> int:
         raise UserError(f"{args.target}: {e}") from None
     f = stream.final
     t = f.timings
-    print(f"\n[{f.usage.prompt_tokens} prompt tokens, {f.usage.completion_tokens} generated, finish {f.finish_reason}; "
+    print(f"\n[{f.usage.prompt_tokens} prompt tokens, {f.usage.completion_tokens} generated, finish {f.finish_reason.value}; "
           f"TTFT {t.ttft_ms:.0f} ms, TPOT {t.mean_tpot_ms:.1f} ms; {f.prefill_worker} -> {f.decode_worker}]",
           file=sys.stderr)
     return 0

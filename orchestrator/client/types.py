@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from model.finish import FinishReason
+
 
 # ---------------------------------------------------------------------------------- errors
 
@@ -77,7 +79,7 @@ class Timings:
 @dataclass(frozen=True, slots=True)
 class Final:
     request_id: str
-    finish_reason: str  # "stop", "length" or "abort"
+    finish_reason: FinishReason  # STOP, LENGTH or ABORT (an error arrives as a ClientError instead)
     usage: Usage
     timings: Timings
     prefill_worker: str

@@ -3,9 +3,23 @@ from __future__ import annotations
 
 import grpc
 
+from model.finish import FinishReason
 from orchestrator.client.types import (ClientError, Final, ModelInfo, PoolInfo, ServerInfo, SLAClass, Timings, Usage,
                                        WorkerInfo, error_for)
 from protos.disagg.v1 import inference_pb2 as pb
+
+
+FINISH_TO_PB = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+                FinishReason.ABORT: pb.FINISH_REASON_ABORT}  # ERROR never ends in a Final: it is an Error
+_FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+
+
+def finish_reason_from_pb(value: int) -> FinishReason:
+    """ValueError for a reason this client does not know (UNSPECIFIED included)."""
+    reason = _FINISH_FROM_PB.get(value)
+    if reason is None:
+        raise ValueError(f"finish_reason: {value} is not FINISH_REASON_STOP, _LENGTH or _ABORT")
+    return reason
 
 
 def error_from_rpc(e: grpc.RpcError) -> ClientError:
@@ -18,7 +32,7 @@ def _worker_kind(value: int) -> str:
 
 def final_from_pb(request_id: str, f: pb.Final) -> Final:
     t = f.timings
-    return Final(request_id, pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower(),
+    return Final(request_id, finish_reason_from_pb(f.finish_reason),
                  Usage(f.usage.prompt_tokens, f.usage.completion_tokens),
                  Timings(t.queued_ms, t.prefill_ms, t.transfer_ms, t.ttft_ms, t.mean_tpot_ms, t.e2e_ms),
                  f.prefill_worker, f.decode_worker)

@@ -1,9 +1,10 @@
-"""Contracts between stages: the request, its state machine and placements (timings: client_types)."""
+"""Contracts between stages: the request, its state machine and SLA target (how it ends: model/finish.py)."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from model.finish import Failure, FinishReason
 from model.sampling import SamplingParams
 from orchestrator.core.sla import SLATarget
 
@@ -11,28 +12,31 @@ from orchestrator.core.sla import SLATarget
 class RequestState(enum.Enum):
     QUEUED = "queued"
     PREFILLING = "prefilling"
-    TRANSFERRING = "transferring"
+    TRANSFERRING = "transferring"  # KV committed on the decode side, the request not yet submitted there
     DECODING = "decoding"
-    FINISHED = "finished"
-    ABORTED = "aborted"
+    FINISHED = "finished"  # ended by a stop or max_tokens
+    ABORTED = "aborted"  # the client went away or asked to abort
+    REJECTED = "rejected"  # no placement meets its SLA (ended before any worker saw it)
+    FAILED = "failed"  # a worker failed it (its Failure says why)
+
+    @property
+    def terminal(self) -> bool:
+        return not _NEXT[self]
 
 
+_ENDS = {RequestState.ABORTED, RequestState.FAILED}
 _NEXT = {
-    RequestState.QUEUED: {RequestState.PREFILLING, RequestState.ABORTED},
-    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.FINISHED, RequestState.ABORTED},
-    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.FINISHED, RequestState.ABORTED},
-    RequestState.DECODING: {RequestState.FINISHED, RequestState.ABORTED},
+    RequestState.QUEUED: {RequestState.PREFILLING, RequestState.REJECTED} | _ENDS,
+    RequestState.PREFILLING: {RequestState.TRANSFERRING} | _ENDS,
+    RequestState.TRANSFERRING: {RequestState.DECODING} | _ENDS,
+    RequestState.DECODING: {RequestState.FINISHED} | _ENDS,
     RequestState.FINISHED: set(),
     RequestState.ABORTED: set(),
+    RequestState.REJECTED: set(),
+    RequestState.FAILED: set(),
 }
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # an end-of-sequence token or a stop string
-    LENGTH = "length"  # max_tokens reached
-    ABORT = "abort"  # the client went away or asked to abort
-    REJECTED = "rejected"  # the router found no placement that meets the SLA
-    ERROR = "error"
+_END_STATE = {FinishReason.STOP: RequestState.FINISHED, FinishReason.LENGTH: RequestState.FINISHED,
+              FinishReason.ABORT: RequestState.ABORTED, FinishReason.ERROR: RequestState.FAILED}
 
 
 @dataclass(slots=True)
@@ -45,13 +49,20 @@ class Request:
     sla: SLATarget
     arrival_s: float
     state: RequestState = RequestState.QUEUED
-    finish_reason: FinishReason | None = None
-    history: list[tuple[RequestState, float]] = field(default_factory=list)
+    finish_reason: FinishReason | None = None  # set by end()
+    failure: Failure | None = None  # why it FAILED or was REJECTED
 
-    def advance(self, new: RequestState, now: float) -> None:
-        assert new in _NEXT[self.state], f"{self.request_id}: illegal transition {self.state} -> {new}"
+    def advance(self, new: RequestState) -> None:
+        """Move to a live state (PREFILLING, TRANSFERRING, DECODING); end() moves to a final one."""
+        assert new in _NEXT[self.state] and not new.terminal, f"{self.request_id}: illegal {self.state} -> {new}"
         self.state = new
-        self.history.append((new, now))
+
+    def end(self, reason: FinishReason, failure: Failure | None = None, rejected: bool = False) -> None:
+        """Record how the request ended: FINISHED, ABORTED, FAILED (with a failure), or REJECTED."""
+        assert (reason is FinishReason.ERROR) == (failure is not None), f"{self.request_id}: {reason} with {failure}"
+        new = RequestState.REJECTED if rejected else _END_STATE[reason]
+        assert new in _NEXT[self.state], f"{self.request_id}: illegal {self.state} -> {new}"
+        self.state, self.finish_reason, self.failure = new, reason, failure
 
     @property
     def prompt_tokens(self) -> int:

@@ -1,8 +1,8 @@
 """Token chunks from the decode workers to the engine's requests: one long poll per decode worker.
 
 The engine submits its requests to a decode worker with an owner id; `DecodeWorker.next_outputs(owner)`
-returns a chunk for every one of them that has news, so a step of a batch of B costs one Ray call,
-not B. Each request reads its own chunks from an asyncio queue.
+returns a chunk for every one of them that has news, so a step of a batch of B costs one call to the
+worker, not B. Each request reads its own chunks from an asyncio queue.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import asyncio
 import structlog
 
 from decode.stream import TokenChunk
+from model.finish import Failure, FinishReason
+from orchestrator.serving.workers import DecodeHandle, WorkerUnavailable
 
 log = structlog.get_logger("engine")
 
@@ -19,10 +21,10 @@ OUTPUT_POLL_S = 1.0  # a decode worker's long poll returns at least this often (
 
 class DecodeOutputs:
     """One long poll per decode worker brings every token chunk of this engine's requests on it,
-    instead of one Ray call per request per step. Each request reads its chunks from a queue."""
+    instead of one call per request per step. Each request reads its chunks from a queue."""
 
-    def __init__(self, actor, owner: str):
-        self._actor, self._owner = actor, owner
+    def __init__(self, worker: DecodeHandle, owner: str):
+        self._worker, self._owner = worker, owner
         self._queues: dict[str, asyncio.Queue[TokenChunk]] = {}
         self._task: asyncio.Task | None = None
 
@@ -40,12 +42,13 @@ class DecodeOutputs:
     async def _poll(self) -> None:
         while self._queues:
             try:
-                chunks = await self._actor.next_outputs.remote(self._owner, OUTPUT_POLL_S)
+                chunks = await self._worker.next_outputs(self._owner, OUTPUT_POLL_S)
             except Exception as e:  # the worker died: every request waiting on it ends with an error
-                log.warning("decode output poll failed", error=repr(e))
-                error = f"UNAVAILABLE: decode worker unavailable ({type(e).__name__})"
+                log.warning("decode output poll failed", worker=self._worker.worker_id, error=repr(e))
+                cause = e.cause if isinstance(e, WorkerUnavailable) else type(e).__name__
+                error = Failure("UNAVAILABLE", f"decode worker {self._worker.worker_id} unavailable ({cause})")
                 for rid, queue in self._queues.items():
-                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, "error", error))
+                    queue.put_nowait(TokenChunk(rid, (), (), 0, True, FinishReason.ERROR, error))
                 self._queues.clear()
                 return
             for chunk in chunks:

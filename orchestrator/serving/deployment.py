@@ -33,7 +33,7 @@ class Deployment:
         init_ray(self.cfg)
         lm = load_model()  # memory-mapped: the frontend needs only the tokenizer and the shapes
         self.pools = await build_pools(self.cfg)
-        self.engine = Engine(self.pools, lm.tokenizer, Router(self.cfg.router_policy), self.cfg.decode.max_batch)
+        self.engine = Engine(self.pools, Router(self.cfg.router_policy), self.cfg.decode.max_batch)
         await self.engine.start()
         cfg_model = lm.weights.config
         try:

@@ -1,6 +1,9 @@
-"""Drives one request through the pools: route, prefill + KV transfer, decode, stream tokens.
+"""Drives one request through the pools: route, prefill + KV transfer, submit, stream tokens, finish.
 
-Transport-free: the gRPC frontend and tests consume the event stream `Engine.generate` yields.
+Transport-free: the engine calls its workers through handles (orchestrator/serving/workers.py), and
+the gRPC frontend and tests consume the event stream `Engine.generate` yields. Text comes from the
+decode worker, which detokenizes every token (the first included) and stops on stop strings: a
+first token that ends the request ends it there, at its submit, with no call of its own.
 """
 from __future__ import annotations
 
@@ -11,17 +14,15 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import structlog
-from ray.exceptions import RayError
 
 from decode.worker import DecodeLoad
-from model.generation import find_stop
-from model.tokenizer import IncrementalDecoder, Tokenizer
+from model.finish import Failure, FinishReason
 from orchestrator.client.types import Timings
-from orchestrator.serving.decode_outputs import DecodeOutputs
-from orchestrator.serving.pools import Pools
-from orchestrator.core.request import FinishReason, Request, RequestState
+from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
-from prefill.worker import PrefillJob, PrefillLoad
+from orchestrator.serving.decode_outputs import DecodeOutputs
+from orchestrator.serving.workers import Pools, WorkerUnavailable
+from prefill.worker import PrefillJob, PrefillLoad, PrefillResult
 
 log = structlog.get_logger("engine")
 
@@ -37,7 +38,7 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class FinalEvent:
-    finish_reason: FinishReason
+    finish_reason: FinishReason  # STOP, LENGTH or ABORT
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
@@ -47,19 +48,29 @@ class FinalEvent:
 
 @dataclass(frozen=True, slots=True)
 class ErrorEvent:
-    code: str  # gRPC status name
-    message: str
+    failure: Failure
 
 
 Event = TokenEvent | FinalEvent | ErrorEvent
 
 
+@dataclass(slots=True)
+class _Run:
+    """One placed request in flight, and what the engine still counts against its workers."""
+
+    req: Request
+    placed: Placement
+    prefill_pending: bool = True  # counted in _pending_* until the worker reports it
+    decode_pending: bool = True
+    result: PrefillResult | None = None
+    n_out: int = 0
+    t_first: float | None = None  # monotonic time of its first chunk from the decode worker
+
+
 class Engine:
-    def __init__(self, pools: Pools, tokenizer: Tokenizer, router: Router, decode_max_batch: int,
-                 kv_deadline_s: float = 30.0):
+    def __init__(self, pools: Pools, router: Router, decode_max_batch: int, kv_deadline_s: float = 30.0):
         self.pools = pools
         self.decode_max_batch = decode_max_batch
-        self.tokenizer = tokenizer
         self.router = router
         self.kv_deadline_s = kv_deadline_s
         self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
@@ -67,11 +78,11 @@ class Engine:
         self._pending_prefill_tokens: dict[str, int] = {w: 0 for w in pools.prefill}
         self._pending_decode: dict[str, int] = {w: 0 for w in pools.decode}
         self._live: dict[str, Placement] = {}
-        self._aborted: set[str] = set()  # live requests an Abort RPC ended: they must not be submitted
+        self._aborted: set[str] = set()  # live requests an Abort RPC ended
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
         self._refresher: asyncio.Task | None = None
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
-        self._outputs = {w: DecodeOutputs(actor, owner) for w, actor in pools.decode.items()}
+        self._outputs = {w: DecodeOutputs(handle, owner) for w, handle in pools.decode.items()}
         self._owner = owner
 
     async def start(self) -> None:
@@ -87,10 +98,10 @@ class Engine:
     # -- views for the router ------------------------------------------------------------
 
     async def _refresh_views(self) -> None:
-        ask = lambda actor: asyncio.wait_for(actor.load.remote(), LOAD_TIMEOUT_S)  # noqa: E731
+        ask = lambda handle: asyncio.wait_for(handle.load(), LOAD_TIMEOUT_S)  # noqa: E731
         pf, dc = await asyncio.gather(
-            asyncio.gather(*(ask(a) for a in self.pools.prefill.values()), return_exceptions=True),
-            asyncio.gather(*(ask(a) for a in self.pools.decode.values()), return_exceptions=True))
+            asyncio.gather(*(ask(h) for h in self.pools.prefill.values()), return_exceptions=True),
+            asyncio.gather(*(ask(h) for h in self.pools.decode.values()), return_exceptions=True))
         for worker, answer in zip(self.pools.prefill, pf):
             self._record(self.prefill_loads, worker, answer)
         for worker, answer in zip(self.pools.decode, dc):
@@ -134,110 +145,122 @@ class Engine:
     # -- one request ---------------------------------------------------------------------
 
     async def generate(self, req: Request) -> AsyncIterator[Event]:
-        """Yield token events, then one final or error event. Closing the iteration early aborts."""
-        t0 = time.perf_counter()
+        """Yield token events, then one final or error event. Closing the iteration early aborts.
+        Every exit ends `req` (its state and finish reason)."""
+        placed = self._route(req)
+        if isinstance(placed, Failure):
+            yield self._fail(req, placed, rejected=True)
+            return
+        run = self._admit(req, placed)
+        try:
+            res = await self._prefill(run)
+            if req.request_id in self._aborted:  # the Abort RPC stopped the prefill, or came while it ran
+                if res.ok:  # the decode side may have taken the KV after the abort reached it: release it
+                    await self.pools.decode[placed.decode_worker].abort(req.request_id)
+                yield self._final(run, FinishReason.ABORT)
+                return
+            if not res.ok:
+                yield self._fail(req, Failure(res.error.code, f"prefill failed: {res.error.message}"))
+                return
+            chunks = await self._submit(run)
+            while True:  # the decode stream: the first token, then one chunk per poll with news
+                chunk = await chunks.get()
+                run.t_first = run.t_first or time.monotonic()
+                if chunk.token_ids:
+                    run.n_out += len(chunk.token_ids)
+                    yield TokenEvent(list(chunk.token_ids), "".join(chunk.texts))
+                if chunk.finished:
+                    break
+            yield self._fail(req, chunk.error) if chunk.error else self._final(run, chunk.finish_reason)
+        except (asyncio.CancelledError, GeneratorExit):
+            if not req.state.terminal:  # the client went away before the end
+                self._ended(req, FinishReason.ABORT, by="client")
+                await self._abort_everywhere(req.request_id, placed)
+            raise
+        except WorkerUnavailable as e:  # the worker's process died or is unreachable: fail this request, keep serving
+            self._mark_unhealthy(e.worker_id, e)
+            await self._abort_everywhere(req.request_id, placed)
+            yield self._fail(req, Failure("UNAVAILABLE", str(e)))
+        finally:
+            self._release(run)
+
+    def _route(self, req: Request) -> Placement | Failure:
         pf_views, dc_views = self.views()
         placed = self.router.place(RouteRequest(req.request_id, req.prompt_tokens, req.sampling.max_tokens, req.sla),
                                    pf_views, dc_views, time.monotonic())
-        if isinstance(placed, Rejection):
-            log.info("rejected", request_id=req.request_id, reason=placed.reason)
-            yield ErrorEvent(placed.code, placed.reason)
-            return
+        return Failure(placed.code, placed.reason) if isinstance(placed, Rejection) else placed
+
+    def _admit(self, req: Request, placed: Placement) -> _Run:
         self._live[req.request_id] = placed
-        prefill = self.pools.prefill[placed.prefill_worker]
-        decode = self.pools.decode[placed.decode_worker]
         self._pending_prefill_tokens[placed.prefill_worker] += req.prompt_tokens
         self._pending_decode[placed.decode_worker] += 1
-        prefill_pending = decode_pending = True  # counted in _pending_* until the worker reports it
-        n_out, reason, finished = 0, FinishReason.LENGTH, False
-        calling = placed.prefill_worker  # the worker a Ray failure is blamed on
-        try:
-            req.advance(RequestState.PREFILLING, time.monotonic())
-            res = await prefill.prefill.remote(PrefillJob(
-                req.request_id, req.prompt_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
-                self.kv_deadline_s, req.sla.priority))
+        return _Run(req, placed)
+
+    async def _prefill(self, run: _Run) -> PrefillResult:
+        """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""
+        req, placed = run.req, run.placed
+        req.advance(RequestState.PREFILLING)
+        run.result = await self.pools.prefill[placed.prefill_worker].prefill(PrefillJob(
+            req.request_id, req.prompt_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
+            self.kv_deadline_s, req.sla.priority))
+        self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
+        run.prefill_pending = False
+        return run.result
+
+    async def _submit(self, run: _Run) -> asyncio.Queue:
+        """Hand the first token to the decode worker holding the KV; returns the request's chunk queue."""
+        req, placed = run.req, run.placed
+        req.advance(RequestState.TRANSFERRING)
+        chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
+        await self.pools.decode[placed.decode_worker].submit(req.request_id, run.result.first_token, req.sampling,
+                                                             req.prompt_ids, self._owner)
+        self._pending_decode[placed.decode_worker] -= 1
+        run.decode_pending = False
+        req.advance(RequestState.DECODING)
+        return chunks
+
+    def _final(self, run: _Run, reason: FinishReason) -> FinalEvent:
+        req, res, now = run.req, run.result, time.monotonic()
+        t_first = run.t_first or now
+        timings = Timings(
+            queued_ms=res.queued_ms, prefill_ms=res.prefill_ms, transfer_ms=res.transfer_tail_ms,
+            ttft_ms=(t_first - req.arrival_s) * 1e3, e2e_ms=(now - req.arrival_s) * 1e3,
+            mean_tpot_ms=((now - t_first) * 1e3 / (run.n_out - 1)) if run.n_out > 1 else 0.0)
+        self._ended(req, reason, tokens=run.n_out, ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
+        return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, run.placed.prefill_worker,
+                          run.placed.decode_worker)
+
+    def _fail(self, req: Request, failure: Failure, rejected: bool = False) -> ErrorEvent:
+        self._ended(req, FinishReason.ERROR, failure, rejected)
+        return ErrorEvent(failure)
+
+    @staticmethod
+    def _ended(req: Request, reason: FinishReason, failure: Failure | None = None, rejected: bool = False,
+               **fields) -> None:
+        """Advance the request to its final state; the one log line of every request's end."""
+        req.end(reason, failure, rejected)
+        if req.failure is not None:
+            fields.update(code=req.failure.code, error=req.failure.message)
+        log.info("request ended", request_id=req.request_id, state=req.state.value, reason=req.finish_reason.value,
+                 **fields)
+
+    def _release(self, run: _Run) -> None:
+        req, placed = run.req, run.placed
+        if run.prefill_pending:
             self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
-            prefill_pending = False
-            if not res.ok:
-                if req.request_id in self._aborted:  # the Abort RPC stopped the prefill or its transfer
-                    now_ms = (time.perf_counter() - t0) * 1e3
-                    yield FinalEvent(FinishReason.ABORT, req.prompt_tokens, 0,
-                                     Timings(queued_ms=res.queued_ms, prefill_ms=res.prefill_ms,
-                                             transfer_ms=res.transfer_tail_ms, ttft_ms=now_ms, mean_tpot_ms=0.0,
-                                             e2e_ms=now_ms),
-                                     placed.prefill_worker, placed.decode_worker)
-                else:
-                    yield ErrorEvent(res.error_code or "INTERNAL", f"prefill failed: {res.error}")
-                return
-            req.advance(RequestState.TRANSFERRING, time.monotonic())  # committed on the decode side
-            calling = placed.decode_worker
-            t_first = time.perf_counter()
-            first = res.first_token
-            first_text = IncrementalDecoder(self.tokenizer).push(first)  # the decode worker's texts[0]
-            cut = find_stop(first_text, req.sampling.stop) if req.sampling.stop else -1
-            if first in req.sampling.stop_token_ids(self.tokenizer.stop_token_ids):
-                reason, finished = FinishReason.STOP, True
-            else:
-                n_out = 1
-                yield TokenEvent([first], first_text if cut < 0 else first_text[:cut])
-                if cut >= 0 or req.sampling.max_tokens == 1:
-                    reason, finished = (FinishReason.STOP if cut >= 0 else FinishReason.LENGTH), True
-            if req.request_id in self._aborted:  # aborted while its first token was out: the decode
-                reason, finished = FinishReason.ABORT, True  # side has released its KV, never submit it
-            elif finished:
-                await decode.abort.remote(req.request_id)  # release the KV that was transferred
-            else:
-                chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
-                await decode.submit.remote(req.request_id, first, req.sampling, req.prompt_ids, self._owner)
-                self._pending_decode[placed.decode_worker] -= 1
-                decode_pending = False
-                req.advance(RequestState.DECODING, time.monotonic())
-            while not finished:
-                chunk = await chunks.get()
-                skip = 1 if chunk.start_index == 0 else 0  # the first token was already sent
-                ids, texts = list(chunk.token_ids[skip:]), chunk.texts[skip:]
-                if ids:
-                    n_out += len(ids)
-                    yield TokenEvent(ids, "".join(texts))
-                if chunk.finished:
-                    if chunk.finish_reason == "error":
-                        code, _, message = (chunk.error or "INTERNAL: decode failed").partition(": ")
-                        yield ErrorEvent(code, message)
-                        return
-                    reason, finished = FinishReason(chunk.finish_reason), True
-            t_end = time.perf_counter()
-            req.advance(RequestState.FINISHED, time.monotonic())
-            timings = Timings(
-                queued_ms=res.queued_ms, prefill_ms=res.prefill_ms, transfer_ms=res.transfer_tail_ms,
-                ttft_ms=(t_first - t0) * 1e3, e2e_ms=(t_end - t0) * 1e3,
-                mean_tpot_ms=((t_end - t_first) * 1e3 / (n_out - 1)) if n_out > 1 else 0.0)
-            log.info("finished", request_id=req.request_id, reason=reason.value, tokens=n_out,
-                     ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
-            yield FinalEvent(reason, req.prompt_tokens, n_out, timings, placed.prefill_worker, placed.decode_worker)
-        except (asyncio.CancelledError, GeneratorExit):
-            log.info("aborted by client", request_id=req.request_id)
-            await self._abort_everywhere(req.request_id, placed)
-            raise
-        except RayError as e:  # the worker's actor died or is unreachable: fail this request, keep serving
-            self._mark_unhealthy(calling, e)
-            log.warning("worker failed", request_id=req.request_id, worker=calling, error=type(e).__name__)
-            await self._abort_everywhere(req.request_id, placed)
-            yield ErrorEvent("UNAVAILABLE", f"worker {calling} is unavailable ({type(e).__name__})")
-        finally:
-            if prefill_pending:
-                self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
-            if decode_pending:
-                self._pending_decode[placed.decode_worker] -= 1
-            self._outputs[placed.decode_worker].unsubscribe(req.request_id)
-            self._live.pop(req.request_id, None)
-            self._aborted.discard(req.request_id)
+        if run.decode_pending:
+            self._pending_decode[placed.decode_worker] -= 1
+        self._outputs[placed.decode_worker].unsubscribe(req.request_id)
+        self._live.pop(req.request_id, None)
+        self._aborted.discard(req.request_id)
 
     async def _abort_everywhere(self, request_id: str, placed: Placement) -> None:
-        await asyncio.gather(self.pools.prefill[placed.prefill_worker].abort.remote(request_id),
-                             self.pools.decode[placed.decode_worker].abort.remote(request_id),
+        await asyncio.gather(self.pools.prefill[placed.prefill_worker].abort(request_id),
+                             self.pools.decode[placed.decode_worker].abort(request_id),
                              return_exceptions=True)
 
     async def abort(self, request_id: str) -> bool:
+        """The Abort RPC: stop a live request on both pools; its stream ends with FinishReason.ABORT."""
         placed = self._live.get(request_id)
         if placed is None:
             return False

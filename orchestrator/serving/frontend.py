@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from model.tokenizer import Tokenizer
 from orchestrator.serving.auth import BearerAuth
 from orchestrator.core.config import Config
+from orchestrator.client.wire import FINISH_TO_PB
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
-from orchestrator.core.request import FinishReason
 from orchestrator.serving.metrics import ServingMetrics, start_metrics_server
 from orchestrator.serving.validation import RequestInvalid, RequestValidator
 from protos.disagg.v1 import inference_pb2 as pb
@@ -33,8 +33,6 @@ log = structlog.get_logger("frontend")
 
 SERVICE = "disagg.v1.Inference"
 VERSION = importlib.metadata.version("pdorchestrator")  # the installed package's, from pyproject.toml
-_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
 
 
 class InferenceService:
@@ -82,7 +80,7 @@ class InferenceService:
                     self.metrics.final(ev, req.sla)
                     ended = True
                 elif isinstance(ev, ErrorEvent):
-                    self.metrics.failed.labels(ev.code).inc()
+                    self.metrics.failed.labels(ev.failure.code).inc()
                     ended = True
                 yield self._response(req.request_id, ev)
         finally:  # on client cancel too: closing the engine's stream aborts the request on both pools
@@ -111,11 +109,11 @@ class InferenceService:
         if isinstance(ev, TokenEvent):
             return pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(token_ids=ev.token_ids, text=ev.text))
         if isinstance(ev, ErrorEvent):
-            return pb.GenerateResponse(request_id=rid, error=pb.Error(code=ev.code, message=ev.message))
+            return pb.GenerateResponse(request_id=rid, error=pb.Error(code=ev.failure.code, message=ev.failure.message))
         assert isinstance(ev, FinalEvent)
         t = ev.timings
         return pb.GenerateResponse(request_id=rid, final=pb.Final(
-            finish_reason=_FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+            finish_reason=FINISH_TO_PB[ev.finish_reason],
             usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
             timings=pb.Timings(queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
                                ttft_ms=t.ttft_ms, mean_tpot_ms=t.mean_tpot_ms, e2e_ms=t.e2e_ms),

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.serving.engine import FinalEvent
-from orchestrator.core.request import FinishReason
+from model.finish import FinishReason
 from orchestrator.core.sla import SLATarget, sla_met
+from orchestrator.serving.engine import FinalEvent
 from protos.disagg.v1 import inference_pb2 as pb
 
 PREFIX = "pdorch_"

@@ -1,17 +1,18 @@
 """Builds the prefill and decode pools as Ray actors from the config, on a local or existing Ray.
 
-Worker classes stay plain; `ray.remote(...).options(...)` is applied only here.
+Worker classes stay plain; `ray.remote(...).options(...)` is applied only here, and each actor is
+put behind the engine's worker interface (orchestrator/serving/workers.py), every RayError of a call
+becoming WorkerUnavailable.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import os
-from dataclasses import dataclass, field
-
 import structlog
 
 from orchestrator.core.config import Config
+from orchestrator.serving.workers import Call, DecodeHandle, Pools, PrefillHandle, WorkerUnavailable
 
 log = structlog.get_logger("pools")
 
@@ -21,17 +22,18 @@ for _k, _v in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_k, _v)
 
 import ray  # noqa: E402  (after the environment above)
+from ray.exceptions import RayError  # noqa: E402
 
 
-@dataclass
-class Pools:
-    prefill: dict[str, "ray.actor.ActorHandle"] = field(default_factory=dict)
-    decode: dict[str, "ray.actor.ActorHandle"] = field(default_factory=dict)
-    kv_targets: dict[str, str] = field(default_factory=dict)  # decode worker id -> host:port of its KV receiver
-    hardware: dict[str, str] = field(default_factory=dict)  # worker id -> hardware profile name
-
-    def all_actors(self):
-        return [*self.prefill.values(), *self.decode.values()]
+def ray_calls(worker_id: str, actor: "ray.actor.ActorHandle") -> Call:
+    """The transport of a worker handle to a Ray actor: a dead or unreachable actor (any RayError)
+    raises WorkerUnavailable."""
+    async def call(method: str, *args):
+        try:
+            return await getattr(actor, method).remote(*args)
+        except RayError as e:
+            raise WorkerUnavailable(worker_id, type(e).__name__) from e
+    return call
 
 
 def init_ray(cfg: Config) -> None:
@@ -92,7 +94,7 @@ async def build_pools(cfg: Config) -> Pools:
             max_restarts=WORKER_MAX_RESTARTS).remote(
             capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
             blas_threads=d.blas_threads, kv_host=d.kv_host)
-        pools.decode[wid] = actor
+        pools.decode[wid], pools.actors[wid] = DecodeHandle(wid, ray_calls(wid, actor)), actor
         pools.hardware[wid] = d.hardware
     for i in range(p.workers):
         wid = f"prefill-{i}"
@@ -100,15 +102,15 @@ async def build_pools(cfg: Config) -> Pools:
             num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
             wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads)
-        pools.prefill[wid] = actor
+        pools.prefill[wid], pools.actors[wid] = PrefillHandle(wid, ray_calls(wid, actor)), actor
         pools.hardware[wid] = p.hardware
-    loads = await asyncio.gather(*(a.load.remote() for a in pools.decode.values()))
+    loads = await asyncio.gather(*(h.load() for h in pools.decode.values()))
     pools.kv_targets = {w: load.kv_target for w, load in zip(pools.decode, loads)}
-    await asyncio.gather(*(a.ready.remote() for a in pools.prefill.values()))
+    await asyncio.gather(*(h.ready() for h in pools.prefill.values()))
     log.info("pools ready", prefill=list(pools.prefill), decode=list(pools.decode), kv_targets=pools.kv_targets)
     return pools
 
 
 def shutdown_pools(pools: Pools) -> None:
-    for actor in pools.all_actors():
+    for actor in pools.actors.values():
         ray.kill(actor)

@@ -7,8 +7,9 @@ import numpy as np
 
 from decode.core import DecodeCore, model_layout
 from decode.pool import PagedKVPool
-from decode.scheduler import DecodeSeq, FinishReason, Scheduler
+from decode.scheduler import DecodeSeq, Scheduler
 from kvtransfer.sink import KVRefused
+from model.finish import FinishReason
 from model.generation import greedy_reference
 
 REF_TOKENS = 16  # greedy reference length per prompt

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from decode.scheduler import FinishReason
+from model.finish import FinishReason
 from tests.decode.driver import REF_TOKENS, Join, judge, run
 
 

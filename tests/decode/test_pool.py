@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from decode.allocator import BlockAllocator
-from decode.pool import PagedKVPool, TransferState
+from decode.pool import PagedKVPool
 from decode.scheduler import DecodeSeq, Scheduler
+from kvtransfer.states import TransferState
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
 
@@ -99,7 +100,7 @@ def test_open_refuses_layout_mismatch_naming_the_field(field, bad):
     with pytest.raises(KVRefused) as e:
         pool.open("bad", wrong, 5)
     assert e.value.code == "INVALID_ARGUMENT" and field in str(e.value)
-    assert not pool.allocator.holds("bad") and pool.state("ok") is TransferState.OPEN
+    assert not pool.allocator.holds("bad") and pool.state("ok") is TransferState.TRANSFERRING
 
 
 def test_open_refuses_when_blocks_do_not_fit_and_holds_nothing():

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 
 from decode.allocator import BlockAllocator, tokens_to_run
-from decode.scheduler import DecodeSeq, FinishReason, Scheduler, SeqStatus
+from decode.scheduler import DecodeSeq, Scheduler, SeqStatus
+from model.finish import FinishReason
 
 EOS = 2
 

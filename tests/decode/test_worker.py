@@ -9,6 +9,7 @@ import pytest
 from decode.worker import DecodeWorker
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
+from model.finish import FinishReason
 from model.generation import generate
 from model.sampling import SamplingParams, make_rng, sample_one
 from tests.decode.driver import judge
@@ -75,7 +76,7 @@ def test_streams_exact_tokens_for_concurrent_requests(lm, book):
         for (ids, text, last), ref, i in zip(results, refs, range(3)):
             ok, _ = judge(tuple(ids), ref, True, 8 + i)
             assert ok, (ids, ref.tokens)
-            assert last.finish_reason == "length" and text == lm.tokenizer.decode(ids)
+            assert last.finish_reason is FinishReason.LENGTH and text == lm.tokenizer.decode(ids)
         load = await w.load()
         assert load.active == 0 and load.free_blocks == load.total_blocks and w.steps > 0
     run(lm, body)
@@ -89,7 +90,7 @@ def test_submit_before_kv_arrives_through_the_sink_from_another_thread(lm, book)
         t.start()
         ids, _, last = await drain(w, "r")
         t.join()
-        assert ids == ref.tokens[:6] and last.finish_reason == "length"
+        assert ids == ref.tokens[:6] and last.finish_reason is FinishReason.LENGTH
     run(lm, body)
 
 
@@ -113,7 +114,7 @@ def test_bad_layout_and_oversized_requests_are_refused_without_disturbing_the_ba
             w.kv_sink.open("toolong", w.layout, free * 16 + 1)
         assert e.value.code == "RESOURCE_EXHAUSTED" and w.kv_sink.state("toolong") is None
         ids, _, last = await drain(w, "good")
-        assert ids == good.tokens[:12] and last.finish_reason == "length"
+        assert ids == good.tokens[:12] and last.finish_reason is FinishReason.LENGTH
         assert_all_blocks_free(w)
     run(lm, body, capacity_tokens=512)
 
@@ -126,11 +127,11 @@ def test_abort_mid_stream_and_during_transfer_release_blocks(lm, book):
         rest = await w.next_tokens("a", timeout=60)
         while not rest.finished:
             rest = await w.next_tokens("a", timeout=60)
-        assert rest.finish_reason == "abort" and len(first.token_ids) < 16
+        assert rest.finish_reason is FinishReason.ABORT and len(first.token_ids) < 16
         w.kv_sink.open("t", w.layout, 20)  # a transfer in progress, aborted by the frontend
         await w.submit("t", 5, SamplingParams(max_tokens=4))
         await w.abort("t")
-        assert (await w.next_tokens("t", timeout=5)).finish_reason == "abort"
+        assert (await w.next_tokens("t", timeout=5)).finish_reason is FinishReason.ABORT
         await asyncio.sleep(0.05)
         assert_all_blocks_free(w)
     run(lm, body)
@@ -147,7 +148,7 @@ def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_stil
         await w.abort("raced")
         await w.submit("raced", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
         last = await w.next_tokens("raced", timeout=5)
-        assert last.finished and last.finish_reason == "abort"
+        assert last.finished and last.finish_reason is FinishReason.ABORT
         # aborted with no submit ever (the engine ended it at its first token), then the id reused by a
         # new request: the new transfer clears the old abort
         _transfer(w, "reused", ref)
@@ -157,7 +158,7 @@ def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_stil
         await asyncio.sleep(0.05)
         await w.submit("reused", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
         ids, _, last = await drain(w, "reused")
-        assert ids == ref.tokens[:8] and last.finish_reason == "length"
+        assert ids == ref.tokens[:8] and last.finish_reason is FinishReason.LENGTH
         assert_all_blocks_free(w)
     run(lm, body)
 
@@ -176,7 +177,7 @@ def test_seeded_sampling_and_stop_strings_match_in_process_generate(lm, book):
         await hand_off(w, "g", ref, max_tokens=16, stop=(stop,))
         (ids, _, _), (_, text, last) = await asyncio.gather(drain(w, "s"), drain(w, "g"))
         assert ids == expected
-        assert last.finish_reason == "stop" and stop not in text and text_all.startswith(text)
+        assert last.finish_reason is FinishReason.STOP and stop not in text and text_all.startswith(text)
     run(lm, body)
 
 
@@ -223,12 +224,12 @@ def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(
                     last[c.request_id] = c
         for rid, (ref, n) in refs.items():
             assert judge(tuple(got[rid]), ref, True, n)[0], (rid, got[rid], ref.tokens)
-            assert last[rid].finish_reason == "length"
+            assert last[rid].finish_reason is FinishReason.LENGTH
         # both requests step together, so one poll usually carries both: far fewer polls than chunks
         assert polls <= max(n for _, n in refs.values()) + 2
         assert await w.next_outputs("eng", timeout=0.05) == []  # finished streams are gone
         ids, _, end = await drain(w, "solo")
-        assert judge(tuple(ids), solo, True, 5)[0] and end.finish_reason == "length"
+        assert judge(tuple(ids), solo, True, 5)[0] and end.finish_reason is FinishReason.LENGTH
 
         ref = book.get(6)  # an owned request aborted mid-stream: its last chunk says so, then it is forgotten
         await w.accept_kv("ab", ref.ks, ref.vs, ref.tokens[0], SamplingParams(max_tokens=30), ref.prompt, "eng")
@@ -237,7 +238,7 @@ def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(
         end = None
         while end is None:
             end = next((c for c in await w.next_outputs("eng", timeout=60) if c.finished), None)
-        assert end.request_id == "ab" and end.finish_reason == "abort"
+        assert end.request_id == "ab" and end.finish_reason is FinishReason.ABORT
         with pytest.raises(KeyError, match="unknown or already drained"):
             await w.next_tokens("ab", timeout=1)
         await asyncio.sleep(0.05)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from decode.worker import DecodeWorker
+from model.finish import FinishReason
 from model.sampling import SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ def test_decode_worker_as_a_ray_actor_streams_exact_tokens(ray_local, book):
             ids += chunk.token_ids
             if chunk.finished:
                 break
-        assert ids == ref.tokens[:8] and chunk.finish_reason == "length"
+        assert ids == ref.tokens[:8] and chunk.finish_reason is FinishReason.LENGTH
     load = ray.get(worker.load.remote())
     assert load.active == 0 and load.free_blocks == load.total_blocks
     ray.kill(worker)

@@ -16,6 +16,7 @@ import grpc
 import pytest
 import yaml
 
+from model.finish import FinishReason
 from model.generation import greedy_reference
 from model.loaded import load_model
 from model.tokenizer import ChatMessage
@@ -132,7 +133,7 @@ def test_abort_rpc_ends_the_stream_and_unknown_ids_are_not_found(client):
     client.abort("to-abort")
     rest = list(it)
     assert len(rest) < 400
-    assert stream.final.finish_reason == "abort"
+    assert stream.final.finish_reason is FinishReason.ABORT
     with pytest.raises(cl.NotFound):
         client.abort("no-such-request")
     time.sleep(0.2)
@@ -157,7 +158,7 @@ def test_abort_during_prefill_ends_with_an_abort_final_not_an_error(client):
         timer.start()
         chunks = list(stream)
         timer.join()
-        assert stream.final.finish_reason == "abort" and sum(len(c.token_ids) for c in chunks) <= 1
+        assert stream.final.finish_reason is FinishReason.ABORT and sum(len(c.token_ids) for c in chunks) <= 1
     assert _wait_kv_free(client)
 
 
@@ -198,7 +199,7 @@ def test_invalid_utf8_and_oversized_messages_while_others_run(client, deployment
         client.complete(prompt="x" * (5 * 1024 * 1024), max_tokens=4)
     channel.close()
     rest = list(it)
-    assert good.final.finish_reason in ("stop", "length") and rest is not None
+    assert good.final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and rest is not None
     assert client.health() == "SERVING"
 
 
@@ -237,9 +238,9 @@ def test_health_and_reflection_are_served(deployment, client):
 def test_ignore_eos_generates_exactly_max_tokens(client):
     question = [("user", "What is the capital of France? Answer in one sentence.")]
     normal = client.complete(messages=question, max_tokens=40)
-    assert normal.final.finish_reason == "stop" and normal.final.usage.completion_tokens < 40
+    assert normal.final.finish_reason is FinishReason.STOP and normal.final.usage.completion_tokens < 40
     forced = client.complete(messages=question, max_tokens=40, ignore_eos=True)
-    assert forced.final.finish_reason == "length" and forced.final.usage.completion_tokens == 40
+    assert forced.final.finish_reason is FinishReason.LENGTH and forced.final.usage.completion_tokens == 40
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -276,7 +277,7 @@ def test_metrics_endpoint_counts_what_the_clients_saw(deployment, client):
         time.sleep(0.1)
 
     reasons = {c.final.finish_reason for c in done}
-    assert sum(delta("pdorch_requests_finished_total", finish_reason=r, sla_class="interactive") for r in reasons) == 2
+    assert sum(delta("pdorch_requests_finished_total", finish_reason=r.value, sla_class="interactive") for r in reasons) == 2
     assert delta("pdorch_requests_failed_total", code="INVALID_ARGUMENT") == 1
     assert delta("pdorch_requests_failed_total", code="CANCELLED") == 1
     assert delta("pdorch_generation_tokens_total") == sum(c.final.usage.completion_tokens for c in done)
@@ -339,9 +340,9 @@ def test_a_mixed_load_of_completions_cancels_aborts_and_bad_requests_leaks_nothi
             client.abort(rid)
         got += sum(len(c.token_ids) for c in chunks)
         if kind == "complete":
-            assert got == n == stream.final.usage.completion_tokens and stream.final.finish_reason == "length"
+            assert got == n == stream.final.usage.completion_tokens and stream.final.finish_reason is FinishReason.LENGTH
         else:
-            assert stream.final.finish_reason == "abort" and got < n
+            assert stream.final.finish_reason is FinishReason.ABORT and got < n
         return kind, stream.final.finish_reason
 
     with ThreadPoolExecutor(max_workers=48) as pool:

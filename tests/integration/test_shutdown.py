@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model.finish import FinishReason
 from orchestrator import client as cl
 from orchestrator.core.config import parse_config
 from orchestrator.serving.deployment import Deployment
@@ -49,7 +50,7 @@ def test_auth_then_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_
                     refused = e
             assert isinstance(refused, cl.Unavailable) and "shutting down" in str(refused), refused
             got += sum(len(chunk.token_ids) for chunk in chunks)
-            assert got == 40 and stream.final.finish_reason == "length"
+            assert got == 40 and stream.final.finish_reason is FinishReason.LENGTH
     finally:  # stopped (and Ray shut down) before the loop goes, even when the test failed
         if stopping is None:
             stopping = asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop)

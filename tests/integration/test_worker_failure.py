@@ -49,7 +49,7 @@ def test_a_crashed_decode_worker_is_restarted_and_serves_again(deployment):
     with cl.Client(deployment.target, timeout=120) as c:
         before = deployment.pools.kv_targets["decode-0"]
         assert c.complete("Warm up.", max_tokens=4).final.decode_worker == "decode-0"  # ties go to decode-0
-        ray.kill(deployment.pools.decode["decode-0"], no_restart=False)  # a crash: Ray restarts the actor
+        ray.kill(deployment.pools.actors["decode-0"], no_restart=False)  # a crash: Ray restarts the actor
         deadline = time.monotonic() + 60
         while deployment.pools.kv_targets["decode-0"] == before and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -74,7 +74,7 @@ def test_decode_worker_death_fails_its_request_and_the_server_keeps_serving(depl
             busy = [w for w, info in _decode_workers(c).items() if info.active_requests > 0]
             time.sleep(0.05)
         assert len(busy) == 1, _decode_workers(c)
-        ray.kill(deployment.pools.decode[busy[0]], no_restart=True)
+        ray.kill(deployment.pools.actors[busy[0]], no_restart=True)
         with pytest.raises(cl.Unavailable, match="decode worker"):
             for _ in chunks:
                 pass
@@ -99,7 +99,7 @@ def test_prefill_worker_death_turns_requests_away_with_unavailable(deployment):
     """Runs after the decode test: kills the only prefill worker."""
     with cl.Client(deployment.target, timeout=120) as c:
         (worker,) = deployment.pools.prefill
-        ray.kill(deployment.pools.prefill[worker], no_restart=True)
+        ray.kill(deployment.pools.actors[worker], no_restart=True)
         with pytest.raises(cl.Unavailable):  # placed before the refresh noticed, or rejected after
             c.complete("Hello?", max_tokens=4)
         deadline = time.monotonic() + 10

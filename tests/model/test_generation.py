@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.generation import find_stop, generate
+from model.generation import TextStream, find_stop, generate
 from model.sampling import SamplingParams, make_rng, sample_batch, sample_one
 from model.tokenizer import ChatMessage
 
@@ -146,3 +146,23 @@ def test_prefill_refuses_bad_token_ids(lm, ids):
 def test_prefill_refuses_too_long_prompt(lm):
     with pytest.raises(ValueError, match="^token_ids:.*context"):
         lm.model.prefill([1] * (lm.model.cfg.context_length + 1))
+
+
+def _stream(lm, ids, stop):
+    text, out = TextStream(lm.tokenizer, stop), []
+    for t in ids:
+        out += text.push(t)
+        if text.stopped:
+            break
+    out += [] if text.stopped else text.flush()
+    return [t for t, _ in out], "".join(delta for _, delta in out), text.stopped
+
+
+def test_text_stream_never_streams_part_of_a_stop_string(lm):
+    ids = lm.tokenizer.encode("Hello world, hello moon", add_special_tokens=False)
+    full = lm.tokenizer.decode(ids)
+    assert _stream(lm, ids, ()) == (ids, full, False)
+    got, text, stopped = _stream(lm, ids, ("o w",))  # spans "Hello" and " world"
+    assert stopped and text == "Hell" and got == ids[:len(got)] and len(got) < len(ids)
+    assert _stream(lm, ids, ("o wx",)) == (ids, full, False)  # "Hello" held back for its "o", released
+    assert _stream(lm, ids, ("moonx",)) == (ids, full, False)  # the end held back, released by flush()

@@ -8,6 +8,7 @@ import time
 import grpc
 import pytest
 
+from model.finish import FinishReason
 from orchestrator import client as cl
 
 
@@ -19,7 +20,7 @@ def test_generate_streams_chunks_then_final(fake_server):
     assert [ch.text for ch in chunks] == ["h", "e", "l"]
     assert stream.text == "hel" and stream.token_ids == (104, 101, 108)
     f = stream.final
-    assert f.finish_reason == "length" and f.usage == cl.Usage(5, 3)
+    assert f.finish_reason is FinishReason.LENGTH and f.usage == cl.Usage(5, 3)
     assert f.timings.ttft_ms == 4 and f.timings.mean_tpot_ms == 0.25 and f.timings.transfer_ms == 0.5
     assert (f.prefill_worker, f.decode_worker) == ("prefill-0", "decode-1")
     assert f.request_id == stream.request_id
@@ -29,7 +30,7 @@ def test_complete_and_prompt_kinds(fake_server):
     target, servicer = fake_server
     with cl.Client(target, timeout=5) as c:
         done = c.complete(messages=[("system", "ab"), {"role": "user", "content": "cd"}], request_id="req-7")
-        assert done.text == "abcd" and done.final.finish_reason == "stop"
+        assert done.text == "abcd" and done.final.finish_reason is FinishReason.STOP
         assert c.complete(token_ids=[0, 1, 2]).text == "abc"
     chat, ids = servicer.requests
     assert chat.request_id == "req-7" and chat.WhichOneof("prompt") == "chat"
@@ -133,7 +134,7 @@ def test_async_client(fake_server):
         async with cl.AsyncClient(target, token="s3cret", timeout=5) as c:
             stream = c.generate("abcdef", max_tokens=4)
             texts = [ch.text async for ch in stream]
-            assert texts == list("abcd") and stream.final.finish_reason == "length"
+            assert texts == list("abcd") and stream.final.finish_reason is FinishReason.LENGTH
             done = await c.complete(token_ids=[3, 4])
             assert done.text == "de" and done.final.usage.completion_tokens == 2
             assert (await c.model_info()).n_layers == 30
@@ -173,7 +174,7 @@ def test_stream_timing_over_a_real_stream(fake_server):
             return ok, failed
 
     ok, failed = asyncio.run(main())
-    assert ok.tokens == 4 == sum(n for _, n in stamps) and ok.final.finish_reason == "length"
+    assert ok.tokens == 4 == sum(n for _, n in stamps) and ok.final.finish_reason is FinishReason.LENGTH
     assert ok.start <= ok.first <= ok.end and ok.first == min(t for t, n in stamps if n)
     assert ok.ttft_s == ok.first - ok.start and ok.tpot_s == (ok.end - ok.first) / 3
     assert ok.e2e_s == ok.end - ok.start

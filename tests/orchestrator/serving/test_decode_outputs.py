@@ -1,38 +1,38 @@
 """The engine's per-decode-worker output poll (one long poll for all of its requests), against a scripted
-stand-in for the decode actor's `next_outputs`."""
+stand-in for the decode worker's `next_outputs`."""
 from __future__ import annotations
 
 import asyncio
 
 from decode.stream import TokenChunk
+from model.finish import Failure, FinishReason
 from orchestrator.serving.decode_outputs import DecodeOutputs
+from orchestrator.serving.workers import DecodeHandle, WorkerUnavailable
 
 
-class _ScriptedActor:
-    """`next_outputs.remote(owner, timeout)` answers from a script: a list of chunks, or an exception."""
+class _ScriptedWorker(DecodeHandle):
+    """`next_outputs(owner, timeout)` answers from a script: a list of chunks, or an exception."""
 
     def __init__(self, script: list):
+        super().__init__("decode-0", self._answer)
         self.script, self.owners = list(script), []
-        self.next_outputs = self
 
-    def remote(self, owner: str, timeout: float):
+    async def _answer(self, method: str, owner: str, timeout: float):
+        assert method == "next_outputs"
         self.owners.append(owner)
         item = self.script.pop(0)
-
-        async def answer():
-            await asyncio.sleep(0)
-            if isinstance(item, Exception):
-                raise item
-            return item
-        return answer()
+        await asyncio.sleep(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
 
 
 def _chunk(rid: str, ids: tuple[int, ...], start: int, finished: bool = False) -> TokenChunk:
-    return TokenChunk(rid, ids, tuple("x" for _ in ids), start, finished, "length" if finished else None)
+    return TokenChunk(rid, ids, tuple("x" for _ in ids), start, finished, FinishReason.LENGTH if finished else None)
 
 
 def test_chunks_reach_their_requests_and_the_poll_stops_when_none_is_left():
-    actor = _ScriptedActor([
+    actor = _ScriptedWorker([
         [_chunk("a", (1,), 1), _chunk("b", (7,), 1), _chunk("gone", (9,), 3)],  # "gone": cancelled, dropped
         [_chunk("a", (2, 3), 2, finished=True)],
         [_chunk("b", (8,), 2, finished=True)],
@@ -53,7 +53,7 @@ def test_chunks_reach_their_requests_and_the_poll_stops_when_none_is_left():
 
 
 def test_a_failed_poll_ends_every_waiting_request_with_unavailable():
-    actor = _ScriptedActor([RuntimeError("actor died")])
+    actor = _ScriptedWorker([WorkerUnavailable("decode-0", "RayActorError")])
 
     async def main():
         outputs = DecodeOutputs(actor, "eng-2")
@@ -62,12 +62,13 @@ def test_a_failed_poll_ends_every_waiting_request_with_unavailable():
 
     chunks = asyncio.run(main())
     assert [c.request_id for c in chunks] == ["a", "b"]
-    assert all(c.finished and c.finish_reason == "error"
-               and c.error == "UNAVAILABLE: decode worker unavailable (RuntimeError)" for c in chunks)
+    assert all(c.finished and c.finish_reason is FinishReason.ERROR
+               and c.error == Failure("UNAVAILABLE", "decode worker decode-0 unavailable (RayActorError)")
+               for c in chunks)
 
 
 def test_unsubscribed_request_gets_nothing_more():
-    actor = _ScriptedActor([[_chunk("a", (1,), 1)], [_chunk("b", (5,), 1, finished=True)]])
+    actor = _ScriptedWorker([[_chunk("a", (1,), 1)], [_chunk("b", (5,), 1, finished=True)]])
 
     async def main():
         outputs = DecodeOutputs(actor, "eng-3")

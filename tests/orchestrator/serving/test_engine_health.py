@@ -7,27 +7,25 @@ import asyncio
 
 from decode.worker import DecodeLoad
 from orchestrator.serving import engine as engine_mod
-from orchestrator.serving.engine import Engine
-from orchestrator.serving.pools import Pools
 from orchestrator.core.router import Router
+from orchestrator.serving.engine import Engine
+from orchestrator.serving.workers import DecodeHandle, Pools, PrefillHandle, WorkerUnavailable
 from prefill.worker import PrefillLoad
 
 
-class _Worker:
-    """`load.remote()` answers with `self.answer`: a load, an exception to raise, or "hang"."""
+class _Load:
+    """A worker's `load()` through its handle: answers with `self.answer`, a load, an exception to raise, or "hang"."""
 
     def __init__(self, answer):
         self.answer = answer
-        self.load = self
 
-    def remote(self):
-        async def call():
-            if self.answer == "hang":
-                await asyncio.sleep(3600)
-            if isinstance(self.answer, Exception):
-                raise self.answer
-            return self.answer
-        return call()
+    async def __call__(self, method: str):
+        assert method == "load"
+        if self.answer == "hang":
+            await asyncio.sleep(3600)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
 
 
 def _decode_load(port: int) -> DecodeLoad:
@@ -36,14 +34,15 @@ def _decode_load(port: int) -> DecodeLoad:
 
 def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
     monkeypatch.setattr(engine_mod, "LOAD_TIMEOUT_S", 0.05)
-    p0, d0, d1 = _Worker(PrefillLoad("p0", 0, 0, 1000.0)), _Worker(_decode_load(1)), _Worker(_decode_load(2))
-    pools = Pools(prefill={"p0": p0}, decode={"d0": d0, "d1": d1}, kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
-    eng = Engine(pools, tokenizer=None, router=Router("least_loaded"), decode_max_batch=8)
+    p0, d0, d1 = _Load(PrefillLoad("p0", 0, 0, 1000.0)), _Load(_decode_load(1)), _Load(_decode_load(2))
+    pools = Pools(prefill={"p0": PrefillHandle("p0", p0)}, decode={"d0": DecodeHandle("d0", d0), "d1": DecodeHandle("d1", d1)},
+                  kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
+    eng = Engine(pools, router=Router("least_loaded"), decode_max_batch=8)
 
     async def main():
         await eng._refresh_views()
         healthy_before = {v.worker_id: v.healthy for v in eng.views()[1]}
-        d0.answer, d1.answer = RuntimeError("actor died"), "hang"
+        d0.answer, d1.answer = WorkerUnavailable("d0", "RayActorError"), "hang"
         await eng._refresh_views()
         views_down = eng.views()
         d0.answer, d1.answer = _decode_load(7), _decode_load(2)  # d0 restarted on a new port

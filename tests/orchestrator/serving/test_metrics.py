@@ -7,9 +7,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.finish import FinishReason
 from orchestrator.client.types import Timings
 from orchestrator.serving.engine import FinalEvent
-from orchestrator.core.request import FinishReason
 from orchestrator.core.sla import SLATarget
 from orchestrator.serving.metrics import ServingMetrics, start_metrics_server
 from protos.disagg.v1 import inference_pb2 as pb
