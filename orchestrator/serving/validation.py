@@ -25,6 +25,8 @@ class RequestInvalid(Exception):
         self.code = code
 
 
+CHAT_ROLES = ("system", "user", "assistant")  # what the chat template renders
+
 def _invalid(message: str) -> RequestInvalid:
     return RequestInvalid(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -55,6 +57,9 @@ class RequestValidator:
         else:
             if not msg.chat.messages or not any(m.content.strip() for m in msg.chat.messages):
                 raise _invalid("prompt.chat: needs at least one non-empty message")
+            for i, m in enumerate(msg.chat.messages):
+                if m.role not in CHAT_ROLES:
+                    raise _invalid(f"prompt.chat.messages[{i}].role: {m.role!r} is not one of {', '.join(CHAT_ROLES)}")
             try:
                 ids = self.tokenizer.chat_ids([ChatMessage(m.role, m.content) for m in msg.chat.messages])
             except ValueError as e:

@@ -175,6 +175,8 @@ BAD = [
     (dict(prompt="hi", ttft_ms=math.nan), cl.InvalidArgument, "ttft_ms"),
     (dict(prompt="hi", sla_class="platinum"), cl.NotFound, "sla_class"),
     (dict(prompt="hi", model="llama-9000"), cl.NotFound, "model"),
+    (dict(prompt=None, messages=[("wizard", "hi")]), cl.InvalidArgument, "role"),
+    (dict(prompt=None, messages=[("user", "hi"), ("", "x")]), cl.InvalidArgument, "messages[1].role"),
 ]
 
 
