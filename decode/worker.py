@@ -129,7 +129,7 @@ class DecodeWorker:
         stream.first_token_id = first_token_id
         self._streams[request_id] = stream
         if aborted:
-            self._end(stream, FinishReason.ABORT)
+            stream.finish(FinishReason.ABORT)
         elif request_id in self._committed:
             self._committed.discard(request_id)
             self._join(request_id)
@@ -278,16 +278,13 @@ class DecodeWorker:
             if self.pool.state(request_id) is not None:
                 self._release_unscheduled(request_id)
             if stream is not None:
-                self._end(stream, FinishReason.ABORT)
+                stream.finish(FinishReason.ABORT)
             else:
                 self._aborted_early[request_id] = None
                 while len(self._aborted_early) > ABORTED_EARLY_KEPT:
                     self._aborted_early.popitem(last=False)
         if self._wake is not None:
             self._wake.set()  # freed blocks may admit a preempted sequence
-
-    def _end(self, stream: RequestStream, reason: FinishReason) -> None:
-        stream.finish(reason)
 
     def _fail(self, stream: RequestStream, error: Failure) -> None:
         stream.finish(FinishReason.ERROR, error)
@@ -297,7 +294,7 @@ class DecodeWorker:
         self.pool.forget(done.request_id)
         stream = self._streams.get(done.request_id)
         if stream is not None:  # a stop string ends it with STOP even on the token that reached max_tokens
-            self._end(stream, FinishReason.STOP if stream.stopped else done.reason)
+            stream.finish(FinishReason.STOP if stream.stopped else done.reason)
 
     # -- the step loop -------------------------------------------------------------------------
 
