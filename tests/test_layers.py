@@ -44,7 +44,7 @@ def _imports(path: Path):
 def _modules():
     for path in sorted(REPO.glob("**/*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0] not in OURS or rel.parts[0] in ("bench",) or "_pb2" in rel.name:
+        if rel.parts[0] not in OURS or rel.parts[0] == "bench" or "_pb2" in rel.name:
             continue
         module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         if _layer(module):
