@@ -206,6 +206,15 @@ def inter_token_latency(dep: Deployment, batch: int, context: int, spec: Specula
     return (drafting + verify) / spec.tokens_per_step()
 
 
+def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculative | None = None,
+                    draft: Deployment | None = None) -> float:
+    """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
+    step, or with `spec` a draft-and-verify step amortised over its expected tokens (mean context)."""
+    if spec is None:
+        return decode_step_time(dep, batch, ctx_sum)
+    return inter_token_latency(dep, batch, max(1, int(ctx_sum / batch)), spec, draft)
+
+
 def kv_transfer_time(src: Deployment, dst: Deployment, kv_bytes: float, prefill_s: float = 0.0) -> float:
     """Exposed seconds of moving a prompt's KV after its prefill ends, with layer-wise overlap.
 

@@ -25,8 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from hardware.perf import (Deployment, Speculative, decode_step_time, inter_token_latency, kv_transfer_time,
-                           prefill_time)
+from hardware.perf import Deployment, Speculative, kv_transfer_time, prefill_time, token_step_time
 from orchestrator.core.correction import Corrections
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -115,10 +114,8 @@ class DecodeState:
         object.__setattr__(self, "step_now_s", self.step_s(self.batch, self.ctx_sum) if self.batch else 0.0)
 
     def step_s(self, batch: int, ctx_sum: float) -> float:
-        """Perf-model seconds per emitted token per sequence (orchestrator/simulator/units.py)."""
-        if self.spec is None:
-            return decode_step_time(self.dep, batch, ctx_sum) * self.slowdown
-        return inter_token_latency(self.dep, batch, max(1, int(ctx_sum / batch)), self.spec, self.draft) * self.slowdown
+        """Perf-model seconds per emitted token per sequence (the simulator's DecodeUnit uses the same function)."""
+        return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown
 
 
 @dataclass(frozen=True, slots=True)

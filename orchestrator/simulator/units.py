@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
-from hardware.perf import Deployment, Speculative, decode_step_time, inter_token_latency, prefill_time
+from hardware.perf import Deployment, Speculative, prefill_time, token_step_time
 from orchestrator.core.router import DecodeView, PrefillView
 from prefill.batcher import PrefillBatcher, PrefillItem
 
@@ -102,10 +102,8 @@ class DecodeUnit:
         return f"d{self.index}"
 
     def step_seconds(self, batch: int, ctx_sum: float) -> float:
-        """Seconds per emitted token of each sequence (speculative decoding amortised)."""
-        if self.spec is None:
-            return decode_step_time(self.dep, batch, ctx_sum) * self.slowdown
-        return inter_token_latency(self.dep, batch, max(1, int(ctx_sum / batch)), self.spec, self.draft) * self.slowdown
+        """Seconds per emitted token of each sequence (speculative decoding amortised), on a shared host slowed."""
+        return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown
 
     def view(self) -> DecodeView:
         active = self.sched.n_running + self.sched.n_waiting + len(self.refused)
