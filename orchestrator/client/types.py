@@ -77,6 +77,18 @@ class Timings:
 
 
 @dataclass(frozen=True, slots=True)
+class Prediction:
+    """What the router predicted for the request when it placed it (milliseconds): a point estimate
+    and a bound at the router's confidence `quantile` (0 when the request was not predicted)."""
+
+    ttft_ms: float
+    tpot_ms: float
+    ttft_bound_ms: float
+    tpot_bound_ms: float
+    quantile: float
+
+
+@dataclass(frozen=True, slots=True)
 class Final:
     request_id: str
     finish_reason: FinishReason  # STOP, LENGTH or ABORT (an error arrives as a ClientError instead)
@@ -84,6 +96,7 @@ class Final:
     timings: Timings
     prefill_worker: str
     decode_worker: str
+    prediction: Prediction | None = None  # the router's prediction, to compare with `timings`
 
 
 @dataclass(frozen=True, slots=True)

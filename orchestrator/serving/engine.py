@@ -17,7 +17,7 @@ import structlog
 
 from decode.worker import DecodeLoad
 from model.finish import Failure, FinishReason
-from orchestrator.client.types import Timings
+from orchestrator.client.types import Prediction, Timings
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
 from orchestrator.serving.decode_outputs import DecodeOutputs
@@ -44,11 +44,13 @@ class FinalEvent:
     timings: Timings
     prefill_worker: str
     decode_worker: str
+    prediction: Prediction | None = None  # the router's, for the pair that served it
 
 
 @dataclass(frozen=True, slots=True)
 class ErrorEvent:
     failure: Failure
+    rejection: str = ""  # Rejection.kind when the router turned the request away, else ""
 
 
 Event = TokenEvent | FinalEvent | ErrorEvent
