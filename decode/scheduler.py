@@ -17,11 +17,12 @@ tokens any of its sequences may still generate, so none finishes by length befor
 blocks for all k steps are reserved up front; on_steps_done() applies the j <= k steps that ran
 (a stop token ends its sequence there). Live decoding plans one step at a time.
 
-Preemption policy (recompute, LIFO): when a running sequence cannot get a block for its next
-token, the most recently admitted running sequence is preempted (possibly the one asking): its
-blocks are released and it goes to the front of the recompute queue, keeping admission order.
-A schedule() call that preempted admits nothing. Otherwise admission is FIFO, the recompute
-queue first: a preempted sequence is re-admitted once `context_len + 1` tokens fit in the free
+Preemption policy (recompute, lowest class first, LIFO within a class): when a running sequence
+cannot get a block for its next token, the most recently admitted running sequence of the lowest
+priority is preempted (possibly the one asking), so a batch-class sequence gives up its blocks
+before an interactive one does: its blocks are released and it joins the recompute queue, which
+is ordered by priority (highest first), then by add() order. A schedule() call that preempted
+admits nothing. Otherwise admission is FIFO, the recompute queue first: a preempted sequence is re-admitted once `context_len + 1` tokens fit in the free
 blocks; its blocks are allocated here and the caller must rebuild its KV (a prefill over the
 prompt and the tokens generated so far, except the last, which is fed by the next step) before
 running the plan. A WAITING sequence already holds its blocks (handoff admission,
@@ -31,7 +32,9 @@ back could leave nothing running and nothing ever freed).
 """
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -56,6 +59,7 @@ class DecodeSeq:
     generated: list[int]  # every sampled token id, stop token included
     max_tokens: int  # limit on len(generated)
     stop_token_ids: frozenset[int] = frozenset()
+    priority: int = 0  # its SLA class's priority (higher: more important)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     n_preemptions: int = 0
@@ -97,8 +101,10 @@ class Scheduler:
         self.max_batch = max_batch
         self._seqs: dict[str, DecodeSeq] = {}
         self._waiting: deque[DecodeSeq] = deque()
-        self._preempted: deque[DecodeSeq] = deque()
+        self._preempted: list[DecodeSeq] = []  # recompute order: _recompute_key ascending
         self._running: list[DecodeSeq] = []  # admission order
+        self._added = itertools.count()
+        self._rank: dict[str, int] = {}  # request id -> add() order
         self._in_flight: StepPlan | None = None
 
     # -- views -----------------------------------------------------------------------------
@@ -114,6 +120,11 @@ class Scheduler:
     @property
     def running_context_tokens(self) -> int:
         return sum(s.context_len for s in self._running)
+
+    @property
+    def context_tokens(self) -> int:
+        """Stored context of every sequence running or waiting here (they will all share the steps)."""
+        return self.running_context_tokens + sum(s.context_len for s in (*self._waiting, *self._preempted))
 
     @property
     def has_work(self) -> bool:
@@ -136,6 +147,7 @@ class Scheduler:
             raise ValueError(f"max_tokens: {seq.context_len} + {seq.max_tokens} tokens can never fit "
                              f"the pool of {self.alloc.capacity_tokens}")
         self._seqs[seq.request_id] = seq
+        self._rank[seq.request_id] = next(self._added)
         seq.status = SeqStatus.WAITING
         reason = self._finish_reason(seq)
         if reason is not None:
@@ -182,14 +194,16 @@ class Scheduler:
             if self.alloc.extend(seq.request_id, tokens_to_run(seq.context_len)):
                 i += 1
                 continue
-            victim = self._running.pop()  # LIFO: the latest admitted
+            low = min(q.priority for q in self._running)  # the lowest class, its latest admitted
+            at = max(j for j, q in enumerate(self._running) if q.priority == low)
+            victim = self._running.pop(at)
+            if at < i:
+                i -= 1  # it already had its room: the sequence at i moved down one place
             self.alloc.release(victim.request_id)
             victim.status = SeqStatus.PREEMPTED
             victim.n_preemptions += 1
             plan.preempted.append(victim.request_id)
-        # victims were popped newest first: putting each at the front keeps admission order
-        for rid in plan.preempted:
-            self._preempted.appendleft(self._seqs[rid])
+            bisect.insort(self._preempted, victim, key=self._recompute_key)
         if not plan.preempted:
             self._admit(plan)
         plan.batch = list(self._running)
@@ -211,12 +225,15 @@ class Scheduler:
             assert ok, "a multi-step plan must leave room for every sequence"
         plan.steps = k
 
+    def _recompute_key(self, seq: DecodeSeq) -> tuple[int, int]:
+        return (-seq.priority, self._rank[seq.request_id])
+
     def _admit(self, plan: StepPlan) -> None:
         while self._preempted and len(self._running) < self.max_batch:
             seq = self._preempted[0]
             if not self.alloc.can_allocate(tokens_to_run(seq.context_len)):
                 break  # no later preempted sequence overtakes it; waiting ones may (see below)
-            self._preempted.popleft()
+            self._preempted.pop(0)
             self.alloc.allocate(seq.request_id, tokens_to_run(seq.context_len))
             seq.status = SeqStatus.RUNNING
             self._running.append(seq)
@@ -278,4 +295,5 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         del self._seqs[seq.request_id]
+        del self._rank[seq.request_id]
         return Finished(seq.request_id, reason, tuple(seq.generated))

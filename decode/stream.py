@@ -42,6 +42,7 @@ class RequestStream:
     stop_token_ids: frozenset[int]
     rng: np.random.Generator
     first_token_id: int = -1  # sampled on the prefill side
+    priority: int = 0  # its SLA class's priority (DecodeSeq.priority)
     emitted: int = 0  # tokens handed to the client so far
     pending_ids: list[int] = field(default_factory=list)
     pending_texts: list[str] = field(default_factory=list)

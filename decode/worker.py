@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,7 +29,6 @@ from threadpoolctl import threadpool_limits
 from decode.core import DecodeCore, model_layout
 from decode.pool import PagedKVPool
 from decode.scheduler import DecodeSeq, Finished, Scheduler, StepPlan
-from decode.steptime import StepTimeModel
 from decode.stream import RequestStream, TokenChunk
 from kvtransfer.layout import KVLayout
 from kvtransfer.sink import KVRefused
@@ -41,6 +40,7 @@ from model.sampling import SamplingParams, make_rng
 log = structlog.get_logger("decode.worker")
 
 ABORTED_EARLY_KEPT = 4096  # request ids aborted before their submit, remembered (oldest dropped first)
+RECENT_STEPS_KEPT = 64  # steps reported by load() since the last call (the oldest dropped first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +52,10 @@ class DecodeLoad:
     free_blocks: int
     total_blocks: int
     block_size: int
-    step_ms: float  # predicted step time of the current batch
-    step_ms_if_added: float  # predicted step time with one more sequence
+    context_tokens: int  # cached context of every sequence running or waiting here
     kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
+    steps: tuple[tuple[int, int, float], ...] = ()  # (batch, context tokens, seconds) of the steps since the
+    # last load(): each is one busy loop iteration (schedule, forward, sample, stream), what a token costs
 
     @property
     def free_tokens(self) -> int:
@@ -75,7 +76,7 @@ class DecodeWorker:
                                 capacity_bytes=capacity_bytes, max_context=model.cfg.context_length)
         self.scheduler = Scheduler(self.pool.allocator, max_batch)
         self.core = DecodeCore(model, self.pool, threads=blas_threads)
-        self.steptime = StepTimeModel()
+        self._recent_steps: deque[tuple[int, int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
         self._streams: dict[str, RequestStream] = {}
         self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
         self._committed: set[str] = set()  # KV arrived, no submit yet
@@ -105,12 +106,13 @@ class DecodeWorker:
         return self.pool.layout
 
     async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
-                     prompt_ids: list[int] | None = None, owner: str = "") -> None:
+                     prompt_ids: list[int] | None = None, owner: str = "", priority: int = 0) -> None:
         """Register a request whose first token was sampled by prefill. ValueError on bad input.
 
         prompt_ids lets the worker rebuild the KV itself if the sequence is ever preempted;
         without them a preempted request ends with an UNAVAILABLE error. With an owner, the
         request's tokens go to `next_outputs(owner)`; without one, to `next_tokens(request_id)`.
+        `priority`: its SLA class's (under KV pressure the lowest is preempted first).
         """
         self._start()
         params.validate()
@@ -127,6 +129,7 @@ class DecodeWorker:
         stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng, owner,
                                       self._notify_outputs if owner else None)
         stream.first_token_id = first_token_id
+        stream.priority = priority
         self._streams[request_id] = stream
         if aborted:
             stream.finish(FinishReason.ABORT)
@@ -183,12 +186,11 @@ class DecodeWorker:
         self._abort_now(request_id)
 
     async def load(self) -> DecodeLoad:
+        """The router's view of this worker, and the steps run since the last call (then forgotten)."""
         sch, alloc = self.scheduler, self.pool.allocator
-        ctx = self._running_context()
-        avg = ctx / max(sch.n_running, 1) if sch.n_running else 256
+        steps, self._recent_steps = tuple(self._recent_steps), deque(maxlen=RECENT_STEPS_KEPT)
         return DecodeLoad(sch.n_running, sch.n_waiting, alloc.free_blocks, alloc.n_blocks, alloc.block_size,
-                          self.steptime.predict(sch.n_running, ctx),
-                          self.steptime.predict(sch.n_running + 1, int(ctx + avg)), self.kv_target)
+                          sch.context_tokens, self.kv_target, steps)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -252,7 +254,7 @@ class DecodeWorker:
             return self._fail(stream, Failure(e.code, str(e)))
         first = stream.first_token_id
         hit = stream.push(first)
-        seq = DecodeSeq(request_id, n_tokens, [first], params.max_tokens, stream.stop_token_ids)
+        seq = DecodeSeq(request_id, n_tokens, [first], params.max_tokens, stream.stop_token_ids, stream.priority)
         with self.pool.lock:
             done = self.scheduler.add(seq)
             if done is None and hit:
@@ -298,9 +300,6 @@ class DecodeWorker:
 
     # -- the step loop -------------------------------------------------------------------------
 
-    def _running_context(self) -> int:
-        return self.scheduler.running_context_tokens
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -312,13 +311,13 @@ class DecodeWorker:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            t0 = time.perf_counter()
             recompute = self._recompute_jobs(plan)
             batch = self.core.batch_input([s.request_id for s in plan.batch], [s.next_token for s in plan.batch],
                                           [s.context_len for s in plan.batch])
             streams = [self._streams.get(s.request_id) for s in plan.batch]
             params = [st.params if st else SamplingParams() for st in streams]
             rngs = [st.rng if st else None for st in streams]
-            t0 = time.perf_counter()
             try:
                 tokens = await loop.run_in_executor(self._executor, self._compute, recompute, batch, params, rngs)
             except Exception:  # a bug in the step: fail the batch, keep the worker alive
@@ -329,10 +328,10 @@ class DecodeWorker:
                         self._fail(self._streams[s.request_id], Failure("INTERNAL", "decode step failed"))
                     with self.pool.lock:
                         self.scheduler.abort(s.request_id)  # deferred to on_step_done
-            self.steptime.observe(len(plan.batch), int(batch.positions.sum()), (time.perf_counter() - t0) * 1e3)
             self.steps += 1
             self._apply(plan, tokens)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the calls that came during the step run here: part of its cost
+            self._recent_steps.append((len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0))
 
     def _recompute_jobs(self, plan: StepPlan) -> list[tuple[str, list[int]]]:
         jobs = []

@@ -1,7 +1,12 @@
 """Groups waiting prompts into prefill batches under a token budget.
 
 Pure policy (no clock, no I/O): the live PrefillWorker and the simulator both drive it.
-Order: higher priority first, then arrival (FCFS). A batch takes prompts in that order while
+Order: earliest deadline first (deadline = arrival + the request's TTFT target; no target: +inf,
+after every prompt that has one), then higher priority (the tiebreak between equal deadlines, and
+the whole order among prompts without targets), then arrival (FCFS). Earliest-deadline-first is the
+order that meets every deadline whenever any order can (on one worker, with admission control
+turning away what cannot be met); priority alone would let a loose batch request delay a tight
+interactive one behind it. A batch takes prompts in that order while
 their total stays within `token_budget` and the count within `max_batch`; a prompt longer than
 the budget runs alone rather than waiting forever. Skipping ahead is not allowed, so a long
 prompt is never starved by a stream of short ones.
@@ -9,6 +14,7 @@ prompt is never starved by a stream of short ones.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 
@@ -18,10 +24,12 @@ class PrefillItem:
     n_tokens: int
     arrival_s: float
     priority: int = 0
+    ttft_s: float = math.inf  # seconds, the request's TTFT target
 
 
-def _order(item: PrefillItem) -> tuple[int, float]:
-    return (-item.priority, item.arrival_s)
+def _order(item: PrefillItem) -> tuple[float, int, float]:
+    """The run order (orchestrator/core/queueplan.py's order_key restates it for the predictor)."""
+    return (item.arrival_s + item.ttft_s, -item.priority, item.arrival_s)
 
 
 class PrefillBatcher:
@@ -37,6 +45,11 @@ class PrefillBatcher:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    @property
+    def waiting(self) -> tuple[PrefillItem, ...]:
+        """The waiting prompts in run order."""
+        return tuple(self._waiting)
 
     def add(self, item: PrefillItem) -> None:
         assert item.n_tokens >= 1, "a prompt has at least one token"

@@ -9,6 +9,7 @@ transfer with the remaining layers.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ class PrefillJob:
     kv_target: str  # host:port of the decode worker's KV receiver
     deadline_s: float = 30.0  # for the KV transfer
     priority: int = 0
+    ttft_s: float = math.inf  # seconds, its TTFT target: the batcher runs the earliest deadline first
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,8 @@ class PrefillResult:
     queued_ms: float = 0.0
     prefill_ms: float = 0.0
     transfer_tail_ms: float = 0.0  # transfer time left after the last layer was computed
+    batch_lengths: tuple[int, ...] = ()  # prompt tokens of each prompt in its batch (the predictor's input)
+    first_in_batch: bool = False  # the batch's first result: who reports the batch's time once
     error: Failure | None = None
 
     @property
@@ -56,9 +60,11 @@ class PrefillResult:
 @dataclass(frozen=True, slots=True)
 class PrefillLoad:
     worker_id: str
-    queued_tokens: int
-    waiting: int
-    tokens_per_s: float  # measured prefill throughput (moving average)
+    queued_tokens: int  # prompt tokens waiting or running
+    waiting: int  # prompts waiting
+    running: tuple[str, ...] = ()  # request ids of the batch in progress
+    running_lengths: tuple[int, ...] = ()  # their prompt tokens
+    running_elapsed_s: float = 0.0  # seconds since that batch started
 
 
 class PrefillWorker:
@@ -79,8 +85,8 @@ class PrefillWorker:
         self._jobs: dict[str, tuple[PrefillJob, asyncio.Future, float]] = {}
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._running_tokens = 0
-        self._tokens_per_s = 2000.0  # prior until the first batch is measured
+        self._running: tuple[PrefillItem, ...] = ()
+        self._running_since = 0.0  # perf_counter when the batch in progress started
         if transfer_backend is None:
             from kvtransfer.grpc_backend import GrpcTransferBackend
 
@@ -95,7 +101,7 @@ class PrefillWorker:
         fut = asyncio.get_running_loop().create_future()
         now = time.perf_counter()  # one clock for queue order and the queued_ms the request reports
         self._jobs[job.request_id] = (job, fut, now)
-        self.batcher.add(PrefillItem(job.request_id, len(job.prompt_ids), now, job.priority))
+        self.batcher.add(PrefillItem(job.request_id, len(job.prompt_ids), now, job.priority, job.ttft_s))
         self._wakeup.set()
         return await fut
 
@@ -108,8 +114,11 @@ class PrefillWorker:
         return False
 
     def load(self) -> PrefillLoad:
-        return PrefillLoad(self.worker_id, self.batcher.queued_tokens + self._running_tokens,
-                           len(self.batcher), self._tokens_per_s)
+        running = self._running
+        return PrefillLoad(self.worker_id, self.batcher.queued_tokens + sum(it.n_tokens for it in running),
+                           len(self.batcher), tuple(it.request_id for it in running),
+                           tuple(it.n_tokens for it in running),
+                           time.perf_counter() - self._running_since if running else 0.0)
 
     def ready(self) -> bool:
         return True
@@ -126,15 +135,16 @@ class PrefillWorker:
             await self._wakeup.wait()
             self._wakeup.clear()
             while len(self.batcher):
-                batch = [self._jobs.pop(it.request_id) for it in self.batcher.next_batch()]
-                self._running_tokens = sum(len(j.prompt_ids) for j, _, _ in batch)
+                items = self.batcher.next_batch()
+                batch = [self._jobs.pop(it.request_id) for it in items]
+                self._running, self._running_since = tuple(items), time.perf_counter()
                 try:
                     results = await asyncio.to_thread(self._run_batch, [(j, t) for j, _, t in batch])
                 except Exception as e:  # a bug must not wedge the loop: fail this batch's requests
                     log.exception("prefill batch failed", worker=self.worker_id)
                     results = [PrefillResult(j.request_id, error=Failure("INTERNAL", str(e)))
                                for j, _, _ in batch]
-                self._running_tokens = 0
+                self._running = ()
                 for (_, fut, _), res in zip(batch, results):
                     if not fut.done():
                         fut.set_result(res)
@@ -153,18 +163,17 @@ class PrefillWorker:
         logits, _, _ = self.model.prefill_batch([j.prompt_ids for j in jobs], on_layer)  # logits: (N, V)
         computed = time.perf_counter()
         cpu_ms = (time.thread_time() - cpu_start) * 1e3
-        n_tokens = sum(len(j.prompt_ids) for j in jobs)
-        rate = n_tokens / max(computed - start, 1e-6)
-        self._tokens_per_s = 0.7 * self._tokens_per_s + 0.3 * rate
+        lengths = tuple(len(j.prompt_ids) for j in jobs)
         results = []
-        for (job, enqueued), t, row in zip(batch, transfers, logits):
+        for n, ((job, enqueued), t, row) in enumerate(zip(batch, transfers, logits)):
             first = sample_one(row, job.sampling, make_rng(job.sampling))
             outcome = t.commit()
             done = time.perf_counter()
             common = dict(queued_ms=(start - enqueued) * 1e3, prefill_ms=(computed - start) * 1e3,
                           transfer_tail_ms=(done - computed) * 1e3)
             error = None if outcome.ok else Failure(outcome.error_code or "INTERNAL", outcome.error)
-            results.append(PrefillResult(job.request_id, first, error=error, **common))
+            results.append(PrefillResult(job.request_id, first, batch_lengths=lengths, first_in_batch=n == 0,
+                                         error=error, **common))
             log.info("prefilled", request_id=job.request_id, worker=self.worker_id, tokens=len(job.prompt_ids),
                      ok=outcome.ok, cpu_ms=round(cpu_ms, 2), **{k: round(v, 2) for k, v in common.items()})
         return results

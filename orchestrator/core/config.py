@@ -63,6 +63,7 @@ class Config:
     decode: PoolConfig
     frontend: FrontendConfig
     router_policy: str
+    router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig
@@ -224,13 +225,16 @@ def parse_config(tree: Any, path: Path) -> Config:
     pools = meta.sub("pools")
     fe = meta.sub("frontend") if "frontend" in meta.tree else ConfigReader(path, {}, "metadata.frontend.")
     router = meta.sub("router") if "router" in meta.tree else ConfigReader(path, {}, "metadata.router.")
-    policy = router.choice("policy", router.get("policy", str, "least_loaded"), POLICIES, "policy")
+    policy = router.choice("policy", router.get("policy", str, "sla"), POLICIES, "policy")
+    quantile = router.get("quantile", float, 0.9)
+    if not 0.0 < quantile < 1.0:
+        raise router.error("quantile", f"must be in (0, 1), got {quantile}")
     slas_r = meta.sub("sla_classes")
     slas = {}
     for name in slas_r.tree:
         s = slas_r.sub(name)
         slas[name] = SLATarget(ttft_ms=s.get("ttft_ms", float, minimum=1e-9), tpot_ms=s.get("tpot_ms", float, minimum=1e-9),
-                               sla_class=str(name))
+                               priority=s.get("priority", int, 0), sla_class=str(name))
     default_sla = meta.get("default_sla_class", str, next(iter(slas), ""))
     if default_sla not in slas:
         raise meta.error("default_sla_class", f"{default_sla!r} is not one of the sla_classes {sorted(slas)}")
@@ -250,6 +254,7 @@ def parse_config(tree: Any, path: Path) -> Config:
             max_message_bytes=fe.get("max_message_bytes", int, 4 * 1024 * 1024, minimum=1024),
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
         router_policy=policy,
+        router_quantile=quantile,
         sla_classes=slas,
         default_sla_class=default_sla,
         workload=WorkloadConfig(

@@ -59,7 +59,7 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[Pre
         return None
     steps, corr = req.max_tokens - 1, pred.corrections
     inv = 1.0 / steps if steps else 0.0
-    key = order_key(req.priority, now)
+    key = order_key(req.priority, now, req.ttft_s)
     alone: dict[tuple[int, float], float] = {}
     floor: dict[int, float] = {}  # exposed transfer is non-increasing in the prefill time: its floor
     cands = []

@@ -185,7 +185,8 @@ class Predictor:
         """TTFT parts on `st` with the KV bound for a decode worker of deployment `dst`."""
         if not math.isfinite(now):
             raise ValueError(f"now: must be finite, got {now!r}")
-        slot = locate(st.plan, st.dep, req.prompt_tokens, req.priority, now, st.token_budget, st.max_batch, st.slowdown)
+        slot = locate(st.plan, st.dep, req.prompt_tokens, req.priority, now, st.token_budget, st.max_batch, st.slowdown,
+                      req.ttft_s)
         own_s = prefill_time(st.dep, slot.lengths) * st.slowdown
         busy = max(0.0, st.busy_until_s - now)
         wait = Estimate(busy, busy) + self._scaled(st.worker_id, "prefill", slot.before_s)

@@ -1,13 +1,14 @@
 """A prefill worker's queue cut into batches exactly as prefill/batcher.py's PrefillBatcher would.
 
 Pure. The batcher's rule, restated here because core may not import prefill/ (tests compare the
-two on random queues): order by higher priority first, then arrival, ties first come first served
-(a stable sort of the queue in insertion order); a batch takes prompts in that order while the
+two on random queues): earliest deadline (arrival + TTFT target) first, then higher priority,
+then arrival, ties first come first served (a stable sort of the queue in insertion order); a batch takes prompts in that order while the
 count stays within `max_batch` and the total tokens within `token_budget`; a prompt longer than the
-budget runs alone; nobody skips ahead. When the batcher's order changes (issue 16, item 3), change
-`order_key` with it.
+budget runs alone; nobody skips ahead. When the batcher's order changes, change `order_key` with it.
 
-A newcomer arriving at `now` goes after every queued prompt of its priority or higher. The batches
+A newcomer arriving at `now` goes after every queued prompt with an earlier (or equal) key; the
+prediction assumes no later arrival overtakes it (a later, tighter deadline can: the corrections
+absorb what that costs). The batches
 before the one it lands in are the batches of the queue without it (batching is greedy from the
 head), except that the batch it cannot join is cut where it stands; `locate` finds that in
 O(log Q) plus its own batch, given a `QueuePlan` built once per queue state.
@@ -29,6 +30,7 @@ class QueuedPrompt:
     n_tokens: int  # prompt tokens, >= 1
     arrival_s: float  # seconds, the epoch of `now`
     priority: int = 0  # higher runs first
+    ttft_s: float = math.inf  # seconds, its TTFT target
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_tokens, int) or self.n_tokens < 1:
@@ -37,9 +39,9 @@ class QueuedPrompt:
             raise ValueError(f"arrival_s: must be finite, got {self.arrival_s!r}")
 
 
-def order_key(priority: int, arrival_s: float) -> tuple[int, float]:
-    """The batcher's sort key (prefill/batcher.py `_order`)."""
-    return (-priority, arrival_s)
+def order_key(priority: int, arrival_s: float, ttft_s: float = math.inf) -> tuple[float, int, float]:
+    """The batcher's sort key (prefill/batcher.py `_order`): deadline, then priority, then arrival."""
+    return (arrival_s + ttft_s, -priority, arrival_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,7 @@ class QueuePlan:
     """The queue in run order, cut into batches, each timed by the perf model (uncorrected)."""
 
     order: tuple[int, ...]  # queue indices (input order) in run order
-    keys: tuple[tuple[int, float], ...]  # order_key of each prompt, run order (ascending)
+    keys: tuple[tuple[float, int, float], ...]  # order_key of each prompt, run order (ascending)
     lengths: tuple[int, ...]  # tokens of each prompt, run order
     batch_of: tuple[int, ...]  # batch index of each prompt, run order
     starts: tuple[int, ...]  # run-order position where each batch starts
@@ -75,13 +77,13 @@ def _greedy(lengths: list[int], token_budget: int, max_batch: int) -> list[int]:
 def plan_queue(dep: Deployment, queue: tuple[QueuedPrompt, ...], token_budget: int, max_batch: int,
                slowdown: float = 1.0) -> QueuePlan:
     """Batches of `queue` (in insertion order) with their perf-model durations times `slowdown`."""
-    order = sorted(range(len(queue)), key=lambda i: order_key(queue[i].priority, queue[i].arrival_s))
+    order = sorted(range(len(queue)), key=lambda i: order_key(queue[i].priority, queue[i].arrival_s, queue[i].ttft_s))
     lengths = [queue[i].n_tokens for i in order]
     starts = _greedy(lengths, token_budget, max_batch)
     bounds = starts + [len(order)]
     batch_of = [b for b in range(len(starts)) for _ in range(bounds[b], bounds[b + 1])]
     times = [prefill_time(dep, lengths[bounds[b]:bounds[b + 1]]) * slowdown for b in range(len(starts))]
-    return QueuePlan(tuple(order), tuple(order_key(queue[i].priority, queue[i].arrival_s) for i in order),
+    return QueuePlan(tuple(order), tuple(order_key(queue[i].priority, queue[i].arrival_s, queue[i].ttft_s) for i in order),
                      tuple(lengths), tuple(batch_of), tuple(starts), tuple(accumulate(times)))
 
 
@@ -96,9 +98,9 @@ class Slot:
 
 
 def locate(plan: QueuePlan, dep: Deployment, n_tokens: int, priority: int, now: float, token_budget: int,
-           max_batch: int, slowdown: float = 1.0) -> Slot:
+           max_batch: int, slowdown: float = 1.0, ttft_s: float = math.inf) -> Slot:
     """The newcomer's batch if it joined the batcher at `now` (no later arrival overtaking it)."""
-    pos = bisect.bisect_right(plan.keys, order_key(priority, now))  # insort_right: after equal keys
+    pos = bisect.bisect_right(plan.keys, order_key(priority, now, ttft_s))  # insort_right: after equal keys
     own, members, before, batch = [n_tokens], [], 0.0, 0
     if pos > 0:
         b = plan.batch_of[pos - 1]

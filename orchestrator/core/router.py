@@ -1,14 +1,40 @@
 """Places a request on a (prefill worker, decode worker) pair, or rejects it early.
 
-Pure policy: it reads only its arguments (pool views and the current time) and its own
-round-robin cursor. Live frontends and the simulator both call `Router.place`.
+Pure policy: it reads only its arguments (pool views and the current time), its predictor's
+corrections and its own round-robin cursor. The live engine and the simulator both call
+`Router.place` with views built around the predictor's worker states.
+
+Policies:
+- `round_robin`: the next worker of each pool in turn (a baseline).
+- `least_loaded`: the prefill worker with the fewest prompt tokens queued or running, the decode
+  worker with the lowest occupancy (the larger of its batch and KV fill fractions).
+- `cost`: Dynamo's KV router without SLA knowledge: cost = PREFILL_WEIGHT x prefill blocks still to
+  compute on the prefill worker (its queue, running batch and this prompt) + decode KV blocks in use
+  on the decode worker (with this request's). The sum is separable, so each side is an argmin.
+- `sla` (the default): the pair with the earliest predicted completion (`predictor.best_pair`, at
+  the corrections' quantile) among the pairs predicted to meet both targets without pushing a
+  sequence already decoding past its own TPOT target. Earliest completion frees the pair soonest for
+  the requests behind it, and among pairs that all meet the SLA it keeps the most slack on the
+  tight class (the router-comparison experiment compares it with the baselines). When no pair is
+  predicted to meet the SLA the request is rejected at once (RESOURCE_EXHAUSTED, naming the
+  predictions against the targets, or the floor when the TTFT target is below what an idle prefill
+  worker can do): it never waits in a queue only to miss. `reject=False` places it on the best
+  effort pair instead (the experiment's "would it have missed?" run).
+
+Every placement carries the predictor's estimate for the chosen pair, whatever the policy, so the
+prediction error is measured for every policy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
+from orchestrator.core.pairsearch import search_best_pair
+from orchestrator.core.predictor import (DecodePart, DecodeState, PairPrediction, PredictRequest, Predictor,
+                                         PrefillPart, PrefillState, completion_key)
 from orchestrator.core.sla import SLATarget
+
+PREFILL_WEIGHT = 1.0  # Dynamo's default kv_overlap_score_weight: prefill blocks and decode blocks count alike
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,95 +47,167 @@ class RouteRequest:
 
 @dataclass(frozen=True, slots=True)
 class PrefillView:
-    """What the router knows about one prefill worker."""
+    """What the router knows about one prefill worker: the predictor's state plus health."""
 
-    worker_id: str
-    queued_tokens: int  # prompt tokens waiting or running on it
-    tokens_per_s: float  # predicted prefill throughput
+    state: PrefillState
+    running_tokens: int = 0  # prompt tokens in the batch in progress
     healthy: bool = True
+    queued_tokens: int = field(init=False)  # prompt tokens waiting or running on it
 
-    def predicted_ttft_ms(self, prompt_tokens: int) -> float:
-        return 1000.0 * (self.queued_tokens + prompt_tokens) / self.tokens_per_s
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "queued_tokens", self.running_tokens + sum(q.n_tokens for q in self.state.queue))
+
+    @property
+    def worker_id(self) -> str:
+        return self.state.worker_id
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeView:
-    """What the router knows about one decode worker."""
+    """What the router knows about one decode worker: the predictor's state plus capacity and health."""
 
-    worker_id: str
-    active: int  # sequences admitted or waiting
-    max_batch: int
-    free_kv_tokens: int
+    state: DecodeState
     total_kv_tokens: int
-    step_ms: float  # predicted decode step time with one more sequence
+    block_tokens: int
     healthy: bool = True
 
     @property
+    def worker_id(self) -> str:
+        return self.state.worker_id
+
+    @property
     def occupancy(self) -> float:
-        return max(self.active / self.max_batch, 1.0 - self.free_kv_tokens / self.total_kv_tokens)
+        st = self.state
+        return max(st.batch / st.max_batch, 1.0 - st.free_kv_tokens / self.total_kv_tokens)
+
+    @property
+    def used_blocks(self) -> int:
+        return -(-(self.total_kv_tokens - self.state.free_kv_tokens) // self.block_tokens)
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     prefill_worker: str
     decode_worker: str
-    predicted_ttft_ms: float
+    predicted_ttft_ms: float  # point estimates (median-corrected)
     predicted_tpot_ms: float
+    ttft_bound_ms: float  # at the predictor's quantile
+    tpot_bound_ms: float
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
     reason: str
     code: str = "RESOURCE_EXHAUSTED"  # gRPC status name
+    kind: str = "no_worker"  # one of REJECTION_KINDS: the metrics label
 
 
-POLICIES = ("round_robin", "least_loaded", "sla")
+REJECTION_KINDS = ("below_floor", "ttft", "tpot", "running_tpot", "kv_full", "kv_capacity", "no_worker")
+POLICIES = ("round_robin", "least_loaded", "cost", "sla")
 
 
 class Router:
-    def __init__(self, policy: str = "least_loaded"):
+    def __init__(self, policy: str = "sla", predictor: Predictor | None = None, reject: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"policy: unknown router policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy = policy
+        self.predictor = predictor if predictor is not None else Predictor()
+        self.reject = reject
         self._cursor = 0
 
     def place(self, req: RouteRequest, prefill: Sequence[PrefillView], decode: Sequence[DecodeView],
               now: float) -> Placement | Rejection:
-        """Choose workers for `req` at time `now` (seconds, any epoch) given the pools' current views."""
+        """Choose workers for `req` at time `now` (seconds, the views' epoch) given the pools' current views."""
         pf = [p for p in prefill if p.healthy]
         need = req.prompt_tokens + req.max_tokens
         dc = [d for d in decode if d.healthy and d.total_kv_tokens >= need]
         if not pf:
-            return Rejection("no healthy prefill worker", code="UNAVAILABLE")
+            return Rejection("no healthy prefill worker", "UNAVAILABLE")
         if not dc:
             if any(d.healthy for d in decode):
-                return Rejection(f"prompt + max_tokens = {need} tokens exceeds every decode worker's KV capacity")
-            return Rejection("no healthy decode worker", code="UNAVAILABLE")
+                return Rejection(f"prompt + max_tokens = {need} tokens exceeds every decode worker's KV capacity",
+                                 kind="kv_capacity")
+            return Rejection("no healthy decode worker", "UNAVAILABLE")
+        preq = PredictRequest.from_sla(req.prompt_tokens, req.max_tokens, req.sla)
         if self.policy == "round_robin":
             p, d = pf[self._cursor % len(pf)], dc[self._cursor % len(dc)]
             self._cursor += 1
-            return self._placement(req, p, d)
-        if self.policy == "least_loaded":
-            p = min(pf, key=lambda v: (v.predicted_ttft_ms(req.prompt_tokens), v.worker_id))
-            d = min(dc, key=lambda v: (v.occupancy, -v.free_kv_tokens, v.worker_id))
-            return self._placement(req, p, d)
-        return self._place_by_sla(req, pf, dc)
+        elif self.policy == "least_loaded":
+            p = min(pf, key=lambda v: (v.queued_tokens, v.worker_id))
+            d = min(dc, key=lambda v: (v.occupancy, -v.state.free_kv_tokens, v.worker_id))
+        elif self.policy == "cost":
+            p = min(pf, key=lambda v: (PREFILL_WEIGHT * _blocks(v.queued_tokens + req.prompt_tokens, dc[0]),
+                                       v.worker_id))
+            d = min(dc, key=lambda v: (v.used_blocks + _blocks(need, v), v.worker_id))
+        else:
+            return self._place_by_sla(preq, pf, dc, now)
+        return _placement(self.predictor.predict(preq, p.state, d.state, now))
 
-    @staticmethod
-    def _placement(req: RouteRequest, p: PrefillView, d: DecodeView) -> Placement:
-        return Placement(p.worker_id, d.worker_id, p.predicted_ttft_ms(req.prompt_tokens), d.step_ms)
+    def _place_by_sla(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
+                      now: float) -> Placement | Rejection:
+        pred, best = self.predictor, None
+        states = [p.state for p in pf]
+        for group in _by_deployment(dc):
+            found = search_best_pair(pred, req, states, [d.state for d in group], group[0].state.dep, now)
+            if found is not None and (best is None or completion_key(req, *found) < completion_key(req, *best)):
+                best = found
+        if best is not None:
+            return _placement(pred.combine(req, *best))
+        pp, dp, why = self._best_effort(req, pf, dc, now)
+        if not self.reject:
+            return _placement(pred.combine(req, pp, dp))
+        return why
 
-    def _place_by_sla(self, req: RouteRequest, pf: list[PrefillView], dc: list[DecodeView]) -> Placement | Rejection:
-        """Meet both targets with the least loaded pair; reject early when no pair can."""
-        p = min(pf, key=lambda v: (v.predicted_ttft_ms(req.prompt_tokens), v.worker_id))
-        ttft = p.predicted_ttft_ms(req.prompt_tokens)
-        if ttft > req.sla.ttft_ms:
-            return Rejection(f"predicted TTFT {ttft:.0f} ms exceeds the target {req.sla.ttft_ms:.0f} ms")
-        fitting = [d for d in dc if d.step_ms <= req.sla.tpot_ms and d.free_kv_tokens >= req.prompt_tokens + req.max_tokens
-                   and d.active < d.max_batch]
-        if not fitting:
-            best = min(d.step_ms for d in dc)
-            return Rejection(f"no decode worker has room within the TPOT target {req.sla.tpot_ms:.0f} ms "
-                             f"(best predicted step {best:.1f} ms)")
-        d = min(fitting, key=lambda v: (v.occupancy, v.worker_id))
-        return self._placement(req, p, d)
+    def _best_effort(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
+                     now: float) -> tuple[PrefillPart, DecodePart, Rejection]:
+        """No pair meets the SLA: the pair closest to it, and why it fails (O(P + D) exact parts)."""
+        pred = self.predictor
+        dparts = [pred.decode_part(req, d.state) for d in dc]
+        room = [x for x in dparts if x.fits] or dparts
+        dp = min(room, key=lambda x: (x.decode.bound_s, x.worker_id))
+        dst = next(d.state.dep for d in dc if d.worker_id == dp.worker_id)
+        pp = min((pred.prefill_part(req, p.state, dst, now) for p in pf),
+                 key=lambda x: (x.ttft.bound_s + x.tail.bound_s, x.worker_id))
+        got = pred.combine(req, pp, dp)
+        ttft_ms, tpot_ms = got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3
+        q = round(100 * pred.corrections.quantile)
+        against = (f"predicted TTFT {ttft_ms:.0f} ms (p{q}) against the target {req.ttft_s * 1e3:.0f} ms, "
+                   f"TPOT {tpot_ms:.1f} ms (p{q}) against {req.tpot_s * 1e3:.1f} ms")
+        if not any(x.fits for x in dparts):
+            return pp, dp, Rejection(f"every decode worker is full (batch slots or KV blocks); {against}",
+                                     kind="kv_full")
+        if pp.ttft.bound_s > req.ttft_s:
+            floor = self._ttft_floor(req, pf, dst, now)
+            if floor > req.ttft_s:
+                return pp, dp, Rejection(
+                    f"ttft_ms target {req.ttft_s * 1e3:.0f} ms is below the predicted floor of {floor * 1e3:.0f} ms "
+                    f"(p{q}) for a {req.prompt_tokens}-token prompt on an idle prefill worker", kind="below_floor")
+            return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="ttft")
+        if not dp.protects or not any(x.fits and x.protects for x in dparts):
+            return pp, dp, Rejection(f"admitting it would push sequences already decoding past their TPOT target; "
+                                     f"{against}", kind="running_tpot")
+        return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
+
+    def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], dst, now: float) -> float:
+        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool."""
+        pred = self.predictor
+        return min(pred.prefill_part(req, PrefillState(p.worker_id, p.state.dep, p.state.token_budget,
+                                                       p.state.max_batch, slowdown=p.state.slowdown), dst, now
+                                     ).ttft.bound_s for p in pf)
+
+
+def _blocks(tokens: int, d: DecodeView) -> int:
+    return -(-tokens // d.block_tokens)
+
+
+def _by_deployment(dc: list[DecodeView]) -> list[list[DecodeView]]:
+    """Decode views grouped by deployment (the KV link, and so the prefill parts, depend on it)."""
+    groups: dict[int, list[DecodeView]] = {}
+    for d in dc:
+        groups.setdefault(id(d.state.dep), []).append(d)
+    return list(groups.values())
+
+
+def _placement(got: PairPrediction) -> Placement:
+    return Placement(got.prefill_worker, got.decode_worker, got.ttft.point_s * 1e3, got.tpot.point_s * 1e3,
+                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3)

@@ -24,16 +24,22 @@ class Deployment:
         import ray
 
         from model.loaded import load_model
+        from orchestrator.core.correction import Corrections
+        from orchestrator.core.predictor import Predictor
+        from orchestrator.core.router import Router
         from orchestrator.serving.engine import Engine
         from orchestrator.serving.frontend import start_frontend
+        from orchestrator.serving.perfmodel import live_deployment
         from orchestrator.serving.pools import build_pools, init_ray
-        from orchestrator.core.router import Router
 
         self._owns_ray = not ray.is_initialized()
         init_ray(self.cfg)
         lm = load_model()  # memory-mapped: the frontend needs only the tokenizer and the shapes
         self.pools = await build_pools(self.cfg)
-        self.engine = Engine(self.pools, Router(self.cfg.router_policy), self.cfg.decode.max_batch)
+        perf, _ = live_deployment(self.cfg.model_name)
+        router = Router(self.cfg.router_policy, Predictor(Corrections(self.cfg.router_quantile)))
+        self.engine = Engine(self.pools, router, perf, self.cfg.decode.max_batch, self.cfg.prefill.token_budget,
+                             self.cfg.prefill.max_batch)
         await self.engine.start()
         cfg_model = lm.weights.config
         try:

@@ -4,20 +4,32 @@ Transport-free: the engine calls its workers through handles (orchestrator/servi
 the gRPC frontend and tests consume the event stream `Engine.generate` yields. Text comes from the
 decode worker, which detokenizes every token (the first included) and stops on stop strings: a
 first token that ends the request ends it there, at its submit, with no call of its own.
+
+The router decides on the predictor's worker states (orchestrator/core/predictor.py), built here
+from the workers' last load reports plus what this engine has sent them since: the prompts it
+placed on a prefill worker and not yet seen finish are that worker's queue (the batch in progress
+as the worker reported it), the requests it placed on a decode worker and not yet seen there are
+counted in its batch, and the tightest TPOT target among its requests on a decode worker is the
+one a placement must not break. Each load report's batches and steps, and each request's KV
+transfer tail, feed the predictor's corrections.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import structlog
 
 from decode.worker import DecodeLoad
+from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step_time
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
+from orchestrator.core.predictor import DecodeState, PrefillState
+from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
 from orchestrator.serving.decode_outputs import DecodeOutputs
@@ -62,23 +74,38 @@ class _Run:
 
     req: Request
     placed: Placement
-    prefill_pending: bool = True  # counted in _pending_* until the worker reports it
-    decode_pending: bool = True
+    prefill_pending: bool = True  # in its prefill worker's queue (_queued) until the prefill returns
+    decode_pending: bool = True  # counted in _pending_decode until the decode worker has it
     result: PrefillResult | None = None
     n_out: int = 0
     t_first: float | None = None  # monotonic time of its first chunk from the decode worker
 
 
+@dataclass(slots=True)
+class _DecodePending:
+    """What this engine placed on a decode worker that its load report may not show yet."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    tpot_targets: dict[str, float] = field(default_factory=dict)  # request id -> seconds, while it is live there
+
+
 class Engine:
-    def __init__(self, pools: Pools, router: Router, decode_max_batch: int, kv_deadline_s: float = 30.0):
+    def __init__(self, pools: Pools, router: Router, perf: Deployment, decode_max_batch: int,
+                 prefill_token_budget: int = 4096, prefill_max_batch: int = 8, kv_deadline_s: float = 30.0):
+        """`perf`: the live model on the cpu profile (orchestrator/serving/perfmodel.py); the batch
+        settings are the workers' (cluster.yaml pools.*)."""
         self.pools = pools
+        self.perf = perf
         self.decode_max_batch = decode_max_batch
+        self.prefill_token_budget, self.prefill_max_batch = prefill_token_budget, prefill_max_batch
         self.router = router
         self.kv_deadline_s = kv_deadline_s
         self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
         self.decode_loads: dict[str, DecodeLoad] = {}
-        self._pending_prefill_tokens: dict[str, int] = {w: 0 for w in pools.prefill}
-        self._pending_decode: dict[str, int] = {w: 0 for w in pools.decode}
+        self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
+        self._queued: dict[str, dict[str, QueuedPrompt]] = {w: {} for w in pools.prefill}  # placed, not prefilled
+        self._pending_decode = {w: _DecodePending() for w in pools.decode}
         self._live: dict[str, Placement] = {}
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
@@ -104,11 +131,16 @@ class Engine:
         pf, dc = await asyncio.gather(
             asyncio.gather(*(ask(h) for h in self.pools.prefill.values()), return_exceptions=True),
             asyncio.gather(*(ask(h) for h in self.pools.decode.values()), return_exceptions=True))
+        corr = self.router.predictor.corrections
         for worker, answer in zip(self.pools.prefill, pf):
             self._record(self.prefill_loads, worker, answer)
         for worker, answer in zip(self.pools.decode, dc):
-            if self._record(self.decode_loads, worker, answer) and answer.kv_target:
+            if not self._record(self.decode_loads, worker, answer):
+                continue
+            if answer.kv_target:
                 self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
+            for batch, ctx, seconds in answer.steps:
+                corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
 
     def _record(self, loads: dict, worker: str, answer) -> bool:
         """Keep a worker's load report; a failed call marks it unhealthy (it keeps its last load for
@@ -117,6 +149,7 @@ class Engine:
             self._mark_unhealthy(worker, answer)
             return False
         loads[worker] = answer
+        self._load_at[worker] = time.monotonic()
         if worker in self.unhealthy:
             self.unhealthy.discard(worker)
             log.info("worker healthy again", worker=worker)
@@ -135,14 +168,34 @@ class Engine:
             except Exception:  # a bug here must not stop the refresh
                 log.warning("load refresh failed", exc_info=True)
 
-    def views(self) -> tuple[list[PrefillView], list[DecodeView]]:
-        """The workers' last reported loads plus what this engine has sent them since."""
-        pf = [PrefillView(w, l.queued_tokens + self._pending_prefill_tokens[w], l.tokens_per_s, w not in self.unhealthy)
-              for w, l in self.prefill_loads.items()]
-        dc = [DecodeView(w, l.active + l.waiting + self._pending_decode[w], self.decode_max_batch, l.free_tokens,
-                         l.total_blocks * l.block_size, l.step_ms_if_added, w not in self.unhealthy)
-              for w, l in self.decode_loads.items()]
+    def views(self, now: float | None = None) -> tuple[list[PrefillView], list[DecodeView]]:
+        """The router's views at `now` (monotonic seconds): the workers' last reported loads plus what
+        this engine has sent them since."""
+        now = time.monotonic() if now is None else now
+        pf = [self._prefill_view(w, l, now) for w, l in self.prefill_loads.items()]
+        dc = []
+        for w, l in self.decode_loads.items():
+            pend = self._pending_decode[w]
+            state = DecodeState(w, self.perf, l.active + l.waiting + pend.requests, l.context_tokens + pend.prompt_tokens,
+                                self.decode_max_batch, max(0, l.free_tokens - pend.prompt_tokens),
+                                min(pend.tpot_targets.values(), default=math.inf))
+            dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
         return pf, dc
+
+    def _prefill_view(self, w: str, load: PrefillLoad, now: float) -> PrefillView:
+        """Queue: the prompts placed there and not prefilled, but the batch in progress as reported
+        (still running while one of its prompts has not come back)."""
+        queued = self._queued[w]
+        running = [rid for rid in load.running if rid in queued]
+        busy_until = 0.0
+        if running:
+            f = self.router.predictor.corrections.factors(w, "prefill").point
+            started = self._load_at[w] - load.running_elapsed_s
+            busy_until = max(now, started + prefill_time(self.perf, load.running_lengths) * f)
+        ahead = set(running)
+        queue = tuple(q for rid, q in queued.items() if rid not in ahead)
+        state = PrefillState(w, self.perf, self.prefill_token_budget, self.prefill_max_batch, queue, busy_until)
+        return PrefillView(state, sum(load.running_lengths) if running else 0, w not in self.unhealthy)
 
     # -- one request ---------------------------------------------------------------------
 
@@ -150,8 +203,8 @@ class Engine:
         """Yield token events, then one final or error event. Closing the iteration early aborts.
         Every exit ends `req` (its state and finish reason)."""
         placed = self._route(req)
-        if isinstance(placed, Failure):
-            yield self._fail(req, placed, rejected=True)
+        if isinstance(placed, Rejection):
+            yield self._fail(req, Failure(placed.code, placed.reason), rejected=True, kind=placed.kind)
             return
         run = self._admit(req, placed)
         try:
@@ -186,28 +239,45 @@ class Engine:
         finally:
             self._release(run)
 
-    def _route(self, req: Request) -> Placement | Failure:
-        pf_views, dc_views = self.views()
-        placed = self.router.place(RouteRequest(req.request_id, req.prompt_tokens, req.sampling.max_tokens, req.sla),
-                                   pf_views, dc_views, time.monotonic())
-        return Failure(placed.code, placed.reason) if isinstance(placed, Rejection) else placed
+    def _route(self, req: Request) -> Placement | Rejection:
+        now = time.monotonic()
+        pf_views, dc_views = self.views(now)
+        return self.router.place(RouteRequest(req.request_id, req.prompt_tokens, req.sampling.max_tokens, req.sla),
+                                 pf_views, dc_views, now)
 
     def _admit(self, req: Request, placed: Placement) -> _Run:
         self._live[req.request_id] = placed
-        self._pending_prefill_tokens[placed.prefill_worker] += req.prompt_tokens
-        self._pending_decode[placed.decode_worker] += 1
+        sla = req.sla
+        self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(req.prompt_tokens, req.arrival_s,
+                                                                           sla.priority, sla.ttft_ms / 1e3)
+        pend = self._pending_decode[placed.decode_worker]
+        pend.requests += 1
+        pend.prompt_tokens += req.prompt_tokens
+        if req.sampling.max_tokens > 1:
+            pend.tpot_targets[req.request_id] = sla.tpot_ms / 1e3
         return _Run(req, placed)
 
     async def _prefill(self, run: _Run) -> PrefillResult:
         """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""
         req, placed = run.req, run.placed
         req.advance(RequestState.PREFILLING)
-        run.result = await self.pools.prefill[placed.prefill_worker].prefill(PrefillJob(
+        run.result = res = await self.pools.prefill[placed.prefill_worker].prefill(PrefillJob(
             req.request_id, req.prompt_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
-            self.kv_deadline_s, req.sla.priority))
-        self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
+            self.kv_deadline_s, req.sla.priority, req.sla.ttft_ms / 1e3))
+        self._queued[placed.prefill_worker].pop(req.request_id, None)
         run.prefill_pending = False
-        return run.result
+        if res.ok and res.batch_lengths:
+            self._observe_prefill(placed.prefill_worker, req.prompt_tokens, res)
+        return res
+
+    def _observe_prefill(self, worker: str, prompt_tokens: int, res: PrefillResult) -> None:
+        """The batch's compute (once per batch: by its first prompt's result) and this prompt's KV tail."""
+        corr, dep = self.router.predictor.corrections, self.perf
+        model_s = prefill_time(dep, res.batch_lengths)
+        if res.first_in_batch:
+            corr.observe(worker, "prefill", res.prefill_ms / 1e3, model_s)
+        kv = dep.model.kv_bytes(prompt_tokens, dep.kv_dtype)
+        corr.observe(worker, "transfer", res.transfer_tail_ms / 1e3, kv_transfer_time(dep, dep, kv, model_s))
 
     async def _submit(self, run: _Run) -> asyncio.Queue:
         """Hand the first token to the decode worker holding the KV; returns the request's chunk queue."""
@@ -215,9 +285,8 @@ class Engine:
         req.advance(RequestState.TRANSFERRING)
         chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
         await self.pools.decode[placed.decode_worker].submit(req.request_id, run.result.first_token, req.sampling,
-                                                             req.prompt_ids, self._owner)
-        self._pending_decode[placed.decode_worker] -= 1
-        run.decode_pending = False
+                                                             req.prompt_ids, self._owner, req.sla.priority)
+        self._decode_seen(run)
         req.advance(RequestState.DECODING)
         return chunks
 
@@ -229,12 +298,13 @@ class Engine:
             ttft_ms=(t_first - req.arrival_s) * 1e3, e2e_ms=(now - req.arrival_s) * 1e3,
             mean_tpot_ms=((now - t_first) * 1e3 / (run.n_out - 1)) if run.n_out > 1 else 0.0)
         self._ended(req, reason, tokens=run.n_out, ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
-        return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, run.placed.prefill_worker,
-                          run.placed.decode_worker)
+        p, q = run.placed, self.router.predictor.corrections.quantile
+        prediction = Prediction(p.predicted_ttft_ms, p.predicted_tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, q)
+        return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, p.prefill_worker, p.decode_worker, prediction)
 
-    def _fail(self, req: Request, failure: Failure, rejected: bool = False) -> ErrorEvent:
+    def _fail(self, req: Request, failure: Failure, rejected: bool = False, kind: str = "") -> ErrorEvent:
         self._ended(req, FinishReason.ERROR, failure, rejected)
-        return ErrorEvent(failure)
+        return ErrorEvent(failure, kind)
 
     @staticmethod
     def _ended(req: Request, reason: FinishReason, failure: Failure | None = None, rejected: bool = False,
@@ -246,12 +316,20 @@ class Engine:
         log.info("request ended", request_id=req.request_id, state=req.state.value, reason=req.finish_reason.value,
                  **fields)
 
+    def _decode_seen(self, run: _Run) -> None:
+        """The decode worker has the request (its load reports count it from now)."""
+        pend = self._pending_decode[run.placed.decode_worker]
+        pend.requests -= 1
+        pend.prompt_tokens -= run.req.prompt_tokens
+        run.decode_pending = False
+
     def _release(self, run: _Run) -> None:
         req, placed = run.req, run.placed
         if run.prefill_pending:
-            self._pending_prefill_tokens[placed.prefill_worker] -= req.prompt_tokens
+            self._queued[placed.prefill_worker].pop(req.request_id, None)
         if run.decode_pending:
-            self._pending_decode[placed.decode_worker] -= 1
+            self._decode_seen(run)
+        self._pending_decode[placed.decode_worker].tpot_targets.pop(req.request_id, None)
         self._outputs[placed.decode_worker].unsubscribe(req.request_id)
         self._live.pop(req.request_id, None)
         self._aborted.discard(req.request_id)

@@ -52,8 +52,8 @@ class PrefillHandle(WorkerHandle):
 
 class DecodeHandle(WorkerHandle):
     async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
-                     prompt_ids: list[int] | None, owner: str) -> None:
-        await self._call("submit", request_id, first_token_id, params, prompt_ids, owner)
+                     prompt_ids: list[int] | None, owner: str, priority: int = 0) -> None:
+        await self._call("submit", request_id, first_token_id, params, prompt_ids, owner, priority)
 
     async def next_outputs(self, owner: str, timeout: float) -> list[TokenChunk]:
         return await self._call("next_outputs", owner, timeout)

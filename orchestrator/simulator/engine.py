@@ -1,5 +1,10 @@
 """The event loop: arrivals -> Router.place -> prefill unit -> KV transfer -> decode unit.
 
+The router decides with the live code (orchestrator/core/router.py and its predictor) on the units'
+states; the predictor's corrections observe each prefill batch and decode segment, as live. A
+request carries its class's targets (SimRequest.sla, else SimConfig.sla); the prefill batcher
+orders by its deadline and priority, decode preemption takes the lowest priority first.
+
 Events: arrival, prefill batch done, KV ready at the decode unit, decode segment end. With
 `colocated`, prefill unit i and decode unit i are one replica (no transfer; prefill first, a
 running decode segment is cut at the next step when prompts arrive). A request's KV blocks are
@@ -22,9 +27,11 @@ import numpy as np
 
 from decode.allocator import BlockAllocator
 from decode.scheduler import DecodeSeq, Scheduler
-from hardware.perf import Deployment, Speculative, kv_token_capacity, kv_transfer_time, prefill_time
+from hardware.perf import Deployment, Speculative, kv_token_capacity, kv_transfer_time, prefill_time, token_step_time
+from orchestrator.core.correction import Corrections
+from orchestrator.core.predictor import Predictor
 from orchestrator.core.request import SLATarget
-from orchestrator.core.router import Rejection, RouteRequest, Router
+from orchestrator.core.router import Placement, Rejection, RouteRequest, Router
 from orchestrator.simulator.units import DecodeUnit, Handoff, PrefillUnit
 from orchestrator.simulator.workload import SimRequest
 from prefill.batcher import PrefillBatcher, PrefillItem
@@ -47,10 +54,12 @@ class SimConfig:
     prefill: PoolSetup
     decode: PoolSetup
     sla: SLATarget
-    router_policy: str = "least_loaded"
+    router_policy: str = "sla"
     speculative: Speculative | None = None
     draft: Deployment | None = None
     colocated: bool = False  # baseline: prefill unit i and decode unit i are one replica
+    reject: bool = True  # False: the sla policy places what it would reject (on its best-effort pair)
+    quantile: float = 0.9  # the predictor's confidence (Corrections.quantile)
 
 
 @dataclass(slots=True)
@@ -67,6 +76,16 @@ class Trace:
     finish: np.ndarray
     rejected: np.ndarray  # bool
     kv_wait: np.ndarray  # seconds a handoff refused at open waited for KV blocks after its prefill
+    ttft_target: np.ndarray  # ms, each request's targets
+    tpot_target: np.ndarray
+    pred_ttft: np.ndarray  # seconds, the router's prediction at placement (point; NaN: rejected)
+    pred_tpot: np.ndarray
+    bound_ttft: np.ndarray  # seconds, at the predictor's quantile
+    bound_tpot: np.ndarray
+
+    def sla(self) -> SLATarget:
+        """Elementwise targets (arrays of ms) for sla.ttft_met / tpot_met."""
+        return SLATarget(self.ttft_target, self.tpot_target)
 
     def ttft_s(self) -> np.ndarray:
         """Time to first token per request (NaN: never prefilled)."""
@@ -85,12 +104,13 @@ class Trace:
         return self.admitted - self.kv_ready + self.kv_wait
 
 
-def _trace(reqs: list[SimRequest]) -> Trace:
+def _trace(reqs: list[SimRequest], sla: list[SLATarget]) -> Trace:
     n = len(reqs)
     nan = lambda: np.full(n, np.nan)  # noqa: E731
     return Trace(np.array([r.arrival_s for r in reqs]), np.array([r.prompt_tokens for r in reqs]),
                  np.array([r.output_tokens for r in reqs]), nan(), nan(), nan(), nan(), nan(),
-                 np.zeros(n, dtype=bool), np.zeros(n))
+                 np.zeros(n, dtype=bool), np.zeros(n), np.array([s.ttft_ms for s in sla], dtype=float),
+                 np.array([s.tpot_ms for s in sla], dtype=float), nan(), nan(), nan(), nan())
 
 
 @dataclass(slots=True)
@@ -98,6 +118,7 @@ class _Run:
     """The state of one run, made before the first event."""
 
     reqs: list[SimRequest]
+    sla: list[SLATarget]  # each request's targets
     trace: Trace
     index: dict[str, int]  # request id given to the policies -> request index
     dest: np.ndarray  # (n,) decode unit of each placed request
@@ -109,9 +130,10 @@ class _Run:
     end: float = 0.0
 
 
-def _new_run(reqs: list[SimRequest]) -> _Run:
+def _new_run(reqs: list[SimRequest], default: SLATarget) -> _Run:
     n = len(reqs)
-    return _Run(reqs, _trace(reqs), {str(i): i for i in range(n)}, np.full(n, -1),
+    sla = [r.sla or default for r in reqs]
+    return _Run(reqs, sla, _trace(reqs, sla), {str(i): i for i in range(n)}, np.full(n, -1),
                 np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool))
 
 
@@ -121,8 +143,7 @@ class Simulator:
     def __init__(self, cfg: SimConfig):
         self.cfg = cfg
         pf, dc = cfg.prefill, cfg.decode
-        tps = pf.token_budget / prefill_time(pf.dep, [pf.token_budget])
-        self.prefill = [PrefillUnit(i, pf.dep, PrefillBatcher(pf.token_budget, pf.max_batch), tps)
+        self.prefill = [PrefillUnit(i, pf.dep, PrefillBatcher(pf.token_budget, pf.max_batch))
                         for i in range(pf.replicas)]
         cap = dc.kv_capacity_tokens or kv_token_capacity(dc.dep)
         if cap < dc.block_tokens:
@@ -135,9 +156,11 @@ class Simulator:
                                           cfg.speculative, cfg.draft))
         self._prefill_by_id = {u.uid: u for u in self.prefill}
         self._decode_by_id = {u.uid: u for u in self.decode}
-        self.router = Router(cfg.router_policy)
+        # the simulator releases the first token when the prefill batch ends (report.py's TTFT)
+        self.predictor = Predictor(Corrections(cfg.quantile), first_token_after_transfer=False)
+        self.router = Router(cfg.router_policy, self.predictor, cfg.reject)
         self.shared_host = (not cfg.colocated and pf.dep.hw.kind == "cpu" and dc.dep.hw.kind == "cpu")
-        self._run = _new_run([])
+        self._run = _new_run([], cfg.sla)
 
     @property
     def end(self) -> float:
@@ -153,7 +176,7 @@ class Simulator:
         heapq.heappush(self._run.heap, (t, self._run.n_events, kind, a, b))
 
     def run(self, reqs: list[SimRequest]) -> Trace:
-        self._run = run = _new_run(reqs)
+        self._run = run = _new_run(reqs, self.cfg.sla)
         for i, r in enumerate(reqs):
             self._push(r.arrival_s, ARRIVAL, i)
         while run.heap:
@@ -171,17 +194,28 @@ class Simulator:
 
     # -- prefill -----------------------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
-        run, r = self._run, self.reqs[i]
-        route = RouteRequest(str(i), r.prompt_tokens, r.output_tokens, self.cfg.sla)
-        dviews = [u.view() for u in self.decode]
-        place = self.router.place(route, [u.view() for u in self.prefill], dviews, now)
+        run, r, sla = self._run, self.reqs[i], self._run.sla[i]
+        route = RouteRequest(str(i), r.prompt_tokens, r.output_tokens, sla)
+        place = self.router.place(route, [u.view() for u in self.prefill], [u.view(now) for u in self.decode], now)
         if isinstance(place, Rejection):
             run.trace.rejected[i] = True
             return
+        self._record(i, place)
         p = self._prefill_by_id[place.prefill_worker].index
-        run.dest[i] = p if self.cfg.colocated else self._decode_by_id[place.decode_worker].index
-        self.prefill[p].batcher.add(PrefillItem(str(i), r.prompt_tokens, now))
+        d = run.dest[i] = p if self.cfg.colocated else self._decode_by_id[place.decode_worker].index
+        if r.output_tokens > 1:
+            unit = self.decode[d]
+            unit.incoming += 1
+            unit.incoming_tokens += r.prompt_tokens
+            unit.unopened_tokens += r.prompt_tokens + r.output_tokens
+            unit.tpot_targets[sla.tpot_ms / 1e3] += 1
+        self.prefill[p].add(PrefillItem(str(i), r.prompt_tokens, now, sla.priority, sla.ttft_ms / 1e3))
         self._try_prefill(now, p)
+
+    def _record(self, i: int, place: Placement) -> None:
+        tr = self._run.trace
+        tr.pred_ttft[i], tr.pred_tpot[i] = place.predicted_ttft_ms / 1e3, place.predicted_tpot_ms / 1e3
+        tr.bound_ttft[i], tr.bound_tpot[i] = place.ttft_bound_ms / 1e3, place.tpot_bound_ms / 1e3
 
     def _try_prefill(self, now: float, p: int) -> None:
         unit, run = self.prefill[p], self._run
@@ -194,20 +228,27 @@ class Simulator:
         slow = 1.0
         if self.shared_host and any(u.seg is not None for u in self.decode):
             slow = unit.dep.hw.perf.corun_slowdown_prefill
-        batch, dt = unit.start(slow)
+        batch, dt = unit.start(now, slow)
         if not batch:
             return
+        self.predictor.corrections.observe(unit.uid, "prefill", dt, prefill_time(unit.dep, [it.n_tokens for it in batch]))
         self._retime_decode(now)
         for it in batch:  # the batch opens its handoffs as it starts, as the live PrefillWorker does
             i = run.index[it.request_id]
             run.trace.prefill_start[i], run.prefill_dt[i] = now, dt
             if self.reqs[i].output_tokens > 1:
-                run.opened[i] = self.decode[run.dest[i]].open(Handoff(i, self.reqs[i].prompt_tokens))
+                self._open(i, self.decode[run.dest[i]].open(Handoff(i, self.reqs[i].prompt_tokens)))
         self._push(now + dt, PREFILL_DONE, p, batch)
+
+    def _open(self, i: int, opened: bool) -> None:
+        self._run.opened[i] = opened
+        if opened:
+            r = self.reqs[i]
+            self.decode[self._run.dest[i]].unopened_tokens -= r.prompt_tokens + r.output_tokens
 
     def _prefill_done(self, now: float, p: int, batch: list[PrefillItem]) -> None:
         unit, run = self.prefill[p], self._run
-        unit.busy, unit.running_tokens = False, 0
+        unit.done()
         self._retime_decode(now)
         path = unit.dep.hw.perf.request_path_s  # measured live frontend/Ray/gRPC latency (cpu profile)
         for it in batch:
@@ -248,7 +289,10 @@ class Simulator:
     def _kv_ready(self, now: float, d: int, i: int) -> None:
         unit, r = self.decode[d], self.reqs[i]
         self._run.trace.kv_ready[i] = now
-        unit.sched.add(DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens))  # it holds its blocks
+        unit.incoming -= 1
+        unit.incoming_tokens -= r.prompt_tokens
+        seq = DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens, priority=self._run.sla[i].priority)
+        unit.sched.add(seq)  # it holds its blocks
         if unit.seg is not None and unit.sched.n_waiting and unit.truncate(now):
             self._push(unit.end_time(), SEG_END, d, unit.seg.version)
         self._try_decode(now, d)
@@ -257,7 +301,7 @@ class Simulator:
         """Freed blocks: open refused handoffs in order; those already prefilled send their KV now."""
         run = self._run
         for h in unit.retry_refused():
-            run.opened[h.request] = True
+            self._open(h.request, True)
             if not np.isnan(run.prefill_end[h.request]):
                 run.trace.kv_wait[h.request] = now - run.prefill_end[h.request]
                 self._send_kv(now, h.request, 0.0)
@@ -279,8 +323,13 @@ class Simulator:
     def _segment_end(self, now: float, d: int) -> None:
         unit = self.decode[d]
         path = unit.dep.hw.perf.request_path_s  # the last token reaches the client the way the first did
+        s = unit.seg
+        model_s = token_step_time(unit.dep, s.batch, s.ctx0 + s.batch * (s.steps - 1) / 2, unit.spec, unit.draft)
+        self.predictor.corrections.observe(unit.uid, "decode", s.step_s, model_s)
         for f in unit.finish_segment():
-            self._run.trace.finish[self._run.index[f.request_id]] = now + path
+            i = self._run.index[f.request_id]
+            self._run.trace.finish[i] = now + path
+            unit.tpot_targets[self._run.sla[i].tpot_ms / 1e3] -= 1
         self._retry_refused(now, unit)
         if self.cfg.colocated and len(self.prefill[d].batcher):
             self._try_prefill(now, d)

@@ -13,12 +13,15 @@ blocks are freed.
 """
 from __future__ import annotations
 
-from collections import deque
+import math
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, prefill_time, token_step_time
+from orchestrator.core.predictor import DecodeState, PrefillState
+from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.router import DecodeView, PrefillView
 from prefill.batcher import PrefillBatcher, PrefillItem
 
@@ -31,32 +34,49 @@ class PrefillUnit:
     index: int  # position in Simulator.prefill; the router sees `uid`
     dep: Deployment
     batcher: PrefillBatcher
-    tokens_per_s: float
     running_tokens: int = 0
     busy: bool = False
+    busy_until: float = 0.0  # seconds: end of the batch in progress
     busy_s: float = 0.0
     batches: int = 0
     batched_prompts: int = 0
+    _view: PrefillView | None = None  # cached until the queue or the batch in progress changes
 
     @property
     def uid(self) -> str:
         return f"p{self.index}"
 
-    def view(self) -> PrefillView:
-        return PrefillView(self.uid, self.batcher.queued_tokens + self.running_tokens, self.tokens_per_s)
+    def add(self, item: PrefillItem) -> None:
+        self.batcher.add(item)
+        self._view = None
 
-    def start(self, slowdown: float = 1.0) -> tuple[list[PrefillItem], float]:
-        """Take the next batch; returns it with its duration (empty batch: nothing waits).
+    def view(self) -> PrefillView:
+        """The router's view: the predictor's state of this unit (it does not depend on the time)."""
+        if self._view is None:
+            queue = tuple(QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s) for it in self.batcher.waiting)
+            st = PrefillState(self.uid, self.dep, self.batcher.token_budget, self.batcher.max_batch, queue,
+                              self.busy_until if self.busy else 0.0)
+            self._view = PrefillView(st, self.running_tokens)
+        return self._view
+
+    def start(self, now: float, slowdown: float = 1.0) -> tuple[list[PrefillItem], float]:
+        """Take the next batch at `now`; returns it with its duration (empty batch: nothing waits).
         `slowdown`: factor while a decode unit shares the host (PerfParams.corun_slowdown_prefill)."""
         batch = self.batcher.next_batch()
         if not batch:
             return batch, 0.0
         dt = prefill_time(self.dep, [it.n_tokens for it in batch]) * slowdown
-        self.busy, self.running_tokens = True, sum(it.n_tokens for it in batch)
+        self.busy, self.running_tokens, self.busy_until = True, sum(it.n_tokens for it in batch), now + dt
+        self._view = None
         self.busy_s += dt
         self.batches += 1
         self.batched_prompts += len(batch)
         return batch, dt
+
+    def done(self) -> None:
+        """The batch in progress ended."""
+        self.busy, self.running_tokens = False, 0
+        self._view = None
 
 
 @dataclass(slots=True)
@@ -96,6 +116,10 @@ class DecodeUnit:
     seq_steps: int = 0
     kv_used_s: float = 0.0  # integral of used-block fraction over time
     slowdown: float = 1.0  # step-time factor while a prefill shares the host (PerfParams.corun_slowdown_decode)
+    incoming: int = 0  # requests placed here whose sequence is not in the scheduler yet (prefill, transfer)
+    incoming_tokens: int = 0  # their prompt tokens
+    unopened_tokens: int = 0  # prompt + max tokens of those whose KV blocks are not reserved yet
+    tpot_targets: Counter = field(default_factory=Counter)  # seconds -> sequences here or incoming with it
 
     @property
     def uid(self) -> str:
@@ -105,12 +129,18 @@ class DecodeUnit:
         """Seconds per emitted token of each sequence (speculative decoding amortised), on a shared host slowed."""
         return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown
 
-    def view(self) -> DecodeView:
-        active = self.sched.n_running + self.sched.n_waiting + len(self.refused)
-        ctx = sum(s.context_len for s in self.seg.plan.batch) if self.seg else 0
-        step = self.step_seconds(active + 1, ctx + 1024) * 1e3
-        free = self.alloc.free_blocks * self.alloc.block_size
-        return DecodeView(self.uid, active, self.sched.max_batch, free, self.alloc.capacity_tokens, step)
+    def view(self, now: float) -> DecodeView:
+        """The router's view at `now`: every sequence that will share the steps, with its context now."""
+        sched, s = self.sched, self.seg
+        ctx = sched.context_tokens + self.incoming_tokens
+        if s is not None:  # the segment's steps so far are applied only at its end
+            ctx += s.batch * min(s.steps, max(0, int((now - s.start) / s.step_s)))
+        free = max(0, self.alloc.free_blocks * self.alloc.block_size - self.unopened_tokens)
+        tightest = min((t for t, n in self.tpot_targets.items() if n), default=math.inf)
+        # slowdown 1: the predictor's corrections learn the co-run slowdown from observed steps, as live
+        st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + self.incoming, ctx, sched.max_batch,
+                         free, tightest, spec=self.spec, draft=self.draft)
+        return DecodeView(st, self.alloc.capacity_tokens, self.alloc.block_size)
 
     def begin(self, now: float) -> Segment | None:
         """Schedule a segment if idle with work: the policy picks the batch, we pick k."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.core.sla import SLATarget
 from orchestrator.core.trace import TraceError, check_rate, load_azure_trace, time_scale
 
 __all__ = ["SimRequest", "from_trace", "poisson", "TraceError"]
@@ -17,6 +18,7 @@ class SimRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int  # tokens generated, the first one by the prefill
+    sla: SLATarget | None = None  # its class's targets (None: the run's SimConfig.sla)
 
 
 def from_trace(path: str | Path, rate: float | None = None, limit: int | None = None) -> list[SimRequest]:
@@ -44,4 +46,4 @@ def poisson(rate: float, n: int, lengths: list[tuple[int, int]], seed: int = 0) 
 def rescale(reqs: list[SimRequest], rate: float) -> list[SimRequest]:
     """The same requests with arrival times scaled to a mean rate of `rate`/s (trace.time_scale)."""
     k = time_scale([r.arrival_s for r in reqs], rate)
-    return [SimRequest(r.rid, r.arrival_s * k, r.prompt_tokens, r.output_tokens) for r in reqs]
+    return [SimRequest(r.rid, r.arrival_s * k, r.prompt_tokens, r.output_tokens, r.sla) for r in reqs]

@@ -16,7 +16,9 @@ def _trace() -> Trace:
                  prefill_start=np.array([0.0, 1.0, nan]), first_token=np.array([0.2, 1.5, nan]),
                  kv_ready=np.array([0.21, 1.5, nan]), admitted=np.array([0.21, 1.5, nan]),
                  finish=np.array([0.6, 1.5, nan]), rejected=np.array([False, False, True]),
-                 kv_wait=np.zeros(3))
+                 kv_wait=np.zeros(3), ttft_target=np.full(3, 1000.0), tpot_target=np.full(3, 100.0),
+                 pred_ttft=np.array([0.2, 0.5, nan]), pred_tpot=np.array([0.1, nan, nan]),
+                 bound_ttft=np.array([0.25, 0.6, nan]), bound_tpot=np.array([0.12, nan, nan]))
 
 
 def test_trace_latencies():

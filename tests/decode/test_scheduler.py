@@ -13,9 +13,9 @@ from model.finish import FinishReason
 EOS = 2
 
 
-def add(sched: Scheduler, rid: str, n_tokens: int, max_tokens: int = 10, first: int = 7):
+def add(sched: Scheduler, rid: str, n_tokens: int, max_tokens: int = 10, first: int = 7, priority: int = 0):
     assert sched.alloc.reserve(rid, n_tokens)  # handoff admission, as the KV pool and the simulator do at open
-    return sched.add(DecodeSeq(rid, n_tokens, [first], max_tokens, frozenset({EOS})))
+    return sched.add(DecodeSeq(rid, n_tokens, [first], max_tokens, frozenset({EOS}), priority))
 
 
 def step(sched: Scheduler, token: int = 7):
@@ -81,6 +81,22 @@ def test_preemption_is_lifo_and_recompute_readmits_in_order():
     assert preempted[:2] == ["c", "b"]  # newest admitted first
     assert recomputed[:2] == ["b", "c"]  # back in admission order
     s.alloc.check()
+
+
+def test_preemption_takes_the_lowest_class_first_and_readmits_the_highest_first():
+    s = Scheduler(BlockAllocator(6, 4), max_batch=4)
+    add(s, "batch", 7, max_tokens=16, priority=0)  # admitted first, but the lowest class
+    add(s, "chat", 7, max_tokens=16, priority=2)
+    add(s, "mid", 3, max_tokens=16, priority=1)  # the newest: plain LIFO would take it
+    step(s)
+    plan, _ = step(s)  # batch and chat need a 3rd block: batch takes the free one, chat preempts batch
+    assert plan.preempted == ["batch"] and [q.request_id for q in plan.batch] == ["chat", "mid"]
+    s.alloc.check()
+    for _ in range(60):  # everything still finishes
+        plan, _ = step(s)
+        if not s.has_work:
+            break
+    assert s.alloc.free_blocks == 6 and not s.has_work
 
 
 def test_abort_during_a_step_is_deferred_until_the_step_is_done():

@@ -187,7 +187,14 @@ def test_load_reports_batch_and_blocks(lm, book):
         await started(w, "x", ref, max_tokens=16)
         load = await w.load()
         assert load.active + load.waiting == 1 and load.free_blocks < load.total_blocks
-        assert load.step_ms_if_added >= load.step_ms > 0
+        assert load.context_tokens >= len(ref.prompt)
+        while not load.steps:  # it is decoding: the steps it ran reach the next load, once
+            await asyncio.sleep(0.01)
+            load = await w.load()
+        batch, ctx, seconds = load.steps[-1]
+        assert batch == 1 and ctx >= len(ref.prompt) and seconds > 0
+        later = (await w.load()).steps
+        assert not set(load.steps) & set(later)
         await w.abort("x")
     run(lm, body)
 

@@ -30,13 +30,14 @@ def dstate(batch=8, ctx_per_seq=3000, wid="d0", free=10**6, tightest=math.inf, m
 
 
 def queue(n, tokens=1500):
-    return [QueuedPrompt(tokens, -1.0 - i) for i in range(n)]
+    """n prompts queued ahead of REQ: their deadlines (arrival + 1 s) are all before REQ's 2 s."""
+    return [QueuedPrompt(tokens, -1.0 - i, 0, 1.0) for i in range(n)]
 
 
 def _batcher(q, budget, max_batch, extra=None):
     b = PrefillBatcher(budget, max_batch)
     for i, it in enumerate(q):
-        b.add(PrefillItem(str(i), it.n_tokens, it.arrival_s, it.priority))
+        b.add(PrefillItem(str(i), it.n_tokens, it.arrival_s, it.priority, it.ttft_s))
     if extra is not None:
         b.add(extra)
     out = []
@@ -47,15 +48,16 @@ def _batcher(q, budget, max_batch, extra=None):
 
 def test_queue_batches_match_the_prefill_batcher_on_random_queues():
     rng = random.Random(7)
+    targets = [math.inf, 1.0, 2.0, 5.0]  # equal deadlines happen (arrivals are whole seconds): the tiebreaks
     for _ in range(400):
         budget, max_batch = rng.choice([64, 512, 4096]), rng.randint(1, 6)
         q = [QueuedPrompt(rng.choice([rng.randint(1, 100), rng.randint(1, 5000)]), float(rng.randint(-5, 0)),
-                          rng.randint(0, 2)) for _ in range(rng.randint(0, 14))]
+                          rng.randint(0, 2), rng.choice(targets)) for _ in range(rng.randint(0, 14))]
         plan = plan_queue(TRN, tuple(q), budget, max_batch)
         assert [list(map(str, b)) for b in plan.batches] == _batcher(q, budget, max_batch)
-        n, prio = rng.randint(1, 5000), rng.randint(0, 2)
-        slot = locate(plan, TRN, n, prio, 0.0, budget, max_batch)
-        actual = _batcher(q, budget, max_batch, PrefillItem("new", n, 0.0, prio))
+        n, prio, ttft = rng.randint(1, 5000), rng.randint(0, 2), rng.choice(targets)
+        slot = locate(plan, TRN, n, prio, 0.0, budget, max_batch, ttft_s=ttft)
+        actual = _batcher(q, budget, max_batch, PrefillItem("new", n, 0.0, prio, ttft))
         k = next(i for i, b in enumerate(actual) if "new" in b)
         assert slot.batch == k
         assert sorted(map(str, slot.members)) == sorted(r for r in actual[k] if r != "new")
@@ -73,10 +75,15 @@ def test_a_longer_queue_predicts_a_longer_ttft():
     assert busy == pytest.approx(ttfts[0] + 0.3)
 
 
-def test_higher_priority_jumps_the_queue():
+def test_an_earlier_deadline_jumps_the_queue_and_priority_breaks_ties():
     pred = Predictor()
-    low = pred.prefill_part(REQ, pstate(queue(6)), CS3, 0.0)
-    high = pred.prefill_part(PredictRequest(2000, 200, 2.0, 0.02, priority=1), pstate(queue(6)), CS3, 0.0)
+    loose = [QueuedPrompt(1500, -1.0 - i, 0, 30.0) for i in range(6)]  # deadlines 23..28 s
+    late = pred.prefill_part(PredictRequest(2000, 200, 40.0, 0.02), pstate(loose), CS3, 0.0)
+    tight = pred.prefill_part(REQ, pstate(loose), CS3, 0.0)  # deadline 2 s: before all of them
+    assert tight.batch == 0 < late.batch and tight.ttft.point_s < late.ttft.point_s
+    same = [QueuedPrompt(1500, 0.0, 0, 2.0) for _ in range(6)]  # the same deadline as REQ
+    low = pred.prefill_part(REQ, pstate(same), CS3, 0.0)
+    high = pred.prefill_part(PredictRequest(2000, 200, 2.0, 0.02, priority=1), pstate(same), CS3, 0.0)
     assert high.batch == 0 < low.batch and high.ttft.point_s < low.ttft.point_s
 
 

@@ -1,20 +1,35 @@
+"""The router's rules on hand-built views of a Llama-3.1-70B Trn2 prefill pool and CS-3 decode pool."""
+import math
+
 import pytest
+from hypothesis import given, settings, strategies as st
 
+from hardware.perf import make_deployment
+from hardware.profiles import get_profile
+from model.specs import get_spec
+from orchestrator.core.predictor import DecodeState, PrefillState
+from orchestrator.core.queueplan import QueuedPrompt
+from orchestrator.core.router import (POLICIES, REJECTION_KINDS, DecodeView, Placement, PrefillView, Rejection,
+                                      RouteRequest, Router)
 from orchestrator.core.sla import SLATarget
-from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
 
-SLA = SLATarget(ttft_ms=1000, tpot_ms=50)
-
-
-def pf(wid, queued=0, rate=1000.0, healthy=True):
-    return PrefillView(wid, queued, rate, healthy)
-
-
-def dc(wid, active=0, free=1000, total=1000, step=20.0, healthy=True):
-    return DecodeView(wid, active, 64, free, total, step, healthy)
+MODEL = get_spec("llama-3.1-70b")
+TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
+CS3 = make_deployment(MODEL, get_profile("cs3"), systems=4)
+SLA = SLATarget(ttft_ms=2000, tpot_ms=20)
+KV = 2_000_000  # tokens of KV per decode worker
 
 
-def req(prompt=100, out=50, sla=SLA):
+def pf(wid, queued=0, tokens=2000, healthy=True, busy_until=0.0):
+    queue = tuple(QueuedPrompt(tokens, -1.0 - i, 0, 1.0) for i in range(queued))
+    return PrefillView(PrefillState(wid, TRN, 8192, 8, queue, busy_until), healthy=healthy)
+
+
+def dc(wid, batch=4, ctx=3000, free=KV, tightest=math.inf, healthy=True, total=KV):
+    return DecodeView(DecodeState(wid, CS3, batch, batch * ctx, 64, free, tightest), total, 64, healthy)
+
+
+def req(prompt=2000, out=200, sla=SLA):
     return RouteRequest("r", prompt, out, sla)
 
 
@@ -26,30 +41,110 @@ def test_round_robin_cycles():
 
 def test_least_loaded_picks_shortest_queue_and_emptiest_decode():
     r = Router("least_loaded")
-    p = r.place(req(), [pf("p0", queued=5000), pf("p1", queued=10)], [dc("d0", active=10), dc("d1", active=2)], 0.0)
+    p = r.place(req(), [pf("p0", queued=5), pf("p1", queued=1)], [dc("d0", batch=40), dc("d1", batch=2)], 0.0)
     assert isinstance(p, Placement) and (p.prefill_worker, p.decode_worker) == ("p1", "d1")
 
 
-def test_sla_policy_rejects_early_naming_the_target():
+def test_cost_counts_kv_blocks_in_use_not_the_batch():
+    r = Router("cost")
+    few_long = dc("d0", batch=4, ctx=100_000, free=KV - 400_000)  # few sequences, many blocks
+    many_short = dc("d1", batch=30, ctx=500, free=KV - 15_000)
+    p = r.place(req(), [pf("p0", queued=3), pf("p1", queued=2)], [few_long, many_short], 0.0)
+    assert (p.prefill_worker, p.decode_worker) == ("p1", "d1")
+    assert Router("least_loaded").place(req(), [pf("p0")], [few_long, many_short], 0.0).decode_worker == "d0"
+
+
+def test_every_policy_reports_the_predictors_estimate_for_its_pair():
+    for policy in POLICIES:
+        p = Router(policy).place(req(), [pf("p0")], [dc("d0")], 0.0)
+        assert isinstance(p, Placement), policy
+        assert 0 < p.predicted_ttft_ms <= p.ttft_bound_ms and 0 < p.predicted_tpot_ms <= p.tpot_bound_ms
+
+
+def test_sla_meets_the_targets_it_admits_and_picks_the_pair_that_can():
     r = Router("sla")
-    slow = r.place(req(prompt=2000), [pf("p0", queued=0, rate=1000)], [dc("d0", free=10000, total=10000)], 0.0)
-    assert isinstance(slow, Rejection) and "TTFT" in slow.reason
-    busy = r.place(req(), [pf("p0")], [dc("d0", step=80.0)], 0.0)
-    assert isinstance(busy, Rejection) and "TPOT" in busy.reason
-    ok = r.place(req(), [pf("p0")], [dc("d0", step=80.0), dc("d1", step=30.0)], 0.0)
-    assert isinstance(ok, Placement) and ok.decode_worker == "d1"
+    p = r.place(req(), [pf("p0", queued=6), pf("p1")], [dc("d0", batch=60), dc("d1")], 0.0)
+    assert isinstance(p, Placement) and (p.prefill_worker, p.decode_worker) == ("p1", "d1")
+    assert p.ttft_bound_ms <= SLA.ttft_ms and p.tpot_bound_ms <= SLA.tpot_ms
 
 
-def test_rejects_what_can_never_fit_and_skips_unhealthy():
-    r = Router("least_loaded")
-    too_big = r.place(req(prompt=900, out=200), [pf("p0")], [dc("d0", total=1000)], 0.0)
-    assert isinstance(too_big, Rejection) and too_big.code == "RESOURCE_EXHAUSTED"
+def test_sla_rejects_at_once_naming_the_predictions_against_the_targets():
+    r = Router("sla")
+    late = r.place(req(), [pf("p0", queued=8, busy_until=1.5)], [dc("d0")], 0.0)
+    assert isinstance(late, Rejection) and late.kind == "ttft" and late.code == "RESOURCE_EXHAUSTED"
+    assert "predicted TTFT" in late.reason and "2000 ms" in late.reason
+    slow = r.place(req(sla=SLATarget(2000, 1.0)), [pf("p0")], [dc("d0")], 0.0)
+    assert isinstance(slow, Rejection) and slow.kind == "tpot" and "TPOT" in slow.reason
+
+
+def test_a_ttft_target_below_the_floor_names_the_floor():
+    got = Router("sla").place(req(sla=SLATarget(0.001, 20)), [pf("p0")], [dc("d0")], 0.0)
+    assert isinstance(got, Rejection) and got.kind == "below_floor" and "floor" in got.reason
+    assert "idle prefill worker" in got.reason
+
+
+def test_sla_protects_the_tpot_of_sequences_already_decoding():
+    r = Router("sla")
+    base = dc("d0", batch=20)
+    step_ms = base.state.step_s(21, base.state.ctx_sum + 2000) * 1e3
+    tight = dc("d0", batch=20, tightest=step_ms * 1.0001 / 1e3)  # one more sequence would break it
+    loose = dc("d1", batch=20, ctx=3100)
+    assert r.place(req(), [pf("p0")], [tight, loose], 0.0).decode_worker == "d1"
+    alone = r.place(req(), [pf("p0")], [tight], 0.0)
+    assert isinstance(alone, Rejection) and alone.kind == "running_tpot"
+
+
+def test_full_workers_and_bad_pools_are_named():
+    r = Router("sla")
+    full = r.place(req(), [pf("p0")], [dc("d0", batch=64)], 0.0)
+    assert isinstance(full, Rejection) and full.kind == "kv_full"
+    huge = r.place(req(prompt=900, out=200), [pf("p0")], [dc("d0", total=1000, free=1000)], 0.0)
+    assert isinstance(huge, Rejection) and huge.kind == "kv_capacity" and "1100 tokens" in huge.reason
     none = r.place(req(), [pf("p0", healthy=False)], [dc("d0")], 0.0)
     assert isinstance(none, Rejection) and none.code == "UNAVAILABLE"
-    p = r.place(req(), [pf("p0")], [dc("d0", healthy=False), dc("d1", active=50)], 0.0)
-    assert p.decode_worker == "d1"
+    assert {x.kind for x in (full, huge)} <= set(REJECTION_KINDS)
+
+
+def test_without_rejection_it_places_on_the_best_effort_pair():
+    views = ([pf("p0", queued=8, busy_until=1.5)], [dc("d0")])
+    assert isinstance(Router("sla").place(req(), *views, 0.0), Rejection)
+    p = Router("sla", reject=False).place(req(), *views, 0.0)
+    assert isinstance(p, Placement) and p.ttft_bound_ms > SLA.ttft_ms
 
 
 def test_unknown_policy_is_named():
     with pytest.raises(ValueError, match="policy"):
         Router("fastest")
+
+
+@st.composite
+def pools(draw):
+    n_p, n_d = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    prefill = [pf(f"p{i}", draw(st.integers(0, 6)), draw(st.integers(100, 6000)), draw(st.booleans()),
+                  draw(st.floats(0.0, 2.0))) for i in range(n_p)]
+    decode = []
+    for i in range(n_d):
+        batch = draw(st.integers(0, 64))
+        free = draw(st.sampled_from([0, 1000, 5000, KV]))
+        decode.append(dc(f"d{i}", batch, draw(st.integers(100, 8000)), free, draw(st.sampled_from([math.inf, 0.02, 0.05])),
+                         draw(st.booleans())))
+    return prefill, decode
+
+
+@settings(max_examples=150, deadline=None)
+@given(pools(), st.integers(1, 6000), st.integers(1, 800), st.sampled_from(POLICIES), st.randoms())
+def test_never_places_on_an_unhealthy_or_full_worker_and_ignores_view_order(views, prompt, out, policy, rnd):
+    prefill, decode = views
+    r = req(prompt, out, SLATarget(3000, 30))
+    got = Router(policy, reject=True).place(r, prefill, decode, 0.0)
+    if isinstance(got, Placement):
+        p = next(v for v in prefill if v.worker_id == got.prefill_worker)
+        d = next(v for v in decode if v.worker_id == got.decode_worker)
+        assert p.healthy and d.healthy and d.total_kv_tokens >= prompt + out
+        if policy == "sla":
+            assert d.state.free_kv_tokens >= prompt + out and d.state.batch < d.state.max_batch
+            assert got.ttft_bound_ms <= 3000 and got.tpot_bound_ms <= 30
+    if policy != "round_robin":  # its cursor walks the views in order, by design
+        rnd.shuffle(prefill)
+        rnd.shuffle(decode)
+        assert Router(policy).place(r, prefill, decode, 0.0) == got

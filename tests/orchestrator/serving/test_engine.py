@@ -24,6 +24,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import ChatMessage
 from orchestrator.core.request import Request, RequestState, SLATarget
 from orchestrator.core.router import Router
+from orchestrator.serving.perfmodel import live_deployment
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
 from orchestrator.serving.workers import DecodeHandle, LocalCalls, Pools, PrefillHandle, WorkerUnavailable
 from prefill.worker import PrefillWorker
@@ -74,7 +75,7 @@ class _Setup:
         pools = Pools(prefill={"prefill-0": PrefillHandle("prefill-0", self.prefill_calls)},
                       decode={"decode-0": DecodeHandle("decode-0", self.decode_calls)},
                       kv_targets={"decode-0": "decode-0"})
-        self.engine = Engine(pools, Router("least_loaded"), decode_max_batch=8)
+        self.engine = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8)
 
     async def kv_freed(self) -> bool:
         """True once every KV block of the decode pool is free again (False after 30 s)."""

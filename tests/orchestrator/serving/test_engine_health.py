@@ -8,6 +8,7 @@ import asyncio
 from decode.worker import DecodeLoad
 from orchestrator.serving import engine as engine_mod
 from orchestrator.core.router import Router
+from orchestrator.serving.perfmodel import live_deployment
 from orchestrator.serving.engine import Engine
 from orchestrator.serving.workers import DecodeHandle, Pools, PrefillHandle, WorkerUnavailable
 from prefill.worker import PrefillLoad
@@ -29,15 +30,15 @@ class _Load:
 
 
 def _decode_load(port: int) -> DecodeLoad:
-    return DecodeLoad(0, 0, 100, 100, 16, 10.0, 11.0, f"127.0.0.1:{port}")
+    return DecodeLoad(0, 0, 100, 100, 16, 0, f"127.0.0.1:{port}")
 
 
 def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
     monkeypatch.setattr(engine_mod, "LOAD_TIMEOUT_S", 0.05)
-    p0, d0, d1 = _Load(PrefillLoad("p0", 0, 0, 1000.0)), _Load(_decode_load(1)), _Load(_decode_load(2))
+    p0, d0, d1 = _Load(PrefillLoad("p0", 0, 0)), _Load(_decode_load(1)), _Load(_decode_load(2))
     pools = Pools(prefill={"p0": PrefillHandle("p0", p0)}, decode={"d0": DecodeHandle("d0", d0), "d1": DecodeHandle("d1", d1)},
                   kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
-    eng = Engine(pools, router=Router("least_loaded"), decode_max_batch=8)
+    eng = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8)
 
     async def main():
         await eng._refresh_views()

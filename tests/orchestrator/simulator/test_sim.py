@@ -25,7 +25,7 @@ CONV = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/data 
 def _cfg(**kw):
     m = get_spec("llama-3.1-70b")
     return SimConfig(PoolSetup(make_deployment(m, get_profile("trn2.48xlarge"), tp=64), 1, 8),
-                     PoolSetup(make_deployment(m, get_profile("cs3")), 1, 64), SLATarget(2000, 50), **kw)
+                     PoolSetup(make_deployment(m, get_profile("cs3")), 1, 64), SLATarget(2000, 50), **{"router_policy": "least_loaded", **kw})
 
 
 def _reqs(n=300, rate=5.0):
@@ -204,7 +204,7 @@ def _host_cfg(**perf):
     m = get_spec("smollm2-135m")
     dep = make_deployment(m, hw, dtype="fp32", kv_dtype="fp32")
     return SimConfig(PoolSetup(dep, 1, 8), PoolSetup(dep, 1, 64, block_tokens=64, kv_capacity_tokens=65536),
-                     SLATarget(5000, 400))
+                     SLATarget(5000, 400), router_policy="least_loaded")
 
 
 def test_shared_host_corun_slowdowns_apply():
