@@ -126,6 +126,11 @@ class Scheduler:
         """Stored context of every sequence running or waiting here (they will all share the steps)."""
         return self.running_context_tokens + sum(s.context_len for s in (*self._waiting, *self._preempted))
 
+    def running_remaining(self) -> list[tuple[int, int]]:
+        """(tokens it may still generate, context tokens it holds) of each running sequence, ascending:
+        when batch slots and KV blocks free up."""
+        return sorted((s.max_tokens - len(s.generated), s.context_len) for s in self._running)
+
     @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._preempted)

@@ -53,6 +53,7 @@ class DecodeLoad:
     total_blocks: int
     block_size: int
     context_tokens: int  # cached context of every sequence running or waiting here
+    remaining: tuple[int, ...] = ()  # tokens each running sequence may still generate, ascending
     kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
     steps: tuple[tuple[int, int, float], ...] = ()  # (batch, context tokens, seconds) of the steps since the
     # last load(): each is one busy loop iteration (schedule, forward, sample, stream), what a token costs
@@ -190,7 +191,7 @@ class DecodeWorker:
         sch, alloc = self.scheduler, self.pool.allocator
         steps, self._recent_steps = tuple(self._recent_steps), deque(maxlen=RECENT_STEPS_KEPT)
         return DecodeLoad(sch.n_running, sch.n_waiting, alloc.free_blocks, alloc.n_blocks, alloc.block_size,
-                          sch.context_tokens, self.kv_target, steps)
+                          sch.context_tokens, tuple(sch.running_remaining()), self.kv_target, steps)
 
     async def close(self) -> None:
         if self._task is not None:

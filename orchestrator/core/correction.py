@@ -3,7 +3,10 @@
 Pure data structure (no clock, no I/O): callers report what happened with `observe(worker, phase,
 observed_s, predicted_s)`; `factors(worker, phase)` returns the multipliers the predictor applies to
 that phase's perf-model time: the window's median for the point estimate and its q-quantile for
-the bound. Phases: "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
+the bound. Phases: "ttft" (a request's whole TTFT against the prediction from the parts, keyed by
+`ttft_key`: prefill worker and TTFT-target class; it learns the queue's dynamics the parts do not
+model: later arrivals with earlier deadlines overtaking, later prompts joining its batch, the
+frontend), "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
 tail, keyed by the sending prefill worker) and "decode" (one decode step on a decode worker).
 
 Prior (fewer than `min_samples` observations): the ratio is log-normal with median 1 and log
@@ -17,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
 
-PHASES = ("prefill", "transfer", "decode")
+PHASES = ("prefill", "transfer", "decode", "ttft")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,12 @@ def quantile(sorted_values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def ttft_key(worker: str, ttft_s: float) -> str:
+    """The "ttft" phase's key: the worker and its TTFT target rounded up to a power of two seconds
+    (requests of one class share a window; arbitrary per-request targets fall into few windows)."""
+    return f"{worker}|ttft<={2.0 ** math.ceil(math.log2(ttft_s)):g}s"
 
 
 def check_quantile(q: float) -> float:

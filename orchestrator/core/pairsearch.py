@@ -9,7 +9,7 @@ by, and exact parts are computed only while a bound can still beat the best foun
 - prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
   newcomer's batch can start + the prompt alone) + request path (the prompt-alone term only on
   analytic profiles, where adding prompts to a batch never makes it faster), plus the transfer's
-  floor (kv_transfer_time with an unbounded overlap) x its f_bound.
+  floor (kv_transfer_time with an unbounded overlap) x its f_bound; all times the "ttft" factor.
 
 Cost: O(P log P + D log D) cheap steps plus the exact parts of the few candidates; the states carry
 their precomputation (PrefillState.plan, DecodeState.step_now_s), so build them when a worker's
@@ -18,21 +18,24 @@ state changes, not per decision.
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import Callable, Sequence
 
 from hardware.perf import Deployment, kv_transfer_time, prefill_time
-from orchestrator.core.predictor import DecodePart, DecodeState, PredictRequest, Predictor, PrefillPart, PrefillState
+from orchestrator.core.predictor import (DecodePart, DecodeState, PredictRequest, Predictor, PrefillPart, PrefillState,
+                                         kv_arrival_s)
+from orchestrator.core.correction import ttft_key
 from orchestrator.core.queueplan import order_key
 
 _SLACK = 1.0 - 1e-9  # lower bounds are rounded down so float rounding never prunes an exact tie
 
 
-def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState]) -> DecodePart | None:
+def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState],
+                 arrival_s: float) -> DecodePart | None:
     steps, corr = req.max_tokens - 1, pred.corrections
     need = req.prompt_tokens + req.max_tokens
     cands = []
     for st in decode:
-        if st.batch >= st.max_batch or st.free_kv_tokens < need:  # DecodePart.fits, exactly
+        if not st.admits(need, arrival_s):  # DecodePart.fits, exactly
             continue
         lb = 0.0
         if st.spec is None and st.dep.hw.perf.measured is None:
@@ -43,7 +46,7 @@ def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeSt
     for lb, wid, st in cands:
         if best is not None and (lb, wid) > (best.decode.bound_s, best.worker_id):
             break
-        d = pred.decode_part(req, st)
+        d = pred.decode_part(req, st, arrival_s)
         if d.fits and d.protects and (best is None or (d.decode.bound_s, wid) < (best.decode.bound_s, best.worker_id)):
             best = d
     return best
@@ -52,13 +55,39 @@ def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeSt
 def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],
                      decode: Sequence[DecodeState], dst: Deployment,
                      now: float) -> tuple[PrefillPart, DecodePart] | None:
-    """The pair `best_pair` would choose from every worker's parts (same ties), computing few of them.
+    """The pair `best_pair` would choose from every worker's parts (same ties), computing few of them;
+    the decode parts are taken at the KV arrival of `earliest_prefill`, as the router's rule says.
     `dst`: the decode workers' deployment (one per call; heterogeneous pools: one call per group)."""
-    d = _best_decode(pred, req, decode)
+    cands = _prefill_candidates(pred, req, prefill, dst, now)
+    parts: dict[str, PrefillPart] = {}
+
+    def part(st: PrefillState) -> PrefillPart:
+        got = parts.get(st.worker_id)
+        if got is None:
+            got = parts[st.worker_id] = pred.prefill_part(req, st, dst, now)
+        return got
+
+    first = _best_prefill(cands, part, lambda p: p.ttft.bound_s <= req.ttft_s)
+    if first is None:
+        return None
+    d = _best_decode(pred, req, decode, kv_arrival_s(first))
     if d is None:
         return None
-    steps, corr = req.max_tokens - 1, pred.corrections
+    steps = req.max_tokens - 1
     inv = 1.0 / steps if steps else 0.0
+
+    def meets(p: PrefillPart) -> bool:
+        return p.ttft.bound_s <= req.ttft_s and (not steps or (p.tail.bound_s + d.decode.bound_s) * inv <= req.tpot_s)
+
+    best = first if meets(first) else _best_prefill(cands, part, meets)
+    return None if best is None else (best, d)
+
+
+def _prefill_candidates(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState], dst: Deployment,
+                        now: float) -> list[tuple[float, str, PrefillState]]:
+    """(floor of ttft.bound + tail.bound, worker id, state) of the workers whose floor can meet the TTFT
+    target, ascending."""
+    corr = pred.corrections
     key = order_key(req.priority, now, req.ttft_s)
     alone: dict[tuple[int, float], float] = {}
     floor: dict[int, float] = {}  # exposed transfer is non-increasing in the prefill time: its floor
@@ -82,18 +111,26 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[Pre
         busy = st.busy_until_s - now
         lb = (busy if busy > 0 else 0.0) + corr.factors(st.worker_id, "prefill").bound * (before + own) + \
             st.dep.hw.perf.request_path_s
-        if (lb + tr if pred.first_token_after_transfer else lb) * _SLACK <= req.ttft_s:  # else ttft.bound > target
-            cands.append(((lb + tr) * _SLACK, st.worker_id, st))  # a floor of ttft.bound + tail.bound
+        g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound  # scales the whole TTFT
+        ttft = (lb + tr if pred.first_token_after_transfer else lb) * g
+        if ttft * _SLACK <= req.ttft_s:  # else ttft.bound > target
+            cands.append(((ttft if pred.first_token_after_transfer else ttft + tr) * _SLACK, st.worker_id, st))
     cands.sort(key=lambda c: (c[0], c[1]))
+    return cands
+
+
+def _best_prefill(cands: list[tuple[float, str, PrefillState]], part: Callable[[PrefillState], PrefillPart],
+                  ok: Callable[[PrefillPart], bool]) -> PrefillPart | None:
+    """The candidate with the least ttft.bound + tail.bound (ties: lowest id) among those `ok` accepts."""
     best: PrefillPart | None = None
     best_key = (0.0, "")
     for lb, wid, st in cands:
         if best is not None and (lb, wid) > best_key:
             break
-        p = pred.prefill_part(req, st, dst, now)
-        if p.ttft.bound_s > req.ttft_s or (steps and (p.tail.bound_s + d.decode.bound_s) * inv > req.tpot_s):
+        p = part(st)
+        if not ok(p):
             continue
         k = (p.ttft.bound_s + p.tail.bound_s, wid)
         if best is None or k < best_key:
             best, best_key = p, k
-    return None if best is None else (best, d)
+    return best

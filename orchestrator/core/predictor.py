@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from hardware.perf import Deployment, Speculative, kv_transfer_time, prefill_time, token_step_time
-from orchestrator.core.correction import Corrections
+from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
 
@@ -101,6 +101,11 @@ class DecodeState:
     slowdown: float = 1.0  # factor on step times (PerfParams.corun_slowdown_decode on a shared host)
     spec: Speculative | None = None  # speculative decoding, as the simulator's DecodeUnit
     draft: Deployment | None = None
+    remaining: tuple[tuple[int, int], ...] = ()  # (steps left, KV tokens held) of each running sequence,
+    # ascending: when batch slots and KV free up
+    incoming: tuple[tuple[float, int, int, int], ...] = ()  # (seconds until its KV arrives, KV tokens it has
+    # yet to reserve, steps it will run, KV tokens it then holds) of each request placed here and not
+    # arrived (counted in `batch`), ascending
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
 
     def __post_init__(self) -> None:
@@ -111,7 +116,40 @@ class DecodeState:
         if not (self.tightest_tpot_s > 0):  # NaN fails too; inf allowed
             raise ValueError(f"tightest_tpot_s: must be > 0 (inf: no target), got {self.tightest_tpot_s!r}")
         _positive("slowdown", self.slowdown)
-        object.__setattr__(self, "step_now_s", self.step_s(self.batch, self.ctx_sum) if self.batch else 0.0)
+        object.__setattr__(self, "step_now_s", self.step_s(min(self.batch, self.max_batch), self.ctx_sum)
+                           if self.batch else 0.0)
+
+    def start_at_s(self, need_tokens: int, arrival_s: float, step_s: float) -> float | None:
+        """Seconds from now when a newcomer whose KV arrives `arrival_s` from now and needs `need_tokens` of
+        KV (prompt + max_tokens) can start, taking `step_s` seconds per step: at its arrival when it
+        then has a batch slot and that room (what the sequences finished by then gave back, less what
+        the incoming ones that arrived took); else it queues behind the others and starts when enough
+        of the sequences there have finished (None: not even when all have: no room)."""
+        free, finish = self.free_kv_tokens, [(steps * step_s, held) for steps, held in self.remaining]
+        arrived = 0
+        for eta, reserve, steps, held in self.incoming:
+            if eta > arrival_s:
+                break
+            free -= reserve
+            finish.append((eta + steps * step_s, held))
+            arrived += 1
+        finish.sort()
+        k = 0
+        while k < len(finish) and finish[k][0] <= arrival_s:
+            free += finish[k][1]
+            k += 1
+        slots = self.batch - len(self.incoming) + arrived - k - self.max_batch + 1  # to free after it arrives
+        if slots <= 0 and free >= need_tokens:
+            return arrival_s
+        for n, (t, held) in enumerate(finish[k:], 1):
+            free += held
+            if n >= slots and free >= need_tokens:
+                return t
+        return None
+
+    def admits(self, need_tokens: int, arrival_s: float = 0.0) -> bool:
+        """A batch slot and KV room for `need_tokens`, at `arrival_s` or predictably later (DecodePart.fits)."""
+        return self.start_at_s(need_tokens, arrival_s, self.step_now_s) is not None
 
     def step_s(self, batch: int, ctx_sum: float) -> float:
         """Perf-model seconds per emitted token per sequence (the simulator's DecodeUnit uses the same function)."""
@@ -142,8 +180,9 @@ class PrefillPart:
     queue_wait: Estimate  # seconds until its batch starts (the batch in progress as given, uncorrected)
     prefill: Estimate  # seconds of its own batch
     transfer: Estimate  # seconds of exposed KV transfer after the batch (layer-wise overlap)
-    ttft: Estimate  # seconds, the TTFT as defined above
+    ttft: Estimate  # seconds, the TTFT as defined above, times the "ttft" correction
     tail: Estimate  # seconds counted in the TPOT numerator (the transfer, or zero)
+    ttft_model_s: float  # seconds, the TTFT point from the parts alone: what the "ttft" correction observes against
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +207,7 @@ class PairPrediction:
     tpot: Estimate  # seconds (0 for a one-token request)
     running_tpot: Estimate  # seconds, what the decode worker's sequences would get
     ok: bool  # fits, protects the running sequences, and both bounds meet the request's targets
+    ttft_model_s: float  # PrefillPart.ttft_model_s
 
 
 class Predictor:
@@ -194,26 +234,36 @@ class Predictor:
         kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
         transfer = self._scaled(st.worker_id, "transfer", kv_transfer_time(st.dep, dst, kv, own_s))
         path = st.dep.hw.perf.request_path_s
-        ttft = wait + prefill + Estimate(path, path)
+        ttft, tail = wait + prefill + Estimate(path, path), transfer
         if self.first_token_after_transfer:
-            return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer, ttft + transfer, ZERO)
-        return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer, ttft, transfer)
+            ttft, tail = ttft + transfer, ZERO
+        g = self.corrections.factors(ttft_key(st.worker_id, req.ttft_s), "ttft")
+        return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer,
+                           Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound), tail, ttft.point_s)
 
-    def decode_part(self, req: PredictRequest, st: DecodeState) -> DecodePart:
-        """TPOT parts on `st`: the batch grows by one and every context by one per step; the step time is
-        taken at the midpoint of the newcomer's (max_tokens - 1) steps (exact mean: perf is linear in ctx)."""
+    def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0) -> DecodePart:
+        """TPOT parts on `st` for KV arriving `arrival_s` seconds from now: the batch grows by one (up to
+        max_batch: beyond, or without KV room, the newcomer waits until enough running sequences
+        finish, less the time it spends in prefill anyway) and every context by one per step; the
+        step time is taken at the midpoint of its (max_tokens - 1) steps (exact mean: perf is linear in ctx)."""
         steps = req.max_tokens - 1
         half = (steps - 1) / 2 if steps > 0 else 0.0
-        b = st.batch
-        with_s = st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (b + 1) * half)
-        before_s = st.step_s(b, st.ctx_sum + b * half) if b else 0.0
+        b, full = st.batch, st.batch >= st.max_batch
+        need = req.prompt_tokens + req.max_tokens
+        running = min(b, st.max_batch)
+        with_s = st.step_s(min(b + 1, st.max_batch), st.ctx_sum + req.prompt_tokens + (running + 1) * half)
+        before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
         step = self._scaled(st.worker_id, "decode", with_s)
         f = self.corrections.factors(st.worker_id, "decode")
         # arrival at a uniformly random phase of the step in flight: mean half a step, q-quantile q steps
         wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
+        start = st.start_at_s(need, arrival_s, st.step_now_s * f.point)
+        fits = start is not None
+        if fits and start > arrival_s:
+            late = st.start_at_s(need, arrival_s, st.step_now_s * f.bound)
+            wait = wait + Estimate(start - arrival_s, late - arrival_s)
         decode = wait + step.scale(steps)
-        fits = b < st.max_batch and st.free_kv_tokens >= req.prompt_tokens + req.max_tokens
-        protects = b == 0 or step.bound_s <= st.tightest_tpot_s
+        protects = b == 0 or full or step.bound_s <= st.tightest_tpot_s  # a full batch does not grow
         return DecodePart(st.worker_id, fits, step, wait, decode, before_s * f.point, step, protects)
 
     @staticmethod
@@ -222,11 +272,26 @@ class Predictor:
         steps = req.max_tokens - 1
         tpot = (pp.tail + dp.decode).scale(1.0 / steps) if steps else ZERO
         ok = (dp.fits and dp.protects and pp.ttft.bound_s <= req.ttft_s and tpot.bound_s <= req.tpot_s)
-        return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok)
+        return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok, pp.ttft_model_s)
 
     def predict(self, req: PredictRequest, p: PrefillState, d: DecodeState, now: float) -> PairPrediction:
         """One pair, from the states (convenience; routers should use the parts)."""
-        return self.combine(req, self.prefill_part(req, p, d.dep, now), self.decode_part(req, d))
+        pp = self.prefill_part(req, p, d.dep, now)
+        return self.combine(req, pp, self.decode_part(req, d, kv_arrival_s(pp)))
+
+
+def kv_arrival_s(pp: PrefillPart) -> float:
+    """Seconds from now until the request's KV is at the decode worker (point): when its wait for a
+    decode slot or KV room starts to count."""
+    return pp.ttft.point_s + pp.tail.point_s
+
+
+def earliest_prefill(req: PredictRequest, prefill: Sequence[PrefillPart]) -> PrefillPart | None:
+    """The prefill part `best_pair` ranks first, ignoring the decode side: the earliest KV arrival
+    (bound) among those meeting the TTFT target. Decode parts for `best_pair` are computed with its
+    `kv_arrival_s`: a later arrival only shortens the decode-side wait, so that is conservative."""
+    ok = [p for p in prefill if p.ttft.bound_s <= req.ttft_s]
+    return min(ok, key=lambda v: (v.ttft.bound_s + v.tail.bound_s, v.worker_id)) if ok else None
 
 
 def completion_key(req: PredictRequest, pp: PrefillPart, dp: DecodePart) -> float:

@@ -13,9 +13,11 @@ Policies:
   on the decode worker (with this request's). The sum is separable, so each side is an argmin.
 - `sla` (the default): the pair with the earliest predicted completion (`predictor.best_pair`, at
   the corrections' quantile) among the pairs predicted to meet both targets without pushing a
-  sequence already decoding past its own TPOT target. Earliest completion frees the pair soonest for
-  the requests behind it, and among pairs that all meet the SLA it keeps the most slack on the
-  tight class (the router-comparison experiment compares it with the baselines). When no pair is
+  sequence already decoding past its own TPOT target. A decode worker whose batch or KV is full
+  counts the wait until enough of its sequences finish (less the newcomer's own time in prefill,
+  taken at the earliest KV arrival the prefill pool offers). Earliest completion frees the pair
+  soonest for the requests behind it, and among pairs that all meet the SLA it keeps the most
+  slack on the tight class (the router-comparison experiment compares it with the baselines). When no pair is
   predicted to meet the SLA the request is rejected at once (RESOURCE_EXHAUSTED, naming the
   predictions against the targets, or the floor when the TTFT target is below what an idle prefill
   worker can do): it never waits in a queue only to miss. `reject=False` places it on the best
@@ -30,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from orchestrator.core.pairsearch import search_best_pair
-from orchestrator.core.predictor import (DecodePart, DecodeState, PairPrediction, PredictRequest, Predictor,
-                                         PrefillPart, PrefillState, completion_key)
+from orchestrator.core.predictor import (DecodePart, PairPrediction, PredictRequest, Predictor, PrefillPart,
+                                         PrefillState, completion_key, kv_arrival_s)
 from orchestrator.core.sla import SLATarget
 
 PREFILL_WEIGHT = 1.0  # Dynamo's default kv_overlap_score_weight: prefill blocks and decode blocks count alike
@@ -93,6 +95,7 @@ class Placement:
     predicted_tpot_ms: float
     ttft_bound_ms: float  # at the predictor's quantile
     tpot_bound_ms: float
+    ttft_model_ms: float  # the TTFT point from the parts alone: the caller observes the "ttft" correction against it
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,20 +165,20 @@ class Router:
                      now: float) -> tuple[PrefillPart, DecodePart, Rejection]:
         """No pair meets the SLA: the pair closest to it, and why it fails (O(P + D) exact parts)."""
         pred = self.predictor
-        dparts = [pred.decode_part(req, d.state) for d in dc]
-        room = [x for x in dparts if x.fits] or dparts
-        dp = min(room, key=lambda x: (x.decode.bound_s, x.worker_id))
-        dst = next(d.state.dep for d in dc if d.worker_id == dp.worker_id)
+        dst = dc[0].state.dep
         pp = min((pred.prefill_part(req, p.state, dst, now) for p in pf),
                  key=lambda x: (x.ttft.bound_s + x.tail.bound_s, x.worker_id))
+        dparts = [pred.decode_part(req, d.state, kv_arrival_s(pp)) for d in dc]
+        room = [x for x in dparts if x.fits] or dparts
+        dp = min(room, key=lambda x: (x.decode.bound_s, x.worker_id))
         got = pred.combine(req, pp, dp)
         ttft_ms, tpot_ms = got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3
         q = round(100 * pred.corrections.quantile)
         against = (f"predicted TTFT {ttft_ms:.0f} ms (p{q}) against the target {req.ttft_s * 1e3:.0f} ms, "
                    f"TPOT {tpot_ms:.1f} ms (p{q}) against {req.tpot_s * 1e3:.1f} ms")
         if not any(x.fits for x in dparts):
-            return pp, dp, Rejection(f"every decode worker is full (batch slots or KV blocks); {against}",
-                                     kind="kv_full")
+            return pp, dp, Rejection(f"every decode worker is full (batch slots or KV blocks, even once its "
+                                     f"running sequences finish); {against}", kind="kv_full")
         if pp.ttft.bound_s > req.ttft_s:
             floor = self._ttft_floor(req, pf, dst, now)
             if floor > req.ttft_s:
@@ -210,4 +213,4 @@ def _by_deployment(dc: list[DecodeView]) -> list[list[DecodeView]]:
 
 def _placement(got: PairPrediction) -> Placement:
     return Placement(got.prefill_worker, got.decode_worker, got.ttft.point_s * 1e3, got.tpot.point_s * 1e3,
-                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3)
+                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3, got.ttft_model_s * 1e3)

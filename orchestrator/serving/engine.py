@@ -28,6 +28,7 @@ from decode.worker import DecodeLoad
 from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step_time
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
+from orchestrator.core.correction import ttft_key
 from orchestrator.core.predictor import DecodeState, PrefillState
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
@@ -85,8 +86,10 @@ class _Run:
 class _DecodePending:
     """What this engine placed on a decode worker that its load report may not show yet."""
 
-    requests: int = 0
-    prompt_tokens: int = 0
+    # request id -> (predicted KV arrival, monotonic s; KV tokens it has yet to reserve there; steps it
+    # will run; KV tokens it then holds), until the decode worker has it (DecodeState.incoming)
+    incoming: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+    prompt_tokens: int = 0  # of those
     tpot_targets: dict[str, float] = field(default_factory=dict)  # request id -> seconds, while it is live there
 
 
@@ -176,9 +179,10 @@ class Engine:
         dc = []
         for w, l in self.decode_loads.items():
             pend = self._pending_decode[w]
-            state = DecodeState(w, self.perf, l.active + l.waiting + pend.requests, l.context_tokens + pend.prompt_tokens,
-                                self.decode_max_batch, max(0, l.free_tokens - pend.prompt_tokens),
-                                min(pend.tpot_targets.values(), default=math.inf))
+            incoming = tuple(sorted((max(0.0, eta - now), *rest) for eta, *rest in pend.incoming.values()))
+            state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming), l.context_tokens + pend.prompt_tokens,
+                                self.decode_max_batch, l.free_tokens, min(pend.tpot_targets.values(), default=math.inf),
+                                remaining=l.remaining, incoming=incoming)
             dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
         return pf, dc
 
@@ -220,7 +224,9 @@ class Engine:
             chunks = await self._submit(run)
             while True:  # the decode stream: the first token, then one chunk per poll with news
                 chunk = await chunks.get()
-                run.t_first = run.t_first or time.monotonic()
+                if run.t_first is None:
+                    run.t_first = time.monotonic()
+                    self._observe_ttft(run)
                 if chunk.token_ids:
                     run.n_out += len(chunk.token_ids)
                     yield TokenEvent(list(chunk.token_ids), "".join(chunk.texts))
@@ -250,10 +256,11 @@ class Engine:
         sla = req.sla
         self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(req.prompt_tokens, req.arrival_s,
                                                                            sla.priority, sla.ttft_ms / 1e3)
-        pend = self._pending_decode[placed.decode_worker]
-        pend.requests += 1
+        pend, n = self._pending_decode[placed.decode_worker], req.sampling.max_tokens
+        pend.incoming[req.request_id] = (req.arrival_s + placed.predicted_ttft_ms / 1e3, req.prompt_tokens + 1, n - 1,
+                                         req.prompt_tokens + n)
         pend.prompt_tokens += req.prompt_tokens
-        if req.sampling.max_tokens > 1:
+        if n > 1:
             pend.tpot_targets[req.request_id] = sla.tpot_ms / 1e3
         return _Run(req, placed)
 
@@ -266,9 +273,19 @@ class Engine:
             self.kv_deadline_s, req.sla.priority, req.sla.ttft_ms / 1e3))
         self._queued[placed.prefill_worker].pop(req.request_id, None)
         run.prefill_pending = False
-        if res.ok and res.batch_lengths:
-            self._observe_prefill(placed.prefill_worker, req.prompt_tokens, res)
+        if res.ok:
+            pend = self._pending_decode[placed.decode_worker]
+            eta, _, steps, held = pend.incoming[req.request_id]
+            pend.incoming[req.request_id] = (eta, 0, steps, held)  # its KV is committed in the pool's blocks
+            if res.batch_lengths:
+                self._observe_prefill(placed.prefill_worker, req.prompt_tokens, res)
         return res
+
+    def _observe_ttft(self, run: _Run) -> None:
+        """The request's whole TTFT against the parts' prediction (the "ttft" correction)."""
+        req, placed = run.req, run.placed
+        self.router.predictor.corrections.observe(ttft_key(placed.prefill_worker, req.sla.ttft_ms / 1e3), "ttft",
+                                                  run.t_first - req.arrival_s, placed.ttft_model_ms / 1e3)
 
     def _observe_prefill(self, worker: str, prompt_tokens: int, res: PrefillResult) -> None:
         """The batch's compute (once per batch: by its first prompt's result) and this prompt's KV tail."""
@@ -319,7 +336,7 @@ class Engine:
     def _decode_seen(self, run: _Run) -> None:
         """The decode worker has the request (its load reports count it from now)."""
         pend = self._pending_decode[run.placed.decode_worker]
-        pend.requests -= 1
+        del pend.incoming[run.req.request_id]
         pend.prompt_tokens -= run.req.prompt_tokens
         run.decode_pending = False
 

@@ -28,7 +28,7 @@ import numpy as np
 from decode.allocator import BlockAllocator
 from decode.scheduler import DecodeSeq, Scheduler
 from hardware.perf import Deployment, Speculative, kv_token_capacity, kv_transfer_time, prefill_time, token_step_time
-from orchestrator.core.correction import Corrections
+from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.predictor import Predictor
 from orchestrator.core.request import SLATarget
 from orchestrator.core.router import Placement, Rejection, RouteRequest, Router
@@ -125,6 +125,7 @@ class _Run:
     prefill_dt: np.ndarray  # (n,) seconds of its prefill batch (overlaps the transfer)
     prefill_end: np.ndarray  # (n,) when its prefill batch ended (NaN: not yet)
     opened: np.ndarray  # (n,) bool: its KV blocks are reserved (handoff admitted)
+    ttft_model: np.ndarray  # (n,) seconds, Placement.ttft_model_ms: the "ttft" correction's prediction
     heap: list = field(default_factory=list)  # (time, seq, kind, a, b) events
     n_events: int = 0
     end: float = 0.0
@@ -134,7 +135,7 @@ def _new_run(reqs: list[SimRequest], default: SLATarget) -> _Run:
     n = len(reqs)
     sla = [r.sla or default for r in reqs]
     return _Run(reqs, sla, _trace(reqs, sla), {str(i): i for i in range(n)}, np.full(n, -1),
-                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool))
+                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan))
 
 
 class Simulator:
@@ -205,15 +206,16 @@ class Simulator:
         d = run.dest[i] = p if self.cfg.colocated else self._decode_by_id[place.decode_worker].index
         if r.output_tokens > 1:
             unit = self.decode[d]
-            unit.incoming += 1
+            unit.incoming[i] = (now + place.predicted_ttft_ms / 1e3, r.prompt_tokens + 1, r.output_tokens - 1,
+                                r.prompt_tokens + r.output_tokens)
             unit.incoming_tokens += r.prompt_tokens
-            unit.unopened_tokens += r.prompt_tokens + r.output_tokens
             unit.tpot_targets[sla.tpot_ms / 1e3] += 1
         self.prefill[p].add(PrefillItem(str(i), r.prompt_tokens, now, sla.priority, sla.ttft_ms / 1e3))
         self._try_prefill(now, p)
 
     def _record(self, i: int, place: Placement) -> None:
         tr = self._run.trace
+        self._run.ttft_model[i] = place.ttft_model_ms / 1e3
         tr.pred_ttft[i], tr.pred_tpot[i] = place.predicted_ttft_ms / 1e3, place.predicted_tpot_ms / 1e3
         tr.bound_ttft[i], tr.bound_tpot[i] = place.ttft_bound_ms / 1e3, place.tpot_bound_ms / 1e3
 
@@ -242,19 +244,22 @@ class Simulator:
 
     def _open(self, i: int, opened: bool) -> None:
         self._run.opened[i] = opened
-        if opened:
-            r = self.reqs[i]
-            self.decode[self._run.dest[i]].unopened_tokens -= r.prompt_tokens + r.output_tokens
+        if opened:  # its blocks are reserved in the allocator now
+            unit = self.decode[self._run.dest[i]]
+            eta, _, steps, held = unit.incoming[i]
+            unit.incoming[i] = (eta, 0, steps, held)
 
     def _prefill_done(self, now: float, p: int, batch: list[PrefillItem]) -> None:
         unit, run = self.prefill[p], self._run
         unit.done()
         self._retime_decode(now)
         path = unit.dep.hw.perf.request_path_s  # measured live frontend/Ray/gRPC latency (cpu profile)
+        corr = self.predictor.corrections
         for it in batch:
             i = run.index[it.request_id]
             run.trace.first_token[i] = now + path
             run.prefill_end[i] = now
+            corr.observe(ttft_key(unit.uid, it.ttft_s), "ttft", now + path - run.trace.arrival[i], run.ttft_model[i])
             if self.reqs[i].output_tokens <= 1:
                 run.trace.finish[i] = now + path
             elif run.opened[i]:
@@ -289,7 +294,7 @@ class Simulator:
     def _kv_ready(self, now: float, d: int, i: int) -> None:
         unit, r = self.decode[d], self.reqs[i]
         self._run.trace.kv_ready[i] = now
-        unit.incoming -= 1
+        del unit.incoming[i]
         unit.incoming_tokens -= r.prompt_tokens
         seq = DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens, priority=self._run.sla[i].priority)
         unit.sched.add(seq)  # it holds its blocks

@@ -5,6 +5,9 @@ TTFT = arrival -> first token (sampled by the prefill). TPOT = (finish - first t
 so KV transfer and waiting for a decode slot count against TPOT, as in the live frontend.
 A handoff refused at open for want of KV blocks (the live rule: live fails it, the simulator
 retries it) is counted in `kv_refusals`; its wait after the prefill counts as decode_wait.
+Each request is judged by its own targets (its class's, Trace.sla()). Prediction error is
+|predicted / actual - 1| of the router's point estimate at placement, over the requests that
+finished; coverage is the fraction whose actual value is within the predicted bound.
 """
 from __future__ import annotations
 
@@ -51,6 +54,12 @@ class RunSummary:
     cost_per_m_tokens: float  # $ per million output tokens
     kwh_per_m_tokens: float
     price_per_hour: float
+    pred_err_ttft_p50: float  # |predicted / actual - 1| of the router's point estimates (fractions)
+    pred_err_ttft_p90: float
+    pred_err_tpot_p50: float
+    pred_err_tpot_p90: float
+    ttft_coverage: float  # fraction of finished requests with TTFT <= the predicted bound (the quantile's target)
+    tpot_coverage: float
     misses: tuple[tuple[str, int], ...]  # phase -> requests whose miss it caused
     kv_refusals: int  # handoffs refused at open for want of KV blocks (retried; their wait is decode_wait)
     pools: tuple[PoolStats, ...]
@@ -61,8 +70,29 @@ def _pct(x: np.ndarray, q: float, scale: float = 1.0) -> float:
     return float(np.percentile(x, q) * scale) if x.size else float("nan")
 
 
-def attribute(tr: Trace, sla: SLATarget) -> np.ndarray:
-    """Index into PHASES of the phase that caused each request's miss (-1: no miss)."""
+def prediction_errors(tr: Trace) -> dict[str, float]:
+    """Percentiles of |predicted / actual - 1| and bound coverage over the finished requests."""
+    done = ~np.isnan(tr.finish)
+    ttft, tpot = tr.ttft_s()[done], tr.tpot_s()[done]
+    multi = ~np.isnan(tpot) & (tpot > 0)
+    e_ttft = np.abs(tr.pred_ttft[done] / ttft - 1)
+    e_tpot = np.abs(tr.pred_tpot[done][multi] / tpot[multi] - 1)
+    cover = lambda actual, bound: float(np.mean(actual <= bound)) if actual.size else float("nan")  # noqa: E731
+    return {"ttft_p50": _pct(e_ttft, 50), "ttft_p90": _pct(e_ttft, 90), "tpot_p50": _pct(e_tpot, 50),
+            "tpot_p90": _pct(e_tpot, 90), "ttft_coverage": cover(ttft, tr.bound_ttft[done]),
+            "tpot_coverage": cover(tpot[multi], tr.bound_tpot[done][multi])}
+
+
+def met(tr: Trace) -> np.ndarray:
+    """(n,) bool: finished within both of its own targets (rejected and unfinished requests miss)."""
+    sla, done = tr.sla(), ~np.isnan(tr.finish)
+    return ttft_met(sla, tr.ttft_s() * 1e3) & tpot_met(sla, tr.tpot_s() * 1e3) & done
+
+
+def attribute(tr: Trace, sla: SLATarget | None = None) -> np.ndarray:
+    """Index into PHASES of the phase that caused each request's miss (-1: no miss); `sla`: one
+    target for all (default: each request's own, Trace.sla())."""
+    sla = tr.sla() if sla is None else sla
     queue = tr.prefill_start - tr.arrival
     prefill = tr.first_token - tr.prefill_start
     transfer = np.nan_to_num(tr.transfer_s())
@@ -88,8 +118,8 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
     n = tr.arrival.size
     ttft, tpot = tr.ttft_s(), tr.tpot_s()
     done = ~np.isnan(tr.finish)
-    ok_ttft = ttft_met(cfg.sla, ttft * 1e3)
-    tpot_ok = tpot_met(cfg.sla, tpot * 1e3) & done  # tpot is NaN for one-token requests (met once done)
+    ok_ttft = ttft_met(tr.sla(), ttft * 1e3)
+    tpot_ok = tpot_met(tr.sla(), tpot * 1e3) & done  # tpot is NaN for one-token requests (met once done)
     ok = ok_ttft & tpot_ok
     duration = max(sim.end - float(tr.arrival.min()), 1e-9)
     tokens = float(tr.output[done].sum())
@@ -98,7 +128,8 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
     price = sum(d.price_per_hour * r for d, r in units)
     power = sum(d.power_kw * r for d, r in units)
     hours = duration / 3600
-    blame = attribute(tr, cfg.sla)
+    blame = attribute(tr)
+    err = prediction_errors(tr)
     misses = tuple((p, int((blame == k).sum())) for k, p in enumerate(PHASES))
     p_busy = np.mean([u.busy_s for u in sim.prefill]) / duration
     p_batch = sum(u.batched_prompts for u in sim.prefill) / max(1, sum(u.batches for u in sim.prefill))
@@ -114,5 +145,7 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
         _pct(tpot, 50, 1e3), _pct(tpot, 90, 1e3), _pct(tpot, 99, 1e3), _pct(tr.finish - tr.arrival, 50),
         _pct(tr.prefill_start - tr.arrival, 50, 1e3), _pct(tr.transfer_s(), 50, 1e3),
         float(ok_ttft.mean()), float(tpot_ok.mean()), float(ok.mean()),
-        tokens / duration, price * hours * per_m, power * hours * per_m, price, misses,
+        tokens / duration, price * hours * per_m, power * hours * per_m, price,
+        err["ttft_p50"], err["ttft_p90"], err["tpot_p50"], err["tpot_p90"], err["ttft_coverage"],
+        err["tpot_coverage"], misses,
         sum(u.refusals for u in sim.decode), pools)

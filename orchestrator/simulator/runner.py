@@ -122,7 +122,7 @@ def run_point(p: Point, reqs: list[SimRequest], with_goodput: bool = False,
     if with_goodput:
         row.update(config_goodput(p, goodput_reqs or reqs, units=row["units"], price=s.price_per_hour))
     ttft, tpot = tr.ttft_s() * 1e3, tr.tpot_s() * 1e3
-    blame = attribute(tr, p.cfg.sla)
+    blame = attribute(tr)
     return PointResult(row, ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)], tr, blame)
 
 

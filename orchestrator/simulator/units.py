@@ -116,9 +116,11 @@ class DecodeUnit:
     seq_steps: int = 0
     kv_used_s: float = 0.0  # integral of used-block fraction over time
     slowdown: float = 1.0  # step-time factor while a prefill shares the host (PerfParams.corun_slowdown_decode)
-    incoming: int = 0  # requests placed here whose sequence is not in the scheduler yet (prefill, transfer)
+    # requests placed here whose sequence is not in the scheduler yet (prefill, transfer): request ->
+    # (predicted KV arrival, seconds; KV tokens its handoff will reserve at open: prompt + 1, 0 once
+    # open; steps it will run; prompt + output tokens it holds at the end)
+    incoming: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
     incoming_tokens: int = 0  # their prompt tokens
-    unopened_tokens: int = 0  # prompt + max tokens of those whose KV blocks are not reserved yet
     tpot_targets: Counter = field(default_factory=Counter)  # seconds -> sequences here or incoming with it
 
     @property
@@ -133,13 +135,17 @@ class DecodeUnit:
         """The router's view at `now`: every sequence that will share the steps, with its context now."""
         sched, s = self.sched, self.seg
         ctx = sched.context_tokens + self.incoming_tokens
-        if s is not None:  # the segment's steps so far are applied only at its end
-            ctx += s.batch * min(s.steps, max(0, int((now - s.start) / s.step_s)))
-        free = max(0, self.alloc.free_blocks * self.alloc.block_size - self.unopened_tokens)
+        done = 0  # the segment's steps so far are applied only at its end
+        if s is not None:
+            done = min(s.steps, max(0, int((now - s.start) / s.step_s)))
+            ctx += s.batch * done
         tightest = min((t for t, n in self.tpot_targets.items() if n), default=math.inf)
+        incoming = tuple(sorted((max(0.0, eta - now), *rest) for eta, *rest in self.incoming.values()))
+        remaining = tuple((max(0, r - done), c + done) for r, c in sched.running_remaining())
         # slowdown 1: the predictor's corrections learn the co-run slowdown from observed steps, as live
-        st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + self.incoming, ctx, sched.max_batch,
-                         free, tightest, spec=self.spec, draft=self.draft)
+        st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + len(incoming), ctx, sched.max_batch,
+                         self.alloc.free_blocks * self.alloc.block_size, tightest, spec=self.spec, draft=self.draft,
+                         remaining=remaining, incoming=incoming)
         return DecodeView(st, self.alloc.capacity_tokens, self.alloc.block_size)
 
     def begin(self, now: float) -> Segment | None:

@@ -9,7 +9,7 @@ from hardware.profiles import get_profile
 from model.specs import get_spec
 from orchestrator.core.correction import Corrections
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
-                                         PrefillState, best_pair, completion_key)
+                                         PrefillState, best_pair, completion_key, earliest_prefill, kv_arrival_s)
 from orchestrator.core.pairsearch import search_best_pair
 from orchestrator.core.queueplan import QueuedPrompt, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -206,11 +206,32 @@ def test_big_model_predictions_agree_with_the_perf_model_and_are_plausible():
     assert busy.tpot.point_s > x.tpot.point_s
 
 
+def test_a_full_decode_worker_predicts_the_wait_for_a_slot_less_the_time_in_prefill():
+    pred, step = Predictor(), dstate(64).step_now_s
+    running = tuple((100 + 10 * i, 3000) for i in range(64))  # the first finishes in 100 steps
+    free = pred.decode_part(REQ, dstate(63, tightest=1e-9))
+    full = pred.decode_part(REQ, DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, 1e-9, remaining=running))
+    assert full.fits and full.protects  # a full batch does not grow: its sequences keep their TPOT
+    assert full.wait.point_s == pytest.approx(0.5 * step + 100 * step, rel=1e-9)
+    later = pred.decode_part(REQ, DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, remaining=running), 0.1)
+    assert later.wait.point_s == pytest.approx(full.wait.point_s - 0.1, rel=1e-9)  # it spent 0.1 s in prefill
+    assert not free.protects and free.wait.point_s < full.wait.point_s
+    behind = DecodeState("d0", CS3, 66, 64 * 3000, 64, 10**6, remaining=running)  # two already wait
+    assert pred.decode_part(REQ, behind).wait.point_s == pytest.approx(0.5 * step + 120 * step, rel=1e-9)
+    no_kv = DecodeState("d0", CS3, 10, 10 * 3000, 64, 1000, remaining=tuple((50 * (i + 1), 3000) for i in range(10)))
+    assert no_kv.start_at_s(2200, 0.0, 0.01) == 0.5 and no_kv.start_at_s(7001, 0.0, 0.01) == 1.5  # +3000 per finish
+    assert no_kv.start_at_s(7001, 1.2, 0.01) == 1.5 and no_kv.start_at_s(7001, 2.0, 0.01) == 2.0  # it came later
+    coming = DecodeState("d0", CS3, 12, 10 * 3000, 64, 1000, remaining=no_kv.remaining, incoming=((0.2, 3000, 500, 3000), (9.0, 500, 10, 500)))
+    assert coming.start_at_s(2200, 0.6, 0.01) == 1.0  # the first incoming took the first finisher's room
+    assert coming.start_at_s(2200, 0.1, 0.01) == 0.5  # it arrives before that incoming request
+    assert DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6).start_at_s(10, 0.0, 0.01) is None  # unknown: no room
+
+
 def test_best_pair_counts_the_transfer_tail_and_the_decode_wait():
     e = lambda s: Estimate(s, s)  # noqa: E731
     req = PredictRequest(100, 11, 1.0, 0.0101)
-    pp = [PrefillPart("pa", 0, e(0), e(0.2), e(0.05), e(0.2), e(0.05)),
-          PrefillPart("pb", 0, e(0), e(0.21), e(0.001), e(0.21), e(0.001))]
+    pp = [PrefillPart("pa", 0, e(0), e(0.2), e(0.05), e(0.2), e(0.05), 0.2),
+          PrefillPart("pb", 0, e(0), e(0.21), e(0.001), e(0.21), e(0.001), 0.21)]
     dp = [DecodePart("da", True, e(0.005), e(0.0), e(0.05), 0.004, e(0.005), True),
           DecodePart("db", True, e(0.004), e(0.0), e(0.04), 0.003, e(0.004), False),  # would hurt its sequences
           DecodePart("dc", False, e(0.001), e(0.0), e(0.01), 0.001, e(0.001), True)]  # no room
@@ -233,9 +254,10 @@ def _random_pools(rng, n_prefill, n_decode):
     ps = [PrefillState(f"p{i}", TRN, 4096, 8, tuple(QueuedPrompt(rng.randint(1, 4000), -rng.random())
                                                      for _ in range(rng.randint(0, 8))), rng.uniform(-0.1, 0.3))
           for i in range(n_prefill)]
-    ds = [DecodeState(f"d{i}", CS3, (b := rng.randint(0, 64)), b * rng.randint(100, 8000), 64,
-                      rng.randint(0, 300_000), rng.choice([math.inf, rng.uniform(0.002, 0.006)]))
-          for i in range(n_decode)]
+    ds = [DecodeState(f"d{i}", CS3, (b := rng.randint(0, 70)), b * rng.randint(100, 8000), 64,
+                      rng.randint(0, 300_000), rng.choice([math.inf, rng.uniform(0.002, 0.006)]),
+                      remaining=tuple(sorted((rng.randint(0, 800), rng.randint(100, 8000)) for _ in range(min(b, 64)))))
+          for i in range(n_decode)]  # some full (batch > 64 or little KV): they wait for running sequences
     return corr, ps, ds
 
 
@@ -282,7 +304,8 @@ def test_decomposed_best_pair_equals_brute_force_at_1000_by_1000():
         rows = feasible[p_ok[:, 0]][:, d_ok[0]]
         coupled += int((rows.any(axis=1) & ~rows.all(axis=1)).sum())  # p fits some decode workers, not all
         cost = np.where(feasible, x + z, np.inf)
-        i, j = np.unravel_index(np.argmin(cost), cost.shape)
+        ties = zip(*np.nonzero(cost == cost.min()))  # idle decode workers tie exactly: the lowest ids win
+        i, j = min(ties, key=lambda ij: (dp[ij[1]].worker_id, pp[ij[0]].worker_id))
         assert got is not None and (got[0].worker_id, got[1].worker_id) == (pp[i].worker_id, dp[j].worker_id)
         assert pred.combine(req, *got).ok
     assert hits >= 2 and coupled > 0  # not vacuous: the transfer tail decides which pairs are feasible
@@ -297,7 +320,9 @@ def test_the_pruned_search_finds_the_same_pair_as_best_pair(seed):
     for _ in range(8):
         req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
                              rng.uniform(0.2, 2.0), rng.uniform(0.002, 0.005), priority=rng.randint(0, 1))
-        want = best_pair(req, [pred.prefill_part(req, p, CS3, 0.0) for p in ps], [pred.decode_part(req, d) for d in ds])
+        pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
+        first = earliest_prefill(req, pp)  # the router's rule: decode parts at its KV arrival
+        want = None if first is None else best_pair(req, pp, [pred.decode_part(req, d, kv_arrival_s(first)) for d in ds])
         got = search_best_pair(pred, req, ps, ds, CS3, 0.0)
         assert (got is None) == (want is None)
         if want is not None:

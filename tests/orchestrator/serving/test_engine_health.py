@@ -30,7 +30,7 @@ class _Load:
 
 
 def _decode_load(port: int) -> DecodeLoad:
-    return DecodeLoad(0, 0, 100, 100, 16, 0, f"127.0.0.1:{port}")
+    return DecodeLoad(0, 0, 100, 100, 16, 0, kv_target=f"127.0.0.1:{port}")
 
 
 def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
