@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from orchestrator.cli import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.client import Final
 
 
 def run_remote(args, params) -> int:
@@ -25,7 +29,7 @@ def run_remote(args, params) -> int:
     return 0
 
 
-def summary(f) -> str:
+def summary(f: Final) -> str:
     """The one-line summary of a Final: usage, timings next to the router's prediction (when it made
     one), workers. E.g. `TTFT 812 ms (predicted 790, p90 bound 905), TPOT 41.2 ms (predicted 39.8, ...)`."""
     t, p = f.timings, f.prediction
