@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from orchestrator.cli import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.client import Final
 
 
 def run_remote(args, params) -> int:
@@ -21,9 +25,18 @@ def run_remote(args, params) -> int:
                 sys.stdout.flush()
     except ClientError as e:
         raise UserError(f"{args.target}: {e}") from None
-    f = stream.final
-    t = f.timings
-    print(f"\n[{f.usage.prompt_tokens} prompt tokens, {f.usage.completion_tokens} generated, finish {f.finish_reason.value}; "
-          f"TTFT {t.ttft_ms:.0f} ms, TPOT {t.mean_tpot_ms:.1f} ms; {f.prefill_worker} -> {f.decode_worker}]",
-          file=sys.stderr)
+    print(f"\n{summary(stream.final)}", file=sys.stderr)
     return 0
+
+
+def summary(f: Final) -> str:
+    """The one-line summary of a Final: usage, timings next to the router's prediction (when it made
+    one), workers. E.g. `TTFT 812 ms (predicted 790, p90 bound 905), TPOT 41.2 ms (predicted 39.8, ...)`."""
+    t, p = f.timings, f.prediction
+    ttft, tpot = f"TTFT {t.ttft_ms:.0f} ms", f"TPOT {t.mean_tpot_ms:.1f} ms"
+    if p is not None and p.quantile > 0:
+        q = f"p{p.quantile * 100:g}"
+        ttft += f" (predicted {p.ttft_ms:.0f}, {q} bound {p.ttft_bound_ms:.0f})"
+        tpot += f" (predicted {p.tpot_ms:.1f}, {q} bound {p.tpot_bound_ms:.1f})"
+    return (f"[{f.usage.prompt_tokens} prompt tokens, {f.usage.completion_tokens} generated, "
+            f"finish {f.finish_reason.value}; {ttft}, {tpot}; {f.prefill_worker} -> {f.decode_worker}]")

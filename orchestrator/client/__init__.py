@@ -6,13 +6,14 @@ from orchestrator.client.grpc_client import AsyncClient, AsyncGenerateStream, Cl
 from orchestrator.client.timing import StreamTiming
 from orchestrator.client.types import (
     AlreadyExists, Cancelled, Chunk, ClientError, Completion, DeadlineExceeded, Final, Internal, InvalidArgument,
-    ModelInfo, NotFound, OutOfRange, PermissionDenied, PoolInfo, ResourceExhausted, ServerInfo, SLAClass, Timings,
-    Unauthenticated, Unavailable, Usage, WorkerInfo, error_for,
+    ModelInfo, NotFound, OutOfRange, PermissionDenied, PoolInfo, Prediction, ResourceExhausted, ServerInfo, SLAClass,
+    Timings, Unauthenticated, Unavailable, Usage, WorkerInfo, error_for,
 )
 
 __all__ = [
     "AsyncClient", "AsyncGenerateStream", "Client", "GenerateStream", "build_request", "StreamTiming",
     "AlreadyExists", "Cancelled", "Chunk", "ClientError", "Completion", "DeadlineExceeded", "Final", "Internal",
-    "InvalidArgument", "ModelInfo", "NotFound", "OutOfRange", "PermissionDenied", "PoolInfo", "ResourceExhausted",
-    "ServerInfo", "SLAClass", "Timings", "Unauthenticated", "Unavailable", "Usage", "WorkerInfo", "error_for",
+    "InvalidArgument", "ModelInfo", "NotFound", "OutOfRange", "PermissionDenied", "PoolInfo", "Prediction",
+    "ResourceExhausted", "ServerInfo", "SLAClass", "Timings", "Unauthenticated", "Unavailable", "Usage", "WorkerInfo",
+    "error_for",
 ]

@@ -69,7 +69,7 @@ def _chunk_or_final(resp: pb.GenerateResponse, request_id: str) -> Chunk | Final
     if kind == "final":
         return final_from_pb(resp.request_id or request_id, resp.final)
     if kind == "error":
-        raise error_for(resp.error.code, resp.error.message)
+        raise error_for(resp.error.code, resp.error.message, resp.error.reason)
     raise ClientError(grpc.StatusCode.INTERNAL, f"response: unknown kind {kind!r}")
 
 

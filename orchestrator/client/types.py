@@ -12,11 +12,12 @@ from model.finish import FinishReason
 
 
 class ClientError(Exception):
-    """A failed call: `code` is the grpc.StatusCode, `message` the server's explanation."""
+    """A failed call: `code` is the grpc.StatusCode, `message` the server's explanation, `reason` the
+    router's rejection kind when it turned the request away ("below_floor", "ttft", ...; else "")."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = ""):
         super().__init__(f"{code.name}: {message}")
-        self.code, self.message = code, message
+        self.code, self.message, self.reason = code, message, reason
 
 
 class InvalidArgument(ClientError): ...
@@ -42,11 +43,11 @@ _ERRORS: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
-def error_for(code: grpc.StatusCode | str, message: str) -> ClientError:
+def error_for(code: grpc.StatusCode | str, message: str, reason: str = "") -> ClientError:
     """The typed exception for a status code (or its name, as sent in a stream's Error message)."""
     if isinstance(code, str):
         code = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
-    return _ERRORS.get(code, ClientError)(code, message)
+    return _ERRORS.get(code, ClientError)(code, message, reason)
 
 
 # ---------------------------------------------------------------------------------- results

@@ -4,8 +4,8 @@ from __future__ import annotations
 import grpc
 
 from model.finish import FinishReason
-from orchestrator.client.types import (ClientError, Final, ModelInfo, PoolInfo, ServerInfo, SLAClass, Timings, Usage,
-                                       WorkerInfo, error_for)
+from orchestrator.client.types import (ClientError, Final, ModelInfo, PoolInfo, Prediction, ServerInfo, SLAClass,
+                                       Timings, Usage, WorkerInfo, error_for)
 from protos.disagg.v1 import inference_pb2 as pb
 
 
@@ -31,11 +31,14 @@ def _worker_kind(value: int) -> str:
 
 
 def final_from_pb(request_id: str, f: pb.Final) -> Final:
-    t = f.timings
+    """Final.prediction is None when the server sent none."""
+    t, p = f.timings, f.prediction
+    prediction = Prediction(p.ttft_ms, p.tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, p.quantile) \
+        if f.HasField("prediction") else None
     return Final(request_id, finish_reason_from_pb(f.finish_reason),
                  Usage(f.usage.prompt_tokens, f.usage.completion_tokens),
                  Timings(t.queued_ms, t.prefill_ms, t.transfer_ms, t.ttft_ms, t.mean_tpot_ms, t.e2e_ms),
-                 f.prefill_worker, f.decode_worker)
+                 f.prefill_worker, f.decode_worker, prediction)
 
 
 def model_info_from_pb(m: pb.ModelInfo) -> ModelInfo:

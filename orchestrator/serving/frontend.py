@@ -80,7 +80,7 @@ class InferenceService:
                     self.metrics.final(ev, req.sla)
                     ended = True
                 elif isinstance(ev, ErrorEvent):
-                    self.metrics.failed.labels(ev.failure.code).inc()
+                    self.metrics.error(ev)
                     ended = True
                 yield self._response(req.request_id, ev)
         finally:  # on client cancel too: closing the engine's stream aborts the request on both pools
@@ -109,15 +109,19 @@ class InferenceService:
         if isinstance(ev, TokenEvent):
             return pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(token_ids=ev.token_ids, text=ev.text))
         if isinstance(ev, ErrorEvent):
-            return pb.GenerateResponse(request_id=rid, error=pb.Error(code=ev.failure.code, message=ev.failure.message))
+            return pb.GenerateResponse(request_id=rid, error=pb.Error(
+                code=ev.failure.code, message=ev.failure.message, reason=ev.rejection))
         assert isinstance(ev, FinalEvent)
-        t = ev.timings
+        t, p = ev.timings, ev.prediction
+        prediction = None if p is None else pb.Prediction(
+            ttft_ms=p.ttft_ms, tpot_ms=p.tpot_ms, ttft_bound_ms=p.ttft_bound_ms, tpot_bound_ms=p.tpot_bound_ms,
+            quantile=p.quantile)
         return pb.GenerateResponse(request_id=rid, final=pb.Final(
             finish_reason=FINISH_TO_PB[ev.finish_reason],
             usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
             timings=pb.Timings(queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
                                ttft_ms=t.ttft_ms, mean_tpot_ms=t.mean_tpot_ms, e2e_ms=t.e2e_ms),
-            prefill_worker=ev.prefill_worker, decode_worker=ev.decode_worker))
+            prefill_worker=ev.prefill_worker, decode_worker=ev.decode_worker, prediction=prediction))
 
     async def abort(self, msg: pb.AbortRequest, context) -> pb.AbortResponse:
         if not msg.request_id:

@@ -1,9 +1,11 @@
 """Prometheus metrics of a running frontend: what became of each request, its latencies, and the
 pools' state, served as text at http://<frontend host>:<metrics_port>/metrics.
 
-The frontend records request events; worker gauges are read from the frontend's own pool view
-(the one GetServerInfo returns) when Prometheus scrapes. The HTTP endpoint runs on the frontend's
-asyncio loop (aiohttp), so a scrape never reads the engine's state from another thread.
+The frontend records request events, among them the router's prediction against what happened (its
+relative error, and how often the actual latency exceeded the bound) and its rejections by kind; worker
+gauges are read from the frontend's own pool view (the one GetServerInfo returns) when Prometheus scrapes.
+The HTTP endpoint runs on the frontend's asyncio loop (aiohttp), so a scrape never reads the engine's state
+from another thread.
 Names follow vLLM's where they mean the same thing, with the `pdorch_` prefix.
 """
 from __future__ import annotations
@@ -15,8 +17,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from model.finish import FinishReason
+from orchestrator.client.types import Prediction
 from orchestrator.core.sla import SLATarget, sla_met
-from orchestrator.serving.engine import FinalEvent
+from orchestrator.serving.engine import ErrorEvent, FinalEvent
 from protos.disagg.v1 import inference_pb2 as pb
 
 PREFIX = "pdorch_"
@@ -24,6 +27,7 @@ _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 _POOL_NAMES = {pb.WORKER_KIND_PREFILL: "prefill", pb.WORKER_KIND_DECODE: "decode"}
 
 
@@ -55,12 +59,26 @@ class ServingMetrics:
                                  buckets=_PHASE_BUCKETS, registry=r)
         self.transfer = Histogram(f"{PREFIX}kv_transfer_tail_seconds", "KV still in flight after the prefill's "
                                   "last layer", buckets=_PHASE_BUCKETS, registry=r)
+        self.ttft_error = Histogram(f"{PREFIX}prediction_error_ttft_ratio", "|predicted / actual - 1| of the "
+                                    "router's TTFT point estimate", buckets=_ERROR_BUCKETS, registry=r)
+        self.tpot_error = Histogram(f"{PREFIX}prediction_error_tpot_ratio", "|predicted / actual - 1| of the "
+                                    "router's TPOT point estimate", buckets=_ERROR_BUCKETS, registry=r)
+        self.bound_misses = Counter(f"{PREFIX}prediction_bound_misses", "Finished requests whose actual latency "
+                                    "exceeded the router's bound at its quantile, by phase", ["phase"], registry=r)
+        self.rejected = Counter(f"{PREFIX}requests_rejected", "Requests the router turned away, by reason kind",
+                                ["reason"], registry=r)
         if pools is not None:
             r.register(_PoolCollector(pools))
 
     def refused(self, code: str) -> None:
         """A request refused before its stream started (validation, limits)."""
         self.failed.labels(code).inc()
+
+    def error(self, ev: ErrorEvent) -> None:
+        """A stream that ended with an error (a router rejection counts under its kind too)."""
+        self.failed.labels(ev.failure.code).inc()
+        if ev.rejection:
+            self.rejected.labels(ev.rejection).inc()
 
     def final(self, ev: FinalEvent, sla: SLATarget) -> None:
         """A stream that ended with a final response; `sla` is its request's (labels: sla.sla_class)."""
@@ -80,6 +98,21 @@ class ServingMetrics:
             self.tpot.observe(tpot_ms / 1e3)
         if sla_met(sla, t.ttft_ms, tpot_ms):
             self.sla_met.labels(sla.sla_class).inc()
+        if ev.prediction is not None and ev.prediction.quantile > 0:  # quantile 0: the request was not predicted
+            self._prediction(ev.prediction, t.ttft_ms, tpot_ms)
+
+    def _prediction(self, p: Prediction, ttft_ms: float, tpot_ms: float | None) -> None:
+        """The router's prediction against the actual TTFT and TPOT (None: the request had no TPOT)."""
+        if p.ttft_ms > 0 and ttft_ms > 0:
+            self.ttft_error.observe(abs(p.ttft_ms / ttft_ms - 1))
+        if ttft_ms > p.ttft_bound_ms:
+            self.bound_misses.labels("ttft").inc()
+        if tpot_ms is None or tpot_ms <= 0:
+            return
+        if p.tpot_ms > 0:
+            self.tpot_error.observe(abs(p.tpot_ms / tpot_ms - 1))
+        if tpot_ms > p.tpot_bound_ms:
+            self.bound_misses.labels("tpot").inc()
 
 
 class _PoolCollector(Collector):

@@ -118,6 +118,19 @@ def test_stream_reports_timings_and_text(client):
     t = stream.final.timings
     assert t.ttft_ms > 0 and t.e2e_ms >= t.ttft_ms and stream.final.usage.completion_tokens == sum(
         len(c.token_ids) for c in chunks)
+    p = stream.final.prediction  # the router's, for the pair that served it
+    assert p is not None and 0 < p.ttft_ms <= p.ttft_bound_ms and 0 < p.quantile < 1
+    assert 0 < p.tpot_ms <= p.tpot_bound_ms
+
+
+def test_a_ttft_target_below_the_floor_is_rejected_with_its_reason(deployment, client):
+    before = _scrape(deployment.metrics_url)
+    with pytest.raises(cl.ResourceExhausted) as e:
+        client.complete(prompt="The capital of France is", max_tokens=4, ttft_ms=0.001)
+    assert e.value.reason == "below_floor" and "floor" in e.value.message
+    after = _scrape(deployment.metrics_url)
+    key = ("pdorch_requests_rejected_total", (("reason", "below_floor"),))
+    assert after[key] - before.get(key, 0.0) == 1
 
 
 def test_client_cancel_frees_kv_on_both_sides(client):
@@ -224,7 +237,7 @@ def test_cli_generate_against_the_server(deployment):
                           "What is the capital of France? Answer in one sentence.", "--max-tokens", "16"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout and "TTFT" in out.stderr
+    assert "Paris" in out.stdout and "TTFT" in out.stderr and "(predicted " in out.stderr
     bad = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--target", deployment.target, "hi",
                           "--max-tokens", "100000"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_tokens" in bad.stderr and "Traceback" not in bad.stderr

@@ -90,3 +90,18 @@ def test_in_process_main_refuses_without_loading_the_model(capsys, monkeypatch):
     assert main(["generate", "--local", "hi", "--top-p", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: top_p:") and err.count("\n") == 1
+
+
+def test_remote_summary_puts_the_prediction_next_to_the_timings():
+    from dataclasses import replace
+
+    from model.finish import FinishReason
+    from orchestrator.cli.generate_remote import summary
+    from orchestrator.client import Final, Prediction, Timings, Usage
+
+    f = Final("r", FinishReason.LENGTH, Usage(12, 16), Timings(1.0, 50.0, 0.5, 812.3, 41.24, 1500.0),
+              "prefill-0", "decode-1", Prediction(790.2, 39.8, 905.0, 44.0, 0.9))
+    assert summary(f) == ("[12 prompt tokens, 16 generated, finish length; TTFT 812 ms (predicted 790, p90 bound 905), "
+                          "TPOT 41.2 ms (predicted 39.8, p90 bound 44.0); prefill-0 -> decode-1]")
+    unpredicted = summary(replace(f, prediction=None))
+    assert unpredicted == "[12 prompt tokens, 16 generated, finish length; TTFT 812 ms, TPOT 41.2 ms; prefill-0 -> decode-1]"

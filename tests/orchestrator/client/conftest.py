@@ -14,7 +14,8 @@ from protos.disagg.v1 import inference_pb2_grpc as pb_grpc
 
 class FakeInference(pb_grpc.InferenceServicer):
     """Echoes the prompt one character per token. Prompts starting with "status:CODE" fail the RPC with
-    CODE; "stream-error:CODE" sends one chunk then an Error message; "slow" streams until cancelled."""
+    CODE; "stream-error:CODE[:REASON]" sends one chunk then an Error message (with the rejection kind
+    REASON); "slow" streams until cancelled."""
 
     def __init__(self):
         self.requests: list[pb.GenerateRequest] = []
@@ -31,8 +32,9 @@ class FakeInference(pb_grpc.InferenceServicer):
             context.abort(grpc.StatusCode[text.split(":")[1]], f"sampling.max_tokens: bad ({text})")
         if text.startswith("stream-error:"):
             yield pb.GenerateResponse(request_id=request.request_id, chunk=pb.TokenChunk(token_ids=[1], text="x"))
+            code, _, reason = text.split(":", 1)[1].partition(":")
             yield pb.GenerateResponse(request_id=request.request_id,
-                                      error=pb.Error(code=text.split(":")[1], message="decode worker lost"))
+                                      error=pb.Error(code=code, message="decode worker lost", reason=reason))
             return
         if text == "slow":
             self.running.add(request.request_id)

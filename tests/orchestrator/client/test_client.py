@@ -72,10 +72,24 @@ def test_error_inside_stream_raises_after_chunks(fake_server):
     with cl.Client(target, timeout=5) as c:
         stream = c.generate("stream-error:RESOURCE_EXHAUSTED")
         got = []
-        with pytest.raises(cl.ResourceExhausted, match="decode worker lost"):
+        with pytest.raises(cl.ResourceExhausted, match="decode worker lost") as plain:
             for ch in stream:
                 got.append(ch.text)
+        with pytest.raises(cl.ResourceExhausted) as rejected:
+            c.complete("stream-error:RESOURCE_EXHAUSTED:below_floor")
     assert got == ["x"] and stream.final is None
+    assert plain.value.reason == "" and rejected.value.reason == "below_floor"
+
+
+def test_final_decodes_the_prediction_and_none_when_absent():
+    from orchestrator.client.wire import final_from_pb
+    from protos.disagg.v1 import inference_pb2 as pb
+
+    f = pb.Final(finish_reason=pb.FINISH_REASON_STOP, prediction=pb.Prediction(
+        ttft_ms=790, tpot_ms=39.8, ttft_bound_ms=905, tpot_bound_ms=44, quantile=0.9))
+    assert final_from_pb("r", f).prediction == cl.Prediction(790, 39.8, 905, 44, 0.9)
+    f.ClearField("prediction")
+    assert final_from_pb("r", f).prediction is None
 
 
 def test_unary_calls_and_bearer_token(fake_server):

@@ -7,9 +7,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.finish import FinishReason
-from orchestrator.client.types import Timings
-from orchestrator.serving.engine import FinalEvent
+from model.finish import Failure, FinishReason
+from orchestrator.client.types import Prediction, Timings
+from orchestrator.serving.engine import ErrorEvent, FinalEvent
 from orchestrator.core.sla import SLATarget
 from orchestrator.serving.metrics import ServingMetrics, start_metrics_server
 from protos.disagg.v1 import inference_pb2 as pb
@@ -18,10 +18,11 @@ INTERACTIVE = SLATarget(ttft_ms=500.0, tpot_ms=50.0, sla_class="interactive")
 BATCH = SLATarget(ttft_ms=500.0, tpot_ms=50.0, sla_class="batch")
 
 
-def _final(reason=FinishReason.LENGTH, ttft_ms=100.0, tpot_ms=20.0, tokens=10, prompt=30) -> FinalEvent:
+def _final(reason=FinishReason.LENGTH, ttft_ms=100.0, tpot_ms=20.0, tokens=10, prompt=30,
+           prediction: Prediction | None = None) -> FinalEvent:
     t = Timings(queued_ms=5.0, prefill_ms=80.0, transfer_ms=2.0, ttft_ms=ttft_ms, mean_tpot_ms=tpot_ms,
                 e2e_ms=ttft_ms + tpot_ms * (tokens - 1))
-    return FinalEvent(reason, prompt, tokens, t, "prefill-0", "decode-0")
+    return FinalEvent(reason, prompt, tokens, t, "prefill-0", "decode-0", prediction)
 
 
 def _samples(metrics: ServingMetrics) -> dict[tuple[str, tuple], float]:
@@ -56,14 +57,39 @@ def test_finals_count_by_reason_and_class_and_feed_the_latency_histograms():
     assert s[("pdorch_request_prefill_time_seconds_count", ())] == 4
 
 
-def test_refusals_and_stream_errors_count_by_status_code():
+def test_prediction_errors_and_bound_misses_by_phase():
+    m = ServingMetrics()
+    m.final(_final(ttft_ms=100.0, tpot_ms=20.0, prediction=Prediction(80.0, 25.0, 90.0, 30.0, 0.9)), BATCH)
+    m.final(_final(ttft_ms=200.0, tpot_ms=10.0, prediction=Prediction(190.0, 10.5, 300.0, 9.0, 0.9)), BATCH)
+    m.final(_final(tokens=1, tpot_ms=0.0, prediction=Prediction(100.0, 10.0, 150.0, 12.0, 0.9)), BATCH)  # no TPOT
+    m.final(_final(ttft_ms=500.0, prediction=Prediction(0.0, 0.0, 0.0, 0.0, 0.0)), BATCH)  # not predicted
+    m.final(_final(reason=FinishReason.ABORT, ttft_ms=999.0, prediction=Prediction(1.0, 1.0, 1.0, 1.0, 0.9)), BATCH)
+    m.final(_final(), BATCH)  # no prediction at all
+    s = _samples(m)
+    assert s[("pdorch_prediction_error_ttft_ratio_count", ())] == 3
+    assert s[("pdorch_prediction_error_ttft_ratio_sum", ())] == pytest.approx(0.2 + 0.05 + 0.0)
+    assert s[("pdorch_prediction_error_ttft_ratio_bucket", (("le", "0.1"),))] == 2
+    assert s[("pdorch_prediction_error_tpot_ratio_count", ())] == 2
+    assert s[("pdorch_prediction_error_tpot_ratio_sum", ())] == pytest.approx(0.25 + 0.05)
+    assert s[("pdorch_prediction_bound_misses_total", (("phase", "ttft"),))] == 1  # 100 > 90
+    assert s[("pdorch_prediction_bound_misses_total", (("phase", "tpot"),))] == 1  # 10 > 9
+
+
+def test_refusals_and_stream_errors_count_by_status_code_and_rejections_by_kind():
     m = ServingMetrics()
     m.refused("INVALID_ARGUMENT")
     m.refused("INVALID_ARGUMENT")
-    m.failed.labels("UNAVAILABLE").inc()
+    m.error(ErrorEvent(Failure("UNAVAILABLE", "decode worker lost")))
+    m.error(ErrorEvent(Failure("RESOURCE_EXHAUSTED", "below the floor"), "below_floor"))
+    m.error(ErrorEvent(Failure("RESOURCE_EXHAUSTED", "no pair meets it"), "ttft"))
+    m.error(ErrorEvent(Failure("RESOURCE_EXHAUSTED", "no pair meets it"), "ttft"))
     s = _samples(m)
     assert s[("pdorch_requests_failed_total", (("code", "INVALID_ARGUMENT"),))] == 2
     assert s[("pdorch_requests_failed_total", (("code", "UNAVAILABLE"),))] == 1
+    assert s[("pdorch_requests_failed_total", (("code", "RESOURCE_EXHAUSTED"),))] == 3
+    assert s[("pdorch_requests_rejected_total", (("reason", "below_floor"),))] == 1
+    assert s[("pdorch_requests_rejected_total", (("reason", "ttft"),))] == 2
+    assert not any(name == "pdorch_requests_rejected_total" and labels == (("reason", ""),) for name, labels in s)
 
 
 def _pools() -> list[pb.PoolInfo]:
