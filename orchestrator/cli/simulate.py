@@ -72,7 +72,7 @@ def load_experiments(path: Path):
 
 def run(args) -> int:
     from tqdm import tqdm
-    from orchestrator.core.experiments import get_experiment
+    from orchestrator.core.experiments import RouterComparison, get_experiment
     from orchestrator.simulator import output
     from orchestrator.simulator.runner import config_goodput, config_key, points, run_point, workload
     from orchestrator.simulator.workload import TraceError
@@ -88,6 +88,9 @@ def run(args) -> int:
         from bench.cpu_profile import ensure_measured
         ensure_measured()  # the `cpu` profile is this host's measurement: an explicit, announced step
     for exp in chosen:
+        if isinstance(exp, RouterComparison):
+            run_comparison(exp, Path(args.results))
+            continue
         exp = apply_overrides(exp, args)
         try:
             pts = points(exp)
@@ -135,6 +138,30 @@ def run(args) -> int:
         print(f"{len(pts)} runs{' + goodput searches' if exp.goodput else ''} in {elapsed:.1f} s")
         print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def run_comparison(exp, results: Path) -> None:
+    """The router-comparison experiment: every policy, its tables, results/NAME/{summary.json, ...}."""
+    from tqdm import tqdm
+    from orchestrator.simulator import comparison
+    from orchestrator.simulator.workload import TraceError
+
+    runs = len(exp.policies) * len(exp.rate_factors)
+    bar = tqdm(total=runs, desc=exp.name, unit="run")
+    try:
+        summary = comparison.run(exp, lambda what: (bar.set_postfix_str(what), bar.update(what[:7] != "goodput")))
+    except TraceError as e:
+        raise UserError(f"experiment {exp.name}: trace: {e}") from None
+    except ValueError as e:
+        raise UserError(f"experiment {exp.name}: {e}") from None
+    finally:
+        bar.close()
+    cap = summary["capacity"]
+    print(f"predicted capacity {cap['rps']:.3g} req/s ({cap['bottleneck']}-bound); "
+          f"{summary['sla_rejected']} sla rejections; {summary['wall_s']:.0f} s")
+    print(comparison.table(summary))
+    files = comparison.write(results / exp.name, summary)
+    print("wrote " + ", ".join(str(f) for f in files))
 
 
 def res_label(p) -> str:

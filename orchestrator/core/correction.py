@@ -45,10 +45,17 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+_TTFT_KEYS: dict[tuple[str, float], str] = {}
+
+
 def ttft_key(worker: str, ttft_s: float) -> str:
     """The "ttft" phase's key: the worker and its TTFT target rounded up to a power of two seconds
     (requests of one class share a window; arbitrary per-request targets fall into few windows)."""
-    return f"{worker}|ttft<={2.0 ** math.ceil(math.log2(ttft_s)):g}s"
+    bucket = 2.0 ** math.ceil(math.log2(ttft_s))
+    key = _TTFT_KEYS.get((worker, bucket))
+    if key is None:
+        key = _TTFT_KEYS[(worker, bucket)] = f"{worker}|ttft<={bucket:g}s"
+    return key
 
 
 def check_quantile(q: float) -> float:
@@ -112,7 +119,7 @@ class Corrections:
         return got
 
     def forget(self, worker: str) -> None:
-        """Drop a worker's windows (it was replaced or restarted)."""
-        for phase in PHASES:
-            self._ratios.pop((worker, phase), None)
-            self._cache.pop((worker, phase), None)
+        """Drop a worker's windows, its "ttft" ones included (it was replaced or restarted)."""
+        for key in [k for k in self._ratios if k[0] == worker or k[0].startswith(f"{worker}|ttft<=")]:
+            del self._ratios[key]
+            self._cache.pop(key, None)

@@ -28,7 +28,7 @@ predicted capacity (orchestrator/simulator/capacity.py):
       classes:                        # name -> its trace (first `requests` rows) and targets
         interactive: {trace: .../AzureLLMInferenceTrace_conv.csv, ttft_ms: 1500, tpot_ms: 15, priority: 1}
         batch: {trace: .../AzureLLMInferenceTrace_code.csv, ttft_ms: 20000, tpot_ms: 60, priority: 0}
-      requests: 1500                  # per class
+      requests: 3000                  # the first N of the traces merged by arrival
       router_policy: [round_robin, least_loaded, cost, sla]
       rate_factors: [0.5, 1.0, 1.5, 2.0]   # x the predicted capacity
       prefill: {hardware: trn2.48xlarge, tp: 64, replicas: 2, token_budget: 8192, max_batch: 8}
@@ -91,7 +91,7 @@ class RouterComparison:
     name: str
     model: str
     classes: tuple[SLAClass, ...]
-    requests: int  # per class
+    requests: int  # the first N of the classes' traces merged by arrival
     policies: tuple[str, ...]
     rate_factors: tuple[float, ...]  # x the predicted capacity
     prefill: PoolSweep  # one replica count each
@@ -159,7 +159,7 @@ def parse_comparison(path: Path, name: str, tree: Any) -> RouterComparison:
     quantile = s.get("quantile", float, 0.9)
     if not 0.0 < quantile < 1.0:
         raise s.error("quantile", f"must be in (0, 1), got {quantile}")
-    return RouterComparison(name, s.get("model", str), tuple(classes), s.get("requests", int, 1500, minimum=1),
+    return RouterComparison(name, s.get("model", str), tuple(classes), s.get("requests", int, 3000, minimum=1),
                             policies, s.many("rate_factors", float, [0.5, 1.0, 1.5, 2.0], minimum=1e-9), pf, dc,
                             quantile)
 

@@ -107,8 +107,10 @@ class DecodeState:
     # yet to reserve, steps it will run, KV tokens it then holds) of each request placed here and not
     # arrived (counted in `batch`), ascending
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
+    reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "reserving", sum(x[1] for x in self.incoming))
         _count("batch", self.batch, 0)
         _count("ctx_sum", self.ctx_sum, 0)
         _count("max_batch", self.max_batch, 1)
@@ -125,6 +127,8 @@ class DecodeState:
         then has a batch slot and that room (what the sequences finished by then gave back, less what
         the incoming ones that arrived took); else it queues behind the others and starts when enough
         of the sequences there have finished (None: not even when all have: no room)."""
+        if self.batch < self.max_batch and self.free_kv_tokens - self.reserving >= need_tokens:
+            return arrival_s  # room even once everyone placed here has arrived: the same answer, sooner
         free, finish = self.free_kv_tokens, [(steps * step_s, held) for steps, held in self.remaining]
         arrived = 0
         for eta, reserve, steps, held in self.incoming:

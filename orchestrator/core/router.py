@@ -31,10 +31,11 @@ prediction error is measured for every policy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from orchestrator.core.correction import ttft_key
+from hardware.perf import Deployment, kv_transfer_time, prefill_time
 from orchestrator.core.pairsearch import search_best_pair
 from orchestrator.core.predictor import (DecodePart, PairPrediction, PredictRequest, Predictor, PrefillPart,
                                          PrefillState, completion_key, kv_arrival_s)
@@ -198,20 +199,26 @@ class Router:
                                      f"{against}", kind="running_tpot")
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
 
-    def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], dst, now: float) -> float:
+    def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], dst: Deployment, now: float) -> float:
         """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool,
-        without the "ttft" correction (that learns queueing, which an idle worker has none of); one
-        idle state per distinct worker setup and corrections, not one per worker."""
-        corr, seen = self.predictor.corrections, {}
+        without the "ttft" correction (that learns queueing, which an idle worker has none of). The
+        perf-model times are taken once per distinct worker setup, the corrections per worker."""
+        pred, corr, times = self.predictor, self.predictor.corrections, {}
+        best = math.inf
         for p in pf:
             st = p.state
-            key = (id(st.dep), st.token_budget, st.max_batch, st.slowdown, corr.factors(st.worker_id, "prefill"),
-                   corr.factors(st.worker_id, "transfer"))
-            if key not in seen:
-                idle = PrefillState(st.worker_id, st.dep, st.token_budget, st.max_batch, slowdown=st.slowdown)
-                g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound
-                seen[key] = self.predictor.prefill_part(req, idle, dst, now).ttft.bound_s / g
-        return min(seen.values())
+            key = (id(st.dep), st.slowdown)
+            got = times.get(key)
+            if got is None:
+                own = prefill_time(st.dep, [req.prompt_tokens]) * st.slowdown
+                kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
+                got = times[key] = (own, kv_transfer_time(st.dep, dst, kv, own), st.dep.hw.perf.request_path_s)
+            own, tr, path = got
+            ttft = own * corr.factors(st.worker_id, "prefill").bound + path
+            if pred.first_token_after_transfer:
+                ttft += tr * corr.factors(st.worker_id, "transfer").bound
+            best = min(best, ttft)
+        return best
 
 
 def _blocks(tokens: int, d: DecodeView) -> int:

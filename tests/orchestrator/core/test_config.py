@@ -32,6 +32,19 @@ def test_orchestrator_settings_load_from_metadata():
     assert cfg.workload.trace.is_file()
 
 
+def test_the_sla_router_is_the_default_and_the_replay_rate_follows_the_host():
+    cfg = load_config(ROOT / "cluster.yaml")
+    assert cfg.router_policy == "sla" and cfg.router_quantile == 0.9
+    assert cfg.workload.target_rate is None and cfg.workload.capacity_fraction == 0.6  # auto: 0.6 x capacity
+    prios = {n: s.priority for n, s in cfg.sla_classes.items()}
+    assert prios["interactive"] > prios["standard"] > prios["batch"]
+    tree = _tree()
+    tree["metadata"]["workload"]["target_rate"] = 1.5  # an explicit rate still wins
+    del tree["metadata"]["router"]
+    cfg = parse_config(tree, Path("cluster.yaml"))
+    assert cfg.workload.target_rate == 1.5 and cfg.router_policy == "sla"
+
+
 def test_metrics_port_null_turns_the_endpoint_off():
     tree = _tree()
     tree["metadata"]["frontend"]["metrics_port"] = None
@@ -54,6 +67,10 @@ def _tree():
     (lambda t: t["metadata"]["frontend"].update(metrics_port="9400"), "metadata.frontend.metrics_port"),
     (lambda t: t["metadata"]["frontend"].update(port=-1), "metadata.frontend.port"),
     (lambda t: t["metadata"]["frontend"].update(shutdown_grace_s=-1), "metadata.frontend.shutdown_grace_s"),
+    (lambda t: t["metadata"]["router"].update(quantile=1.0), "metadata.router.quantile"),
+    (lambda t: t["metadata"]["sla_classes"]["batch"].update(priority="low"), "metadata.sla_classes.batch.priority"),
+    (lambda t: t["metadata"]["workload"].update(target_rate="fast"), "metadata.workload.target_rate"),
+    (lambda t: t["metadata"]["workload"].update(target_rate=0), "metadata.workload.target_rate"),
 ])
 def test_invalid_config_names_file_and_key(mutate, key):
     tree = _tree()
