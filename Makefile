@@ -70,7 +70,7 @@ simulate: $(STAMP)
 fidelity: $(STAMP)
 	$(PY) -m bench.cpu_profile --remeasure
 	$(PY) -m bench.serving_overheads
-	$(PY) -m orchestrator bench --config cluster.yaml
+	$(PY) -m orchestrator bench --config cluster.yaml --rate 2.0  # = the fidelity-cpu experiment's rate
 	$(PY) -m orchestrator simulate --config cluster.yaml --experiment fidelity-cpu
 
 clean:

@@ -49,7 +49,8 @@ def prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> l
     return head[:cut] + body + head[cut:]
 
 
-async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: float, t0: float) -> Outcome:
+async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: float, t0: float,
+               sla_class: str = "") -> Outcome:
     from orchestrator.client.timing import StreamTiming
     from orchestrator.core.sla import sla_met
 
@@ -57,7 +58,8 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
     timing = StreamTiming()
     try:
         # the trace fixes each output length: generate that many tokens, EOS or not (vLLM's ignore_eos)
-        await timing.consume(client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True))
+        await timing.consume(client.generate(token_ids=ids, max_tokens=max_tokens, request_id=rid, ignore_eos=True,
+                                             sla_class=sla_class))
     except Exception as e:  # a failed request is reported, not fatal to the bench
         return Outcome(rid, len(ids), timing.tokens, None, None, None, False, f"{type(e).__name__}: {e}",
                        getattr(e, "reason", ""))
@@ -68,9 +70,9 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
                    predicted_ttft_ms=p.ttft_ms if p else None, predicted_tpot_ms=p.tpot_ms if p else None)
 
 
-def auto_rate(cfg, rows) -> float:
-    """capacity_fraction x the capacity the performance model predicts for the config's live pools on
-    this host's measured `cpu` profile (measured first when absent, ~30 s); printed."""
+def auto_rate(cfg, rows, fraction: float | None = None) -> float:
+    """`fraction` (default: workload.capacity_fraction) x the capacity the performance model predicts for
+    the config's live pools on this host's measured `cpu` profile (measured first when absent, ~30 s); printed."""
     from bench.cpu_profile import ensure_measured
     from orchestrator.core.trace import fit_trace
     from orchestrator.serving.perfmodel import live_deployment
@@ -85,9 +87,9 @@ def auto_rate(cfg, rows) -> float:
                    PoolSetup(dep, dc.workers, dc.max_batch, block_tokens=dc.block_tokens,
                              kv_capacity_tokens=dc.kv_capacity_tokens),
                    [(max(1, r.prompt_tokens), max(1, r.output_tokens)) for r in fitted], shared_host=True)
-    rate = wl.capacity_fraction * cap.rps
-    print(f"{cap.describe()} on this host's cpu profile: replaying at {wl.capacity_fraction:g}x = {rate:.3g} req/s "
-          f"(workload.target_rate sets it)")
+    fraction = wl.capacity_fraction if fraction is None else fraction
+    rate = fraction * cap.rps
+    print(f"{cap.describe()} on this host's cpu profile: replaying at {fraction:g}x = {rate:.3g} req/s")
     return rate
 
 
