@@ -5,7 +5,7 @@ classes of the `router-comparison` experiment (its traces: conv for `interactive
 `batch`), with the live targets of cluster.yaml's `sla_classes` of the same names. The traces are
 merged by arrival, their lengths fitted to the small model as the live bench does, and replayed at
 `factor` (1.5) x the capacity the performance model predicts for these pools on this host. Every
-policy in turn runs the same requests on a fresh deployment. Per policy: goodput (requests completed
+policy in turn runs the same requests on a fresh deployment, after a few warm-up requests. Per policy: goodput (requests completed
 within their class's SLA per second of replay), per class the attainment of admitted requests and the
 rejections, and the router's live prediction error. Writes bench/results/router-live.json.
 """
@@ -18,6 +18,9 @@ from dataclasses import asdict, replace
 from bench.live import FILLER, Outcome, _one, auto_rate, prediction_error, prompt_ids
 
 POLICIES = ("least_loaded", "cost", "sla")
+# one at a time before each replay, so every policy starts with its predictor's corrections warm
+# (the sla policy places rather than rejects on a prior: Router docstring)
+WARMUP_PROMPTS = (16, 32, 64, 128, 256, 16, 64, 128)
 
 
 def workload(cfg, requests: int):
@@ -43,8 +46,9 @@ async def _replay(cfg, policy: str, rows, rate: float, tok, filler) -> dict:
     classes = [name for name, _ in rows]
     async with Deployment(replace(cfg, router_policy=policy), port=0, metrics_port=0) as dep:
         async with AsyncClient(dep.target) as client:
-            await _one(client, "warmup", prompt_ids(tok, 16, filler, 0), 4, cfg.sla_classes[cfg.default_sla_class],
-                       0.0, time.perf_counter())
+            for i, n in enumerate(WARMUP_PROMPTS):  # a serving system is warm: the router rejects only on evidence
+                await _one(client, f"warmup-{i}", prompt_ids(tok, n, filler, i), 4,
+                           cfg.sla_classes[cfg.default_sla_class], 0.0, time.perf_counter())
             t0 = time.perf_counter()
             outcomes: list[Outcome] = await asyncio.gather(*(
                 _one(client, f"{policy}-{i}", prompt_ids(tok, r.prompt_tokens, filler, i), r.output_tokens,
