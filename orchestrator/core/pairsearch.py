@@ -30,7 +30,9 @@ _SLACK = 1.0 - 1e-9  # lower bounds are rounded down so float rounding never pru
 
 
 def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState],
-                 arrival_s: float) -> DecodePart | None:
+                 arrival_s: float, protecting: bool = True) -> DecodePart | None:
+    """The fitting decode part with the least decode.bound (ties: lowest id); `protecting`: among those
+    that also protect their running sequences' TPOT."""
     steps, corr = req.max_tokens - 1, pred.corrections
     need = req.prompt_tokens + req.max_tokens
     cands = []
@@ -47,7 +49,8 @@ def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeSt
         if best is not None and (lb, wid) > (best.decode.bound_s, best.worker_id):
             break
         d = pred.decode_part(req, st, arrival_s)
-        if d.fits and d.protects and (best is None or (d.decode.bound_s, wid) < (best.decode.bound_s, best.worker_id)):
+        if d.fits and (d.protects or not protecting) and (
+                best is None or (d.decode.bound_s, wid) < (best.decode.bound_s, best.worker_id)):
             best = d
     return best
 
@@ -83,10 +86,24 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[Pre
     return None if best is None else (best, d)
 
 
+def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],
+                     decode: Sequence[DecodeState], dst: Deployment,
+                     now: float) -> tuple[PrefillPart, DecodePart | None, DecodePart | None]:
+    """When no pair meets the SLA: the prefill part with the earliest KV arrival whatever its TTFT, and
+    at that arrival the fitting decode part with the least decode.bound, and the same among those that
+    protect their running sequences (None: no such decode worker); few exact parts, as the search."""
+    cands = _prefill_candidates(pred, req, prefill, dst, now, meeting_ttft=False)
+    pp = _best_prefill(cands, lambda st: pred.prefill_part(req, st, dst, now), lambda p: True)
+    arrival = kv_arrival_s(pp)
+    fit = _best_decode(pred, req, decode, arrival, protecting=False)
+    protect = fit if fit is None or fit.protects else _best_decode(pred, req, decode, arrival)
+    return pp, fit, protect
+
+
 def _prefill_candidates(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState], dst: Deployment,
-                        now: float) -> list[tuple[float, str, PrefillState]]:
+                        now: float, meeting_ttft: bool = True) -> list[tuple[float, str, PrefillState]]:
     """(floor of ttft.bound + tail.bound, worker id, state) of the workers whose floor can meet the TTFT
-    target, ascending."""
+    target (every worker unless `meeting_ttft`), ascending."""
     corr = pred.corrections
     key = order_key(req.priority, now, req.ttft_s)
     alone: dict[tuple[int, float], float] = {}
@@ -113,7 +130,7 @@ def _prefill_candidates(pred: Predictor, req: PredictRequest, prefill: Sequence[
             st.dep.hw.perf.request_path_s
         g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound  # scales the whole TTFT
         ttft = (lb + tr if pred.first_token_after_transfer else lb) * g
-        if ttft * _SLACK <= req.ttft_s:  # else ttft.bound > target
+        if ttft * _SLACK <= req.ttft_s or not meeting_ttft:  # else ttft.bound > target
             cands.append(((ttft if pred.first_token_after_transfer else ttft + tr) * _SLACK, st.worker_id, st))
     cands.sort(key=lambda c: (c[0], c[1]))
     return cands

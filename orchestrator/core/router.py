@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from hardware.perf import Deployment, kv_transfer_time, prefill_time
-from orchestrator.core.pairsearch import search_best_pair
+from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
 from orchestrator.core.predictor import (DecodePart, PairPrediction, PredictRequest, Predictor, PrefillPart,
                                          PrefillState, completion_key, kv_arrival_s)
 from orchestrator.core.sla import SLATarget
@@ -176,25 +176,23 @@ class Router:
 
     def _best_effort(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
                      now: float) -> tuple[PrefillPart, DecodePart, Rejection]:
-        """No pair meets the SLA: the pair closest to it, and why it fails (O(P + D) exact parts)."""
+        """No pair meets the SLA: the pair closest to it, and why it fails (pairsearch.best_effort_pair)."""
         pred = self.predictor
-        dst = dc[0].state.dep
-        pp = min((pred.prefill_part(req, p.state, dst, now) for p in pf),
-                 key=lambda x: (x.ttft.bound_s + x.tail.bound_s, x.worker_id))
-        dparts = [pred.decode_part(req, d.state, kv_arrival_s(pp)) for d in dc]
-        room = [x for x in dparts if x.fits] or dparts
-        dp = min(room, key=lambda x: (x.decode.bound_s, x.worker_id))
+        pp, fit, protect = best_effort_pair(pred, req, [p.state for p in pf], [d.state for d in dc],
+                                            dc[0].state.dep, now)
+        dp = fit or min((pred.decode_part(req, d.state, kv_arrival_s(pp)) for d in dc),
+                        key=lambda x: (x.decode.bound_s, x.worker_id))
         got = pred.combine(req, pp, dp)
         ttft_ms, tpot_ms = got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3
         q = round(100 * pred.corrections.quantile)
         against = (f"predicted TTFT {ttft_ms:.0f} ms (p{q}) against the target {req.ttft_s * 1e3:.0f} ms, "
                    f"TPOT {tpot_ms:.1f} ms (p{q}) against {req.tpot_s * 1e3:.1f} ms")
-        if not any(x.fits for x in dparts):
+        if fit is None:
             return pp, dp, Rejection(f"every decode worker is full (batch slots or KV blocks, even once its "
                                      f"running sequences finish); {against}", kind="kv_full")
         if pp.ttft.bound_s > req.ttft_s:
             return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="ttft")
-        if not dp.protects or not any(x.fits and x.protects for x in dparts):
+        if not fit.protects or protect is None:
             return pp, dp, Rejection(f"admitting it would push sequences already decoding past their TPOT target; "
                                      f"{against}", kind="running_tpot")
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")

@@ -10,7 +10,7 @@ from model.specs import get_spec
 from orchestrator.core.correction import Corrections
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
                                          PrefillState, best_pair, completion_key, earliest_prefill, kv_arrival_s)
-from orchestrator.core.pairsearch import search_best_pair
+from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
 from orchestrator.core.queueplan import QueuedPrompt, locate, plan_queue
 from orchestrator.core.request import SLATarget
 from prefill.batcher import PrefillBatcher, PrefillItem
@@ -329,3 +329,20 @@ def test_the_pruned_search_finds_the_same_pair_as_best_pair(seed):
             found += 1
             assert got == want
     assert found >= 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_best_effort_search_finds_what_every_workers_parts_would(seed):
+    rng = random.Random(300 + seed)
+    corr, ps, ds = _random_pools(rng, 120, 120)
+    pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
+    for _ in range(8):
+        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
+                             rng.uniform(0.05, 2.0), rng.uniform(0.001, 0.005))
+        pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
+        want_p = min(pp, key=lambda x: (x.ttft.bound_s + x.tail.bound_s, x.worker_id))
+        dp = [pred.decode_part(req, d, kv_arrival_s(want_p)) for d in ds]
+        key = lambda x: (x.decode.bound_s, x.worker_id)  # noqa: E731
+        want_fit = min((d for d in dp if d.fits), key=key, default=None)
+        want_protect = min((d for d in dp if d.fits and d.protects), key=key, default=None)
+        assert best_effort_pair(pred, req, ps, ds, CS3, 0.0) == (want_p, want_fit, want_protect)
