@@ -1,0 +1,86 @@
+"""The SLA router on real workers in one process (no Ray): a saturated decode worker is avoided.
+
+Two DecodeWorkers and a PrefillWorker with the real model, KV over the in-process backend, the engine
+with the `sla` policy and corrections already warm (ratio 1, as if it had served for a while).
+decode-0 is filled to its batch limit with long-running sequences of another owner: an interactive
+request predicted to wait behind them for a slot would miss its TPOT target, so it goes to decode-1.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from threadpoolctl import threadpool_limits
+
+from decode.worker import DecodeWorker
+from kvtransfer.inprocess import InProcessBackend
+from kvtransfer.receiver import KVReceiver
+from model.loaded import load_model
+from model.sampling import SamplingParams, make_rng, sample_one
+from model.tokenizer import ChatMessage
+from orchestrator.core.correction import Corrections
+from orchestrator.core.predictor import Predictor
+from orchestrator.core.request import Request, SLATarget
+from orchestrator.core.router import Router
+from orchestrator.serving.engine import Engine, FinalEvent
+from orchestrator.serving.perfmodel import live_deployment
+from orchestrator.serving.workers import DecodeHandle, LocalCalls, Pools, PrefillHandle
+from prefill.worker import PrefillWorker
+
+INTERACTIVE = SLATarget(ttft_ms=60_000, tpot_ms=2_000, priority=2, sla_class="interactive")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    with threadpool_limits(limits=1):
+        yield load_model()
+
+
+def _warm_router() -> Router:
+    corr = Corrections()
+    for _ in range(corr.min_samples):
+        corr.observe("prefill-0", "prefill", 1.0, 1.0)
+        for w in ("decode-0", "decode-1"):
+            corr.observe(w, "decode", 1.0, 1.0)
+    return Router("sla", Predictor(corr))
+
+
+def test_interactive_requests_avoid_the_saturated_decode_worker(lm):
+    prompt = lm.tokenizer.chat_ids([ChatMessage("user", "Name a colour.")])
+
+    async def main():
+        decode = {w: DecodeWorker(capacity_tokens=4096, block_size=16, max_batch=4, blas_threads=1, loaded=lm)
+                  for w in ("decode-0", "decode-1")}
+        backend = InProcessBackend({w: KVReceiver(d.kv_sink, expected_layout=d.layout) for w, d in decode.items()})
+        prefill = PrefillWorker("prefill-0", blas_threads=1, transfer_backend=backend, loaded=lm)
+        pools = Pools(prefill={"prefill-0": PrefillHandle("prefill-0", LocalCalls(prefill))},
+                      decode={w: DecodeHandle(w, LocalCalls(d)) for w, d in decode.items()},
+                      kv_targets={w: w for w in decode})
+        engine = Engine(pools, _warm_router(), live_deployment("smollm2-135m")[0],
+                        decode_max_batch=4)
+        for d in decode.values():
+            await d.start()
+        logits, ks, vs = lm.model.prefill(prompt)
+        long = SamplingParams(max_tokens=2000, ignore_eos=True)
+        for i in range(4):  # decode-0's whole batch, for thousands of steps
+            await decode["decode-0"].accept_kv(f"busy-{i}", ks, vs, sample_one(logits, long, make_rng(long)), long,
+                                              prompt, "other")
+        await engine.start()
+        await asyncio.sleep(0.3)  # a few load refreshes: the engine sees decode-0 full
+        finals = []
+        for i in range(3):
+            req = Request(f"chat-{i}", list(prompt), SamplingParams(max_tokens=8), INTERACTIVE, time.monotonic())
+            finals += [ev async for ev in engine.generate(req) if isinstance(ev, FinalEvent)]
+        busy = await decode["decode-0"].load()
+        for i in range(4):
+            await decode["decode-0"].abort(f"busy-{i}")
+        await engine.stop()
+        for d in decode.values():
+            await d.close()
+        return finals, busy
+
+    finals, busy = asyncio.run(asyncio.wait_for(main(), 240))
+    assert busy.active == 4  # still saturated when the interactive requests were placed
+    assert [f.decode_worker for f in finals] == ["decode-1"] * 3
+    assert all(f.prediction is not None and f.prediction.tpot_bound_ms <= INTERACTIVE.tpot_ms for f in finals)
