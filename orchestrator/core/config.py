@@ -234,7 +234,8 @@ def parse_config(tree: Any, path: Path) -> Config:
     slas = {}
     for name in slas_r.tree:
         s = slas_r.sub(name)
-        slas[name] = SLATarget(ttft_ms=s.get("ttft_ms", float, minimum=1e-9), tpot_ms=s.get("tpot_ms", float, minimum=1e-9),
+        slas[name] = SLATarget(ttft_ms=s.get("ttft_ms", float, minimum=1e-9),
+                               tpot_ms=s.get("tpot_ms", float, minimum=1e-9),
                                priority=s.get("priority", int, 0), sla_class=str(name))
     default_sla = meta.get("default_sla_class", str, next(iter(slas), ""))
     if default_sla not in slas:

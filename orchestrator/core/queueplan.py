@@ -2,16 +2,17 @@
 
 Pure. The batcher's rule, restated here because core may not import prefill/ (tests compare the
 two on random queues): earliest deadline (arrival + TTFT target) first, then higher priority,
-then arrival, ties first come first served (a stable sort of the queue in insertion order); a batch takes prompts in that order while the
-count stays within `max_batch` and the total tokens within `token_budget`; a prompt longer than the
-budget runs alone; nobody skips ahead. When the batcher's order changes, change `order_key` with it.
+then arrival, ties first come first served (a stable sort of the queue in insertion order); a
+batch takes prompts in that order while the count stays within `max_batch` and the total tokens
+within `token_budget`; a prompt longer than the budget runs alone; nobody skips ahead. When the
+batcher's order changes, change `order_key` with it.
 
 A newcomer arriving at `now` goes after every queued prompt with an earlier (or equal) key; the
-prediction assumes no later arrival overtakes it (a later, tighter deadline can: the corrections
-absorb what that costs). The batches
-before the one it lands in are the batches of the queue without it (batching is greedy from the
-head), except that the batch it cannot join is cut where it stands; `locate` finds that in
-O(log Q) plus its own batch, given a `QueuePlan` built once per queue state.
+prediction assumes no later arrival overtakes it (a later, tighter deadline can: the "ttft"
+correction absorbs what that costs). The batches before the one it lands in are the batches of
+the queue without it (batching is greedy from the head), except that the batch it cannot join is
+cut where it stands; `locate` finds that in O(log Q) plus its own batch, given a `QueuePlan` built
+once per queue state.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def plan_queue(dep: Deployment, queue: tuple[QueuedPrompt, ...], token_budget: i
     bounds = starts + [len(order)]
     batch_of = [b for b in range(len(starts)) for _ in range(bounds[b], bounds[b + 1])]
     times = [prefill_time(dep, lengths[bounds[b]:bounds[b + 1]]) * slowdown for b in range(len(starts))]
-    return QueuePlan(tuple(order), tuple(order_key(queue[i].priority, queue[i].arrival_s, queue[i].ttft_s) for i in order),
+    keys = tuple(order_key(queue[i].priority, queue[i].arrival_s, queue[i].ttft_s) for i in order)
+    return QueuePlan(tuple(order), keys,
                      tuple(lengths), tuple(batch_of), tuple(starts), tuple(accumulate(times)))
 
 

@@ -16,8 +16,8 @@ Policies:
   sequence already decoding past its own TPOT target. A decode worker whose batch or KV is full
   counts the wait until enough of its sequences finish (less the newcomer's own time in prefill,
   taken at the earliest KV arrival the prefill pool offers). Earliest completion frees the pair
-  soonest for the requests behind it, and among pairs that all meet the SLA it keeps the most
-  slack on the tight class (the router-comparison experiment compares it with the baselines). When no pair is
+  soonest for the requests behind it (the router-comparison experiment measures the rule against
+  the baselines: README, "Router comparison"). When no pair is
   predicted to meet the SLA the request is rejected at once (RESOURCE_EXHAUSTED, naming the
   predictions against the targets, or the floor when the TTFT target is below what an idle prefill
   worker can do): it never waits in a queue only to miss. `reject=False` places it on the best

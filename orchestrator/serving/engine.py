@@ -180,7 +180,8 @@ class Engine:
         for w, l in self.decode_loads.items():
             pend = self._pending_decode[w]
             incoming = tuple(sorted((max(0.0, eta - now), *rest) for eta, *rest in pend.incoming.values()))
-            state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming), l.context_tokens + pend.prompt_tokens,
+            state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming),
+                                l.context_tokens + pend.prompt_tokens,
                                 self.decode_max_batch, l.free_tokens, min(pend.tpot_targets.values(), default=math.inf),
                                 remaining=l.remaining, incoming=incoming)
             dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))

@@ -163,8 +163,9 @@ def table(summary: dict) -> str:
                      f"{cells} |")
     e = summary["prediction_error"]
     if e:
-        lines += ["", f"sla prediction error |predicted/actual - 1|: TTFT p50 {e['ttft_p50']:.3f} p90 {e['ttft_p90']:.3f}"
-                      f" (bound coverage {e['ttft_coverage']:.2f}), TPOT p50 {e['tpot_p50']:.3f} p90 {e['tpot_p90']:.3f}"
+        lines += ["", f"sla prediction error |predicted/actual - 1|: TTFT p50 {e['ttft_p50']:.3f} "
+                      f"p90 {e['ttft_p90']:.3f} (bound coverage {e['ttft_coverage']:.2f}), "
+                      f"TPOT p50 {e['tpot_p50']:.3f} p90 {e['tpot_p90']:.3f}"
                       f" (coverage {e['tpot_coverage']:.2f}); rejected that would have missed: "
                       f"{summary['rejected_would_miss']:.2f} of {summary['sla_rejected']}"]
     lines += [f"target {k} {t['target']}: {t['measured']:.3g} -> {'met' if t['met'] else 'NOT met'}"

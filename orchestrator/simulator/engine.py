@@ -233,7 +233,8 @@ class Simulator:
         batch, dt = unit.start(now, slow)
         if not batch:
             return
-        self.predictor.corrections.observe(unit.uid, "prefill", dt, prefill_time(unit.dep, [it.n_tokens for it in batch]))
+        model_s = prefill_time(unit.dep, [it.n_tokens for it in batch])
+        self.predictor.corrections.observe(unit.uid, "prefill", dt, model_s)
         self._retime_decode(now)
         for it in batch:  # the batch opens its handoffs as it starts, as the live PrefillWorker does
             i = run.index[it.request_id]

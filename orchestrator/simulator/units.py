@@ -53,7 +53,8 @@ class PrefillUnit:
     def view(self) -> PrefillView:
         """The router's view: the predictor's state of this unit (it does not depend on the time)."""
         if self._view is None:
-            queue = tuple(QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s) for it in self.batcher.waiting)
+            queue = tuple(QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s)
+                          for it in self.batcher.waiting)
             st = PrefillState(self.uid, self.dep, self.batcher.token_budget, self.batcher.max_batch, queue,
                               self.busy_until if self.busy else 0.0)
             self._view = PrefillView(st, self.running_tokens)
