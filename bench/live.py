@@ -35,6 +35,8 @@ class Outcome:
     transfer_ms: float | None = None
     predicted_ttft_ms: float | None = None  # the router's point estimates when it placed the request
     predicted_tpot_ms: float | None = None
+    bound_ttft_ms: float | None = None  # and its bounds at its quantile
+    bound_tpot_ms: float | None = None
 
 
 def prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> list[int]:
@@ -67,7 +69,8 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
     t, p = timing.final.timings, timing.final.prediction
     return Outcome(rid, len(ids), timing.tokens, ttft, tpot, _ms(timing.e2e_s), sla_met(sla, ttft, tpot),
                    queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
-                   predicted_ttft_ms=p.ttft_ms if p else None, predicted_tpot_ms=p.tpot_ms if p else None)
+                   predicted_ttft_ms=p.ttft_ms if p else None, predicted_tpot_ms=p.tpot_ms if p else None,
+                   bound_ttft_ms=p.ttft_bound_ms if p else None, bound_tpot_ms=p.tpot_bound_ms if p else None)
 
 
 def auto_rate(cfg, rows, fraction: float | None = None) -> float:
@@ -94,15 +97,18 @@ def auto_rate(cfg, rows, fraction: float | None = None) -> float:
 
 
 def prediction_error(outcomes: list[Outcome]) -> dict[str, float | None]:
-    """p50 and p90 of |predicted / actual - 1| for TTFT and TPOT over the completed requests."""
+    """p50 and p90 of |predicted / actual - 1| for TTFT and TPOT over the completed requests, and the
+    fraction of them within the router's bound (its coverage, the quantile's target)."""
     import numpy as np
 
     out = {}
-    for name, pairs in (("ttft", [(o.predicted_ttft_ms, o.ttft_ms) for o in outcomes]),
-                        ("tpot", [(o.predicted_tpot_ms, o.tpot_ms) for o in outcomes])):
-        err = [abs(p / a - 1) for p, a in pairs if p and a]
+    for name, rows in (("ttft", [(o.predicted_ttft_ms, o.bound_ttft_ms, o.ttft_ms) for o in outcomes]),
+                       ("tpot", [(o.predicted_tpot_ms, o.bound_tpot_ms, o.tpot_ms) for o in outcomes])):
+        rows = [(p, b, a) for p, b, a in rows if p and a]
+        err = [abs(p / a - 1) for p, _, a in rows]
         out.update({f"{name}_p50": float(np.percentile(err, 50)) if err else None,
-                    f"{name}_p90": float(np.percentile(err, 90)) if err else None})
+                    f"{name}_p90": float(np.percentile(err, 90)) if err else None,
+                    f"{name}_coverage": sum(a <= b for _, b, a in rows) / len(rows) if rows else None})
     return out
 
 
@@ -165,8 +171,9 @@ async def run_bench(cfg, requests: int | None = None, rate: float | None = None,
           f"{100 * attainment:.1f}%")
     err = prediction_error(ok)
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-    print(f"router prediction error |predicted/actual - 1|: TTFT p50 {pct(err['ttft_p50'])} p90 {pct(err['ttft_p90'])}, "
-          f"TPOT p50 {pct(err['tpot_p50'])} p90 {pct(err['tpot_p90'])}")
+    print(f"router prediction error |predicted/actual - 1|: TTFT p50 {pct(err['ttft_p50'])} p90 {pct(err['ttft_p90'])}"
+          f" (within the bound {pct(err['ttft_coverage'])}), TPOT p50 {pct(err['tpot_p50'])} p90 {pct(err['tpot_p90'])}"
+          f" (within the bound {pct(err['tpot_coverage'])})")
     for o in outcomes:
         if o.error:
             print(f"  {'rejected' if o.rejected else 'failed'} {o.request_id}: {o.error}")
