@@ -180,8 +180,8 @@ async def run_bench(cfg, requests: int | None = None, rate: float | None = None,
     for q, a in samples:
         print(f"\nQ: {q}\nA: {a.strip()}")
     return {
-        "trace": str(wl.trace.name), "started_unix": started_unix, "scaling": asdict(scaling), "requests": len(outcomes), "failed": len(failed),
-        "rejected": len(rejected), "prediction_error": err,
+        "trace": str(wl.trace.name), "started_unix": started_unix, "scaling": asdict(scaling),
+        "requests": len(outcomes), "failed": len(failed), "rejected": len(rejected), "prediction_error": err,
         "wall_s": wall, "throughput_req_s": len(ok) / wall, "output_tok_s": out_tokens / wall,
         "sla_class": cfg.default_sla_class, "sla": {"ttft_ms": sla.ttft_ms, "tpot_ms": sla.tpot_ms}, "sla_attainment": attainment,
         "ttft_ms": ttft.as_dict(), "tpot_ms": tpot.as_dict(), "e2e_ms": e2e.as_dict(),

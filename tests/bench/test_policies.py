@@ -39,6 +39,7 @@ def test_live_prediction_error_and_coverage():
     def o(pred, bound, actual):
         return Outcome("r", 10, 5, actual, 50.0, 1.0, True, predicted_ttft_ms=pred, predicted_tpot_ms=50.0,
                        bound_ttft_ms=bound, bound_tpot_ms=40.0)
-    got = prediction_error([o(90.0, 95.0, 100.0), o(150.0, 160.0, 100.0), o(None, None, 100.0)])  # no prediction: left out
+    # the third has no prediction: it is left out
+    got = prediction_error([o(90.0, 95.0, 100.0), o(150.0, 160.0, 100.0), o(None, None, 100.0)])
     assert got["ttft_p50"] == pytest.approx(0.3) and got["ttft_coverage"] == 0.5  # 100 ms is above 95, within 160
     assert got["tpot_p50"] == 0.0 and got["tpot_coverage"] == 0.0  # 50 ms actual above the 40 ms bound
