@@ -261,14 +261,19 @@ def _random_pools(rng, n_prefill, n_decode):
     return corr, ps, ds
 
 
+def _random_request(rng, ttft_s=(0.2, 2.0), tpot_s=(0.002, 0.005), priority=0) -> PredictRequest:
+    """Prompts of 1-6000 tokens, outputs of 1, 2 or up to 1000, targets drawn from the ranges (seconds)."""
+    return PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]), rng.uniform(*ttft_s),
+                          rng.uniform(*tpot_s), priority=priority)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_decomposed_best_pair_equals_brute_force_over_combine(seed):
     rng = random.Random(seed)
     corr, ps, ds = _random_pools(rng, 30, 30)
     pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
     for _ in range(5):
-        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
-                             rng.uniform(0.2, 2.0), rng.uniform(0.002, 0.005))
+        req = _random_request(rng)
         pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
         dp = [pred.decode_part(req, d) for d in ds]
         ok = [(completion_key(req, a, b), a.worker_id, b.worker_id) for a in pp for b in dp
@@ -318,8 +323,7 @@ def test_the_pruned_search_finds_the_same_pair_as_best_pair(seed):
     pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
     found = 0
     for _ in range(8):
-        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
-                             rng.uniform(0.2, 2.0), rng.uniform(0.002, 0.005), priority=rng.randint(0, 1))
+        req = _random_request(rng, priority=rng.randint(0, 1))
         pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
         first = earliest_prefill(req, pp)  # the router's rule: decode parts at its KV arrival
         want = None if first is None else best_pair(req, pp, [pred.decode_part(req, d, kv_arrival_s(first)) for d in ds])
@@ -337,8 +341,7 @@ def test_the_best_effort_search_finds_what_every_workers_parts_would(seed):
     corr, ps, ds = _random_pools(rng, 120, 120)
     pred = Predictor(corr, first_token_after_transfer=bool(seed % 2))
     for _ in range(8):
-        req = PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]),
-                             rng.uniform(0.05, 2.0), rng.uniform(0.001, 0.005))
+        req = _random_request(rng, ttft_s=(0.05, 2.0), tpot_s=(0.001, 0.005))  # tight: many rejections
         pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
         want_p = min(pp, key=lambda x: (x.ttft.bound_s + x.tail.bound_s, x.worker_id))
         dp = [pred.decode_part(req, d, kv_arrival_s(want_p)) for d in ds]
