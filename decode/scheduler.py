@@ -22,10 +22,10 @@ cannot get a block for its next token, the most recently admitted running sequen
 priority is preempted (possibly the one asking), so a batch-class sequence gives up its blocks
 before an interactive one does: its blocks are released and it joins the recompute queue, which
 is ordered by priority (highest first), then by add() order. A schedule() call that preempted
-admits nothing. Otherwise admission is FIFO, the recompute queue first: a preempted sequence is re-admitted once `context_len + 1` tokens fit in the free
-blocks; its blocks are allocated here and the caller must rebuild its KV (a prefill over the
-prompt and the tokens generated so far, except the last, which is fed by the next step) before
-running the plan. A WAITING sequence already holds its blocks (handoff admission,
+admits nothing. Otherwise admission is FIFO, the recompute queue first: a preempted sequence is
+re-admitted once `context_len + 1` tokens fit in the free blocks; its blocks are allocated here
+and the caller must rebuild its KV (a prefill over the prompt and the tokens generated so far,
+except the last, which is fed by the next step) before running the plan. A WAITING sequence already holds its blocks (handoff admission,
 BlockAllocator.reserve, gave it room for its first step when its transfer opened), so it is
 admissible whenever there is a batch slot, even while a preempted sequence does not fit (holding it
 back could leave nothing running and nothing ever freed).

@@ -53,7 +53,8 @@ class DecodeLoad:
     total_blocks: int
     block_size: int
     context_tokens: int  # cached context of every sequence running or waiting here
-    remaining: tuple[int, ...] = ()  # tokens each running sequence may still generate, ascending
+    remaining: tuple[tuple[int, int], ...] = ()  # (tokens it may still generate, context tokens it holds) of
+    # each running sequence, ascending (Scheduler.running_remaining)
     kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
     steps: tuple[tuple[int, int, float], ...] = ()  # (batch, context tokens, seconds) of the steps since the
     # last load(): each is one busy loop iteration (schedule, forward, sample, stream), what a token costs

@@ -8,8 +8,9 @@ What is predicted is what the project measures (orchestrator/simulator/report.py
 TTFT = arrival -> the first token, which the *prefill* worker samples; TPOT = (last token - first
 token) / (n - 1). So the decode-side wait and steps belong to TPOT, not TTFT:
 
-    TTFT = queue wait + own batch [+ KV transfer tail] + request path (PerfParams.request_path_s)
-    TPOT = ([KV transfer tail] + wait for the next step boundary + (n - 1) steps) / (n - 1)
+    TTFT = (queue wait + own batch [+ KV transfer tail] + request path) x the "ttft" correction
+    TPOT = ([KV transfer tail] + wait for the next step boundary [+ wait for a batch slot or KV room
+            beyond the KV's arrival] + (n - 1) steps) / (n - 1)
 
 The transfer tail sits in TTFT when `first_token_after_transfer` (live: PrefillWorker.prefill
 returns once the KV is committed) and in TPOT otherwise (the simulator releases the first token when
@@ -17,13 +18,15 @@ the prefill batch ends). Both are predicted from the same parts; pick the mode t
 
 Decomposition, for O(P + D) routing: TTFT and the tail depend on the prefill worker only (the link is
 the pair of deployments, alike across a homogeneous pool: compute prefill parts once per decode
-deployment); the wait and the steps depend on the decode worker only. `best_pair` uses that.
+deployment); the wait and the steps depend on the decode worker and on when the KV arrives, which
+the router takes from one prefill part (`earliest_prefill`) for every decode worker, so the decode
+parts depend on the decode worker only. `best_pair` uses that.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from hardware.perf import Deployment, Speculative, kv_transfer_time, prefill_time, token_step_time
 from orchestrator.core.correction import Corrections, ttft_key
@@ -282,6 +285,12 @@ class Predictor:
         """One pair, from the states (convenience; routers should use the parts)."""
         pp = self.prefill_part(req, p, d.dep, now)
         return self.combine(req, pp, self.decode_part(req, d, kv_arrival_s(pp)))
+
+
+def incoming_at(placed: Iterable[tuple[float, int, int, int]], now: float) -> tuple[tuple[float, int, int, int], ...]:
+    """DecodeState.incoming at `now` of requests placed on a decode worker, each given as (predicted KV
+    arrival on the clock of `now`, KV tokens yet to reserve, steps it will run, KV tokens it then holds)."""
+    return tuple(sorted((max(0.0, eta - now), *rest) for eta, *rest in placed))
 
 
 def kv_arrival_s(pp: PrefillPart) -> float:

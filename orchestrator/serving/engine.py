@@ -29,7 +29,7 @@ from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
 from orchestrator.core.correction import ttft_key
-from orchestrator.core.predictor import DecodeState, PrefillState
+from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
@@ -179,7 +179,7 @@ class Engine:
         dc = []
         for w, l in self.decode_loads.items():
             pend = self._pending_decode[w]
-            incoming = tuple(sorted((max(0.0, eta - now), *rest) for eta, *rest in pend.incoming.values()))
+            incoming = incoming_at(pend.incoming.values(), now)
             state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming),
                                 l.context_tokens + pend.prompt_tokens,
                                 self.decode_max_batch, l.free_tokens, min(pend.tpot_targets.values(), default=math.inf),
@@ -191,14 +191,13 @@ class Engine:
         """Queue: the prompts placed there and not prefilled, but the batch in progress as reported
         (still running while one of its prompts has not come back)."""
         queued = self._queued[w]
-        running = [rid for rid in load.running if rid in queued]
+        running = {rid for rid in load.running if rid in queued}
         busy_until = 0.0
         if running:
             f = self.router.predictor.corrections.factors(w, "prefill").point
             started = self._load_at[w] - load.running_elapsed_s
             busy_until = max(now, started + prefill_time(self.perf, load.running_lengths) * f)
-        ahead = set(running)
-        queue = tuple(q for rid, q in queued.items() if rid not in ahead)
+        queue = tuple(q for rid, q in queued.items() if rid not in running)
         state = PrefillState(w, self.perf, self.prefill_token_budget, self.prefill_max_batch, queue, busy_until)
         return PrefillView(state, sum(load.running_lengths) if running else 0, w not in self.unhealthy)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, prefill_time, token_step_time
-from orchestrator.core.predictor import DecodeState, PrefillState
+from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.router import DecodeView, PrefillView
 from prefill.batcher import PrefillBatcher, PrefillItem
@@ -141,7 +141,7 @@ class DecodeUnit:
             done = min(s.steps, max(0, int((now - s.start) / s.step_s)))
             ctx += s.batch * done
         tightest = min((t for t, n in self.tpot_targets.items() if n), default=math.inf)
-        incoming = tuple(sorted((max(0.0, eta - now), *rest) for eta, *rest in self.incoming.values()))
+        incoming = incoming_at(self.incoming.values(), now)
         remaining = tuple((max(0, r - done), c + done) for r, c in sched.running_remaining())
         # slowdown 1: the predictor's corrections learn the co-run slowdown from observed steps, as live
         st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + len(incoming), ctx, sched.max_batch,
