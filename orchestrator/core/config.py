@@ -65,6 +65,7 @@ class Config:
     frontend: FrontendConfig
     router_policy: str
     router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
+    router_local_prefill_max_tokens: int  # longest prompt a decode worker may prefill itself (0: never)
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig
@@ -230,6 +231,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     quantile = router.get("quantile", float, 0.9)
     if not 0.0 < quantile < 1.0:
         raise router.error("quantile", f"must be in (0, 1), got {quantile}")
+    local_prefill = router.get("local_prefill_max_tokens", int, 0, minimum=0)
     slas_r = meta.sub("sla_classes")
     slas = {}
     for name in slas_r.tree:
@@ -257,6 +259,7 @@ def parse_config(tree: Any, path: Path) -> Config:
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
         router_policy=policy,
         router_quantile=quantile,
+        router_local_prefill_max_tokens=local_prefill,
         sla_classes=slas,
         default_sla_class=default_sla,
         workload=WorkloadConfig(
