@@ -29,7 +29,8 @@ Policies:
   may instead be prefilled by a decode worker itself, between two of its steps, with no prefill
   queue and no KV transfer (Predictor.local_parts). The router chooses it when its predicted
   completion is earlier than the best disaggregated pair's (or no pair meets the SLA) and it meets
-  both targets, counting the stall to the sequences decoding there against their TPOT targets.
+  both targets, counting the stall to the sequences decoding there against their TPOT targets;
+  only once some prefill worker is warm (see `_place_by_sla`).
 
 Every placement carries the predictor's estimate for the chosen pair, whatever the policy, so the
 prediction error is measured for every policy.
@@ -167,7 +168,11 @@ class Router:
                       now: float) -> Placement | Rejection:
         pred, best = self.predictor, None
         corr = pred.corrections
-        local = req.prompt_tokens <= self.local_prefill_max_tokens
+        # local prefill competes once the prefill pool's speed is learned: before, a learned local option
+        # would beat a remote prior, keep the prefill workers from ever being observed, and so keep
+        # the router from ever rejecting (it does not reject on unlearned predictions)
+        local = req.prompt_tokens <= self.local_prefill_max_tokens and any(corr.warm(p.worker_id, "prefill")
+                                                                            for p in pf)
         floor = self._ttft_floor(req, pf, dc if local else [], dc[0].state.dep, now)
         if floor > req.ttft_s and self.reject and any(corr.warm(p.worker_id, "prefill") for p in pf):
             # no worker can: say so without searching

@@ -205,3 +205,11 @@ def test_local_prefill_lowers_the_floor_for_short_prompts():
     assert warm().place(tight, [pf("p0")], [dc("d0")], 0.0).kind == "below_floor"
     got = warm_local().place(tight, [pf("p0")], [dc("d0")], 0.0)
     assert isinstance(got, Placement) and got.local
+
+
+def test_local_prefill_waits_until_the_prefill_pool_is_learned():
+    """A cold prefill pool gets the work (so it is observed, and the router can learn to reject)."""
+    busy, d = [pf("p0", queued=8)], [dc("d0", batch=8)]
+    cold = Router("sla", local_prefill_max_tokens=4096)
+    assert not cold.place(req(), busy, d, 0.0).local
+    assert warm_local().place(req(), busy, d, 0.0).local
