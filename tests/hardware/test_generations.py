@@ -3,6 +3,7 @@ import dataclasses
 import math
 
 import pytest
+import yaml
 
 from hardware.generations import CS3_LAUNCH
 from hardware.perf import (Speculative, _speculative_time, decode_step_time, kv_token_capacity, make_deployment,
@@ -10,6 +11,8 @@ from hardware.perf import (Speculative, _speculative_time, decode_step_time, kv_
 from hardware.profiles import get_profile
 from hardware.speculation import LEVIATHAN_LAMDA, acceptance_rate, draft_candidates, expected_tokens
 from model.specs import ModelSpec, get_spec
+from orchestrator.core.config import ConfigError, load_config
+from orchestrator.core.experiments import parse_experiments
 
 M70 = get_spec("llama-3.1-70b")
 
@@ -93,3 +96,28 @@ def test_speculative_step_is_linear_in_context_and_monotone_in_batch():
 
 def test_launch_generation_has_no_terms():
     assert (CS3_LAUNCH.latency_speedup, CS3_LAUNCH.async_io, CS3_LAUNCH.speculative) == (1.0, False, False)
+
+
+def _config(tmp_path, decode_hw: str):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "metadata:\n  model: {name: smollm2-135m}\n"
+        "  pools:\n    prefill: {workers: 1, hardware: cpu}\n"
+        f"    decode: {{workers: 1, hardware: {decode_hw!r}}}\n"
+        "  sla_classes: {standard: {ttft_ms: 5000, tpot_ms: 400}}\n"
+        "  workload: {trace: t.csv, requests: 4}\n"
+        "  experiments:\n    e:\n      model: llama-3.1-70b\n      trace: t.csv\n      sla: {ttft_ms: 1, tpot_ms: 1}\n"
+        f"      prefill: {{hardware: trn2.48xlarge}}\n      decode: {{hardware: {decode_hw!r}}}\n")
+    return path
+
+
+def test_config_naming_an_unknown_generation_fails_at_load_with_file_key_and_known_names(tmp_path):
+    assert load_config(_config(tmp_path, "cs3@2024-08")).decode.hardware == "cs3@2024-08"
+    path = _config(tmp_path, "cs3@2023-01")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: metadata.pools.decode.hardware: unknown cs3 generation '2023-01'")
+    assert "cs3@2024-08, cs3@2024-10" in msg
+    with pytest.raises(ValueError, match=r"metadata\.experiments\.e\.decode\.hardware: .*cs3@2024-08, cs3@2024-10"):
+        parse_experiments(yaml.safe_load(path.read_text())["metadata"], path)
