@@ -190,7 +190,7 @@ def test_plan_explains_choice(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "cheapest:" in r.stdout and "why:" in r.stdout and "prefill:" in r.stdout and "decode:" in r.stdout
     r = _cli("plan", "--trace", str(trace), "--model", "llama-3.1-70b", "--rate", "3", "--ttft-ms", "2000",
-             "--tpot-ms", "0.5", cwd=root)
+             "--tpot-ms", "0.1", cwd=root)  # below one token of the newest cs3 (~0.5 ms)
     assert r.returncode == 2 and "TPOT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
