@@ -3,7 +3,8 @@
 Datasheet figures come from ../shared/reference/hardware-specs.md (grades [A] vendor docs, [B] vendor
 press, [C] secondary). Every coefficient that is *not* a datasheet figure lives in `PerfParams`
 with a comment saying what it means and where its value comes from (assumption or calibration,
-see bench/calibration.py). Price and power are editable assumptions, not quotes.
+see bench/calibration.py), or in the profile's software `Generation` (hardware/generations.py: one
+profile per CS-3 generation, `cs3` naming the newest). Price and power are editable assumptions, not quotes.
 """
 from __future__ import annotations
 
