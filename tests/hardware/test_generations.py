@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from hardware.generations import CS3_LAUNCH
-from hardware.perf import (Speculative, _speculative_time, decode_step_time, kv_token_capacity, make_deployment,
+from hardware.perf import (Speculative, decode_step_time, kv_token_capacity, make_deployment,
                            speculation_plan, token_step_time, wafer_work_s)
 from hardware.profiles import get_profile
 from hardware.speculation import LEVIATHAN_LAMDA, acceptance_rate, draft_candidates, expected_tokens
@@ -38,7 +38,7 @@ def test_speculative_step_reduces_to_the_launch_step_at_draft_length_zero():
     plan = speculation_plan(dep)
     assert plan is not None and plan[0].draft_tokens >= 1
     zero = dataclasses.replace(plan[0], draft_tokens=0)
-    assert _speculative_time(dep, 8, 8000, zero, plan[1]) == decode_step_time(dep, 8, 8000)
+    assert token_step_time(dep, 8, 8000, zero, plan[1]) == decode_step_time(dep, 8, 8000)
     # the terms do act: the speculative generation's token is well under the launch's
     assert token_step_time(dep, 1, 1000) < 0.5 * decode_step_time(make_deployment(M70, launch, systems=4), 1, 1000)
 
