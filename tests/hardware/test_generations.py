@@ -1,5 +1,7 @@
 """Software generations of the CS-3 profile: names, the speculative model's reductions, MoE sizing, acceptance."""
+import argparse
 import dataclasses
+import json
 import math
 
 import pytest
@@ -11,6 +13,7 @@ from hardware.perf import (Speculative, decode_step_time, kv_token_capacity, mak
 from hardware.profiles import get_profile
 from hardware.speculation import LEVIATHAN_LAMDA, acceptance_rate, draft_candidates, expected_tokens
 from model.specs import ModelSpec, get_spec
+from orchestrator.cli import predict
 from orchestrator.core.config import ConfigError, load_config
 from orchestrator.core.experiments import parse_experiments
 
@@ -121,3 +124,17 @@ def test_config_naming_an_unknown_generation_fails_at_load_with_file_key_and_kno
     assert "cs3@2024-08, cs3@2024-10" in msg
     with pytest.raises(ValueError, match=r"metadata\.experiments\.e\.decode\.hardware: .*cs3@2024-08, cs3@2024-10"):
         parse_experiments(yaml.safe_load(path.read_text())["metadata"], path)
+
+
+def test_predict_picks_the_newest_generation_for_cs3_and_another_by_name(capsys):
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    out = {}
+    for hw in ("cs3", "cs3@2024-08"):
+        predict.run(parser.parse_args(["--model", "llama-3.1-70b", "--hardware", hw, "--systems", "4", "--json"]))
+        out[hw] = json.loads(capsys.readouterr().out)
+    new, old = out["cs3"], out["cs3@2024-08"]
+    assert (new["hardware"], new["generation"], new["speculative"]) == ("cs3@2024-10", "speculative", True)
+    assert new["draft_model"] in ("llama-3.2-1b", "llama-3.1-8b") and new["draft_tokens"] >= 1
+    assert (old["generation"], old["speculative"], old["draft_tokens"]) == ("launch", False, 0)
+    assert new["tokens_per_s_per_user"] > 3 * old["tokens_per_s_per_user"]
