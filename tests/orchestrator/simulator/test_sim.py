@@ -25,7 +25,8 @@ CONV = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/data 
 def _cfg(**kw):
     m = get_spec("llama-3.1-70b")
     return SimConfig(PoolSetup(make_deployment(m, get_profile("trn2.48xlarge"), tp=64), 1, 8),
-                     PoolSetup(make_deployment(m, get_profile("cs3@2024-08")), 1, 64), SLATarget(2000, 50), **{"router_policy": "least_loaded", **kw})
+                     PoolSetup(make_deployment(m, get_profile("cs3@2024-08")), 1, 64), SLATarget(2000, 50),
+                     **{"router_policy": "least_loaded", **kw})
 
 
 def _reqs(n=300, rate=5.0):
