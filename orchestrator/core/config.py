@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from hardware.profiles import canonical_name
 from orchestrator.core.router import POLICIES
 from orchestrator.core.sla import SLATarget
 
@@ -111,6 +112,16 @@ class ConfigReader:
             raise self.error(key, f"must be >= {minimum}, got {value!r}")
         return value
 
+    def hardware(self, key: str, default: Any = ...) -> str:
+        """A hardware profile name, as written (`cs3` is the newest CS-3 generation); an unknown name or
+        generation fails here, naming the known ones (hardware/profiles.py canonical_name)."""
+        value = self.get(key, str, default)
+        try:
+            canonical_name(value)
+        except ValueError as e:
+            raise self.error(key, str(e).removeprefix("hardware: ")) from None
+        return value
+
     def choice(self, key: str, value: str, choices: tuple[str, ...], what: str) -> str:
         """`value` (read from `key`) if it is one of `choices`, else the error naming them."""
         if value not in choices:
@@ -169,7 +180,7 @@ def _pool(r: ConfigReader, kind: str) -> PoolConfig:
             raise r.error(f"ray_resources.{name}", f"must be a non-negative number, got {amount!r}")
     return PoolConfig(
         workers=r.get("workers", int, minimum=1),
-        hardware=r.get("hardware", str, "cpu"),
+        hardware=r.hardware("hardware", "cpu"),
         ray_resources={k: float(v) for k, v in resources.items()},
         num_cpus=r.get("num_cpus", float, 1.0, minimum=0),
         blas_threads=r.get("blas_threads", int, 1, minimum=1),

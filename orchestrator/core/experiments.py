@@ -101,7 +101,7 @@ class RouterComparison:
 
 
 def _pool(s: ConfigReader, kind: str) -> PoolSweep:
-    return PoolSweep(s.get("hardware", str), s.many("replicas", int, 1, minimum=1),
+    return PoolSweep(s.hardware("hardware"), s.many("replicas", int, 1, minimum=1),
                      s.get("max_batch", int, 64 if kind == "decode" else 8, minimum=1),
                      s.get("tp", int, None, minimum=1), s.get("systems", int, None, minimum=1),
                      s.get("token_budget", int, 4096, minimum=1), s.get("block_tokens", int, 16, minimum=1),

@@ -17,7 +17,7 @@ from prefill.batcher import PrefillBatcher, PrefillItem
 
 MODEL = get_spec("llama-3.1-70b")
 TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
-CS3 = make_deployment(MODEL, get_profile("cs3"), systems=4)
+CS3 = make_deployment(MODEL, get_profile("cs3@2024-08"), systems=4)  # launch: one pass per token
 REQ = PredictRequest(prompt_tokens=2000, max_tokens=200, ttft_s=2.0, tpot_s=0.02)
 
 

@@ -16,7 +16,7 @@ from orchestrator.core.sla import SLATarget
 
 MODEL = get_spec("llama-3.1-70b")
 TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
-CS3 = make_deployment(MODEL, get_profile("cs3"), systems=4)
+CS3 = make_deployment(MODEL, get_profile("cs3@2024-08"), systems=4)  # launch: one pass per token
 SLA = SLATarget(ttft_ms=2000, tpot_ms=20)
 KV = 2_000_000  # tokens of KV per decode worker
 

@@ -24,7 +24,8 @@ CONV = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"  # under ../shared/data 
 def _cfg(**kw):
     m = get_spec("llama-3.1-70b")
     return SimConfig(PoolSetup(make_deployment(m, get_profile("trn2.48xlarge"), tp=64), 1, 8),
-                     PoolSetup(make_deployment(m, get_profile("cs3")), 1, 64), SLATarget(2000, 50), **{"router_policy": "least_loaded", **kw})
+                     PoolSetup(make_deployment(m, get_profile("cs3@2024-08")), 1, 64), SLATarget(2000, 50),
+                     **{"router_policy": "least_loaded", **kw})
 
 
 def _reqs(n=300, rate=5.0):
@@ -187,7 +188,7 @@ def test_plan_explains_choice(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "cheapest:" in r.stdout and "why:" in r.stdout and "prefill:" in r.stdout and "decode:" in r.stdout
     r = _cli("plan", "--trace", str(trace), "--model", "llama-3.1-70b", "--rate", "3", "--ttft-ms", "2000",
-             "--tpot-ms", "0.5", cwd=root)
+             "--tpot-ms", "0.1", cwd=root)  # below one token of the newest cs3 (~0.5 ms)
     assert r.returncode == 2 and "TPOT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
