@@ -175,6 +175,20 @@ class DecodeState:
         (a local prefill reserves its blocks when it is placed)."""
         return self.free_kv_tokens - self.reserving >= need_tokens
 
+    def sharing(self, start_s: float, window_s: float) -> float:
+        """Mean number of the sequences counted here that share the steps of a newcomer decoding over
+        [start_s, start_s + window_s) seconds from now (at most max_batch - 1): each running one until
+        it finishes (`remaining`, at the step in flight's pace), each incoming one from its arrival for
+        its steps, the rest (waiting) throughout. window_s = 0: the count at start_s."""
+        step, end = self.step_now_s, start_s + window_s
+        spans = [(0.0, r * step) for r, _ in self.remaining] + [(eta, eta + n * step) for eta, _, n, _ in self.incoming]
+        rest = max(0, self.batch - len(spans))
+        if window_s <= 0:
+            n = rest + sum(1 for a, z in spans if a <= start_s < z)
+        else:
+            n = rest + sum(max(0.0, min(z, end) - max(a, start_s)) for a, z in spans) / window_s
+        return min(float(n), self.max_batch - 1.0)
+
     def steps_left_mean(self) -> float:
         """Mean steps the running sequences have left (>= 1; 1 when none run)."""
         if not self.remaining:
@@ -228,7 +242,7 @@ class DecodePart:
 
     worker_id: str
     fits: bool  # a batch slot and KV room for prompt + max_tokens
-    step: Estimate  # seconds per step with the newcomer (context at the midpoint of its output)
+    step: Estimate  # seconds per step the newcomer gets (DecodeState.sharing; context at the midpoint of its output)
     wait: Estimate  # seconds from its KV arriving to the next step boundary
     decode: Estimate  # seconds, wait + (max_tokens - 1) steps
     running_before_s: float  # seconds per step the sequences there get without it (point, same horizon)
@@ -280,19 +294,19 @@ class Predictor:
 
     def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0,
                     stall: Estimate = ZERO) -> DecodePart:
-        """TPOT parts on `st` for KV arriving `arrival_s` seconds from now: the batch grows by one (up to
-        max_batch: beyond, or without KV room, the newcomer waits until enough running sequences
-        finish, less the time it spends in prefill anyway) and every context by one per step; the
-        step time is taken at the midpoint of its (max_tokens - 1) steps (exact mean: perf is linear in ctx).
-        `stall`: seconds the newcomer holds up the running sequences once (a local prefill)."""
+        """TPOT parts on `st` for KV arriving `arrival_s` seconds from now. The newcomer starts at its
+        arrival, or without a batch slot or KV room when enough running sequences have finished (less
+        the time it spends in prefill anyway); it shares its (max_tokens - 1) steps with the sequences
+        there for as long as they overlap it (DecodeState.sharing: running ones finish, incoming ones
+        arrive), at the context of the midpoint of its output (exact mean: perf is linear in ctx).
+        What the running sequences get with it (`running_tpot`, protected against their targets) is
+        the step at today's batch plus one. `stall`: seconds the newcomer holds them up once (a local
+        prefill)."""
         steps = req.max_tokens - 1
         half = (steps - 1) / 2 if steps > 0 else 0.0
         b, full = st.batch, st.batch >= st.max_batch
         need = req.prompt_tokens + req.max_tokens
         running = min(b, st.max_batch)
-        with_s = st.step_s(min(b + 1, st.max_batch), st.ctx_sum + req.prompt_tokens + (running + 1) * half)
-        before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
-        step = self._scaled(st.worker_id, "decode", with_s)
         f = self.corrections.factors(st.worker_id, "decode")
         # arrival at a uniformly random phase of the step in flight: mean half a step, q-quantile q steps
         wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
@@ -301,13 +315,19 @@ class Predictor:
         if fits and start > arrival_s:
             late = st.start_at_s(need, arrival_s, st.step_now_s * f.bound)
             wait = wait + Estimate(start - arrival_s, late - arrival_s)
-        decode = wait + step.scale(steps)
+        others = st.sharing(start if fits else arrival_s, steps * (st.step_now_s or st.step_s(1, req.prompt_tokens)))
+        own_ctx = (st.ctx_sum * others / b if b else 0.0) + req.prompt_tokens + (others + 1) * half
+        own = self._scaled(st.worker_id, "decode", st.step_s(others + 1, own_ctx))
+        with_s = st.step_s(min(b + 1, st.max_batch), st.ctx_sum + req.prompt_tokens + (running + 1) * half)
+        before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
+        decode = wait + own.scale(steps)
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
-        running = Estimate(before_s * f.point, before_s * f.bound) if full else step
+        protected = Estimate(before_s * f.point, before_s * f.bound) if full else self._scaled(st.worker_id, "decode",
+                                                                                                with_s)
         if stall.bound_s:
-            running = running + stall.scale(1.0 / st.steps_left_mean())
-        protects = b == 0 or (full and not stall.bound_s) or running.bound_s <= st.tightest_tpot_s
-        return DecodePart(st.worker_id, fits, step, wait, decode, before_s * f.point, running, protects)
+            protected = protected + stall.scale(1.0 / st.steps_left_mean())
+        protects = b == 0 or (full and not stall.bound_s) or protected.bound_s <= st.tightest_tpot_s
+        return DecodePart(st.worker_id, fits, own, wait, decode, before_s * f.point, protected, protects)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part

@@ -394,3 +394,19 @@ def test_stall_fraction_stretches_every_step():
     assert stalled.step_now_s == pytest.approx(base.step_now_s / 0.75)
     with pytest.raises(ValueError, match="stall_fraction"):
         DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, stall_fraction=1.0)
+
+
+def test_the_newcomer_shares_its_steps_only_with_the_sequences_that_overlap_it():
+    base = dstate(4)
+    step = base.step_now_s
+    # 2 running (10 and 1000 steps left), 1 arriving after 500 steps for 100 steps, 1 waiting: over the
+    # newcomer's 1000 steps from now they overlap it for 10, 1000, 100 and 1000 steps
+    st = DecodeState("d0", CS3, 4, 4 * 3000, 64, 10**6, remaining=((10, 3000), (1000, 3000)),
+                     incoming=((500 * step, 0, 100, 3000),))
+    assert st.step_now_s == pytest.approx(step)
+    assert st.sharing(0.0, 1000 * step) == pytest.approx((10 + 1000 + 100 + 1000) / 1000)
+    assert st.sharing(0.0, 0.0) == 3  # at the start: both running and the waiting one
+    assert dstate(80, max_batch=64).sharing(0.0, 1.0) == 63  # never more than a full batch beside it
+    pred = Predictor()
+    req = PredictRequest(2000, 1001, 2.0, 0.02)
+    assert pred.decode_part(req, st).step.point_s < pred.decode_part(req, base).step.point_s
