@@ -43,7 +43,8 @@ class RequestStream:
     rng: np.random.Generator
     first_token_id: int = -1  # sampled on the prefill side
     priority: int = 0  # its SLA class's priority (DecodeSeq.priority)
-    emitted: int = 0  # tokens handed to the client so far
+    emitted: int = 0  # tokens handed to the client so far (the earlier attempts' included)
+    emitted_before: int = 0  # of those, streamed by an earlier attempt elsewhere (continue_after)
     pending_ids: list[int] = field(default_factory=list)
     pending_texts: list[str] = field(default_factory=list)
     finished: bool = False
@@ -59,6 +60,12 @@ class RequestStream:
                notify: Callable[[], None] | None = None) -> "RequestStream":
         return cls(request_id, params, prompt_ids, TextStream(tokenizer, params.stop),
                    params.stop_token_ids(tokenizer.stop_token_ids), rng, owner=owner, notify=notify)
+
+    def continue_after(self, generated: list[int]) -> None:
+        """The request's first `len(generated)` tokens were streamed by an earlier attempt (a migration):
+        indices and text continue after them."""
+        self.text.prime(generated)
+        self.emitted = self.emitted_before = len(generated)
 
     def push(self, token_id: int) -> bool:
         """Add a generated token; True when a stop string ended the request here."""

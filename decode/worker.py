@@ -91,6 +91,7 @@ class _LocalJob:
     params: SamplingParams
     enqueued: float  # perf_counter
     done: asyncio.Future  # -> LocalPrefill
+    drawn: int = 0  # random draws its earlier tokens took (a migrated request's)
 
 
 class DecodeWorker:
@@ -139,13 +140,17 @@ class DecodeWorker:
         return self.pool.layout
 
     async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
-                     prompt_ids: list[int] | None = None, owner: str = "", priority: int = 0) -> None:
+                     prompt_ids: list[int] | None = None, owner: str = "", priority: int = 0,
+                     generated: list[int] | tuple[int, ...] = ()) -> None:
         """Register a request whose first token was sampled by prefill. ValueError on bad input.
 
         prompt_ids lets the worker rebuild the KV itself if the sequence is ever preempted;
         without them a preempted request ends with an UNAVAILABLE error. With an owner, the
         request's tokens go to `next_outputs(owner)`; without one, to `next_tokens(request_id)`.
         `priority`: its SLA class's (under KV pressure the lowest is preempted first).
+        `generated`: tokens an earlier attempt already streamed (a migrated request; prompt_ids and
+        the KV then hold them too): the stream continues after them, at their index, their text and
+        random draws accounted for, and max_tokens counts them.
         """
         self._start()
         params.validate()
@@ -153,7 +158,7 @@ class DecodeWorker:
         if not 0 <= first_token_id < vocab:
             raise ValueError(f"first_token_id: {first_token_id} outside [0, {vocab})")
         aborted = request_id in self._aborted_early
-        stream = self._new_stream(request_id, params, prompt_ids, owner, priority)
+        stream = self._new_stream(request_id, params, prompt_ids, owner, priority, generated)
         stream.first_token_id = first_token_id
         if aborted:
             stream.finish(FinishReason.ABORT)
@@ -162,39 +167,47 @@ class DecodeWorker:
             self._join(request_id)
 
     def _new_stream(self, request_id: str, params: SamplingParams, prompt_ids: list[int] | None, owner: str,
-                    priority: int) -> RequestStream:
+                    priority: int, generated: list[int] | tuple[int, ...] = ()) -> RequestStream:
         """Register a request's stream (ValueError if the id is live here); forgets an early abort of it."""
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already submitted")
+        if len(generated) >= params.max_tokens:
+            raise ValueError(f"generated: {len(generated)} tokens leave none of max_tokens={params.max_tokens}")
         self._aborted_early.pop(request_id, None)
-        rng = make_rng(params)
-        if not params.greedy:
-            rng.random()  # the first draw samples the first token, on the prefill side (or in _local_compute)
+        # the earlier tokens took a draw each, and the prefill side (or _local_compute) one for the first here
+        rng = make_rng(params, len(generated) + 1)
         stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng, owner,
                                       self._notify_outputs if owner else None)
+        stream.continue_after(list(generated))
         stream.priority = priority
         self._streams[request_id] = stream
         return stream
 
     async def prefill_local(self, request_id: str, prompt_ids: list[int], params: SamplingParams, owner: str = "",
-                            priority: int = 0) -> LocalPrefill:
+                            priority: int = 0, generated: list[int] | tuple[int, ...] = ()) -> LocalPrefill:
         """Prefill `prompt_ids` here and join the batch (module docstring); resolves once it has joined
         (its first token is streamed like a submitted one) or ended. ValueError on bad input,
-        KVRefused when its KV does not fit now; an abort ends it at any point, holding nothing."""
+        KVRefused when its KV does not fit now; an abort ends it at any point, holding nothing.
+        `generated`: as submit's (prompt_ids then end with them)."""
         self._start()
         params.validate()
         vocab = self.loaded.model.cfg.vocab_size
         if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt_ids: need at least one token id in [0, {vocab})")
-        self._check_fits(request_id, len(prompt_ids), params.max_tokens)
+        self._check_fits(request_id, len(prompt_ids), params.max_tokens - len(generated))
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already submitted")
         if request_id in self._aborted_early:  # its abort overtook this call
             self._aborted_early.pop(request_id)
             return LocalPrefill()
         self.pool.open(request_id, self.layout, len(prompt_ids))  # reserves its blocks, or KVRefused
-        self._new_stream(request_id, params, list(prompt_ids), owner, priority)
-        job = _LocalJob(request_id, list(prompt_ids), params, time.perf_counter(), self._loop.create_future())
+        try:
+            self._new_stream(request_id, params, list(prompt_ids), owner, priority, generated)
+        except ValueError:
+            self._release_unscheduled(request_id)
+            raise
+        job = _LocalJob(request_id, list(prompt_ids), params, time.perf_counter(), self._loop.create_future(),
+                        len(generated))
         self._local.append(job)
         self._wake.set()
         return await job.done
@@ -229,7 +242,7 @@ class DecodeWorker:
         """Executor thread: prefill into this pool's blocks layer by layer, sample the first token."""
         write = lambda layer, k, v: self.pool.write(job.request_id, layer, 0, k, v)  # noqa: E731
         logits, _, _ = self.loaded.model.prefill(job.prompt_ids, on_layer=write)  # logits: (V,)
-        return sample_one(logits, job.params, make_rng(job.params))
+        return sample_one(logits, job.params, make_rng(job.params, job.drawn))
 
     async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
                         params: SamplingParams, prompt_ids: list[int] | None = None, owner: str = "") -> None:
@@ -341,15 +354,15 @@ class DecodeWorker:
     def _join(self, request_id: str) -> None:
         stream = self._streams[request_id]
         n_tokens = self.pool.claim(request_id)
-        params = stream.params
+        left = stream.params.max_tokens - stream.emitted_before  # an earlier attempt streamed the others
         try:
-            self._check_fits(request_id, n_tokens, params.max_tokens)
+            self._check_fits(request_id, n_tokens, left)
         except KVRefused as e:
             self._release_unscheduled(request_id)
             return self._fail(stream, Failure(e.code, str(e)))
         first = stream.first_token_id
         hit = stream.push(first)
-        seq = DecodeSeq(request_id, n_tokens, [first], params.max_tokens, stream.stop_token_ids, stream.priority)
+        seq = DecodeSeq(request_id, n_tokens, [first], left, stream.stop_token_ids, stream.priority)
         with self.pool.lock:
             done = self.scheduler.add(seq)
             if done is None and hit:

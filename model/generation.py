@@ -38,6 +38,13 @@ class TextStream:
         self._held: list[tuple[int, str]] = []  # (token id, text delta) not streamed yet
         self.stopped = False
 
+    def prime(self, token_ids: list[int]) -> None:
+        """Continue after tokens already streamed elsewhere (a migrated request): their bytes feed the
+        decoder, their text is not emitted again. Streamed text never ends inside a stop string's
+        prefix (push holds that back), so no stop string can start before the boundary."""
+        for token_id in token_ids:
+            self._decoder.push(token_id)
+
     def push(self, token_id: int) -> list[tuple[int, str]]:
         """Add a token; returns the (token id, text delta) pairs now safe to stream, in order."""
         assert not self.stopped, "push after a stop string"

@@ -40,8 +40,14 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def make_rng(params: SamplingParams) -> np.random.Generator:
-    return np.random.default_rng(params.seed)
+def make_rng(params: SamplingParams, drawn: int = 0) -> np.random.Generator:
+    """The request's random stream after `drawn` tokens were sampled from it (sample_one takes one
+    draw per sampled token; greedy takes none), so a request continued elsewhere (a migration, the
+    decode side after the prefill's first token) samples exactly what one process would have."""
+    rng = np.random.default_rng(params.seed)
+    if drawn and not params.greedy:
+        rng.random(drawn)
+    return rng
 
 
 def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -37,6 +37,8 @@ class PrefillJob:
     deadline_s: float = 30.0  # for the KV transfer
     priority: int = 0
     ttft_s: float = math.inf  # seconds, its TTFT target: the batcher runs the earliest deadline first
+    sampled_before: int = 0  # tokens an earlier attempt sampled (a migration: they end prompt_ids); their
+    # random draws are skipped, so the first token here is the one the uninterrupted run would sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +168,7 @@ class PrefillWorker:
         lengths = tuple(len(j.prompt_ids) for j in jobs)
         results = []
         for n, ((job, enqueued), t, row) in enumerate(zip(batch, transfers, logits)):
-            first = sample_one(row, job.sampling, make_rng(job.sampling))
+            first = sample_one(row, job.sampling, make_rng(job.sampling, job.sampled_before))
             outcome = t.commit()
             done = time.perf_counter()
             common = dict(queued_ms=(start - enqueued) * 1e3, prefill_ms=(computed - start) * 1e3,

@@ -146,7 +146,7 @@ def run_comparison(exp, results: Path) -> None:
     from orchestrator.simulator import comparison
     from orchestrator.simulator.workload import TraceError
 
-    runs = len(exp.policies) * len(exp.rate_factors)
+    runs = len(comparison.labels(exp)) * len(exp.rate_factors)
     bar = tqdm(total=runs, desc=exp.name, unit="run")
     try:
         summary = comparison.run(exp, lambda what: (bar.set_postfix_str(what), bar.update(what[:7] != "goodput")))

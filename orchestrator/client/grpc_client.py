@@ -65,7 +65,7 @@ def build_request(prompt: str | None = None, *, messages: Sequence | None = None
 def _chunk_or_final(resp: pb.GenerateResponse, request_id: str) -> Chunk | Final:
     kind = resp.WhichOneof("kind")
     if kind == "chunk":
-        return Chunk(tuple(resp.chunk.token_ids), resp.chunk.text)
+        return Chunk(tuple(resp.chunk.token_ids), resp.chunk.text, resp.chunk.index)
     if kind == "final":
         return final_from_pb(resp.request_id or request_id, resp.final)
     if kind == "error":
@@ -88,6 +88,9 @@ class _StreamState:
         if isinstance(item, Final):
             self.final = item
             return None
+        if item.index != len(self._ids):  # the server streams every token once, in order, migrations included
+            raise ClientError(grpc.StatusCode.DATA_LOSS, f"chunk index {item.index} after {len(self._ids)} tokens: "
+                                                         f"tokens lost or duplicated")
         self._texts.append(item.text)
         self._ids.extend(item.token_ids)
         return item

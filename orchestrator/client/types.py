@@ -57,6 +57,7 @@ def error_for(code: grpc.StatusCode | str, message: str, reason: str = "") -> Cl
 class Chunk:
     token_ids: tuple[int, ...]
     text: str
+    index: int = 0  # of token_ids[0] in the output; the stream checks chunks are contiguous
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class Final:
     prefill_worker: str
     decode_worker: str
     prediction: Prediction | None = None  # the router's prediction, to compare with `timings`
+    migrations: int = 0  # times it was placed again because a worker died under it
 
 
 @dataclass(frozen=True, slots=True)

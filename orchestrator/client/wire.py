@@ -38,7 +38,7 @@ def final_from_pb(request_id: str, f: pb.Final) -> Final:
     return Final(request_id, finish_reason_from_pb(f.finish_reason),
                  Usage(f.usage.prompt_tokens, f.usage.completion_tokens),
                  Timings(t.queued_ms, t.prefill_ms, t.transfer_ms, t.ttft_ms, t.mean_tpot_ms, t.e2e_ms),
-                 f.prefill_worker, f.decode_worker, prediction)
+                 f.prefill_worker, f.decode_worker, prediction, f.migrations)
 
 
 def model_info_from_pb(m: pb.ModelInfo) -> ModelInfo:

@@ -67,6 +67,7 @@ class Config:
     router_policy: str
     router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
     router_local_prefill_max_tokens: int  # longest prompt a decode worker may prefill itself (0: never)
+    router_max_migrations: int  # placements a request may get after its first when workers die under it
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig
@@ -243,6 +244,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     if not 0.0 < quantile < 1.0:
         raise router.error("quantile", f"must be in (0, 1), got {quantile}")
     local_prefill = router.get("local_prefill_max_tokens", int, 0, minimum=0)
+    max_migrations = router.get("max_migrations", int, 3, minimum=0)
     slas_r = meta.sub("sla_classes")
     slas = {}
     for name in slas_r.tree:
@@ -271,6 +273,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         router_policy=policy,
         router_quantile=quantile,
         router_local_prefill_max_tokens=local_prefill,
+        router_max_migrations=max_migrations,
         sla_classes=slas,
         default_sla_class=default_sla,
         workload=WorkloadConfig(

@@ -27,9 +27,10 @@ class RequestState(enum.Enum):
 _ENDS = {RequestState.ABORTED, RequestState.FAILED}
 _NEXT = {
     RequestState.QUEUED: {RequestState.PREFILLING, RequestState.REJECTED} | _ENDS,
-    RequestState.PREFILLING: {RequestState.TRANSFERRING} | _ENDS,
-    RequestState.TRANSFERRING: {RequestState.DECODING} | _ENDS,
-    RequestState.DECODING: {RequestState.FINISHED} | _ENDS,
+    # back to PREFILLING: a migration (a worker died under it; it is placed and prefilled again)
+    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.PREFILLING} | _ENDS,
+    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.PREFILLING} | _ENDS,
+    RequestState.DECODING: {RequestState.FINISHED, RequestState.PREFILLING} | _ENDS,
     RequestState.FINISHED: set(),
     RequestState.ABORTED: set(),
     RequestState.REJECTED: set(),

@@ -137,8 +137,10 @@ class Router:
         self._cursor = 0
 
     def place(self, req: RouteRequest, prefill: Sequence[PrefillView], decode: Sequence[DecodeView],
-              now: float) -> Placement | Rejection:
-        """Choose workers for `req` at time `now` (seconds, the views' epoch) given the pools' current views."""
+              now: float, reject: bool | None = None) -> Placement | Rejection:
+        """Choose workers for `req` at time `now` (seconds, the views' epoch) given the pools' current views.
+        `reject=False` places on the best-effort pair what `sla` would reject (a request already mid-stream,
+        migrated); None: the router's setting. Without a healthy worker with room it still rejects."""
         pf = [p for p in prefill if p.healthy]
         need = req.prompt_tokens + req.max_tokens
         dc = [d for d in decode if d.healthy and d.total_kv_tokens >= need]
@@ -161,11 +163,11 @@ class Router:
                                        v.worker_id))
             d = min(dc, key=lambda v: (v.used_blocks + _blocks(need, v), v.worker_id))
         else:
-            return self._place_by_sla(preq, pf, dc, now)
+            return self._place_by_sla(preq, pf, dc, now, self.reject if reject is None else reject)
         return _placement(self.predictor.predict(preq, p.state, d.state, now))
 
     def _place_by_sla(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
-                      now: float) -> Placement | Rejection:
+                      now: float, reject: bool) -> Placement | Rejection:
         pred, best = self.predictor, None
         corr = pred.corrections
         # local prefill competes once the prefill pool's speed is learned: before, a learned local option
@@ -174,7 +176,7 @@ class Router:
         local = req.prompt_tokens <= self.local_prefill_max_tokens and any(corr.warm(p.worker_id, "prefill")
                                                                             for p in pf)
         floor = self._ttft_floor(req, pf, dc if local else [], dc[0].state.dep, now)
-        if floor > req.ttft_s and self.reject and any(corr.warm(p.worker_id, "prefill") for p in pf):
+        if floor > req.ttft_s and reject and any(corr.warm(p.worker_id, "prefill") for p in pf):
             # no worker can: say so without searching
             q = round(100 * pred.corrections.quantile)
             return Rejection(f"ttft_ms target {req.ttft_s * 1e3:.0f} ms is below the predicted floor of "
@@ -193,7 +195,7 @@ class Router:
         if best is not None:
             return _placement(pred.combine(req, *best))
         pp, dp, why = self._best_effort(req, pf, dc, now)
-        if not self.reject or not (corr.warm(pp.worker_id, "prefill") and corr.warm(dp.worker_id, "decode")):
+        if not reject or not (corr.warm(pp.worker_id, "prefill") and corr.warm(dp.worker_id, "decode")):
             return _placement(pred.combine(req, pp, dp))  # no rejection on a prior: its workers must learn first
         return why
 

@@ -13,6 +13,15 @@ counted in its batch, and the tightest TPOT target among its requests on a decod
 one a placement must not break. Each load report's batches and steps, and each request's KV
 transfer tail, feed the predictor's corrections.
 
+Migration: when a worker serving a request dies (its calls fail: WorkerUnavailable, or the decode
+output poll ends with WorkerLost), the request is placed again (the router, rejection off) and its
+prompt plus every token already streamed is prefilled again on the new pair, with the random draws
+those tokens took skipped, so the stream goes on at the next index with the token the
+uninterrupted run would have produced (decode/worker.py `generated`). Re-prefilling rather than
+re-sending KV: no live copy of a dead decode worker's KV exists. At most `max_migrations` times;
+then UNAVAILABLE naming the workers tried. A re-prefill is due within one TPOT target (its
+batcher deadline), since the client is already mid-stream.
+
 A request the router places with `local` (conditional disaggregation) is prefilled by its decode
 worker itself (DecodeWorker.prefill_local): no prefill worker, no transfer. Until it returns it is
 counted in that worker's local queue (DecodeState.local_busy_s); the local prefills each worker
@@ -40,7 +49,7 @@ from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
 from orchestrator.core.stall import StallMeter
-from orchestrator.serving.decode_outputs import DecodeOutputs
+from orchestrator.serving.decode_outputs import DecodeOutputs, WorkerLost
 from orchestrator.serving.workers import Pools, WorkerUnavailable
 from prefill.worker import PrefillJob, PrefillLoad, PrefillResult
 
@@ -54,6 +63,7 @@ LOAD_TIMEOUT_S = 2.0  # a worker whose load() takes longer (hung, or restarting)
 class TokenEvent:
     token_ids: list[int]
     text: str
+    index: int = 0  # of token_ids[0] in the request's output (continuous across migrations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,7 @@ class FinalEvent:
     prefill_worker: str
     decode_worker: str
     prediction: Prediction | None = None  # the router's, for the pair that served it
+    migrations: int = 0  # times it was placed again because a worker died under it
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +96,24 @@ class _Run:
     prefill_pending: bool = True  # in its prefill worker's queue (_queued) until the prefill returns
     decode_pending: bool = True  # counted in _pending_decode until the decode worker has it
     result: PrefillResult | None = None
-    n_out: int = 0
+    tokens: list[int] = field(default_factory=list)  # every token id streamed to the client, all attempts
     t_first: float | None = None  # monotonic time of its first chunk from the decode worker
     chunks: asyncio.Queue | None = None  # a local prefill's chunk queue (subscribed before the prefill)
+    migrations: int = 0  # placements after the first (a worker died under it)
+    lost: list[str] = field(default_factory=list)  # the workers that died under it, in order
+
+    @property
+    def n_out(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What this attempt prefills: the prompt and every token already streamed."""
+        return self.req.prompt_ids + self.tokens
+
+    @property
+    def context_tokens(self) -> int:
+        return self.req.prompt_tokens + len(self.tokens)
 
 
 @dataclass(slots=True)
@@ -106,15 +132,18 @@ class _DecodePending:
 
 class Engine:
     def __init__(self, pools: Pools, router: Router, perf: Deployment, decode_max_batch: int,
-                 prefill_token_budget: int = 4096, prefill_max_batch: int = 8, kv_deadline_s: float = 30.0):
+                 prefill_token_budget: int = 4096, prefill_max_batch: int = 8, kv_deadline_s: float = 30.0,
+                 max_migrations: int = 3):
         """`perf`: the live model on the cpu profile (orchestrator/serving/perfmodel.py); the batch
-        settings are the workers' (cluster.yaml pools.*)."""
+        settings are the workers' (cluster.yaml pools.*); `max_migrations`: placements a request may
+        get after its first when workers die under it (module docstring)."""
         self.pools = pools
         self.perf = perf
         self.decode_max_batch = decode_max_batch
         self.prefill_token_budget, self.prefill_max_batch = prefill_token_budget, prefill_max_batch
         self.router = router
         self.kv_deadline_s = kv_deadline_s
+        self.max_migrations = max_migrations
         self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
         self.decode_loads: dict[str, DecodeLoad] = {}
         self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
@@ -228,38 +257,76 @@ class Engine:
             return
         run = self._admit(req, placed)
         try:
-            res = await (self._prefill_here(run) if placed.local else self._prefill(run))
-            if req.request_id in self._aborted:  # the Abort RPC stopped the prefill, or came while it ran
-                if res.ok:  # the decode side may have taken the KV after the abort reached it: release it
-                    await self.pools.decode[placed.decode_worker].abort(req.request_id)
-                yield self._final(run, FinishReason.ABORT)
-                return
-            if not res.ok:
-                yield self._fail(req, Failure(res.error.code, f"prefill failed: {res.error.message}"))
-                return
-            chunks = run.chunks if placed.local else await self._submit(run)
-            while True:  # the decode stream: the first token, then one chunk per poll with news
-                chunk = await chunks.get()
-                if run.t_first is None:
-                    run.t_first = time.monotonic()
-                    self._observe_ttft(run)
-                if chunk.token_ids:
-                    run.n_out += len(chunk.token_ids)
-                    yield TokenEvent(list(chunk.token_ids), "".join(chunk.texts))
-                if chunk.finished:
-                    break
-            yield self._fail(req, chunk.error) if chunk.error else self._final(run, chunk.finish_reason)
+            while True:  # one attempt per placement: a worker that dies under it starts the next
+                try:
+                    started = await self._start_attempt(run)
+                    if not isinstance(started, asyncio.Queue):
+                        yield started
+                        return
+                    while True:  # the decode stream: the first token, then one chunk per poll with news
+                        chunk = await started.get()
+                        if isinstance(chunk, WorkerLost):
+                            raise WorkerUnavailable(chunk.worker_id, chunk.cause)
+                        if run.t_first is None:
+                            run.t_first = time.monotonic()
+                            self._observe_ttft(run)
+                        if chunk.token_ids:
+                            assert chunk.start_index == run.n_out, (chunk.start_index, run.n_out)
+                            run.tokens += chunk.token_ids
+                            yield TokenEvent(list(chunk.token_ids), "".join(chunk.texts), chunk.start_index)
+                        if chunk.finished:
+                            break
+                    yield self._fail(req, chunk.error) if chunk.error else self._final(run, chunk.finish_reason)
+                    return
+                except WorkerUnavailable as e:  # its process died or is unreachable: place it again
+                    ended = await self._migrate(run, e)
+                    if ended is not None:
+                        yield ended
+                        return
         except (asyncio.CancelledError, GeneratorExit):
             if not req.state.terminal:  # the client went away before the end
                 self._ended(req, FinishReason.ABORT, by="client")
-                await self._abort_everywhere(req.request_id, placed)
+                await self._abort_everywhere(req.request_id, run.placed)
             raise
-        except WorkerUnavailable as e:  # the worker's process died or is unreachable: fail this request, keep serving
-            self._mark_unhealthy(e.worker_id, e)
-            await self._abort_everywhere(req.request_id, placed)
-            yield self._fail(req, Failure("UNAVAILABLE", str(e)))
         finally:
             self._release(run)
+
+    async def _start_attempt(self, run: _Run) -> asyncio.Queue | FinalEvent | ErrorEvent:
+        """Prefill and hand over the current placement's attempt: its chunk queue, or how it ended."""
+        req, placed = run.req, run.placed
+        res = await (self._prefill_here(run) if placed.local else self._prefill(run))
+        if req.request_id in self._aborted:  # the Abort RPC stopped the prefill, or came while it ran
+            if res.ok:  # the decode side may have taken the KV after the abort reached it: release it
+                await self.pools.decode[placed.decode_worker].abort(req.request_id)
+            return self._final(run, FinishReason.ABORT)
+        if not res.ok:
+            return self._fail(req, Failure(res.error.code, f"prefill failed: {res.error.message}"))
+        return run.chunks if placed.local else await self._submit(run)
+
+    async def _migrate(self, run: _Run, lost: WorkerUnavailable) -> FinalEvent | ErrorEvent | None:
+        """A worker died under `run`: place it again (None), or how it ends (the limit, no worker left)."""
+        req = run.req
+        self._mark_unhealthy(lost.worker_id, lost)
+        await self._abort_everywhere(req.request_id, run.placed)  # the survivor of the pair holds nothing of it
+        self._forget_placement(run)
+        run.lost.append(lost.worker_id)
+        if run.n_out >= req.sampling.max_tokens:  # every token is out; only the last chunk's end was lost
+            return self._final(run, FinishReason.LENGTH)
+        tried = ", ".join(run.lost)
+        if run.migrations >= self.max_migrations:
+            return self._fail(req, Failure("UNAVAILABLE", f"{lost}; gave up after {run.migrations} migrations "
+                                                          f"(workers lost: {tried})"))
+        now = time.monotonic()
+        pf_views, dc_views = self.views(now)
+        placed = self.router.place(RouteRequest(req.request_id, run.context_tokens, req.sampling.max_tokens - run.n_out,
+                                                req.sla), pf_views, dc_views, now, reject=False)
+        if isinstance(placed, Rejection):
+            return self._fail(req, Failure("UNAVAILABLE", f"{lost}; no worker to migrate to ({placed.reason})"))
+        run.migrations += 1
+        log.info("request migrated", request_id=req.request_id, lost=lost.worker_id, tokens=run.n_out,
+                 prefill_worker=placed.prefill_worker, decode_worker=placed.decode_worker, migrations=run.migrations)
+        self._place(run, placed)
+        return None
 
     def _route(self, req: Request) -> Placement | Rejection:
         now = time.monotonic()
@@ -268,28 +335,38 @@ class Engine:
                                  pf_views, dc_views, now)
 
     def _admit(self, req: Request, placed: Placement) -> _Run:
+        run = _Run(req, placed)
+        self._place(run, placed)
+        return run
+
+    def _place(self, run: _Run, placed: Placement) -> None:
+        """Count `run`'s attempt on `placed` against its workers until they report it."""
+        req, sla = run.req, run.req.sla
+        run.placed, run.result, run.chunks = placed, None, None
+        run.prefill_pending, run.decode_pending = not placed.local, True
         self._live[req.request_id] = placed
-        sla = req.sla
-        pend, n = self._pending_decode[placed.decode_worker], req.sampling.max_tokens
+        pend, n, ctx = self._pending_decode[placed.decode_worker], req.sampling.max_tokens - run.n_out, run.context_tokens
+        now = time.monotonic()
         if placed.local:
-            pend.local[req.request_id] = prefill_time(self.perf, [req.prompt_tokens])
+            pend.local[req.request_id] = prefill_time(self.perf, [ctx])
+        elif run.n_out:  # mid-stream (a migration), the next token is due within a TPOT
+            self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(ctx, now, sla.priority, sla.tpot_ms / 1e3)
         else:
-            self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(req.prompt_tokens, req.arrival_s,
-                                                                               sla.priority, sla.ttft_ms / 1e3)
-        pend.incoming[req.request_id] = (req.arrival_s + placed.predicted_ttft_ms / 1e3, req.prompt_tokens + 1, n - 1,
-                                         req.prompt_tokens + n)
-        pend.prompt_tokens += req.prompt_tokens
+            self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(ctx, req.arrival_s, sla.priority,
+                                                                               sla.ttft_ms / 1e3)
+        pend.incoming[req.request_id] = (now + placed.predicted_ttft_ms / 1e3, ctx + 1, n - 1, ctx + n)
+        pend.prompt_tokens += ctx
         if n > 1:
             pend.tpot_targets[req.request_id] = sla.tpot_ms / 1e3
-        return _Run(req, placed, prefill_pending=not placed.local)
 
     async def _prefill(self, run: _Run) -> PrefillResult:
         """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""
         req, placed = run.req, run.placed
         req.advance(RequestState.PREFILLING)
+        deadline_ms = req.sla.tpot_ms if run.n_out else req.sla.ttft_ms  # as _place queued it
         run.result = res = await self.pools.prefill[placed.prefill_worker].prefill(PrefillJob(
-            req.request_id, req.prompt_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
-            self.kv_deadline_s, req.sla.priority, req.sla.ttft_ms / 1e3))
+            req.request_id, run.context_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
+            self.kv_deadline_s, req.sla.priority, deadline_ms / 1e3, run.n_out))
         self._queued[placed.prefill_worker].pop(req.request_id, None)
         run.prefill_pending = False
         if res.ok:
@@ -297,7 +374,7 @@ class Engine:
             eta, _, steps, held = pend.incoming[req.request_id]
             pend.incoming[req.request_id] = (eta, 0, steps, held)  # its KV is committed in the pool's blocks
             if res.batch_lengths:
-                self._observe_prefill(placed.prefill_worker, req.prompt_tokens, res)
+                self._observe_prefill(placed.prefill_worker, run.context_tokens, res)
         return res
 
     async def _prefill_here(self, run: _Run) -> PrefillResult:
@@ -307,8 +384,8 @@ class Engine:
         req.advance(RequestState.PREFILLING)
         run.chunks = self._outputs[w].subscribe(req.request_id)
         try:
-            got = await self.pools.decode[w].prefill_local(req.request_id, req.prompt_ids, req.sampling, self._owner,
-                                                           req.sla.priority)
+            got = await self.pools.decode[w].prefill_local(req.request_id, run.context_ids, req.sampling, self._owner,
+                                                           req.sla.priority, run.tokens)
         except KVRefused as e:  # no room after all (a race with a handoff), or an id already live there
             run.result = PrefillResult(req.request_id, error=Failure(e.code, str(e)))
             return run.result
@@ -345,7 +422,8 @@ class Engine:
         req.advance(RequestState.TRANSFERRING)
         chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
         await self.pools.decode[placed.decode_worker].submit(req.request_id, run.result.first_token, req.sampling,
-                                                             req.prompt_ids, self._owner, req.sla.priority)
+                                                             run.context_ids, self._owner, req.sla.priority,
+                                                             run.tokens)
         self._decode_seen(run)
         req.advance(RequestState.DECODING)
         return chunks
@@ -360,7 +438,8 @@ class Engine:
         self._ended(req, reason, tokens=run.n_out, ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
         p, q = run.placed, self.router.predictor.corrections.quantile
         prediction = Prediction(p.predicted_ttft_ms, p.predicted_tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, q)
-        return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, p.prefill_worker, p.decode_worker, prediction)
+        return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, p.prefill_worker, p.decode_worker, prediction,
+                          run.migrations)
 
     def _fail(self, req: Request, failure: Failure, rejected: bool = False, kind: str = "") -> ErrorEvent:
         self._ended(req, FinishReason.ERROR, failure, rejected)
@@ -380,19 +459,26 @@ class Engine:
         """The decode worker has the request (its load reports count it from now)."""
         pend = self._pending_decode[run.placed.decode_worker]
         del pend.incoming[run.req.request_id]
-        pend.prompt_tokens -= run.req.prompt_tokens
+        pend.prompt_tokens -= run.context_tokens
         run.decode_pending = False
 
-    def _release(self, run: _Run) -> None:
+    def _forget_placement(self, run: _Run) -> None:
+        """Stop counting the current attempt against its workers."""
         req, placed = run.req, run.placed
         if run.prefill_pending:
             self._queued[placed.prefill_worker].pop(req.request_id, None)
+            run.prefill_pending = False
         if run.decode_pending:
             self._decode_seen(run)
-        self._pending_decode[placed.decode_worker].tpot_targets.pop(req.request_id, None)
+        pend = self._pending_decode[placed.decode_worker]
+        pend.tpot_targets.pop(req.request_id, None)
+        pend.local.pop(req.request_id, None)
         self._outputs[placed.decode_worker].unsubscribe(req.request_id)
-        self._live.pop(req.request_id, None)
-        self._aborted.discard(req.request_id)
+
+    def _release(self, run: _Run) -> None:
+        self._forget_placement(run)
+        self._live.pop(run.req.request_id, None)
+        self._aborted.discard(run.req.request_id)
 
     async def _abort_everywhere(self, request_id: str, placed: Placement) -> None:
         workers = [self.pools.decode[placed.decode_worker]]

@@ -107,7 +107,8 @@ class InferenceService:
     @staticmethod
     def _response(rid: str, ev) -> pb.GenerateResponse:
         if isinstance(ev, TokenEvent):
-            return pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(token_ids=ev.token_ids, text=ev.text))
+            return pb.GenerateResponse(request_id=rid, chunk=pb.TokenChunk(token_ids=ev.token_ids, text=ev.text,
+                                                                           index=ev.index))
         if isinstance(ev, ErrorEvent):
             return pb.GenerateResponse(request_id=rid, error=pb.Error(
                 code=ev.failure.code, message=ev.failure.message, reason=ev.rejection))
@@ -121,7 +122,8 @@ class InferenceService:
             usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
             timings=pb.Timings(queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
                                ttft_ms=t.ttft_ms, mean_tpot_ms=t.mean_tpot_ms, e2e_ms=t.e2e_ms),
-            prefill_worker=ev.prefill_worker, decode_worker=ev.decode_worker, prediction=prediction))
+            prefill_worker=ev.prefill_worker, decode_worker=ev.decode_worker, prediction=prediction,
+            migrations=ev.migrations))
 
     async def abort(self, msg: pb.AbortRequest, context) -> pb.AbortResponse:
         if not msg.request_id:

@@ -52,13 +52,14 @@ class PrefillHandle(WorkerHandle):
 
 class DecodeHandle(WorkerHandle):
     async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
-                     prompt_ids: list[int] | None, owner: str, priority: int = 0) -> None:
-        await self._call("submit", request_id, first_token_id, params, prompt_ids, owner, priority)
+                     prompt_ids: list[int] | None, owner: str, priority: int = 0, generated: list[int] = ()) -> None:
+        """`generated`: tokens an earlier attempt streamed (a migration; DecodeWorker.submit)."""
+        await self._call("submit", request_id, first_token_id, params, prompt_ids, owner, priority, list(generated))
 
     async def prefill_local(self, request_id: str, prompt_ids: list[int], params: SamplingParams, owner: str,
-                            priority: int = 0) -> LocalPrefill:
+                            priority: int = 0, generated: list[int] = ()) -> LocalPrefill:
         """Prefill on the decode worker itself; resolves once the request is in its batch, or ended."""
-        return await self._call("prefill_local", request_id, prompt_ids, params, owner, priority)
+        return await self._call("prefill_local", request_id, prompt_ids, params, owner, priority, list(generated))
 
     async def next_outputs(self, owner: str, timeout: float) -> list[TokenChunk]:
         return await self._call("next_outputs", owner, timeout)

@@ -134,16 +134,18 @@ def run(exp: RouterComparison, on_run: Callable[[str], None] = lambda _: None) -
     return summary
 
 
+def labels(exp: RouterComparison) -> list[str]:
+    """The runs' labels: the experiment's policies, and `sla_disaggregated` (sla without local prefill)
+    when local prefill is on."""
+    extra = ["sla_disaggregated"] if "sla" in exp.policies and exp.local_prefill_max_tokens else []
+    return list(exp.policies) + extra
+
+
 def variants_of(exp: RouterComparison, base: SimConfig) -> dict[str, SimConfig]:
-    """Label -> config of each policy run: the experiment's policies, `sla` with its local prefill, and
-    `sla_disaggregated` (sla without it) when local prefill is on."""
-    out = {}
-    for policy in exp.policies:
-        local = exp.local_prefill_max_tokens if policy == "sla" else 0
-        out[policy] = replace(base, router_policy=policy, local_prefill_max_tokens=local)
-    if "sla" in out and exp.local_prefill_max_tokens:
-        out["sla_disaggregated"] = replace(base, router_policy="sla")
-    return out
+    """Label -> config of each run (`labels`): `sla` with the experiment's local prefill, every other off."""
+    return {label: replace(base, router_policy="sla" if label == "sla_disaggregated" else label,
+                           local_prefill_max_tokens=exp.local_prefill_max_tokens if label == "sla" else 0)
+            for label in labels(exp)}
 
 
 def targets(summary: dict) -> dict:

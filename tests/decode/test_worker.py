@@ -20,11 +20,12 @@ def worker(lm, **kw) -> DecodeWorker:
                         blas_threads=1, loaded=lm, **kw)
 
 
-async def drain(w: DecodeWorker, rid: str):
+async def drain(w: DecodeWorker, rid: str, start: int = 0):
+    """(token ids, text, last chunk) of a request whose stream starts at index `start`."""
     ids, texts = [], []
     while True:
         chunk = await w.next_tokens(rid, timeout=60)
-        assert chunk.start_index == len(ids)
+        assert chunk.start_index == start + len(ids)
         ids += chunk.token_ids
         texts += chunk.texts
         if chunk.finished:
@@ -292,3 +293,27 @@ def test_local_prefill_refuses_bad_input_and_no_room_and_an_abort_frees_it(lm, b
         _, _, last = await drain(w, "queued")
         assert last.finish_reason is FinishReason.ABORT
     run(lm, body)
+
+
+def test_a_request_continued_after_its_first_tokens_streams_what_the_uninterrupted_run_would(lm, book):
+    """A migration's second half: prompt + the k tokens already streamed are prefilled again, and the stream
+    goes on at index k with the same tokens (greedy and seeded) and the same text."""
+    ref = book.get(7)
+    for params in (SamplingParams(max_tokens=12, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=5, ignore_eos=True)):
+        whole = [t.token_id for t in generate(lm.model, lm.tokenizer, ref.prompt, params)]
+        k = 5
+        context = ref.prompt + whole[:k]
+        logits, ks, vs = lm.model.prefill(context)
+        first = sample_one(logits, params, make_rng(params, k))  # what the re-prefill samples
+
+        async def body(w: DecodeWorker):
+            w.kv_sink.load_sequence("m", ks, vs)
+            await w.submit("m", first, params, context, generated=whole[:k])
+            ids, text, last = await drain(w, "m", start=k)
+            assert ids == whole[k:] and last.finish_reason is FinishReason.LENGTH
+            assert lm.tokenizer.decode(whole[:k]) + text == lm.tokenizer.decode(whole)
+            with pytest.raises(ValueError, match="generated"):
+                await w.submit("n", first, params, context, generated=whole)  # nothing left to generate
+            assert_all_blocks_free(w)
+        run(lm, body)

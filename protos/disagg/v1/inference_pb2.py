@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/inference.proto\x12\tdisagg.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbe\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"n\n\x03SLA\x12\x14\n\x07ttft_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tsla_class\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x42\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\xf2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.disagg.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.disagg.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x1b\n\x03sla\x18\x06 \x01(\x0b\x32\x0e.disagg.v1.SLA\x12\x12\n\x05model\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\x08\n\x06_model\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"|\n\x07Timings\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x14\n\x0cmean_tpot_ms\x18\x05 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x06 \x01(\x01\"n\n\nPrediction\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x15\n\rttft_bound_ms\x18\x03 \x01(\x01\x12\x15\n\rtpot_bound_ms\x18\x04 \x01(\x01\x12\x10\n\x08quantile\x18\x05 \x01(\x01\"\xd7\x01\n\x05\x46inal\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.disagg.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.disagg.v1.Timings\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x15\n\rdecode_worker\x18\x05 \x01(\t\x12)\n\nprediction\x18\x06 \x01(\x0b\x32\x15.disagg.v1.Prediction\"6\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.disagg.v1.TokenChunkH\x00\x12!\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x10.disagg.v1.FinalH\x00\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.disagg.v1.ErrorH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\":\n\x08SLAClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\"\x9b\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08n_layers\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\x05\x12(\n\x0bsla_classes\x18\x06 \x03(\x0b\x32\x13.disagg.v1.SLAClass\"\x16\n\x14GetServerInfoRequest\"\xd8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.disagg.v1.WorkerKind\x12\x10\n\x08hardware\x18\x03 \x01(\t\x12\x0c\n\x04load\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x63tive_requests\x18\x05 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x03\x12\x0f\n\x07healthy\x18\t \x01(\x08\"w\n\x08PoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.disagg.v1.WorkerKind\x12\x10\n\x08hardware\x18\x03 \x01(\t\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.disagg.v1.WorkerInfo\"P\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05pools\x18\x03 \x03(\x0b\x32\x13.disagg.v1.PoolInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*Z\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_KIND_PREFILL\x10\x01\x12\x16\n\x12WORKER_KIND_DECODE\x10\x02\x32\x9d\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.disagg.v1.AbortRequest\x1a\x18.disagg.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.disagg.v1.GetModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12G\n\rGetServerInfo\x12\x1f.disagg.v1.GetServerInfoRequest\x1a\x15.disagg.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/inference.proto\x12\tdisagg.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbe\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"n\n\x03SLA\x12\x14\n\x07ttft_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tsla_class\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x42\n\n\x08_ttft_msB\n\n\x08_tpot_ms\"\xf2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.disagg.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.disagg.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x1b\n\x03sla\x18\x06 \x01(\x0b\x32\x0e.disagg.v1.SLA\x12\x12\n\x05model\x18\x07 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\x08\n\x06_model\"<\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"|\n\x07Timings\x12\x11\n\tqueued_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x14\n\x0cmean_tpot_ms\x18\x05 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x06 \x01(\x01\"n\n\nPrediction\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x15\n\rttft_bound_ms\x18\x03 \x01(\x01\x12\x15\n\rtpot_bound_ms\x18\x04 \x01(\x01\x12\x10\n\x08quantile\x18\x05 \x01(\x01\"\xeb\x01\n\x05\x46inal\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.disagg.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.disagg.v1.Timings\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x15\n\rdecode_worker\x18\x05 \x01(\t\x12)\n\nprediction\x18\x06 \x01(\x0b\x32\x15.disagg.v1.Prediction\x12\x12\n\nmigrations\x18\x07 \x01(\x05\"6\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.disagg.v1.TokenChunkH\x00\x12!\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x10.disagg.v1.FinalH\x00\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.disagg.v1.ErrorH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\":\n\x08SLAClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\"\x9b\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08n_layers\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\x05\x12(\n\x0bsla_classes\x18\x06 \x03(\x0b\x32\x13.disagg.v1.SLAClass\"\x16\n\x14GetServerInfoRequest\"\xd8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.disagg.v1.WorkerKind\x12\x10\n\x08hardware\x18\x03 \x01(\t\x12\x0c\n\x04load\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x63tive_requests\x18\x05 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x03\x12\x0f\n\x07healthy\x18\t \x01(\x08\"w\n\x08PoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.disagg.v1.WorkerKind\x12\x10\n\x08hardware\x18\x03 \x01(\t\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.disagg.v1.WorkerInfo\"P\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05pools\x18\x03 \x03(\x0b\x32\x13.disagg.v1.PoolInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*Z\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_KIND_PREFILL\x10\x01\x12\x16\n\x12WORKER_KIND_DECODE\x10\x02\x32\x9d\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.disagg.v1.AbortRequest\x1a\x18.disagg.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.disagg.v1.GetModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12G\n\rGetServerInfo\x12\x1f.disagg.v1.GetServerInfoRequest\x1a\x15.disagg.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2245
-  _globals['_FINISHREASON']._serialized_end=2365
-  _globals['_WORKERKIND']._serialized_start=2367
-  _globals['_WORKERKIND']._serialized_end=2457
+  _globals['_FINISHREASON']._serialized_start=2280
+  _globals['_FINISHREASON']._serialized_end=2400
+  _globals['_WORKERKIND']._serialized_start=2402
+  _globals['_WORKERKIND']._serialized_end=2492
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHAT']._serialized_start=86
@@ -48,37 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=467
   _globals['_GENERATEREQUEST']._serialized_end=709
   _globals['_TOKENCHUNK']._serialized_start=711
-  _globals['_TOKENCHUNK']._serialized_end=756
-  _globals['_USAGE']._serialized_start=758
-  _globals['_USAGE']._serialized_end=815
-  _globals['_TIMINGS']._serialized_start=817
-  _globals['_TIMINGS']._serialized_end=941
-  _globals['_PREDICTION']._serialized_start=943
-  _globals['_PREDICTION']._serialized_end=1053
-  _globals['_FINAL']._serialized_start=1056
-  _globals['_FINAL']._serialized_end=1271
-  _globals['_ERROR']._serialized_start=1273
-  _globals['_ERROR']._serialized_end=1327
-  _globals['_GENERATERESPONSE']._serialized_start=1330
-  _globals['_GENERATERESPONSE']._serialized_end=1486
-  _globals['_ABORTREQUEST']._serialized_start=1488
-  _globals['_ABORTREQUEST']._serialized_end=1522
-  _globals['_ABORTRESPONSE']._serialized_start=1524
-  _globals['_ABORTRESPONSE']._serialized_end=1556
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1558
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1579
-  _globals['_SLACLASS']._serialized_start=1581
-  _globals['_SLACLASS']._serialized_end=1639
-  _globals['_MODELINFO']._serialized_start=1642
-  _globals['_MODELINFO']._serialized_end=1797
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1799
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1821
-  _globals['_WORKERINFO']._serialized_start=1824
-  _globals['_WORKERINFO']._serialized_end=2040
-  _globals['_POOLINFO']._serialized_start=2042
-  _globals['_POOLINFO']._serialized_end=2161
-  _globals['_SERVERINFO']._serialized_start=2163
-  _globals['_SERVERINFO']._serialized_end=2243
-  _globals['_INFERENCE']._serialized_start=2460
-  _globals['_INFERENCE']._serialized_end=2745
+  _globals['_TOKENCHUNK']._serialized_end=771
+  _globals['_USAGE']._serialized_start=773
+  _globals['_USAGE']._serialized_end=830
+  _globals['_TIMINGS']._serialized_start=832
+  _globals['_TIMINGS']._serialized_end=956
+  _globals['_PREDICTION']._serialized_start=958
+  _globals['_PREDICTION']._serialized_end=1068
+  _globals['_FINAL']._serialized_start=1071
+  _globals['_FINAL']._serialized_end=1306
+  _globals['_ERROR']._serialized_start=1308
+  _globals['_ERROR']._serialized_end=1362
+  _globals['_GENERATERESPONSE']._serialized_start=1365
+  _globals['_GENERATERESPONSE']._serialized_end=1521
+  _globals['_ABORTREQUEST']._serialized_start=1523
+  _globals['_ABORTREQUEST']._serialized_end=1557
+  _globals['_ABORTRESPONSE']._serialized_start=1559
+  _globals['_ABORTRESPONSE']._serialized_end=1591
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1593
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1614
+  _globals['_SLACLASS']._serialized_start=1616
+  _globals['_SLACLASS']._serialized_end=1674
+  _globals['_MODELINFO']._serialized_start=1677
+  _globals['_MODELINFO']._serialized_end=1832
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1834
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1856
+  _globals['_WORKERINFO']._serialized_start=1859
+  _globals['_WORKERINFO']._serialized_end=2075
+  _globals['_POOLINFO']._serialized_start=2077
+  _globals['_POOLINFO']._serialized_end=2196
+  _globals['_SERVERINFO']._serialized_start=2198
+  _globals['_SERVERINFO']._serialized_end=2278
+  _globals['_INFERENCE']._serialized_start=2495
+  _globals['_INFERENCE']._serialized_end=2780
 # @@protoc_insertion_point(module_scope)

@@ -39,13 +39,21 @@ class FakeInference(pb_grpc.InferenceServicer):
         if text == "slow":
             self.running.add(request.request_id)
             context.add_callback(self.cancelled.set)
+            sent = 0
             while context.is_active():
-                yield pb.GenerateResponse(request_id=request.request_id, chunk=pb.TokenChunk(token_ids=[0], text="."))
+                yield pb.GenerateResponse(request_id=request.request_id,
+                                          chunk=pb.TokenChunk(token_ids=[0], text=".", index=sent))
+                sent += 1
                 self.cancelled.wait(0.02)
+            return
+        if text == "gap":  # a server that lost a token: the client must notice
+            for index in (0, 2):
+                yield pb.GenerateResponse(request_id=request.request_id,
+                                          chunk=pb.TokenChunk(token_ids=[index], text="g", index=index))
             return
         limit = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else len(text)
         for i, ch in enumerate(text[:limit]):
-            chunk = pb.TokenChunk(token_ids=[ord(ch)], text=ch)
+            chunk = pb.TokenChunk(token_ids=[ord(ch)], text=ch, index=i)
             yield pb.GenerateResponse(request_id=request.request_id, chunk=chunk)
         reason = pb.FINISH_REASON_LENGTH if limit < len(text) else pb.FINISH_REASON_STOP
         yield pb.GenerateResponse(request_id=request.request_id, final=pb.Final(

@@ -17,7 +17,7 @@ def test_generate_streams_chunks_then_final(fake_server):
     with cl.Client(target, timeout=5) as c:
         stream = c.generate("hello", max_tokens=3)
         chunks = list(stream)
-    assert [ch.text for ch in chunks] == ["h", "e", "l"]
+    assert [ch.text for ch in chunks] == ["h", "e", "l"] and [ch.index for ch in chunks] == [0, 1, 2]
     assert stream.text == "hel" and stream.token_ids == (104, 101, 108)
     f = stream.final
     assert f.finish_reason is FinishReason.LENGTH and f.usage == cl.Usage(5, 3)
@@ -79,6 +79,14 @@ def test_error_inside_stream_raises_after_chunks(fake_server):
             c.complete("stream-error:RESOURCE_EXHAUSTED:below_floor")
     assert got == ["x"] and stream.final is None
     assert plain.value.reason == "" and rejected.value.reason == "below_floor"
+
+
+def test_a_chunk_index_gap_is_data_loss_not_a_silent_hole(fake_server):
+    target, _ = fake_server
+    with cl.Client(target, timeout=5) as c:
+        with pytest.raises(cl.ClientError, match="chunk index 2 after 1 tokens") as e:
+            list(c.generate("gap"))
+    assert e.value.code is grpc.StatusCode.DATA_LOSS
 
 
 def test_final_decodes_the_prediction_and_none_when_absent():

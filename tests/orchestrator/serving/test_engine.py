@@ -276,7 +276,9 @@ class _DyingDecode(LocalCalls):
         return await super().__call__(method, *args)
 
 
-def test_a_worker_failure_gives_unavailable_and_marks_it_unhealthy(lm, prompt):
+def test_a_worker_failure_with_no_other_worker_gives_unavailable_naming_both(lm, prompt):
+    """The only decode worker dies at the submit: the engine tries to migrate, finds no healthy decode
+    worker, and says so (migration itself: tests/integration/test_worker_failure.py)."""
     async def main():
         async with running(lm, decode_calls=_DyingDecode) as s:
             req = request("w", prompt, max_tokens=8)
@@ -285,9 +287,22 @@ def test_a_worker_failure_gives_unavailable_and_marks_it_unhealthy(lm, prompt):
             return req, events, s
 
     req, events, s = asyncio.run(main())
-    assert events == [ErrorEvent(Failure("UNAVAILABLE", "worker decode-0 is unavailable (RayActorError)"))]
+    assert events == [ErrorEvent(Failure("UNAVAILABLE", "worker decode-0 is unavailable (RayActorError); no worker "
+                                                        "to migrate to (no healthy decode worker)"))]
     assert "decode-0" in s.engine.unhealthy and not s.engine.views()[1][0].healthy
     assert (req.state, req.failure) == (RequestState.FAILED, events[0].failure)
+
+
+def test_migrations_stop_at_the_limit_naming_the_workers_lost(lm, prompt):
+    async def main():
+        async with running(lm, decode_calls=_DyingDecode) as s:
+            s.engine.max_migrations = 0
+            req = request("m", prompt, max_tokens=8)
+            return await collect(s.engine.generate(req))
+
+    events = asyncio.run(main())
+    assert events == [ErrorEvent(Failure("UNAVAILABLE", "worker decode-0 is unavailable (RayActorError); gave up "
+                                                        "after 0 migrations (workers lost: decode-0)"))]
 
 
 def test_no_placement_is_a_rejection(lm, prompt):
