@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from model.tokenizer import Tokenizer
-from orchestrator.serving.auth import BearerAuth
+from orchestrator.serving.auth import BearerAuth, server_credentials
 from orchestrator.core.config import Config
 from orchestrator.client.wire import FINISH_TO_PB
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
@@ -220,7 +220,7 @@ def listen(server: grpc.aio.Server, address: str, tls: tuple[Path, Path] | None)
         if tls is None:
             return server.add_insecure_port(address)
         cert, key = tls
-        return server.add_secure_port(address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+        return server.add_secure_port(address, server_credentials(cert.read_bytes(), key.read_bytes()))
     except RuntimeError:  # gRPC says only "Failed to bind"; its log has the reason
         why = "in use, or not an address of this host?" if tls is None else \
             f"with TLS from {tls[0]} and {tls[1]}: in use, or does the key not match the certificate?"
