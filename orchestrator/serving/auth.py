@@ -48,10 +48,6 @@ class KVSecurity:
     cert_pem: bytes | None = field(default=None, repr=False)
     key_pem: bytes | None = field(default=None, repr=False)
 
-    @property
-    def tls(self) -> bool:
-        return self.cert_pem is not None
-
     def server_credentials(self) -> grpc.ServerCredentials | None:
         assert self.cert_pem is None or self.key_pem is not None, "a sender's KVSecurity cannot serve TLS"
         return None if self.cert_pem is None else server_credentials(self.cert_pem, self.key_pem)

@@ -68,7 +68,7 @@ def test_kv_tls_from_cluster_yaml_carries_a_transfer_and_senders_get_no_key(tmp_
     monkeypatch.delenv(KV_TOKEN_ENV, raising=False)
     cert, key = self_signed_certificate(tmp_path)
     security = kv_security(config(tmp_path, token=FILE_TOKEN, tls_cert_file="cert.pem", tls_key_file="key.pem"))
-    assert security.tls and security.key_pem == key.read_bytes()
+    assert security.key_pem == key.read_bytes()
     senders = security.for_senders()
     assert senders.key_pem is None and senders.token == FILE_TOKEN and senders.cert_pem == cert.read_bytes()
     assert "PRIVATE KEY" not in repr(security)
@@ -91,5 +91,11 @@ def test_kv_tls_from_cluster_yaml_carries_a_transfer_and_senders_get_no_key(tmp_
 def test_no_tls_by_default(tmp_path, monkeypatch):
     monkeypatch.delenv(KV_TOKEN_ENV, raising=False)
     security = kv_security(config(tmp_path))
-    assert not security.tls and security.server_credentials() is None and security.channel_credentials() is None
+    assert security.cert_pem is None and security.server_credentials() is None and security.channel_credentials() is None
     assert KVSecurity("t" * 16).for_senders() == KVSecurity("t" * 16)
+
+
+def test_kv_tls_settings_are_checked_like_the_frontends(tmp_path):
+    cert, _ = self_signed_certificate(tmp_path)
+    with pytest.raises(ConfigError, match="metadata.kv_transfer.tls_key_file: required with tls_cert_file"):
+        config(tmp_path, tls_cert_file=str(cert))
