@@ -9,6 +9,11 @@ calls `submit(request_id, first_token_id, params, prompt_ids)` with the token sa
 prefill side; either may come first. The sequence joins the batch once both have arrived.
 In-process callers use `accept_kv()` instead of the receiver.
 
+Local prefill (conditional disaggregation): `prefill_local(request_id, prompt_ids, params, ...)`
+prefills a short prompt here, between two steps, writing its KV straight into this pool (no
+transfer), samples the first token as the prefill side would, and joins the batch at once. The
+running sequences wait for it: that stall is the router's to weigh (orchestrator/core/predictor.py).
+
 Streaming: poll `next_tokens(request_id)`; it blocks until new tokens exist or the request ends
 and returns a TokenChunk (finished=True on the last one). A caller with many requests here (the
 engine) submits them with an `owner` and long-polls `next_outputs(owner)` instead: one Ray call per
@@ -35,7 +40,7 @@ from kvtransfer.sink import KVRefused
 from kvtransfer.states import TransferState
 from model.finish import Failure, FinishReason
 from model.loaded import LoadedModel, load_model
-from model.sampling import SamplingParams, make_rng
+from model.sampling import SamplingParams, make_rng, sample_one
 
 log = structlog.get_logger("decode.worker")
 
@@ -58,10 +63,34 @@ class DecodeLoad:
     kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
     steps: tuple[tuple[int, int, float], ...] = ()  # (batch, context tokens, seconds) of the steps since the
     # last load(): each is one busy loop iteration (schedule, forward, sample, stream), what a token costs
+    local_prefills: tuple[tuple[int, float], ...] = ()  # (prompt tokens, seconds) of the local prefills since
+    # the last load(): each held up the batch for its seconds
 
     @property
     def free_tokens(self) -> int:
         return self.free_blocks * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPrefill:
+    """A prompt prefilled by the decode worker itself (prefill_local): it is in the batch now, or it ended."""
+
+    first_token: int = -1  # -1 when it did not run: aborted before or while it ran
+    queued_ms: float = 0.0  # waiting for the step in flight and the local prefills ahead of it
+    prefill_ms: float = 0.0
+
+    @property
+    def ran(self) -> bool:
+        return self.first_token >= 0
+
+
+@dataclass(slots=True)
+class _LocalJob:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    enqueued: float  # perf_counter
+    done: asyncio.Future  # -> LocalPrefill
 
 
 class DecodeWorker:
@@ -79,9 +108,11 @@ class DecodeWorker:
         self.scheduler = Scheduler(self.pool.allocator, max_batch)
         self.core = DecodeCore(model, self.pool, threads=blas_threads)
         self._recent_steps: deque[tuple[int, int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
+        self._recent_local: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
         self._streams: dict[str, RequestStream] = {}
         self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
         self._committed: set[str] = set()  # KV arrived, no submit yet
+        self._local: deque[_LocalJob] = deque()  # local prefills, run by the step loop between steps
         # aborted with no stream yet: a submit that arrives after its abort ends at once (an Abort RPC can
         # overtake the engine's submit; an async actor runs calls out of order). A new transfer of the
         # same id clears its entry, so a reused request_id is not hit by an old abort.
@@ -121,23 +152,84 @@ class DecodeWorker:
         vocab = self.loaded.model.cfg.vocab_size
         if not 0 <= first_token_id < vocab:
             raise ValueError(f"first_token_id: {first_token_id} outside [0, {vocab})")
-        if request_id in self._streams:
-            raise ValueError(f"request_id: {request_id!r} is already submitted")
         aborted = request_id in self._aborted_early
-        self._aborted_early.pop(request_id, None)
-        rng = make_rng(params)
-        if not params.greedy:
-            rng.random()  # the prefill side consumed the first draw for the first token
-        stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng, owner,
-                                      self._notify_outputs if owner else None)
+        stream = self._new_stream(request_id, params, prompt_ids, owner, priority)
         stream.first_token_id = first_token_id
-        stream.priority = priority
-        self._streams[request_id] = stream
         if aborted:
             stream.finish(FinishReason.ABORT)
         elif request_id in self._committed:
             self._committed.discard(request_id)
             self._join(request_id)
+
+    def _new_stream(self, request_id: str, params: SamplingParams, prompt_ids: list[int] | None, owner: str,
+                    priority: int) -> RequestStream:
+        """Register a request's stream (ValueError if the id is live here); forgets an early abort of it."""
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already submitted")
+        self._aborted_early.pop(request_id, None)
+        rng = make_rng(params)
+        if not params.greedy:
+            rng.random()  # the first draw samples the first token, on the prefill side (or in _local_compute)
+        stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng, owner,
+                                      self._notify_outputs if owner else None)
+        stream.priority = priority
+        self._streams[request_id] = stream
+        return stream
+
+    async def prefill_local(self, request_id: str, prompt_ids: list[int], params: SamplingParams, owner: str = "",
+                            priority: int = 0) -> LocalPrefill:
+        """Prefill `prompt_ids` here and join the batch (module docstring); resolves once it has joined
+        (its first token is streamed like a submitted one) or ended. ValueError on bad input,
+        KVRefused when its KV does not fit now; an abort ends it at any point, holding nothing."""
+        self._start()
+        params.validate()
+        vocab = self.loaded.model.cfg.vocab_size
+        if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt_ids: need at least one token id in [0, {vocab})")
+        self._check_fits(request_id, len(prompt_ids), params.max_tokens)
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already submitted")
+        if request_id in self._aborted_early:  # its abort overtook this call
+            self._aborted_early.pop(request_id)
+            return LocalPrefill()
+        self.pool.open(request_id, self.layout, len(prompt_ids))  # reserves its blocks, or KVRefused
+        self._new_stream(request_id, params, list(prompt_ids), owner, priority)
+        job = _LocalJob(request_id, list(prompt_ids), params, time.perf_counter(), self._loop.create_future())
+        self._local.append(job)
+        self._wake.set()
+        return await job.done
+
+    async def _run_local(self, loop: asyncio.AbstractEventLoop, job: _LocalJob) -> None:
+        """Step loop, between steps: one local prefill, then the request joins the batch (no transfer)."""
+        rid, result = job.request_id, LocalPrefill()
+        stream = self._streams.get(rid)
+        if stream is not None and not stream.finished and self.pool.state(rid) is TransferState.TRANSFERRING:
+            t0 = time.perf_counter()
+            try:
+                first = await loop.run_in_executor(self._executor, self._local_compute, job)
+                self.pool.commit(rid)
+            except KVRefused:  # aborted while it ran: the abort released its blocks and ended its stream
+                first = -1
+            except Exception:  # a bug in the prefill: fail this request, keep the worker alive
+                log.exception("local prefill failed", request_id=rid)
+                first = -1
+                self._fail(stream, Failure("INTERNAL", "local prefill failed"))
+                if self.pool.state(rid) is not None:
+                    self._release_unscheduled(rid)
+            t1 = time.perf_counter()
+            if first >= 0:
+                stream.first_token_id = first
+                self._join(rid)  # now, not when the commit callback runs: the next step includes it
+                result = LocalPrefill(first, (t0 - job.enqueued) * 1e3, (t1 - t0) * 1e3)
+            self._recent_local.append((len(job.prompt_ids), t1 - t0))
+        if not job.done.done():
+            job.done.set_result(result)
+
+    def _local_compute(self, job: _LocalJob) -> int:
+        """Executor thread: prefill into this pool's blocks layer by layer, sample the first token."""
+        write = lambda layer, k, v: self.pool.write(job.request_id, layer, 0, k, v)  # noqa: E731
+        logits, _, _ = self.loaded.model.prefill(job.prompt_ids, on_layer=write)  # logits: (V,)
+        return sample_one(logits, job.params, make_rng(job.params))
 
     async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
                         params: SamplingParams, prompt_ids: list[int] | None = None, owner: str = "") -> None:
@@ -191,8 +283,9 @@ class DecodeWorker:
         """The router's view of this worker, and the steps run since the last call (then forgotten)."""
         sch, alloc = self.scheduler, self.pool.allocator
         steps, self._recent_steps = tuple(self._recent_steps), deque(maxlen=RECENT_STEPS_KEPT)
+        local, self._recent_local = tuple(self._recent_local), deque(maxlen=RECENT_STEPS_KEPT)
         return DecodeLoad(sch.n_running, sch.n_waiting, alloc.free_blocks, alloc.n_blocks, alloc.block_size,
-                          sch.context_tokens, tuple(sch.running_remaining()), self.kv_target, steps)
+                          sch.context_tokens, tuple(sch.running_remaining()), self.kv_target, steps, local)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -305,6 +398,8 @@ class DecodeWorker:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while self._local:  # between steps: the stall the router counted
+                await self._run_local(loop, self._local.popleft())
             with self.pool.lock:
                 plan = self.scheduler.schedule()
             for rid in plan.preempted:

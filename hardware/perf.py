@@ -4,7 +4,11 @@ HBM devices (Trainium, GPUs, the host CPU): roofline max(FLOPs / (peak x MFU), b
 efficiency)) plus tensor-parallel all-reduces (2 per layer: latency + ring bytes / link) and fixed
 per-layer and per-step costs. Wafer (CS-3): weights and KV stay in SRAM and layers are pipelined
 across systems, so a token's latency is layers x per-layer latency + hops between systems; batch
-work adds FLOPs / dense compute. Speculative decoding is an explicit option (`Speculative`).
+work adds FLOPs of the active parameters / dense compute (MoE: SRAM holds all experts, so the systems
+needed count total parameters, while compute counts the routed ones). The profile's software generation
+(hardware/generations.py) sets the per-layer latency, the hop cost and whether it decodes speculatively.
+Speculative decoding: an explicit option (`Speculative` plus a draft deployment), or the generation's own
+(`speculation_plan`), both costing k draft steps plus one target pass over k+1 tokens per step.
 The host CPU profile (`cpu`) carries tables measured on the live engine (PerfParams.measured):
 prefill and decode-step times are interpolated from them instead of the roofline (single chip only).
 """
@@ -12,11 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from hardware.profiles import HardwareProfile, MeasuredTables
+from hardware.speculation import acceptance_rate, draft_candidates, expected_tokens
 from model.specs import ModelSpec, dtype_bytes
+
+PLAN_CONTEXT = 1000  # cached tokens per sequence at which speculation_plan picks its draft (short chat turns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +37,7 @@ class Speculative:
 
     def tokens_per_step(self) -> float:
         """Expected tokens emitted per verification step (accepted drafts + the target's own)."""
-        a, k = self.acceptance, self.draft_tokens
-        return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+        return expected_tokens(self.acceptance, self.draft_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +106,11 @@ def make_deployment(model: ModelSpec, hw: HardwareProfile, tp: int | None = None
 
 
 def kv_token_capacity(dep: Deployment) -> int:
-    """KV tokens that fit next to the weights in the replica's memory."""
-    free = dep.chips * dep.hw.mem_bytes * dep.hw.perf.mem_usable - dep.model.weight_bytes(dep.dtype)
-    return max(0, int(free // dep.model.kv_bytes_per_token(dep.kv_dtype)))
+    """KV tokens that fit next to the weights in the replica's memory (and the generation's draft model's
+    weights and KV, when it speculates)."""
+    models = [dep.model] + ([plan[1].model] if (plan := speculation_plan(dep)) else [])
+    free = dep.chips * dep.hw.mem_bytes * dep.hw.perf.mem_usable - sum(m.weight_bytes(dep.dtype) for m in models)
+    return max(0, int(free // sum(m.kv_bytes_per_token(dep.kv_dtype) for m in models)))
 
 
 def _attn_flops(model: ModelSpec, q_tokens: int, ctx_sum: float) -> float:
@@ -119,10 +128,25 @@ def _collectives(dep: Deployment, tokens: float) -> float:
     return 2 * dep.model.n_layers * (p.collective_latency_s + ring)
 
 
-def _wafer_latency(dep: Deployment) -> float:
-    p = dep.hw.perf
+def _wafer_latency(dep: Deployment, tokens: float = 1.0) -> float:
+    """Latency of one pass of `tokens` tokens through the pipelined systems, as the generation runs it."""
+    p, gen = dep.hw.perf, dep.hw.generation
     hops = dep.chips if dep.chips > 1 else 0  # the sampled token returns to the first system
-    return p.step_overhead_s + dep.model.n_layers * p.wafer_layer_latency_s + hops * p.wafer_hop_latency_s
+    speedup = gen.latency_speedup if gen else 1.0
+    if gen is not None and gen.async_io:  # activations on the wire, I/O overlapped with compute
+        hop = gen.hop_wire_s + tokens * dep.model.d_model * dtype_bytes("bf16") / dep.hw.net_bw
+    else:
+        hop = p.wafer_hop_latency_s
+    return p.step_overhead_s + dep.model.n_layers * p.wafer_layer_latency_s / speedup + hops * hop
+
+
+def wafer_work_s(dep: Deployment, tokens: int, ctx_sum: float, q_tokens: int = 1) -> float:
+    """Seconds a wafer decode step adds to its latency: FLOPs of the parameters a token uses (MoE: routed
+    experts only) over dense compute, plus active weight and KV bytes over SRAM bandwidth."""
+    m, p = dep.model, dep.hw.perf
+    flops = 2.0 * m.matmul_params_per_token() * tokens + _attn_flops(m, q_tokens, ctx_sum)
+    read = m.active_weight_bytes(dep.dtype, tokens) + m.kv_bytes_per_token(dep.kv_dtype) * ctx_sum
+    return flops / (dep.chips * p.wafer_dense_flops * p.decode_mfu) + read / (dep.chips * dep.hw.mem_bw * p.bw_eff)
 
 
 def _interp(x: float, xs: tuple, ys: tuple) -> float:
@@ -159,7 +183,7 @@ def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float
     flops = sum(m.prefill_flops(n) for n in lengths)
     if dep.is_wafer:
         compute = flops / (dep.chips * p.wafer_dense_flops * p.prefill_mfu)
-        return compute + _wafer_latency(dep)
+        return compute + _wafer_latency(dep, tokens)
     if _tables(dep):  # the live engine, measured (one batched call)
         return _interp(tokens, p.measured.prefill_tokens, p.measured.prefill_s) + (
             p.prefill_extra_s * len(lengths) + p.prefill_extra_per_token_s * tokens)
@@ -171,7 +195,7 @@ def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float
 
 
 def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int = 1) -> float:
-    """Seconds for one decode step of `batch` sequences holding ctx_sum cached tokens in total.
+    """Seconds for one decode step (one forward pass) of `batch` sequences holding ctx_sum cached tokens in total.
 
     q_tokens > 1 scores several positions per sequence at once (speculative verification).
     Linear in ctx_sum for a fixed batch, so the simulator can sum steps in closed form.
@@ -180,12 +204,10 @@ def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int 
         return 0.0
     m, hw, p = dep.model, dep.hw, dep.hw.perf
     tokens = batch * q_tokens
+    if dep.is_wafer:
+        return _wafer_latency(dep, tokens) + wafer_work_s(dep, tokens, ctx_sum, q_tokens)
     flops = 2.0 * m.matmul_params_per_token() * tokens + _attn_flops(m, q_tokens, ctx_sum)
     kv_bytes = m.kv_bytes_per_token(dep.kv_dtype) * ctx_sum
-    if dep.is_wafer:
-        work = flops / (dep.chips * p.wafer_dense_flops * p.decode_mfu)
-        bytes_ = (m.active_weight_bytes(dep.dtype, tokens) + kv_bytes) / (dep.chips * hw.mem_bw * p.bw_eff)
-        return _wafer_latency(dep) + work + bytes_
     if _tables(dep):  # the live engine, measured
         return _measured_decode(p.measured, tokens, ctx_sum) + _token_overhead(p, tokens)
     compute = flops / (dep.chips * hw.peak_flops(dep.dtype) * p.decode_mfu)
@@ -194,25 +216,58 @@ def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int 
     return max(compute, memory) + _collectives(dep, tokens) + fixed
 
 
-def inter_token_latency(dep: Deployment, batch: int, context: int, spec: Speculative | None = None,
-                        draft: Deployment | None = None) -> float:
-    """Seconds between tokens of one user at a batch of equal contexts (speculative if `spec`)."""
-    if spec is None:
-        return decode_step_time(dep, batch, batch * context)
-    assert draft is not None, "speculative decoding needs a draft deployment"
+def _speculative_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculative, draft: Deployment) -> float:
+    """Seconds per emitted token: k draft steps (contexts growing), one target pass over k+1 tokens, over the
+    expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
     k = spec.draft_tokens
-    drafting = sum(decode_step_time(draft, batch, batch * (context + i)) for i in range(k))
-    verify = decode_step_time(dep, batch, batch * context, q_tokens=k + 1)
+    drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
+    verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
     return (drafting + verify) / spec.tokens_per_step()
+
+
+@lru_cache(maxsize=256)
+def speculation_plan(dep: Deployment) -> tuple[Speculative, Deployment] | None:
+    """The generation's speculative decoding for this replica, or None (it does not speculate, or no draft helps).
+
+    The (draft model, draft length) with the fastest single-user token at PLAN_CONTEXT, among registered
+    drafts (hardware/speculation.py) whose weights fit the SRAM the target leaves free: the draft runs on
+    the target's own wafers, one pipeline system when it fits one.
+    """
+    gen = dep.hw.generation
+    if gen is None or not gen.speculative:
+        return None
+    free = dep.chips * dep.hw.mem_bytes * dep.hw.perf.mem_usable - dep.model.weight_bytes(dep.dtype)
+    best, best_s = None, decode_step_time(dep, 1, PLAN_CONTEXT)
+    for model in draft_candidates(dep.model):
+        if model.weight_bytes(dep.dtype) > free:
+            continue
+        draft = Deployment(model, dep.hw, chips_needed(model, dep.hw, dep.dtype), dep.dtype, dep.kv_dtype)
+        acceptance = acceptance_rate(model, dep.model)
+        for k in range(1, gen.max_draft_tokens + 1):
+            spec = Speculative(acceptance, k, model.name)
+            seconds = _speculative_time(dep, 1, PLAN_CONTEXT, spec, draft)
+            if seconds < best_s:
+                best, best_s = (spec, draft), seconds
+    return best
 
 
 def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculative | None = None,
                     draft: Deployment | None = None) -> float:
     """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
-    step, or with `spec` a draft-and-verify step amortised over its expected tokens (mean context)."""
+    step, or a draft-and-verify step amortised over its expected tokens, with `spec` (and its `draft`
+    deployment) or else the profile generation's speculation_plan."""
+    if spec is None and (plan := speculation_plan(dep)) is not None:
+        spec, draft = plan
     if spec is None:
         return decode_step_time(dep, batch, ctx_sum)
-    return inter_token_latency(dep, batch, max(1, int(ctx_sum / batch)), spec, draft)
+    assert draft is not None, "speculative decoding needs a draft deployment"
+    return _speculative_time(dep, batch, ctx_sum, spec, draft)
+
+
+def inter_token_latency(dep: Deployment, batch: int, context: int, spec: Speculative | None = None,
+                        draft: Deployment | None = None) -> float:
+    """Seconds between tokens of one user at a batch of equal contexts (token_step_time)."""
+    return token_step_time(dep, batch, batch * context, spec, draft)
 
 
 def kv_transfer_time(src: Deployment, dst: Deployment, kv_bytes: float, prefill_s: float = 0.0) -> float:

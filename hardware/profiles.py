@@ -3,11 +3,14 @@
 Datasheet figures come from ../shared/reference/hardware-specs.md (grades [A] vendor docs, [B] vendor
 press, [C] secondary). Every coefficient that is *not* a datasheet figure lives in `PerfParams`
 with a comment saying what it means and where its value comes from (assumption or calibration,
-see bench/calibration.py). Price and power are editable assumptions, not quotes.
+see bench/calibration.py), or in the profile's software `Generation` (hardware/generations.py: one
+profile per CS-3 generation, `cs3` naming the newest). Price and power are editable assumptions, not quotes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from hardware.generations import GENERATIONS, Generation, generation_names, newest, profile_name
 
 GB = 1e9
 GIB = 2**30
@@ -84,6 +87,7 @@ class HardwareProfile:
     perf: PerfParams = field(default_factory=PerfParams)
     default_dtype: str = "bf16"  # weight dtype when none is given (the live cpu engine runs fp32)
     sources: tuple[str, ...] = ()
+    generation: Generation | None = None  # software generation (hardware/generations.py); None: not modelled
 
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Dense peak per chip for the weight dtype (fp8 and narrower run at the FP8 rate)."""
@@ -96,8 +100,9 @@ TRN_PERF = PerfParams(prefill_mfu=0.269, decode_mfu=0.3, bw_eff=0.6, collective_
                       step_overhead_s=0.5e-3)
 GPU_PERF = PerfParams(prefill_mfu=0.5, decode_mfu=0.4, bw_eff=0.75, collective_latency_s=15e-6,
                       step_overhead_s=0.3e-3)  # assumptions (typical vLLM/TRT-LLM figures), uncalibrated
-# CS-3: layer latency solved from Llama 3.1 8B at 1,800 tok/s/user on 1 system; hop latency from
-# Llama 3.1 70B at 450 tok/s/user on 4 systems (Aug 2024, 16-bit). Dense compute: 16 PF estimate.
+# CS-3, launch generation: layer latency solved from Llama 3.1 8B at 1,800 tok/s/user on 1 system; hop
+# latency from Llama 3.1 70B at 450 tok/s/user on 4 systems (Aug 2024, 16-bit). Dense compute: 16 PF estimate.
+# Later generations change these through their Generation terms (hardware/generations.py), not here.
 CS3_PERF = PerfParams(prefill_mfu=0.3, decode_mfu=0.5, bw_eff=0.5, step_overhead_s=50e-6,
                       wafer_layer_latency_s=15.7e-6, wafer_hop_latency_s=227e-6, wafer_dense_flops=16e15,
                       mem_usable=0.9)
@@ -106,6 +111,18 @@ CS3_PERF = PerfParams(prefill_mfu=0.3, decode_mfu=0.5, bw_eff=0.5, step_overhead
 def _trn(name, chips, tp_per_chip, bf16, fp8, mem, bw, link, net, price, power, extra_src) -> HardwareProfile:
     return HardwareProfile(name, "hbm", chips, tp_per_chip, bf16, fp8, mem, bw, link, net, price, power,
                            TRN_PERF, sources=(NEURON, extra_src, "price/power: editable assumptions"))
+
+
+def _cs3(gen: Generation) -> HardwareProfile:
+    """Cerebras CS-3 (WSE-3): 44 GB SRAM at 21 PB/s [B]; 125 PF is *sparse* FP16 [B], dense unpublished (16 PF
+    estimate in PerfParams.wafer_dense_flops); I/O 12 x 100 GbE = 150 GB/s [B/C]; ~23 kW [C]. No public price:
+    $100/h assumes ~$2.5M amortised over 3 years plus hosting."""
+    return HardwareProfile(
+        profile_name("cs3", gen), "wafer", 1, 1, 125e15 / 8, 125e15 / 8, 44 * GB, 21e15, 150 * GB, 150 * GB,
+        100.0, 23.0, CS3_PERF, generation=gen,
+        sources=("hardware-specs.md s2: Cerebras launch Mar 2024 [B], ALCF guide [A], argonne SC24 [B]",
+                 "layer/hop latency: calibrated, Cerebras inference blog Aug 2024 [B]",
+                 *gen.sources, "price: assumption; power ~23 kW [C]"))
 
 
 PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (
@@ -126,14 +143,8 @@ PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (
     # EFA about 25 GB/s per chip (28,800 Gbps over 144 chips).
     _trn("trn3", 1, 4, 671e12, 2517e12, 144 * GIB, 4.9 * TB, 2.56 * TB, 25e9, 4.0, 0.8,
          "trainium3.rst; trn3-arch.rst"),
-    # Cerebras CS-3 (WSE-3): 44 GB SRAM at 21 PB/s [B]; 125 PF is *sparse* FP16 [B], dense unpublished
-    # (16 PF estimate in PerfParams.wafer_dense_flops); I/O 12 x 100 GbE = 150 GB/s [B/C]; ~23 kW [C].
-    # No public price: $100/h assumes ~$2.5M amortised over 3 years plus hosting.
-    HardwareProfile("cs3", "wafer", 1, 1, 125e15 / 8, 125e15 / 8, 44 * GB, 21e15, 150 * GB, 150 * GB,
-                    100.0, 23.0, CS3_PERF,
-                    sources=("hardware-specs.md s2: Cerebras launch Mar 2024 [B], ALCF guide [A], argonne SC24 [B]",
-                     "layer/hop latency: calibrated, Cerebras inference blog Aug 2024 [B]",
-                     "price: assumption; power ~23 kW [C]")),
+    # Cerebras CS-3 (WSE-3), one profile per software generation (_cs3).
+    *(_cs3(g) for g in GENERATIONS["cs3"]),
     # GPUs (per GPU): hardware-specs.md s6a, glennklockwood.com [C], hmc-tech.com [C]. NVLink 900 GB/s
     # (H100/H200), 1.8 TB/s (B200) and 50 GB/s network per GPU (400 Gb/s NIC) are assumptions.
     HardwareProfile("h100", "hbm", 1, 1, 989e12, 1979e12, 80 * GB, 3.35 * TB, 900 * GB, 50 * GB, 3.0, 1.0,
@@ -143,15 +154,28 @@ PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (
     HardwareProfile("b200", "hbm", 1, 1, 2250e12, 4500e12, 192 * GB, 8 * TB, 1800 * GB, 50 * GB, 5.5, 1.2,
                     GPU_PERF, sources=("hardware-specs.md s6a [C]", "price/power: editable assumptions")),
 )}
-HARDWARE_NAMES = tuple(PROFILES) + ("cpu",)
+HARDWARE_NAMES = tuple(GENERATIONS) + tuple(PROFILES) + ("cpu",)
+
+
+def canonical_name(name: str) -> str:
+    """The profile name `name` selects: a family's bare name is its newest generation (`cs3` -> `cs3@2024-10`).
+
+    ValueError naming the known names: for an unknown generation, the family's generations."""
+    if name in GENERATIONS:
+        return newest(name)
+    if name in PROFILES or name == "cpu":
+        return name
+    family, _, gen = name.partition("@")
+    if gen and family in GENERATIONS:
+        raise ValueError(f"hardware: unknown {family} generation {gen!r} in {name!r}; known: "
+                         f"{', '.join(generation_names(family))} (bare {family!r} is the newest)")
+    raise ValueError(f"hardware: unknown {name!r}; valid: {', '.join(HARDWARE_NAMES)}")
 
 
 def get_profile(name: str) -> HardwareProfile:
-    """Profile by name; `cpu` is this host's cached measurement (hardware/cpu.py). ValueError lists valid names."""
+    """Profile by name (canonical_name); `cpu` is this host's cached measurement (hardware/cpu.py)."""
+    name = canonical_name(name)
     if name == "cpu":
         from hardware.cpu import cpu_profile
         return cpu_profile()
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"hardware: unknown {name!r}; valid: {', '.join(HARDWARE_NAMES)}") from None
+    return PROFILES[name]

@@ -168,6 +168,7 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     # HuggingFaceTB/SmolLM2-135M-Instruct config.json; also the GGUF metadata of the live model
     _llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, tied=True, head_dim=64),
     _llama("llama-2-70b", 80, 8192, 64, 8, 28672, 32000),  # meta-llama/Llama-2-70b-hf
+    _llama("llama-3.2-1b", 16, 2048, 32, 8, 8192, 128256, tied=True, head_dim=64),  # meta-llama/Llama-3.2-1B
     _llama("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256),  # meta-llama/Llama-3.1-8B
     _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.1-70B
     _llama("llama-3.3-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.3-70B-Instruct
@@ -183,20 +184,32 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("gpt-oss-120b", 36, 2880, 64, 8, 64, 2880, 201088, False,
               n_experts=128, experts_active=4, d_ff_expert=2880, moe_every=1,
               attn_window=128, window_every=2),
+    # openai/gpt-oss-20b: 24 layers all MoE, 32 experts top-4 of width 2880; attention as gpt-oss-120b.
+    ModelSpec("gpt-oss-20b", 24, 2880, 64, 8, 64, 2880, 201088, False,
+              n_experts=32, experts_active=4, d_ff_expert=2880, moe_every=1,
+              attn_window=128, window_every=2),
+    _llama("qwen3-0.6b", 28, 1024, 16, 8, 3072, 151936, tied=True),  # Qwen/Qwen3-0.6B
     _llama("qwen3-32b", 64, 5120, 64, 8, 25600, 151936),  # Qwen/Qwen3-32B
+    # Qwen/Qwen3-235B-A22B: 94 layers all MoE, 128 experts top-8 of width 1536, no shared expert.
+    ModelSpec("qwen3-235b-a22b", 94, 4096, 64, 4, 128, 12288, 151936, False,
+              n_experts=128, experts_active=8, d_ff_expert=1536, moe_every=1),
 )}
 
 # Published totals (and active counts for MoE), in parameters.
 PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
     "smollm2-135m": (134.5e6, None),  # HF model card: 135M (134,515,008 in the safetensors)
     "llama-2-70b": (70e9, None),
+    "llama-3.2-1b": (1.24e9, None),  # HF model card: 1.23B (1,235,814,400 in the safetensors)
     "llama-3.1-8b": (8.03e9, None),
     "llama-3.1-70b": (70.6e9, None),
     "llama-3.3-70b": (70.6e9, None),
     "llama-3.1-405b": (405.9e9, None),
     "llama-4-maverick": (400e9, 17e9),  # Meta: 17B active, 400B total
     "gpt-oss-120b": (116.8e9, 5.13e9),  # OpenAI model card: 116.8B total, 5.13B active
+    "gpt-oss-20b": (20.9e9, 3.6e9),  # OpenAI model card: 20.9B total, 3.6B active
+    "qwen3-0.6b": (0.6e9, None),  # Qwen model card: 0.6B (0.44B non-embedding)
     "qwen3-32b": (32.8e9, None),
+    "qwen3-235b-a22b": (235e9, 22e9),  # Qwen model card: 235B total, 22B activated
 }
 
 

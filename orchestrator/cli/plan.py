@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-ms", type=float, required=True)
     p.add_argument("--tpot-ms", type=float, required=True)
     p.add_argument("--prefill-hw", default="trn2.48xlarge")
-    p.add_argument("--decode-hw", default="cs3")
+    p.add_argument("--decode-hw", default="cs3", help="decode hardware (cs3: the newest CS-3 generation)")
     p.add_argument("--trace", help="Azure CSV for prompt/output lengths (default: from the config)")
     p.add_argument("--requests", type=int, default=5000, help="simulated Poisson requests per candidate")
     p.add_argument("--max-replicas", type=int, default=8)
@@ -37,7 +37,7 @@ def run(args) -> int:
 
     import numpy as np
 
-    from hardware.perf import decode_step_time, kv_token_capacity, prefill_time
+    from hardware.perf import kv_token_capacity, prefill_time, token_step_time
     from orchestrator.core.experiments import PoolSweep
     from orchestrator.core.sla import SLATarget
     from orchestrator.simulator.engine import SimConfig
@@ -74,21 +74,21 @@ def run(args) -> int:
     per_d = min(pool_d.max_batch, kv_token_capacity(ddep) / ctx)
     live = 1.0  # Little's law, fixed point: sequences in flight = rate x mean output x step time at that batch
     for _ in range(20):
-        live = args.rate * outputs.mean() * decode_step_time(ddep, max(1, round(min(live, per_d))),
+        live = args.rate * outputs.mean() * token_step_time(ddep, max(1, round(min(live, per_d))),
                                                              max(1.0, min(live, per_d)) * ctx)
     d_min = max(1, math.ceil(live / per_d))
-    tpot_floor = decode_step_time(ddep, 1, ctx) * 1e3
+    tpot_floor = token_step_time(ddep, 1, ctx) * 1e3  # per emitted token: the generation may speculate
     print(f"workload (lengths from {len(lengths)} trace requests): mean prompt {prompts.mean():.0f}, "
           f"mean output {outputs.mean():.0f} tokens")
     print(f"prefill: {demand:,.0f} prompt tok/s needed, one replica does {tps:,.0f} tok/s at a {pool_p.token_budget}-"
           f"token batch -> >= {p_min} replica(s) (util {demand / tps / p_min:.0%}); p90 prompt alone takes "
           f"{ttft_floor:.0f} ms of the {args.ttft_ms:g} ms TTFT")
-    print(f"decode: one-sequence step {tpot_floor:.2f} ms vs TPOT {args.tpot_ms:g} ms; "
+    print(f"decode: one sequence's time per token {tpot_floor:.2f} ms vs TPOT {args.tpot_ms:g} ms; "
           f"~{live:.0f} sequences in flight (rate x mean output x step time), one replica holds "
           f"{per_d:.0f} (max_batch {pool_d.max_batch}, KV {kv_token_capacity(ddep):,} tokens / {ctx:.0f} mean context) "
           f"-> >= {d_min} replica(s)")
     if tpot_floor > args.tpot_ms:
-        raise UserError(f"TPOT {args.tpot_ms:g} ms is below one decode step of {args.model} on {ddep.hw.name} "
+        raise UserError(f"TPOT {args.tpot_ms:g} ms is below one token of {args.model} on {ddep.hw.name} "
                         f"({tpot_floor:.2f} ms): no pool size meets it")
     cands = sorted(((np_ * pdep.price_per_hour + nd * ddep.price_per_hour, np_, nd)
                     for np_ in range(1, args.max_replicas + 1) for nd in range(1, args.max_replicas + 1)))
@@ -121,4 +121,5 @@ def run(args) -> int:
                 print(f"  - one {name} replica fewer (P{other[0]}:D{other[1]}): attainment {o.sla_attainment:.1%}, "
                       f"misses {_fmt_misses(o)}")
             return 0
-    raise UserError(f"no configuration up to {args.max_replicas} replicas per pool meets the SLA at {args.rate:g} req/s")
+    raise UserError(f"no configuration up to {args.max_replicas} replicas per pool meets the SLA "
+                    f"at {args.rate:g} req/s")

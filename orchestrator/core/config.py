@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from hardware.profiles import canonical_name
 from orchestrator.core.router import POLICIES
 from orchestrator.core.sla import SLATarget
 
@@ -74,6 +75,7 @@ class Config:
     frontend: FrontendConfig
     router_policy: str
     router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
+    router_local_prefill_max_tokens: int  # longest prompt a decode worker may prefill itself (0: never)
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig
@@ -118,6 +120,16 @@ class ConfigReader:
             raise self.error(key, f"expected {kind.__name__}, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"must be >= {minimum}, got {value!r}")
+        return value
+
+    def hardware(self, key: str, default: Any = ...) -> str:
+        """A hardware profile name, as written (`cs3` is the newest CS-3 generation); an unknown name or
+        generation fails here, naming the known ones (hardware/profiles.py canonical_name)."""
+        value = self.get(key, str, default)
+        try:
+            canonical_name(value)
+        except ValueError as e:
+            raise self.error(key, str(e).removeprefix("hardware: ")) from None
         return value
 
     def choice(self, key: str, value: str, choices: tuple[str, ...], what: str) -> str:
@@ -186,7 +198,7 @@ def _pool(r: ConfigReader, kind: str) -> PoolConfig:
             raise r.error(f"ray_resources.{name}", f"must be a non-negative number, got {amount!r}")
     return PoolConfig(
         workers=r.get("workers", int, minimum=1),
-        hardware=r.get("hardware", str, "cpu"),
+        hardware=r.hardware("hardware", "cpu"),
         ray_resources={k: float(v) for k, v in resources.items()},
         num_cpus=r.get("num_cpus", float, 1.0, minimum=0),
         blas_threads=r.get("blas_threads", int, 1, minimum=1),
@@ -250,6 +262,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     quantile = router.get("quantile", float, 0.9)
     if not 0.0 < quantile < 1.0:
         raise router.error("quantile", f"must be in (0, 1), got {quantile}")
+    local_prefill = router.get("local_prefill_max_tokens", int, 0, minimum=0)
     slas_r = meta.sub("sla_classes")
     slas = {}
     for name in slas_r.tree:
@@ -277,6 +290,7 @@ def parse_config(tree: Any, path: Path) -> Config:
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),
         router_policy=policy,
         router_quantile=quantile,
+        router_local_prefill_max_tokens=local_prefill,
         sla_classes=slas,
         default_sla_class=default_sla,
         workload=WorkloadConfig(

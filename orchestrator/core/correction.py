@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
 
-PHASES = ("prefill", "transfer", "decode", "ttft")
+PHASES = ("prefill", "transfer", "decode", "ttft", "local_prefill")  # local_prefill: on a decode worker
 
 
 @dataclass(frozen=True, slots=True)

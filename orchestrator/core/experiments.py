@@ -97,10 +97,11 @@ class RouterComparison:
     prefill: PoolSweep  # one replica count each
     decode: PoolSweep
     quantile: float = 0.9  # the sla policy's confidence
+    local_prefill_max_tokens: int = 0  # the sla policy's conditional disaggregation (0: off)
 
 
 def _pool(s: ConfigReader, kind: str) -> PoolSweep:
-    return PoolSweep(s.get("hardware", str), s.many("replicas", int, 1, minimum=1),
+    return PoolSweep(s.hardware("hardware"), s.many("replicas", int, 1, minimum=1),
                      s.get("max_batch", int, 64 if kind == "decode" else 8, minimum=1),
                      s.get("tp", int, None, minimum=1), s.get("systems", int, None, minimum=1),
                      s.get("token_budget", int, 4096, minimum=1), s.get("block_tokens", int, 16, minimum=1),
@@ -161,7 +162,7 @@ def parse_comparison(path: Path, name: str, tree: Any) -> RouterComparison:
         raise s.error("quantile", f"must be in (0, 1), got {quantile}")
     return RouterComparison(name, s.get("model", str), tuple(classes), s.get("requests", int, 3000, minimum=1),
                             policies, s.many("rate_factors", float, [0.5, 1.0, 1.5, 2.0], minimum=1e-9), pf, dc,
-                            quantile)
+                            quantile, s.get("local_prefill_max_tokens", int, 0, minimum=0))
 
 
 def parse_experiments(meta: Any, path: Path) -> dict[str, Experiment | RouterComparison]:

@@ -18,11 +18,12 @@ state changes, not per decision.
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Callable, Sequence
 
 from hardware.perf import Deployment, kv_transfer_time, prefill_time
 from orchestrator.core.predictor import (DecodePart, DecodeState, PredictRequest, Predictor, PrefillPart, PrefillState,
-                                         kv_arrival_s)
+                                         completion_key, kv_arrival_s)
 from orchestrator.core.correction import ttft_key
 from orchestrator.core.queueplan import order_key
 
@@ -84,6 +85,45 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[Pre
 
     best = first if meets(first) else _best_prefill(cands, part, meets)
     return None if best is None else (best, d)
+
+
+def best_local(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState],
+               beat_s: float = math.inf) -> tuple[PrefillPart, DecodePart] | None:
+    """Conditional disaggregation: the decode worker whose own prefill of `req` (Predictor.local_parts)
+    meets both targets with the earliest completion (bound) below `beat_s` (the best disaggregated
+    pair's), ties by lowest id. Candidates are taken best-first on a floor of that completion: the
+    prompt alone, plus the decode floor of `_best_decode` on analytic profiles."""
+    steps, corr = req.max_tokens - 1, pred.corrections
+    need = req.prompt_tokens + req.max_tokens
+    own: dict[int, float] = {}
+    cands = []
+    for st in decode:
+        if not st.has_room_now(need):
+            continue
+        alone = own.get(id(st.dep))
+        if alone is None:
+            alone = own[id(st.dep)] = prefill_time(st.dep, [req.prompt_tokens])
+        g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound
+        ttft = (alone * corr.factors(st.worker_id, "local_prefill").bound + st.dep.hw.perf.request_path_s) * g
+        if ttft * _SLACK > req.ttft_s:
+            continue
+        lb = ttft
+        if st.spec is None and st.dep.hw.perf.measured is None:
+            lb += corr.factors(st.worker_id, "decode").bound * st.step_now_s * (corr.quantile + steps)
+        cands.append((lb * _SLACK, st.worker_id, st))
+    cands.sort(key=lambda c: (c[0], c[1]))
+    best: tuple[PrefillPart, DecodePart] | None = None
+    best_key = (beat_s, "")
+    for lb, wid, st in cands:
+        if (lb, wid) >= best_key:
+            break
+        pp, dp = pred.local_parts(req, st)
+        if not pred.combine(req, pp, dp).ok:
+            continue
+        k = (completion_key(req, pp, dp), wid)
+        if k < best_key:
+            best, best_key = (pp, dp), k
+    return best
 
 
 def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],

@@ -12,6 +12,16 @@ token) / (n - 1). So the decode-side wait and steps belong to TPOT, not TTFT:
     TPOT = ([KV transfer tail] + wait for the next step boundary [+ wait for a batch slot or KV room
             beyond the KV's arrival] + (n - 1) steps) / (n - 1)
 
+Local prefill (conditional disaggregation, `local_parts`): the decode worker prefills the prompt
+itself between two steps, writing its KV straight into its own pool; no transfer, no prefill queue:
+
+    TTFT = (wait for the step in flight + local prefills placed there before it + own prefill
+            + request path) x the "ttft" correction (keyed by the decode worker)
+
+and every sequence decoding there stalls once by the prefill's time, spread over the steps it has
+left (the mean of `remaining`), which must not push it past its TPOT target. The local prefills a
+worker keeps running stretch all its steps: `stall_fraction`, measured (orchestrator/core/stall.py).
+
 The transfer tail sits in TTFT when `first_token_after_transfer` (live: PrefillWorker.prefill
 returns once the KV is committed) and in TPOT otherwise (the simulator releases the first token when
 the prefill batch ends). Both are predicted from the same parts; pick the mode that matches the caller.
@@ -25,7 +35,7 @@ parts depend on the decode worker only. `best_pair` uses that.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 from hardware.perf import Deployment, Speculative, kv_transfer_time, prefill_time, token_step_time
@@ -109,6 +119,8 @@ class DecodeState:
     incoming: tuple[tuple[float, int, int, int], ...] = ()  # (seconds until its KV arrives, KV tokens it has
     # yet to reserve, steps it will run, KV tokens it then holds) of each request placed here and not
     # arrived (counted in `batch`), ascending
+    local_busy_s: float = 0.0  # perf-model seconds of the local prefills placed here and not yet done
+    stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
 
@@ -121,6 +133,10 @@ class DecodeState:
         if not (self.tightest_tpot_s > 0):  # NaN fails too; inf allowed
             raise ValueError(f"tightest_tpot_s: must be > 0 (inf: no target), got {self.tightest_tpot_s!r}")
         _positive("slowdown", self.slowdown)
+        if not (0.0 <= self.local_busy_s < math.inf):
+            raise ValueError(f"local_busy_s: must be finite and >= 0, got {self.local_busy_s!r}")
+        if not (0.0 <= self.stall_fraction < 1.0):
+            raise ValueError(f"stall_fraction: must be in [0, 1), got {self.stall_fraction!r}")
         object.__setattr__(self, "step_now_s", self.step_s(min(self.batch, self.max_batch), self.ctx_sum)
                            if self.batch else 0.0)
 
@@ -130,7 +146,7 @@ class DecodeState:
         then has a batch slot and that room (what the sequences finished by then gave back, less what
         the incoming ones that arrived took); else it queues behind the others and starts when enough
         of the sequences there have finished (None: not even when all have: no room)."""
-        if self.batch < self.max_batch and self.free_kv_tokens - self.reserving >= need_tokens:
+        if self.batch < self.max_batch and self.has_room_now(need_tokens):
             return arrival_s  # room even once everyone placed here has arrived: the same answer, sooner
         free, finish = self.free_kv_tokens, [(steps * step_s, held) for steps, held in self.remaining]
         arrived = 0
@@ -154,13 +170,27 @@ class DecodeState:
                 return t
         return None
 
+    def has_room_now(self, need_tokens: int) -> bool:
+        """KV room for `need_tokens` now, even once every request placed here has reserved its own
+        (a local prefill reserves its blocks when it is placed)."""
+        return self.free_kv_tokens - self.reserving >= need_tokens
+
+    def steps_left_mean(self) -> float:
+        """Mean steps the running sequences have left (>= 1; 1 when none run)."""
+        if not self.remaining:
+            return 1.0
+        return max(1.0, sum(r for r, _ in self.remaining) / len(self.remaining))
+
     def admits(self, need_tokens: int, arrival_s: float = 0.0) -> bool:
         """A batch slot and KV room for `need_tokens`, at `arrival_s` or predictably later (DecodePart.fits)."""
         return self.start_at_s(need_tokens, arrival_s, self.step_now_s) is not None
 
     def step_s(self, batch: int, ctx_sum: float) -> float:
-        """Perf-model seconds per emitted token per sequence (the simulator's DecodeUnit uses the same function)."""
-        return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown
+        """Perf-model seconds per emitted token per sequence (the simulator's DecodeUnit times its steps
+        with the same token_step_time), stretched by the local prefills that take `stall_fraction` of
+        the worker's time."""
+        return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown / (
+            1.0 - self.stall_fraction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +232,7 @@ class DecodePart:
     wait: Estimate  # seconds from its KV arriving to the next step boundary
     decode: Estimate  # seconds, wait + (max_tokens - 1) steps
     running_before_s: float  # seconds per step the sequences there get without it (point, same horizon)
-    running_tpot: Estimate  # seconds per step they get with it (= step)
+    running_tpot: Estimate  # seconds per step they get with it (the step, plus a local prefill's stall spread)
     protects: bool  # running_tpot.bound <= the tightest TPOT target there
 
 
@@ -248,11 +278,13 @@ class Predictor:
         return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer,
                            Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound), tail, ttft.point_s)
 
-    def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0) -> DecodePart:
+    def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0,
+                    stall: Estimate = ZERO) -> DecodePart:
         """TPOT parts on `st` for KV arriving `arrival_s` seconds from now: the batch grows by one (up to
         max_batch: beyond, or without KV room, the newcomer waits until enough running sequences
         finish, less the time it spends in prefill anyway) and every context by one per step; the
-        step time is taken at the midpoint of its (max_tokens - 1) steps (exact mean: perf is linear in ctx)."""
+        step time is taken at the midpoint of its (max_tokens - 1) steps (exact mean: perf is linear in ctx).
+        `stall`: seconds the newcomer holds up the running sequences once (a local prefill)."""
         steps = req.max_tokens - 1
         half = (steps - 1) / 2 if steps > 0 else 0.0
         b, full = st.batch, st.batch >= st.max_batch
@@ -270,8 +302,30 @@ class Predictor:
             late = st.start_at_s(need, arrival_s, st.step_now_s * f.bound)
             wait = wait + Estimate(start - arrival_s, late - arrival_s)
         decode = wait + step.scale(steps)
-        protects = b == 0 or full or step.bound_s <= st.tightest_tpot_s  # a full batch does not grow
-        return DecodePart(st.worker_id, fits, step, wait, decode, before_s * f.point, step, protects)
+        # a full batch does not grow: its sequences keep their step, but a stall still reaches them
+        running = Estimate(before_s * f.point, before_s * f.bound) if full else step
+        if stall.bound_s:
+            running = running + stall.scale(1.0 / st.steps_left_mean())
+        protects = b == 0 or (full and not stall.bound_s) or running.bound_s <= st.tightest_tpot_s
+        return DecodePart(st.worker_id, fits, step, wait, decode, before_s * f.point, running, protects)
+
+    def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
+        """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
+        is not `fits` unless its KV has room there now (its blocks are reserved at placement)."""
+        own_s = prefill_time(st.dep, [req.prompt_tokens])
+        f = self.corrections.factors(st.worker_id, "decode")
+        step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
+        wait = step_wait + self._scaled(st.worker_id, "local_prefill", st.local_busy_s)
+        prefill = self._scaled(st.worker_id, "local_prefill", own_s)
+        path = st.dep.hw.perf.request_path_s
+        ttft = wait + prefill + Estimate(path, path)
+        g = self.corrections.factors(ttft_key(st.worker_id, req.ttft_s), "ttft")
+        pp = PrefillPart(st.worker_id, 0, wait, prefill, ZERO, Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound),
+                         ZERO, ttft.point_s)
+        dp = self.decode_part(req, st, kv_arrival_s(pp), stall=prefill)
+        if not st.has_room_now(req.prompt_tokens + req.max_tokens):
+            dp = replace(dp, fits=False)
+        return pp, dp
 
     @staticmethod
     def combine(req: PredictRequest, pp: PrefillPart, dp: DecodePart) -> PairPrediction:

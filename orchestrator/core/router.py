@@ -25,6 +25,12 @@ Policies:
   the pair's workers are cold (fewer than Corrections.min_samples prefill batches or decode steps
   observed): a prior can be far off (a host whose `cpu` profile is not measured), and a router that
   rejected on it would never see the observations that correct it.
+  Conditional disaggregation (`local_prefill_max_tokens` > 0): a prompt of at most that many tokens
+  may instead be prefilled by a decode worker itself, between two of its steps, with no prefill
+  queue and no KV transfer (Predictor.local_parts). The router chooses it when its predicted
+  completion is earlier than the best disaggregated pair's (or no pair meets the SLA) and it meets
+  both targets, counting the stall to the sequences decoding there against their TPOT targets;
+  only once some prefill worker is warm (see `_place_by_sla`).
 
 Every placement carries the predictor's estimate for the chosen pair, whatever the policy, so the
 prediction error is measured for every policy.
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from hardware.perf import Deployment, kv_transfer_time, prefill_time
-from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
+from orchestrator.core.pairsearch import best_effort_pair, best_local, search_best_pair
 from orchestrator.core.predictor import (DecodePart, PairPrediction, PredictRequest, Predictor, PrefillPart,
                                          PrefillState, completion_key, kv_arrival_s)
 from orchestrator.core.sla import SLATarget
@@ -101,6 +107,7 @@ class Placement:
     ttft_bound_ms: float  # at the predictor's quantile
     tpot_bound_ms: float
     ttft_model_ms: float  # the TTFT point from the parts alone: the caller observes the "ttft" correction against it
+    local: bool = False  # the decode worker prefills it itself (prefill_worker == decode_worker); no transfer
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +122,18 @@ POLICIES = ("round_robin", "least_loaded", "cost", "sla")
 
 
 class Router:
-    def __init__(self, policy: str = "sla", predictor: Predictor | None = None, reject: bool = True):
+    def __init__(self, policy: str = "sla", predictor: Predictor | None = None, reject: bool = True,
+                 local_prefill_max_tokens: int = 0):
+        """`local_prefill_max_tokens`: the longest prompt the `sla` policy may prefill on a decode
+        worker (conditional disaggregation; 0: never)."""
         if policy not in POLICIES:
             raise ValueError(f"policy: unknown router policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(local_prefill_max_tokens, int) or local_prefill_max_tokens < 0:
+            raise ValueError(f"local_prefill_max_tokens: must be an integer >= 0, got {local_prefill_max_tokens!r}")
         self.policy = policy
         self.predictor = predictor if predictor is not None else Predictor()
         self.reject = reject
+        self.local_prefill_max_tokens = local_prefill_max_tokens
         self._cursor = 0
 
     def place(self, req: RouteRequest, prefill: Sequence[PrefillView], decode: Sequence[DecodeView],
@@ -155,7 +168,12 @@ class Router:
                       now: float) -> Placement | Rejection:
         pred, best = self.predictor, None
         corr = pred.corrections
-        floor = self._ttft_floor(req, pf, dc[0].state.dep, now)
+        # local prefill competes once the prefill pool's speed is learned: before, a learned local option
+        # would beat a remote prior, keep the prefill workers from ever being observed, and so keep
+        # the router from ever rejecting (it does not reject on unlearned predictions)
+        local = req.prompt_tokens <= self.local_prefill_max_tokens and any(corr.warm(p.worker_id, "prefill")
+                                                                            for p in pf)
+        floor = self._ttft_floor(req, pf, dc if local else [], dc[0].state.dep, now)
         if floor > req.ttft_s and self.reject and any(corr.warm(p.worker_id, "prefill") for p in pf):
             # no worker can: say so without searching
             q = round(100 * pred.corrections.quantile)
@@ -167,6 +185,11 @@ class Router:
             found = search_best_pair(pred, req, states, [d.state for d in group], group[0].state.dep, now)
             if found is not None and (best is None or completion_key(req, *found) < completion_key(req, *best)):
                 best = found
+        if local:
+            beat = math.inf if best is None else completion_key(req, *best)
+            here = best_local(pred, req, [d.state for d in dc], beat)
+            if here is not None:
+                return _placement(pred.combine(req, *here), local=True)
         if best is not None:
             return _placement(pred.combine(req, *best))
         pp, dp, why = self._best_effort(req, pf, dc, now)
@@ -197,10 +220,12 @@ class Router:
                                      f"{against}", kind="running_tpot")
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
 
-    def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], dst: Deployment, now: float) -> float:
-        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool,
-        without the "ttft" correction (that learns queueing, which an idle worker has none of). The
-        perf-model times are taken once per distinct worker setup, the corrections per worker."""
+    def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], local: list[DecodeView], dst: Deployment,
+                    now: float) -> float:
+        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool, or
+        prefilled on an idle decode worker of `local`, without the "ttft" correction (that learns
+        queueing, which an idle worker has none of). The perf-model times are taken once per distinct
+        worker setup, the corrections per worker."""
         pred, corr, times = self.predictor, self.predictor.corrections, {}
         best = math.inf
         for p in pf:
@@ -216,6 +241,13 @@ class Router:
             if pred.first_token_after_transfer:
                 ttft += tr * corr.factors(st.worker_id, "transfer").bound
             best = min(best, ttft)
+        alone: dict[int, float] = {}
+        for d in local:
+            st = d.state
+            own = alone.get(id(st.dep))
+            if own is None:
+                own = alone[id(st.dep)] = prefill_time(st.dep, [req.prompt_tokens])
+            best = min(best, own * corr.factors(st.worker_id, "local_prefill").bound + st.dep.hw.perf.request_path_s)
         return best
 
 
@@ -231,6 +263,6 @@ def _by_deployment(dc: list[DecodeView]) -> list[list[DecodeView]]:
     return list(groups.values())
 
 
-def _placement(got: PairPrediction) -> Placement:
+def _placement(got: PairPrediction, local: bool = False) -> Placement:
     return Placement(got.prefill_worker, got.decode_worker, got.ttft.point_s * 1e3, got.tpot.point_s * 1e3,
-                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3, got.ttft_model_s * 1e3)
+                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3, got.ttft_model_s * 1e3, local)

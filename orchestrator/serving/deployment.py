@@ -37,7 +37,8 @@ class Deployment:
         lm = load_model()  # memory-mapped: the frontend needs only the tokenizer and the shapes
         self.pools = await build_pools(self.cfg)
         perf, _ = live_deployment(self.cfg.model_name)
-        router = Router(self.cfg.router_policy, Predictor(Corrections(self.cfg.router_quantile)))
+        router = Router(self.cfg.router_policy, Predictor(Corrections(self.cfg.router_quantile)),
+                        local_prefill_max_tokens=self.cfg.router_local_prefill_max_tokens)
         self.engine = Engine(self.pools, router, perf, self.cfg.decode.max_batch, self.cfg.prefill.token_budget,
                              self.cfg.prefill.max_batch)
         await self.engine.start()

@@ -12,6 +12,11 @@ as the worker reported it), the requests it placed on a decode worker and not ye
 counted in its batch, and the tightest TPOT target among its requests on a decode worker is the
 one a placement must not break. Each load report's batches and steps, and each request's KV
 transfer tail, feed the predictor's corrections.
+
+A request the router places with `local` (conditional disaggregation) is prefilled by its decode
+worker itself (DecodeWorker.prefill_local): no prefill worker, no transfer. Until it returns it is
+counted in that worker's local queue (DecodeState.local_busy_s); the local prefills each worker
+reports feed the "local_prefill" correction and the worker's stall meter (orchestrator/core/stall.py).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import AsyncIterator
 import structlog
 
 from decode.worker import DecodeLoad
+from kvtransfer.sink import KVRefused
 from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step_time
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
@@ -33,6 +39,7 @@ from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
+from orchestrator.core.stall import StallMeter
 from orchestrator.serving.decode_outputs import DecodeOutputs
 from orchestrator.serving.workers import Pools, WorkerUnavailable
 from prefill.worker import PrefillJob, PrefillLoad, PrefillResult
@@ -80,6 +87,7 @@ class _Run:
     result: PrefillResult | None = None
     n_out: int = 0
     t_first: float | None = None  # monotonic time of its first chunk from the decode worker
+    chunks: asyncio.Queue | None = None  # a local prefill's chunk queue (subscribed before the prefill)
 
 
 @dataclass(slots=True)
@@ -91,6 +99,9 @@ class _DecodePending:
     incoming: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
     prompt_tokens: int = 0  # of those
     tpot_targets: dict[str, float] = field(default_factory=dict)  # request id -> seconds, while it is live there
+    local: dict[str, float] = field(default_factory=dict)  # request id -> perf-model seconds of its local prefill,
+    # until it returns
+    stalls: StallMeter = field(default_factory=StallMeter)  # its local prefills' share of its time
 
 
 class Engine:
@@ -144,6 +155,10 @@ class Engine:
                 self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
             for batch, ctx, seconds in answer.steps:
                 corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
+            now = time.monotonic()
+            for tokens, seconds in answer.local_prefills:
+                corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
+                self._pending_decode[worker].stalls.add(now, seconds)
 
     def _record(self, loads: dict, worker: str, answer) -> bool:
         """Keep a worker's load report; a failed call marks it unhealthy (it keeps its last load for
@@ -183,7 +198,8 @@ class Engine:
             state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming),
                                 l.context_tokens + pend.prompt_tokens,
                                 self.decode_max_batch, l.free_tokens, min(pend.tpot_targets.values(), default=math.inf),
-                                remaining=l.remaining, incoming=incoming)
+                                remaining=l.remaining, incoming=incoming, local_busy_s=sum(pend.local.values()),
+                                stall_fraction=pend.stalls.fraction(now))
             dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
         return pf, dc
 
@@ -212,7 +228,7 @@ class Engine:
             return
         run = self._admit(req, placed)
         try:
-            res = await self._prefill(run)
+            res = await (self._prefill_here(run) if placed.local else self._prefill(run))
             if req.request_id in self._aborted:  # the Abort RPC stopped the prefill, or came while it ran
                 if res.ok:  # the decode side may have taken the KV after the abort reached it: release it
                     await self.pools.decode[placed.decode_worker].abort(req.request_id)
@@ -221,7 +237,7 @@ class Engine:
             if not res.ok:
                 yield self._fail(req, Failure(res.error.code, f"prefill failed: {res.error.message}"))
                 return
-            chunks = await self._submit(run)
+            chunks = run.chunks if placed.local else await self._submit(run)
             while True:  # the decode stream: the first token, then one chunk per poll with news
                 chunk = await chunks.get()
                 if run.t_first is None:
@@ -254,15 +270,18 @@ class Engine:
     def _admit(self, req: Request, placed: Placement) -> _Run:
         self._live[req.request_id] = placed
         sla = req.sla
-        self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(req.prompt_tokens, req.arrival_s,
-                                                                           sla.priority, sla.ttft_ms / 1e3)
         pend, n = self._pending_decode[placed.decode_worker], req.sampling.max_tokens
+        if placed.local:
+            pend.local[req.request_id] = prefill_time(self.perf, [req.prompt_tokens])
+        else:
+            self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(req.prompt_tokens, req.arrival_s,
+                                                                               sla.priority, sla.ttft_ms / 1e3)
         pend.incoming[req.request_id] = (req.arrival_s + placed.predicted_ttft_ms / 1e3, req.prompt_tokens + 1, n - 1,
                                          req.prompt_tokens + n)
         pend.prompt_tokens += req.prompt_tokens
         if n > 1:
             pend.tpot_targets[req.request_id] = sla.tpot_ms / 1e3
-        return _Run(req, placed)
+        return _Run(req, placed, prefill_pending=not placed.local)
 
     async def _prefill(self, run: _Run) -> PrefillResult:
         """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""
@@ -280,6 +299,30 @@ class Engine:
             if res.batch_lengths:
                 self._observe_prefill(placed.prefill_worker, req.prompt_tokens, res)
         return res
+
+    async def _prefill_here(self, run: _Run) -> PrefillResult:
+        """Local prefill on the decode worker: resolves once the request is in its batch (its chunks then
+        come to `run.chunks`), or failed; the same result as a prefill worker's, with no transfer."""
+        req, w = run.req, run.placed.decode_worker
+        req.advance(RequestState.PREFILLING)
+        run.chunks = self._outputs[w].subscribe(req.request_id)
+        try:
+            got = await self.pools.decode[w].prefill_local(req.request_id, req.prompt_ids, req.sampling, self._owner,
+                                                           req.sla.priority)
+        except KVRefused as e:  # no room after all (a race with a handoff), or an id already live there
+            run.result = PrefillResult(req.request_id, error=Failure(e.code, str(e)))
+            return run.result
+        finally:
+            self._pending_decode[w].local.pop(req.request_id, None)
+        error = None
+        if got.ran:
+            self._decode_seen(run)
+            req.advance(RequestState.TRANSFERRING)  # nothing to transfer: its KV is in the pool already
+            req.advance(RequestState.DECODING)
+        elif req.request_id not in self._aborted:
+            error = Failure("INTERNAL", "the decode worker's local prefill failed")
+        run.result = PrefillResult(req.request_id, got.first_token, got.queued_ms, got.prefill_ms, error=error)
+        return run.result
 
     def _observe_ttft(self, run: _Run) -> None:
         """The request's whole TTFT against the parts' prediction (the "ttft" correction)."""
@@ -352,9 +395,10 @@ class Engine:
         self._aborted.discard(req.request_id)
 
     async def _abort_everywhere(self, request_id: str, placed: Placement) -> None:
-        await asyncio.gather(self.pools.prefill[placed.prefill_worker].abort(request_id),
-                             self.pools.decode[placed.decode_worker].abort(request_id),
-                             return_exceptions=True)
+        workers = [self.pools.decode[placed.decode_worker]]
+        if not placed.local:
+            workers.append(self.pools.prefill[placed.prefill_worker])
+        await asyncio.gather(*(w.abort(request_id) for w in workers), return_exceptions=True)
 
     async def abort(self, request_id: str) -> bool:
         """The Abort RPC: stop a live request on both pools; its stream ends with FinishReason.ABORT."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from decode.stream import TokenChunk
-from decode.worker import DecodeLoad
+from decode.worker import DecodeLoad, LocalPrefill
 from model.sampling import SamplingParams
 from prefill.worker import PrefillJob, PrefillLoad, PrefillResult
 
@@ -54,6 +54,11 @@ class DecodeHandle(WorkerHandle):
     async def submit(self, request_id: str, first_token_id: int, params: SamplingParams,
                      prompt_ids: list[int] | None, owner: str, priority: int = 0) -> None:
         await self._call("submit", request_id, first_token_id, params, prompt_ids, owner, priority)
+
+    async def prefill_local(self, request_id: str, prompt_ids: list[int], params: SamplingParams, owner: str,
+                            priority: int = 0) -> LocalPrefill:
+        """Prefill on the decode worker itself; resolves once the request is in its batch, or ended."""
+        return await self._call("prefill_local", request_id, prompt_ids, params, owner, priority)
 
     async def next_outputs(self, owner: str, timeout: float) -> list[TokenChunk]:
         return await self._call("next_outputs", owner, timeout)

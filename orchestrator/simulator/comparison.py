@@ -8,7 +8,9 @@ attainment over all requests (a rejection is a miss) and per class, the rejectio
 router's prediction error. The `sla` policy runs a second time at each rate with rejection off:
 the fraction of the requests it rejected that then missed is `rejected_would_miss`. Goodput per
 policy is searched by bisection on the rate (search.goodput: the highest rate at which >= 90% of
-all requests meet their own class's targets).
+all requests meet their own class's targets). With `local_prefill_max_tokens`, `sla` may prefill
+short prompts on the decode pool (conditional disaggregation), and `sla_disaggregated`, the same
+policy with that off, runs beside it as the ablation.
 """
 from __future__ import annotations
 
@@ -94,8 +96,8 @@ def run(exp: RouterComparison, on_run: Callable[[str], None] = lambda _: None) -
     classes = np.array([r.sla.sla_class for r in reqs])
     base = SimConfig(pf, dc, reqs[0].sla, quantile=exp.quantile)
     rows, sla_traces, rejected, would_miss = [], [], 0, 0
-    for policy in exp.policies:
-        cfg = replace(base, router_policy=policy)
+    variants = variants_of(exp, base)
+    for policy, cfg in variants.items():
         for factor in exp.rate_factors:
             on_run(f"{policy} @ {factor:g}x")
             rate = factor * cap.rps
@@ -109,10 +111,9 @@ def run(exp: RouterComparison, on_run: Callable[[str], None] = lambda _: None) -
                     rejected += int(tr.rejected.sum())
                     would_miss += int((~met(admitted_all)[tr.rejected]).sum())
     good = {}
-    for policy in exp.policies:
+    for policy, cfg in variants.items():
         on_run(f"goodput {policy}")
-        good[policy] = goodput(replace(base, router_policy=policy), reqs, lo=0.25 * cap.rps, hi=4 * cap.rps,
-                               iters=6).rate
+        good[policy] = goodput(cfg, reqs, lo=0.25 * cap.rps, hi=4 * cap.rps, iters=6).rate
     summary = {
         "experiment": exp.name, "model": exp.model,
         "pools": {"prefill": f"{pf.replicas} x {pf.dep.hw.name}", "decode": f"{dc.replicas} x {dc.dep.hw.name}"},
@@ -121,6 +122,7 @@ def run(exp: RouterComparison, on_run: Callable[[str], None] = lambda _: None) -
         "capacity": {"rps": cap.rps, "prefill_rps": cap.prefill_rps, "decode_rps": cap.decode_rps,
                      "bottleneck": cap.bottleneck},
         "quantile": exp.quantile,
+        "local_prefill_max_tokens": exp.local_prefill_max_tokens,
         "goodput": good,
         "prediction_error": _errors(sla_traces) if sla_traces else {},
         "rejected_would_miss": would_miss / rejected if rejected else float("nan"),
@@ -130,6 +132,18 @@ def run(exp: RouterComparison, on_run: Callable[[str], None] = lambda _: None) -
     }
     summary["targets"] = targets(summary)
     return summary
+
+
+def variants_of(exp: RouterComparison, base: SimConfig) -> dict[str, SimConfig]:
+    """Label -> config of each policy run: the experiment's policies, `sla` with its local prefill, and
+    `sla_disaggregated` (sla without it) when local prefill is on."""
+    out = {}
+    for policy in exp.policies:
+        local = exp.local_prefill_max_tokens if policy == "sla" else 0
+        out[policy] = replace(base, router_policy=policy, local_prefill_max_tokens=local)
+    if "sla" in out and exp.local_prefill_max_tokens:
+        out["sla_disaggregated"] = replace(base, router_policy="sla")
+    return out
 
 
 def targets(summary: dict) -> dict:

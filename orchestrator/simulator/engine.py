@@ -5,7 +5,8 @@ states; the predictor's corrections observe each prefill batch and decode segmen
 request carries its class's targets (SimRequest.sla, else SimConfig.sla); the prefill batcher
 orders by its deadline and priority, decode preemption takes the lowest priority first.
 
-Events: arrival, prefill batch done, KV ready at the decode unit, decode segment end. With
+Events: arrival, prefill batch done, KV ready at the decode unit, decode segment end, local prefill
+done (a prompt the router placed `local` is prefilled by its decode unit: units.py). With
 `colocated`, prefill unit i and decode unit i are one replica (no transfer; prefill first, a
 running decode segment is cut at the next step when prompts arrive). A request's KV blocks are
 reserved when its prefill batch starts, by the live admission rule (units.DecodeUnit.open); a
@@ -36,7 +37,7 @@ from orchestrator.simulator.units import DecodeUnit, Handoff, PrefillUnit
 from orchestrator.simulator.workload import SimRequest
 from prefill.batcher import PrefillBatcher, PrefillItem
 
-ARRIVAL, PREFILL_DONE, KV_READY, SEG_END = range(4)
+ARRIVAL, PREFILL_DONE, KV_READY, SEG_END, LOCAL_DONE = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class SimConfig:
     colocated: bool = False  # baseline: prefill unit i and decode unit i are one replica
     reject: bool = True  # False: the sla policy places what it would reject (on its best-effort pair)
     quantile: float = 0.9  # the predictor's confidence (Corrections.quantile)
+    local_prefill_max_tokens: int = 0  # the router's conditional disaggregation (0: off; not with colocated)
 
 
 @dataclass(slots=True)
@@ -159,7 +161,9 @@ class Simulator:
         self._decode_by_id = {u.uid: u for u in self.decode}
         # the simulator releases the first token when the prefill batch ends (report.py's TTFT)
         self.predictor = Predictor(Corrections(cfg.quantile), first_token_after_transfer=False)
-        self.router = Router(cfg.router_policy, self.predictor, cfg.reject)
+        if cfg.colocated and cfg.local_prefill_max_tokens:
+            raise ValueError("local_prefill_max_tokens: a colocated replica prefills locally already; set it to 0")
+        self.router = Router(cfg.router_policy, self.predictor, cfg.reject, cfg.local_prefill_max_tokens)
         self.shared_host = (not cfg.colocated and pf.dep.hw.kind == "cpu" and dc.dep.hw.kind == "cpu")
         self._run = _new_run([], cfg.sla)
 
@@ -191,6 +195,8 @@ class Simulator:
                 self._kv_ready(t, a, b)
             elif kind == SEG_END and self.decode[a].seg is not None and self.decode[a].seg.version == b:
                 self._segment_end(t, a)
+            elif kind == LOCAL_DONE:
+                self._local_done(t, a, b)
         return run.trace
 
     # -- prefill -----------------------------------------------------------------------------
@@ -202,6 +208,8 @@ class Simulator:
             run.trace.rejected[i] = True
             return
         self._record(i, place)
+        if place.local:
+            return self._arrive_local(now, i, self._decode_by_id[place.decode_worker].index)
         p = self._prefill_by_id[place.prefill_worker].index
         d = run.dest[i] = p if self.cfg.colocated else self._decode_by_id[place.decode_worker].index
         if r.output_tokens > 1:
@@ -212,6 +220,54 @@ class Simulator:
             unit.tpot_targets[sla.tpot_ms / 1e3] += 1
         self.prefill[p].add(PrefillItem(str(i), r.prompt_tokens, now, sla.priority, sla.ttft_ms / 1e3))
         self._try_prefill(now, p)
+
+    def _arrive_local(self, now: float, i: int, d: int) -> None:
+        """Request i is prefilled by decode unit d: its blocks are reserved now; it runs after the step in flight."""
+        run, r, unit = self._run, self.reqs[i], self.decode[d]
+        run.dest[i] = d
+        unit.add_local(i, r.prompt_tokens)
+        run.opened[i] = True
+        if r.output_tokens > 1:
+            unit.incoming[i] = (now + run.trace.pred_ttft[i], 0, r.output_tokens - 1, r.prompt_tokens + r.output_tokens)
+            unit.incoming_tokens += r.prompt_tokens
+            unit.tpot_targets[run.sla[i].tpot_ms / 1e3] += 1
+        if unit.seg is not None:
+            if unit.truncate(now, force=True):  # the prefill runs at the next step boundary, as live
+                self._push(unit.end_time(), SEG_END, d, unit.seg.version)
+            return
+        self._start_local(now, d)
+
+    def _start_local(self, now: float, d: int) -> bool:
+        """Start decode unit d's next local prefill if it is free; True when one started."""
+        unit = self.decode[d]
+        got = unit.begin_local(now)
+        if got is None:
+            return False
+        i, dt = got
+        self._run.trace.prefill_start[i], self._run.prefill_dt[i] = now, dt
+        model_s = prefill_time(unit.dep, [self.reqs[i].prompt_tokens])
+        self.predictor.corrections.observe(unit.uid, "local_prefill", dt, model_s)
+        self._push(now + dt, LOCAL_DONE, d, i)
+        return True
+
+    def _local_done(self, now: float, d: int, i: int) -> None:
+        """Decode unit d prefilled request i: its first token is out, its sequence joins (no transfer)."""
+        unit, run, r = self.decode[d], self._run, self.reqs[i]
+        unit.end_local(now)
+        path = unit.dep.hw.perf.request_path_s
+        run.trace.first_token[i] = now + path
+        run.prefill_end[i] = run.trace.kv_ready[i] = now
+        self.predictor.corrections.observe(ttft_key(unit.uid, run.sla[i].ttft_ms / 1e3), "ttft",
+                                           now + path - run.trace.arrival[i], run.ttft_model[i])
+        if r.output_tokens <= 1:
+            run.trace.finish[i] = now + path
+            unit.alloc.release(str(i))
+        else:
+            del unit.incoming[i]
+            unit.incoming_tokens -= r.prompt_tokens
+            unit.sched.add(DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens, priority=run.sla[i].priority))
+        if not self._start_local(now, d):  # queued local prefills run back to back, as live
+            self._try_decode(now, d)
 
     def _record(self, i: int, place: Placement) -> None:
         tr = self._run.trace
@@ -337,6 +393,8 @@ class Simulator:
             self._run.trace.finish[i] = now + path
             unit.tpot_targets[self._run.sla[i].tpot_ms / 1e3] -= 1
         self._retry_refused(now, unit)
+        if self._start_local(now, d):
+            return
         if self.cfg.colocated and len(self.prefill[d].batcher):
             self._try_prefill(now, d)
             if self.prefill[d].busy:

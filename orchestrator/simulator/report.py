@@ -62,6 +62,7 @@ class RunSummary:
     tpot_coverage: float
     misses: tuple[tuple[str, int], ...]  # phase -> requests whose miss it caused
     kv_refusals: int  # handoffs refused at open for want of KV blocks (retried; their wait is decode_wait)
+    local_prefills: int  # requests a decode unit prefilled itself (conditional disaggregation)
     pools: tuple[PoolStats, ...]
 
 
@@ -148,4 +149,4 @@ def summarize(sim: Simulator, tr: Trace) -> RunSummary:
         tokens / duration, price * hours * per_m, power * hours * per_m, price,
         err["ttft_p50"], err["ttft_p90"], err["tpot_p50"], err["tpot_p90"], err["ttft_coverage"],
         err["tpot_coverage"], misses,
-        sum(u.refusals for u in sim.decode), pools)
+        sum(u.refusals for u in sim.decode), sum(u.local_prefills for u in sim.decode), pools)

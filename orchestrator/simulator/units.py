@@ -10,6 +10,11 @@ Handoff admission is the live rule, BlockAllocator.reserve, at the same point: w
 batch starts (prefill/worker.py opens its transfers then). Live fails a refused handoff with
 RESOURCE_EXHAUSTED; the simulator counts it (`refusals`) and retries it, in arrival order, as
 blocks are freed.
+
+Local prefill (conditional disaggregation), as live DecodeWorker.prefill_local: the request's blocks
+are reserved when it is placed, its prefill runs on the unit between two segments (a running
+segment is cut at the next step), one prompt at a time in placement order, and the sequence joins
+the scheduler when it ends.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, prefill_time, token_step_time
 from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
+from orchestrator.core.stall import StallMeter
 from orchestrator.core.router import DecodeView, PrefillView
 from prefill.batcher import PrefillBatcher, PrefillItem
 
@@ -116,6 +122,7 @@ class DecodeUnit:
     steps: int = 0
     seq_steps: int = 0
     kv_used_s: float = 0.0  # integral of used-block fraction over time
+    _running_local_s: float = 0.0  # seconds of the local prefill in progress
     slowdown: float = 1.0  # step-time factor while a prefill shares the host (PerfParams.corun_slowdown_decode)
     # requests placed here whose sequence is not in the scheduler yet (prefill, transfer): request ->
     # (predicted KV arrival, seconds; KV tokens its handoff will reserve at open: prompt + 1, 0 once
@@ -123,6 +130,11 @@ class DecodeUnit:
     incoming: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
     incoming_tokens: int = 0  # their prompt tokens
     tpot_targets: Counter = field(default_factory=Counter)  # seconds -> sequences here or incoming with it
+    local: deque[tuple[int, int]] = field(default_factory=deque)  # (request, prompt tokens) to prefill here
+    prefilling_until: float | None = None  # seconds: end of the local prefill in progress (None: none)
+    local_busy_s: float = 0.0  # perf-model seconds of the local prefills queued or running here
+    stalls: StallMeter = field(default_factory=StallMeter)
+    local_prefills: int = 0
 
     @property
     def uid(self) -> str:
@@ -144,14 +156,43 @@ class DecodeUnit:
         incoming = incoming_at(self.incoming.values(), now)
         remaining = tuple((max(0, r - done), c + done) for r, c in sched.running_remaining())
         # slowdown 1: the predictor's corrections learn the co-run slowdown from observed steps, as live
+        busy = self.local_busy_s
+        if self.prefilling_until is not None:  # the one in progress counts what it has left
+            busy -= self._running_local_s - max(0.0, self.prefilling_until - now)
         st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + len(incoming), ctx, sched.max_batch,
                          self.alloc.free_blocks * self.alloc.block_size, tightest, spec=self.spec, draft=self.draft,
-                         remaining=remaining, incoming=incoming)
+                         remaining=remaining, incoming=incoming, local_busy_s=max(0.0, busy),
+                         stall_fraction=self.stalls.fraction(now))
         return DecodeView(st, self.alloc.capacity_tokens, self.alloc.block_size)
+
+    def add_local(self, request: int, prompt_tokens: int) -> None:
+        """Queue a local prefill; its blocks are reserved now (the router saw room for them)."""
+        ok = self.alloc.reserve(str(request), prompt_tokens + 1)
+        assert ok, "the router places a local prefill only where its KV fits now"
+        self.local.append((request, prompt_tokens))
+        self.local_busy_s += prefill_time(self.dep, [prompt_tokens])
+
+    def begin_local(self, now: float) -> tuple[int, float] | None:
+        """Start the next local prefill if no segment or prefill runs: (request, seconds)."""
+        if self.seg is not None or self.prefilling_until is not None or not self.local:
+            return None
+        request, n = self.local.popleft()
+        dt = prefill_time(self.dep, [n])
+        self.prefilling_until, self._running_local_s = now + dt, dt
+        return request, dt
+
+    def end_local(self, now: float) -> None:
+        """The local prefill in progress ended at `now`."""
+        dt = self._running_local_s
+        self.prefilling_until = None
+        self.local_busy_s = max(0.0, self.local_busy_s - dt)
+        self.stalls.add(now, dt)
+        self.busy_s += dt
+        self.local_prefills += 1
 
     def begin(self, now: float) -> Segment | None:
         """Schedule a segment if idle with work: the policy picks the batch, we pick k."""
-        if self.seg is not None or not self.sched.has_work:
+        if self.seg is not None or self.prefilling_until is not None or not self.sched.has_work:
             return None
         plan = self.sched.schedule(SEGMENT_STEPS)
         self.preemptions += len(plan.preempted)

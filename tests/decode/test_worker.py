@@ -251,3 +251,44 @@ def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(
         await asyncio.sleep(0.05)
         assert_all_blocks_free(w)
     run(lm, body)
+
+
+def test_local_prefill_streams_what_a_handoff_would_and_holds_nothing_after(lm, book):
+    async def body(w: DecodeWorker):
+        ref = book.get(3)
+        greedy = SamplingParams(max_tokens=10)
+        seeded = SamplingParams(max_tokens=10, temperature=0.9, seed=11)
+        got = await w.prefill_local("local", ref.prompt, greedy)
+        assert got.ran and got.first_token == ref.tokens[0] and got.prefill_ms > 0
+        ids, _, last = await drain(w, "local")
+        ok, _ = judge(tuple(ids), ref, True, 10)
+        assert ok and last.finish_reason is FinishReason.LENGTH
+        await w.prefill_local("seeded", ref.prompt, seeded)
+        ids, _, _ = await drain(w, "seeded")
+        assert ids == [t.token_id for t in generate(lm.model, lm.tokenizer, ref.prompt, seeded)]  # first included
+        load = await w.load()
+        assert [n for n, _ in load.local_prefills] == [len(ref.prompt)] * 2
+        assert_all_blocks_free(w)
+    run(lm, body)
+
+
+def test_local_prefill_refuses_bad_input_and_no_room_and_an_abort_frees_it(lm, book):
+    async def body(w: DecodeWorker):
+        ref = book.get(1)
+        params = SamplingParams(max_tokens=4)
+        with pytest.raises(ValueError, match="prompt_ids"):
+            await w.prefill_local("empty", [], params)
+        with pytest.raises(ValueError, match="prompt_ids"):
+            await w.prefill_local("vocab", [lm.model.cfg.vocab_size], params)
+        with pytest.raises(KVRefused, match="capacity"):
+            await w.prefill_local("big", ref.prompt, SamplingParams(max_tokens=4000))
+        await w.abort("early")  # the abort overtakes the call: it does not run, holds nothing
+        assert not (await w.prefill_local("early", ref.prompt, params)).ran
+        pending = asyncio.ensure_future(w.prefill_local("queued", ref.prompt, params))
+        await asyncio.sleep(0)
+        await w.abort("queued")
+        assert not (await pending).ran
+        assert_all_blocks_free(w)
+        _, _, last = await drain(w, "queued")
+        assert last.finish_reason is FinishReason.ABORT
+    run(lm, body)

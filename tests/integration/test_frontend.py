@@ -4,54 +4,40 @@ One deployment is shared by the module (Ray and four actors cost ~10 s to start 
 """
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from model.finish import FinishReason
 from model.generation import greedy_reference
 from model.loaded import load_model
 from model.tokenizer import ChatMessage
 from orchestrator import client as cl
-from orchestrator.core.config import parse_config
-from orchestrator.serving.deployment import Deployment
+from tests.integration.stack import cluster_tree, config_of, running, wait_kv_free
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 TOPICS = ["rivers", "bread", "the moon", "chess", "volcanoes", "jazz", "bees", "glass", "tides", "maps",
           "owls", "rain", "copper", "sails", "tea", "snow"]
 
 
-def _config(tmp_path_factory):
-    tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    pools = tree["metadata"]["pools"]
-    pools["prefill"]["workers"] = 2
-    pools["decode"]["workers"] = 2
-    pools["decode"]["kv_capacity_tokens"] = 8192
-    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return parse_config(tree, path)
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    cfg = _config(tmp_path_factory)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, port=0, metrics_port=0).__aenter__(), loop).result(timeout=300)
-    yield dep
-    asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
+    tree = cluster_tree()
+    meta = tree["metadata"]
+    meta["pools"]["prefill"]["workers"] = 2
+    meta["pools"]["decode"].update(workers=2, kv_capacity_tokens=8192)
+    # disaggregated only: the burst below must spread over both pools (local prefill: test_routing.py)
+    meta["router"]["local_prefill_max_tokens"] = 0
+    # the frontend's contract, not admission: a default class loose enough that a loaded machine admits
+    # every request here (admission: the below-floor test here, test_routing.py, the router's unit tests)
+    meta["sla_classes"]["standard"].update(ttft_ms=30000, tpot_ms=2000)
+    with running(config_of(tree, tmp_path_factory.mktemp("cfg"))) as run:
+        yield run.dep
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +49,6 @@ def client(deployment):
 @pytest.fixture(scope="module")
 def lm():
     return load_model()
-
-
-def _kv_all_free(client) -> bool:
-    info = client.server_info()
-    decode = [w for p in info.pools for w in p.workers if p.name == "decode"]
-    return bool(decode) and all(w.kv_blocks_free == w.kv_blocks_total for w in decode)
-
-
-def _wait_kv_free(client, timeout_s=10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if _kv_all_free(client):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_32_concurrent_requests_match_the_in_process_reference(client, lm):
@@ -108,7 +79,7 @@ def test_32_concurrent_requests_match_the_in_process_reference(client, lm):
     print(f"near-tie divergences: {ties} of 32")
     used = {(r.final.prefill_worker, r.final.decode_worker) for r in results}
     assert {p for p, _ in used} == {"prefill-0", "prefill-1"} and {d for _, d in used} == {"decode-0", "decode-1"}
-    assert _wait_kv_free(client), "KV blocks still held after every request finished"
+    assert wait_kv_free(client), "KV blocks still held after every request finished"
 
 
 def test_stream_reports_timings_and_text(client):
@@ -140,7 +111,7 @@ def test_client_cancel_frees_kv_on_both_sides(client):
     it = iter(stream)
     next(it)
     stream.cancel()
-    assert _wait_kv_free(client)
+    assert wait_kv_free(client)
 
 
 def test_abort_rpc_ends_the_stream_and_unknown_ids_are_not_found(client):
@@ -154,7 +125,7 @@ def test_abort_rpc_ends_the_stream_and_unknown_ids_are_not_found(client):
     with pytest.raises(cl.NotFound):
         client.abort("no-such-request")
     time.sleep(0.2)
-    assert _wait_kv_free(client)
+    assert wait_kv_free(client)
 
 
 def test_abort_during_prefill_ends_with_an_abort_final_not_an_error(client):
@@ -178,7 +149,7 @@ def test_abort_during_prefill_ends_with_an_abort_final_not_an_error(client):
         chunks = list(stream)
         timer.join()
         assert stream.final.finish_reason is FinishReason.ABORT and sum(len(c.token_ids) for c in chunks) <= 1
-    assert _wait_kv_free(client)
+    assert wait_kv_free(client)
 
 
 BAD = [
@@ -285,7 +256,7 @@ def test_metrics_endpoint_counts_what_the_clients_saw(deployment, client):
     stream = client.generate(prompt="Count from one to one thousand:", max_tokens=400)
     next(iter(stream))
     stream.cancel()
-    assert _wait_kv_free(client)
+    assert wait_kv_free(client)
 
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
@@ -368,7 +339,7 @@ def test_a_mixed_load_of_completions_cancels_aborts_and_bad_requests_leaks_nothi
 
     with ThreadPoolExecutor(max_workers=48) as pool:
         results = list(pool.map(run, range(48)))
-    assert _wait_kv_free(client), "KV blocks still held after the mixed load"
+    assert wait_kv_free(client), "KV blocks still held after the mixed load"
     for _ in range(50):  # the server sees cancels a moment after the clients
         after = _scrape(deployment.metrics_url)
         if not after[("pdorch_requests_running", ())]:

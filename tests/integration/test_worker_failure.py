@@ -5,40 +5,26 @@ decode actor dies for good mid-stream (its request ends with UNAVAILABLE, the ro
 other worker serves); the only prefill actor dies (requests are turned away with UNAVAILABLE)."""
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import ray
-import yaml
 
 from orchestrator import client as cl
-from orchestrator.core.config import parse_config
-from orchestrator.serving.deployment import Deployment
+from tests.integration.stack import cluster_tree, config_of, running
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    tree = cluster_tree()
     tree["metadata"]["pools"]["decode"]["workers"] = 2
     tree["metadata"]["pools"]["decode"]["kv_capacity_tokens"] = 4096
     tree["metadata"]["router"]["policy"] = "least_loaded"  # idle workers tie: the lowest id wins
-    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(parse_config(tree, path), port=0, metrics_port=0).__aenter__(), loop).result(300)
-    yield dep
-    asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
+    with running(config_of(tree, tmp_path_factory.mktemp("cfg"))) as run:
+        yield run.dep
 
 
 def _decode_workers(c: cl.Client) -> dict:

@@ -7,7 +7,7 @@ import pytest
 from hardware.perf import decode_step_time, kv_transfer_time, make_deployment, prefill_time
 from hardware.profiles import get_profile
 from model.specs import get_spec
-from orchestrator.core.correction import Corrections
+from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
                                          PrefillState, best_pair, completion_key, earliest_prefill, kv_arrival_s)
 from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
@@ -17,7 +17,7 @@ from prefill.batcher import PrefillBatcher, PrefillItem
 
 MODEL = get_spec("llama-3.1-70b")
 TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
-CS3 = make_deployment(MODEL, get_profile("cs3"), systems=4)
+CS3 = make_deployment(MODEL, get_profile("cs3@2024-08"), systems=4)  # launch: one pass per token
 REQ = PredictRequest(prompt_tokens=2000, max_tokens=200, ttft_s=2.0, tpot_s=0.02)
 
 
@@ -349,3 +349,48 @@ def test_the_best_effort_search_finds_what_every_workers_parts_would(seed):
         want_fit = min((d for d in dp if d.fits), key=key, default=None)
         want_protect = min((d for d in dp if d.fits and d.protects), key=key, default=None)
         assert best_effort_pair(pred, req, ps, ds, CS3, 0.0) == (want_p, want_fit, want_protect)
+
+
+def test_local_prefill_ttft_is_the_step_in_flight_the_local_queue_and_the_prompt_with_no_transfer():
+    corr = Corrections()
+    for _ in range(corr.min_samples):  # observed exactly as predicted: factors 1 at every quantile
+        corr.observe("d0", "decode", 1.0, 1.0)
+        corr.observe("d0", "local_prefill", 1.0, 1.0)
+        corr.observe(ttft_key("d0", REQ.ttft_s), "ttft", 1.0, 1.0)
+    pred = Predictor(corr)
+    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, local_busy_s=0.004)
+    pp, dp = pred.local_parts(REQ, st)
+    q = pred.corrections.quantile
+    own = prefill_time(CS3, [REQ.prompt_tokens])
+    assert pp.transfer == pp.tail == Estimate(0.0, 0.0)
+    assert pp.ttft.point_s == pytest.approx(0.5 * st.step_now_s + 0.004 + own)
+    assert pp.ttft.bound_s == pytest.approx(q * st.step_now_s + 0.004 + own)
+    assert dp.fits and dp.protects
+    remote = pred.decode_part(REQ, st, kv_arrival_s(pp))
+    # the running sequences stall once by the prompt's prefill, spread over their steps left (1 here: none known)
+    assert dp.running_tpot.point_s == pytest.approx(remote.running_tpot.point_s + own)
+    assert dp.decode == remote.decode  # the newcomer's own decode is the same as if its KV had arrived then
+
+
+def test_local_prefill_needs_kv_room_now_and_protects_the_running_sequences():
+    pred = Predictor()
+    need = REQ.prompt_tokens + REQ.max_tokens
+    assert not pred.local_parts(REQ, dstate(8, free=need - 1))[1].fits
+    assert pred.local_parts(REQ, dstate(8, free=need))[1].fits
+    remaining = tuple((100, 3000) for _ in range(8))  # the stall is spread over 100 steps each
+    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, remaining=remaining)
+    _, dp = pred.local_parts(REQ, st)
+    spread = prefill_time(CS3, [REQ.prompt_tokens]) / 100
+    assert dp.running_tpot.point_s == pytest.approx(pred.decode_part(REQ, st).running_tpot.point_s + spread)
+    tight = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, dp.running_tpot.bound_s * 0.999, remaining=remaining)
+    assert not pred.local_parts(REQ, tight)[1].protects
+    assert pred.decode_part(REQ, tight).protects  # without the stall the same worker takes it
+    full = DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, 1e-9)
+    assert pred.decode_part(REQ, full).protects and not pred.local_parts(REQ, full)[1].protects
+
+
+def test_stall_fraction_stretches_every_step():
+    base, stalled = dstate(8), DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, stall_fraction=0.25)
+    assert stalled.step_now_s == pytest.approx(base.step_now_s / 0.75)
+    with pytest.raises(ValueError, match="stall_fraction"):
+        DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, stall_fraction=1.0)

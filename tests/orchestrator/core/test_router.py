@@ -16,7 +16,7 @@ from orchestrator.core.sla import SLATarget
 
 MODEL = get_spec("llama-3.1-70b")
 TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
-CS3 = make_deployment(MODEL, get_profile("cs3"), systems=4)
+CS3 = make_deployment(MODEL, get_profile("cs3@2024-08"), systems=4)  # launch: one pass per token
 SLA = SLATarget(ttft_ms=2000, tpot_ms=20)
 KV = 2_000_000  # tokens of KV per decode worker
 
@@ -153,19 +153,63 @@ def pools(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(pools(), st.integers(1, 6000), st.integers(1, 800), st.sampled_from(POLICIES), st.randoms())
-def test_never_places_on_an_unhealthy_or_full_worker_and_ignores_view_order(views, prompt, out, policy, rnd):
+@given(pools(), st.integers(1, 6000), st.integers(1, 800), st.sampled_from(POLICIES), st.randoms(),
+       st.sampled_from([0, 1000, 6000]))
+def test_never_places_on_an_unhealthy_or_full_worker_and_ignores_view_order(views, prompt, out, policy, rnd, local):
     prefill, decode = views
     r = req(prompt, out, SLATarget(3000, 30))
-    got = warm(policy).place(r, prefill, decode, 0.0)
+    got = warm(policy, local_prefill_max_tokens=local).place(r, prefill, decode, 0.0)
     if isinstance(got, Placement):
-        p = next(v for v in prefill if v.worker_id == got.prefill_worker)
         d = next(v for v in decode if v.worker_id == got.decode_worker)
-        assert p.healthy and d.healthy and d.total_kv_tokens >= prompt + out
+        if got.local:
+            assert policy == "sla" and prompt <= local and got.prefill_worker == got.decode_worker
+        else:
+            assert next(v for v in prefill if v.worker_id == got.prefill_worker).healthy
+        assert d.healthy and d.total_kv_tokens >= prompt + out
         if policy == "sla":
             assert d.state.free_kv_tokens >= prompt + out and d.state.batch < d.state.max_batch
             assert got.ttft_bound_ms <= 3000 and got.tpot_bound_ms <= 30
     if policy != "round_robin":  # its cursor walks the views in order, by design
         rnd.shuffle(prefill)
         rnd.shuffle(decode)
-        assert warm(policy).place(r, prefill, decode, 0.0) == got
+        assert warm(policy, local_prefill_max_tokens=local).place(r, prefill, decode, 0.0) == got
+
+
+def warm_local(max_tokens=4096) -> Router:
+    return warm(local_prefill_max_tokens=max_tokens)
+
+
+def test_local_prefill_is_chosen_only_when_it_completes_sooner_and_within_the_limit():
+    busy = [pf("p0", queued=8)]  # a deep prefill queue: the disaggregated pair is slow
+    d = [dc("d0", batch=8), dc("d1", batch=30)]
+    got = warm_local().place(req(), busy, d, 0.0)
+    assert isinstance(got, Placement) and got.local and got.prefill_worker == got.decode_worker == "d0"
+    assert not warm().place(req(), busy, d, 0.0).local  # off unless configured
+    assert not warm_local(max_tokens=1999).place(req(), busy, d, 0.0).local  # a longer prompt than allowed
+    remote = warm().place(req(), busy, d, 0.0)
+    assert got.ttft_bound_ms < remote.ttft_bound_ms
+
+
+def test_local_prefill_is_not_chosen_when_its_stall_breaks_a_running_sequences_target():
+    r = warm_local()
+    pred = r.predictor
+    st = dc("d0", batch=8).state
+    _, local = pred.local_parts(PredictRequest(2000, 200, 2.0, 0.02), st)
+    tight = dc("d0", batch=8, tightest=local.running_tpot.bound_s * 0.999)
+    got = r.place(req(), [pf("p0", queued=8)], [tight], 0.0)
+    assert isinstance(got, Placement) and not got.local  # the disaggregated pair still meets the SLA
+
+
+def test_local_prefill_lowers_the_floor_for_short_prompts():
+    tight = req(sla=SLATarget(ttft_ms=60, tpot_ms=20))  # below Trn2's 120 ms for 2000 tokens, above CS-3's
+    assert warm().place(tight, [pf("p0")], [dc("d0")], 0.0).kind == "below_floor"
+    got = warm_local().place(tight, [pf("p0")], [dc("d0")], 0.0)
+    assert isinstance(got, Placement) and got.local
+
+
+def test_local_prefill_waits_until_the_prefill_pool_is_learned():
+    """A cold prefill pool gets the work (so it is observed, and the router can learn to reject)."""
+    busy, d = [pf("p0", queued=8)], [dc("d0", batch=8)]
+    cold = Router("sla", local_prefill_max_tokens=4096)
+    assert not cold.place(req(), busy, d, 0.0).local
+    assert warm_local().place(req(), busy, d, 0.0).local

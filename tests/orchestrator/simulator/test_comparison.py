@@ -76,3 +76,13 @@ def test_capacity_is_the_slower_pool_and_scales_with_replicas():
     assert math.isfinite(one.rps) and "req/s" in one.describe()
     with pytest.raises(ValueError, match="lengths"):
         capacity(pf, dc, [])
+
+
+def test_local_prefill_runs_sla_beside_its_disaggregated_ablation(tmp_path):
+    exp = _experiment(tmp_path, router_policy=["sla"], rate_factors=[2.0], local_prefill_max_tokens=1024)
+    assert exp.local_prefill_max_tokens == 1024
+    variants = comparison.variants_of(exp, comparison.SimConfig(*comparison.pools(exp), comparison.workload(exp)[0].sla))
+    assert {k: v.local_prefill_max_tokens for k, v in variants.items()} == {"sla": 1024, "sla_disaggregated": 0}
+    assert all(v.router_policy == "sla" for v in variants.values())
+    with pytest.raises(ValueError, match="local_prefill_max_tokens"):
+        _experiment(tmp_path, local_prefill_max_tokens=-1)

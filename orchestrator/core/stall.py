@@ -1,0 +1,37 @@
+"""How much of a decode worker's time local prefills take: the stretch they put on every step.
+
+Pure (times are arguments). The live engine and the simulator add each local prefill a decode
+worker ran (conditional disaggregation: it prefills between two steps, holding up its batch) and
+read `fraction(now)`, the share of the last `window_s` seconds spent so; the predictor stretches that
+worker's steps by 1 / (1 - fraction) (DecodeState.stall_fraction).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+STALL_WINDOW_S = 10.0  # seconds of history: long enough to hold many prefills, short enough to follow load
+MAX_FRACTION = 0.9  # a reading is capped here: the stretch stays finite
+
+
+class StallMeter:
+    """Local prefill seconds of one decode worker over a sliding window."""
+
+    def __init__(self, window_s: float = STALL_WINDOW_S):
+        if not window_s > 0:
+            raise ValueError(f"window_s: must be > 0, got {window_s!r}")
+        self.window_s = window_s
+        self._runs: deque[tuple[float, float]] = deque()  # (end time, seconds), ascending end time
+        self._sum = 0.0
+
+    def add(self, end_s: float, seconds: float) -> None:
+        """A local prefill of `seconds` ended at `end_s` (the clock of `fraction`'s `now`)."""
+        self._runs.append((end_s, seconds))
+        self._sum += seconds
+
+    def fraction(self, now: float) -> float:
+        """Share of (now - window, now] spent in local prefills, in [0, MAX_FRACTION]."""
+        while self._runs and self._runs[0][0] <= now - self.window_s:
+            self._sum -= self._runs.popleft()[1]
+        if not self._runs:
+            self._sum = 0.0  # no drift from float sums
+        return min(MAX_FRACTION, max(0.0, self._sum / self.window_s))
