@@ -3,46 +3,34 @@ start reaches its workers (requests complete, so the prefill actor presents it t
 receiver), and a sender without it cannot write into a decode worker's KV pool."""
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from kvtransfer.grpc_backend import GrpcTransferBackend
 from kvtransfer.layout import KVLayout
 from kvtransfer.states import TransferState
 from model.loaded import load_model
 from orchestrator import client as cl
-from orchestrator.core.config import parse_config
 from orchestrator.serving.auth import KV_TOKEN_ENV
-from orchestrator.serving.deployment import Deployment
+from tests.integration.stack import cluster_tree, config_of, running
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     saved = os.environ.pop(KV_TOKEN_ENV, None)  # the deployment generates its own token
-    tree = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    tree = cluster_tree()
     tree["metadata"]["pools"]["decode"]["kv_capacity_tokens"] = 4096
-    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(parse_config(tree, path), port=0, metrics_port=None)
-                                           .__aenter__(), loop).result(timeout=300)
-    yield dep
-    asyncio.run_coroutine_threadsafe(dep.__aexit__(None, None, None), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
-    if saved is not None:
-        os.environ[KV_TOKEN_ENV] = saved
+    tree["metadata"]["router"]["local_prefill_max_tokens"] = 0  # every prompt crosses the KV path
+    try:
+        with running(config_of(tree, tmp_path_factory.mktemp("cfg")), metrics_port=None) as run:
+            yield run.dep
+    finally:
+        if saved is not None:
+            os.environ[KV_TOKEN_ENV] = saved
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +45,7 @@ def _free_blocks(client) -> list[int]:
 
 def test_requests_cross_the_authenticated_kv_path(client):
     res = client.complete(messages=[("user", "Name a river.")], max_tokens=4, sla_class="batch")
-    assert res.token_ids and res.final.decode_worker == "decode-0"
+    assert res.token_ids and (res.final.prefill_worker, res.final.decode_worker) == ("prefill-0", "decode-0")
 
 
 def test_a_sender_without_the_deployment_token_writes_nothing(deployment, client):
