@@ -2,6 +2,8 @@
 
 Mirrors gRPC's threading: a pump thread consumes the sender's frames, a handler thread runs
 `KVReceiver.handle`, cancellation and the deadline wake both sides and run terminate callbacks.
+Process-local: it opens no port, so only code in this process can reach its receivers, and it
+checks no transfer token (the gRPC backend does, kvtransfer/grpc_backend.py).
 """
 from __future__ import annotations
 

@@ -118,14 +118,15 @@ class KVReceiver:
             diff = self.expected_layout.mismatch(layout)
             if diff:
                 raise KVRefused("INVALID_ARGUMENT", f"layout.{diff}")
-        if msg.n_tokens < 1:
-            raise KVRefused("INVALID_ARGUMENT", f"n_tokens: {msg.n_tokens} must be >= 1")
+        sizes = {"layout.n_layers": layout.n_layers, "layout.n_kv_heads": layout.n_kv_heads,
+                 "layout.head_dim": layout.head_dim, "n_tokens": msg.n_tokens}
+        for name, value in sizes.items():
+            if value < 1:
+                raise KVRefused("INVALID_ARGUMENT", f"{name}: {value} must be >= 1")
         if msg.checksum not in wire.CHECKSUMS.values():
             raise KVRefused("INVALID_ARGUMENT", f"checksum: unknown scheme {msg.checksum}")
-        try:
-            np.dtype(layout.dtype)
-        except TypeError:
-            raise KVRefused("INVALID_ARGUMENT", f"layout.dtype: unknown {layout.dtype!r}") from None
+        if layout.dtype not in wire.DTYPES:  # not any numpy dtype string: np.dtype() parses far too much
+            raise KVRefused("INVALID_ARGUMENT", f"layout.dtype: {layout.dtype[:40]!r} is not one of {wire.DTYPES}")
         with self._lock:
             if msg.request_id in self._active:
                 raise KVRefused("ALREADY_EXISTS", f"request_id: {msg.request_id} is already transferring")

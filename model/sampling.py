@@ -30,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"top_p: must lie in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must be non-empty")
+        if self.seed is not None and self.seed < 0:  # np.random.default_rng takes none
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
 
     def stop_token_ids(self, eos_ids: frozenset[int]) -> frozenset[int]:
         """The token ids that end this request: the model's EOS tokens unless ignore_eos."""
@@ -54,8 +56,9 @@ def sample_one(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     """logits: (V,) -> token id."""
     if params.greedy:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / params.temperature
-    z -= z.max()
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # subtract the max first: a tiny temperature gives -inf (p = 0), not inf - inf
+        z = (z - z.max()) / params.temperature
     probs = np.exp(z)
     probs /= probs.sum()
     if params.top_p < 1.0:

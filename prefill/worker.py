@@ -152,12 +152,22 @@ class PrefillWorker:
                         fut.set_result(res)
 
     def _run_batch(self, batch: list[tuple[PrefillJob, float]]) -> list[PrefillResult]:
-        """Runs in a thread: prefill the batch, stream KV per layer, sample each first token."""
+        """Runs in a thread: prefill the batch, stream KV per layer, sample each first token. If that
+        fails, the batch's transfers are aborted at once, releasing the KV both sides hold."""
         start = time.perf_counter()
         cpu_start = time.thread_time()  # this thread's CPU time: prefill_ms minus it = time not running
-        jobs = [j for j, _ in batch]
         transfers = [self.transfer.open(j.kv_target, j.request_id, self.layout, len(j.prompt_ids), j.deadline_s)
-                     for j in jobs]
+                     for j, _ in batch]
+        try:
+            return self._prefill(batch, transfers, start, cpu_start)
+        except BaseException:
+            for t in transfers:
+                t.abort("prefill failed")  # no-op for one already committed
+            raise
+
+    def _prefill(self, batch: list[tuple[PrefillJob, float]], transfers: list, start: float,
+                 cpu_start: float) -> list[PrefillResult]:
+        jobs = [j for j, _ in batch]
 
         def on_layer(layer: int, i: int, k: np.ndarray, v: np.ndarray) -> None:
             transfers[i].send_layer(layer, k, v)

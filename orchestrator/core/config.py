@@ -45,6 +45,15 @@ class FrontendConfig:
     tls: tuple[Path, Path] | None = None  # (certificate chain, private key) PEM files; None = plaintext
 
 
+MIN_TOKEN_CHARS = 16  # a KV transfer token shorter than this is refused
+
+
+@dataclass(frozen=True, slots=True)
+class KVTransferConfig:
+    token: str | None = field(default=None, repr=False)  # None: PDORCH_KV_TOKEN, else generated at start
+    tls: tuple[Path, Path] | None = None  # (certificate chain, private key) PEM files; None = plaintext
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadConfig:
     trace: Path
@@ -72,6 +81,7 @@ class Config:
     default_sla_class: str
     workload: WorkloadConfig
     metadata: dict[str, Any] = field(repr=False)  # the raw metadata tree (experiments read their part)
+    kv_transfer: KVTransferConfig = KVTransferConfig()
 
     @property
     def local_resources(self) -> dict[str, float]:
@@ -174,6 +184,14 @@ def _tls(r: ConfigReader, config_dir: Path) -> tuple[Path, Path] | None:
     return files[0], files[1]
 
 
+def _kv_transfer(r: ConfigReader, config_dir: Path) -> KVTransferConfig:
+    """token (a string, never echoed in an error) and the TLS files, read as the frontend's are."""
+    token = r.tree.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS):
+        raise r.error("token", f"must be a string of at least {MIN_TOKEN_CHARS} characters (its value is not shown)")
+    return KVTransferConfig(token=token, tls=_tls(r, config_dir))
+
+
 def _pool(r: ConfigReader, kind: str) -> PoolConfig:
     resources = r.get("ray_resources", dict, {})
     for name, amount in resources.items():
@@ -239,6 +257,8 @@ def parse_config(tree: Any, path: Path) -> Config:
     pools = meta.sub("pools")
     fe = meta.sub("frontend") if "frontend" in meta.tree else ConfigReader(path, {}, "metadata.frontend.")
     router = meta.sub("router") if "router" in meta.tree else ConfigReader(path, {}, "metadata.router.")
+    kv = ConfigReader(path, {}, "metadata.kv_transfer.") if meta.tree.get("kv_transfer") is None \
+        else meta.sub("kv_transfer")  # None: every key commented out
     policy = router.choice("policy", router.get("policy", str, "sla"), POLICIES, "policy")
     quantile = router.get("quantile", float, 0.9)
     if not 0.0 < quantile < 1.0:
@@ -285,6 +305,7 @@ def parse_config(tree: Any, path: Path) -> Config:
             seed=wl.get("seed", int, 0),
             capacity_fraction=wl.get("capacity_fraction", float, 0.6, minimum=1e-9)),
         metadata=meta.tree,
+        kv_transfer=_kv_transfer(kv, path.parent),
     )
 
 

@@ -3,8 +3,8 @@ tokens back.
 
 Serves disagg.v1.Inference plus grpc.health.v1 and server reflection, and Prometheus metrics over
 HTTP (orchestrator/serving/metrics.py); inference calls can require a bearer token
-(orchestrator/serving/auth.py). Generate parses its own request bytes so a prompt with invalid UTF-8 gets
-INVALID_ARGUMENT instead of a generic deserialization failure.
+(orchestrator/serving/auth.py). Every method parses its own request bytes, so a malformed request (or a
+prompt with invalid UTF-8) gets INVALID_ARGUMENT instead of gRPC's UNKNOWN for a deserializer error.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from model.tokenizer import Tokenizer
-from orchestrator.serving.auth import BearerAuth
+from orchestrator.serving.auth import BearerAuth, server_credentials
 from orchestrator.core.config import Config
 from orchestrator.client.wire import FINISH_TO_PB
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
@@ -50,11 +50,7 @@ class InferenceService:
     # -- RPCs ----------------------------------------------------------------------------
 
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext):
-        try:
-            msg = pb.GenerateRequest.FromString(raw)
-        except DecodeError as e:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"request: not a valid GenerateRequest (invalid UTF-8 in a string field?): {e}")
+        msg = await self._parse(pb.GenerateRequest, raw, context)
         try:
             req = self.validator.build_request(msg)
         except RequestInvalid as e:
@@ -98,6 +94,14 @@ class InferenceService:
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return len(self._running)
+
+    async def _parse(self, message_type, raw: bytes, context: grpc.aio.ServicerContext):
+        """The request from its bytes, or the call ends with INVALID_ARGUMENT."""
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid "
+                               f"{message_type.DESCRIPTOR.name} (invalid UTF-8 in a string field?): {e}")
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         """End the call before its stream starts (context.abort raises)."""
@@ -160,19 +164,20 @@ class InferenceService:
     async def server_info(self, msg, context) -> pb.ServerInfo:
         return pb.ServerInfo(version=VERSION, model=self.cfg.model_name, pools=self.pools())
 
+    def _unary(self, request_type, method, response_type) -> grpc.RpcMethodHandler:
+        """A unary method that gets the request parsed by _parse (the handler sees raw bytes)."""
+        async def call(raw: bytes, context: grpc.aio.ServicerContext):
+            return await method(await self._parse(request_type, raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(call, response_serializer=response_type.SerializeToString)
+
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Generate": grpc.unary_stream_rpc_method_handler(
                 self.generate, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString),
-            "Abort": grpc.unary_unary_rpc_method_handler(
-                self.abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortResponse.SerializeToString),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.model_info, request_deserializer=pb.GetModelInfoRequest.FromString,
-                response_serializer=pb.ModelInfo.SerializeToString),
-            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-                self.server_info, request_deserializer=pb.GetServerInfoRequest.FromString,
-                response_serializer=pb.ServerInfo.SerializeToString),
+            "Abort": self._unary(pb.AbortRequest, self.abort, pb.AbortResponse),
+            "GetModelInfo": self._unary(pb.GetModelInfoRequest, self.model_info, pb.ModelInfo),
+            "GetServerInfo": self._unary(pb.GetServerInfoRequest, self.server_info, pb.ServerInfo),
         })
 
 
@@ -222,7 +227,7 @@ def listen(server: grpc.aio.Server, address: str, tls: tuple[Path, Path] | None)
         if tls is None:
             return server.add_insecure_port(address)
         cert, key = tls
-        return server.add_secure_port(address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+        return server.add_secure_port(address, server_credentials(cert.read_bytes(), key.read_bytes()))
     except RuntimeError:  # gRPC says only "Failed to bind"; its log has the reason
         why = "in use, or not an address of this host?" if tls is None else \
             f"with TLS from {tls[0]} and {tls[1]}: in use, or does the key not match the certificate?"

@@ -12,6 +12,7 @@ import os
 import structlog
 
 from orchestrator.core.config import Config
+from orchestrator.serving.auth import KVSecurity, kv_security
 from orchestrator.serving.workers import Call, DecodeHandle, Pools, PrefillHandle, WorkerUnavailable
 
 log = structlog.get_logger("pools")
@@ -64,16 +65,33 @@ def _decode_actor_class():
     from kvtransfer.grpc_backend import start_kv_server
 
     class DecodeActor(DecodeWorker):
-        """A DecodeWorker that also hosts its KV receiver (gRPC, on `kv_host`) in the actor's process.
+        """A DecodeWorker that also hosts its KV receiver (gRPC, on `kv_host`) in the actor's process,
+        taking transfers only from senders with the deployment's token (and TLS if configured).
         The receiver starts with the actor, so a restarted actor serves again, on a new port that
         its load() reports."""
 
-        def __init__(self, kv_host: str = "127.0.0.1", **kwargs):
+        def __init__(self, kv_security: KVSecurity, kv_host: str = "127.0.0.1", **kwargs):
             super().__init__(**kwargs)
-            self._kv_server, port = start_kv_server(self.kv_sink, host=kv_host, expected_layout=self.layout)
+            self._kv_server, port = start_kv_server(self.kv_sink, host=kv_host, expected_layout=self.layout,
+                                                    token=kv_security.token,
+                                                    credentials=kv_security.server_credentials())
             self.kv_target = kv_address(kv_host, port, ray.util.get_node_ip_address)
 
     return DecodeActor
+
+
+def _prefill_actor_class():
+    from kvtransfer.grpc_backend import GrpcTransferBackend
+    from prefill.worker import PrefillWorker
+
+    class PrefillActor(PrefillWorker):
+        """A PrefillWorker whose KV sender presents the deployment's token (and trusts its TLS certificate)."""
+
+        def __init__(self, *args, kv_security: KVSecurity, **kwargs):
+            backend = GrpcTransferBackend(token=kv_security.token, credentials=kv_security.channel_credentials())
+            super().__init__(*args, transfer_backend=backend, **kwargs)
+
+    return PrefillActor
 
 
 WORKER_MAX_RESTARTS = 3  # Ray restarts a crashed worker actor this many times; its in-flight requests fail
@@ -81,9 +99,8 @@ WORKER_MAX_RESTARTS = 3  # Ray restarts a crashed worker actor this many times; 
 
 async def build_pools(cfg: Config) -> Pools:
     """Start every worker, wait until each has loaded the model, and learn the KV receiver addresses."""
-    from prefill.worker import PrefillWorker
-
-    DecodeActor = _decode_actor_class()
+    DecodeActor, PrefillActor = _decode_actor_class(), _prefill_actor_class()
+    security = kv_security(cfg)
 
     pools = Pools()
     p, d = cfg.prefill, cfg.decode
@@ -93,15 +110,16 @@ async def build_pools(cfg: Config) -> Pools:
             num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
             capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
-            blas_threads=d.blas_threads, kv_host=d.kv_host)
+            blas_threads=d.blas_threads, kv_host=d.kv_host, kv_security=security)
         pools.decode[wid], pools.actors[wid] = DecodeHandle(wid, ray_calls(wid, actor)), actor
         pools.hardware[wid] = d.hardware
     for i in range(p.workers):
         wid = f"prefill-{i}"
-        actor = ray.remote(PrefillWorker).options(
+        actor = ray.remote(PrefillActor).options(
             num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
-            wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads)
+            wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads,
+            kv_security=security.for_senders())
         pools.prefill[wid], pools.actors[wid] = PrefillHandle(wid, ray_calls(wid, actor)), actor
         pools.hardware[wid] = p.hardware
     loads = await asyncio.gather(*(h.load() for h in pools.decode.values()))

@@ -166,3 +166,13 @@ def test_text_stream_never_streams_part_of_a_stop_string(lm):
     assert stopped and text == "Hell" and got == ids[:len(got)] and len(got) < len(ids)
     assert _stream(lm, ids, ("o wx",)) == (ids, full, False)  # "Hello" held back for its "o", released
     assert _stream(lm, ids, ("moonx",)) == (ids, full, False)  # the end held back, released by flush()
+
+
+def test_a_subnormal_temperature_samples_the_argmax_and_a_negative_seed_is_refused():
+    """Both used to reach the workers and fail a whole prefill batch (found by serving/test_fuzz.py)."""
+    logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for temperature in (5e-324, 2.2e-309, 1e-300):
+        assert sample_one(logits, SamplingParams(temperature=temperature), rng) == 1
+    with pytest.raises(ValueError, match="seed: must be >= 0"):
+        SamplingParams(seed=-1).validate()

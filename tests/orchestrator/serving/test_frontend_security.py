@@ -4,8 +4,6 @@ need the server's certificate."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 
 import grpc
 import pytest
@@ -15,6 +13,7 @@ from orchestrator import client as cl
 from orchestrator.serving.auth import BearerAuth
 from orchestrator.serving.frontend import ListenError, listen
 from protos.disagg.v1 import inference_pb2 as pb
+from tests.tls import self_signed_certificate
 
 SERVICE = "disagg.v1.Inference"
 KEY = "k3y-for-tests"
@@ -94,27 +93,7 @@ def test_an_empty_key_is_refused():
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 and its key, as PEM files: (cert, key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    folder = tmp_path_factory.mktemp("tls")
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return folder / "cert.pem", folder / "key.pem"
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_serves_clients_that_trust_the_certificate(certificate):
