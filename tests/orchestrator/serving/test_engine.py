@@ -12,14 +12,12 @@ import time
 from contextlib import asynccontextmanager
 
 import pytest
-from threadpoolctl import threadpool_limits
 
 from decode.worker import DecodeWorker
 from kvtransfer.inprocess import InProcessBackend
 from kvtransfer.receiver import KVReceiver
 from model.finish import Failure, FinishReason
 from model.generation import generate
-from model.loaded import load_model
 from model.sampling import SamplingParams
 from model.tokenizer import ChatMessage
 from orchestrator.core.request import Request, RequestState, SLATarget
@@ -31,12 +29,6 @@ from prefill.worker import PrefillWorker
 from tests.paths import REPO
 
 ANY_SLA = SLATarget(ttft_ms=1e9, tpot_ms=1e9)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    with threadpool_limits(limits=1):  # see tests/decode/conftest.py
-        yield load_model()
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,10 @@ import asyncio
 import time
 
 import pytest
-from threadpoolctl import threadpool_limits
 
 from decode.worker import DecodeWorker
 from kvtransfer.inprocess import InProcessBackend
 from kvtransfer.receiver import KVReceiver
-from model.loaded import load_model
 from model.sampling import SamplingParams, make_rng, sample_one
 from model.tokenizer import ChatMessage
 from orchestrator.core.correction import Corrections
@@ -30,12 +28,6 @@ from orchestrator.serving.workers import DecodeHandle, LocalCalls, Pools, Prefil
 from prefill.worker import PrefillWorker
 
 INTERACTIVE = SLATarget(ttft_ms=60_000, tpot_ms=2_000, priority=2, sla_class="interactive")
-
-
-@pytest.fixture(scope="module")
-def lm():
-    with threadpool_limits(limits=1):
-        yield load_model()
 
 
 def _warm_router(local_prefill_max_tokens: int = 0, prefill_ratio: float = 1.0) -> Router:

@@ -12,12 +12,10 @@ import grpc
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
-from threadpoolctl import threadpool_limits
 
 from decode.worker import DecodeWorker
 from kvtransfer.inprocess import InProcessBackend
 from kvtransfer.receiver import KVReceiver
-from model.loaded import load_model
 from model.sampling import make_rng
 from orchestrator.core.config import parse_config
 from orchestrator.core.router import Router
@@ -36,12 +34,6 @@ REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.
 CALL_ENDS = REFUSED | {grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FIELDS = ("prompt", "sampling.", "sla.", "model", "request")  # what a refusal's message starts with
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def lm():
-    with threadpool_limits(limits=1):  # see tests/decode/conftest.py
-        yield load_model()
 
 
 @pytest.fixture(scope="module")
