@@ -47,6 +47,8 @@ class RequestValidator:
             if not msg.text.strip():
                 raise _invalid("prompt.text: must not be empty")
             ids = self.tokenizer.encode(msg.text)
+            if not ids:  # only characters the tokenizer drops (control characters)
+                raise _invalid("prompt.text: encodes to no tokens")
         elif kind == "token_ids":
             ids = list(msg.token_ids.ids)
             if not ids:
