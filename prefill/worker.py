@@ -53,6 +53,7 @@ class PrefillResult:
     batch_lengths: tuple[int, ...] = ()  # prompt tokens of each prompt in its batch (the predictor's input)
     first_in_batch: bool = False  # the batch's first result: who reports the batch's time once
     error: Failure | None = None
+    kv_failed: bool = False  # the error is the KV transfer's (the prefill itself ran): worth another try
 
     @property
     def ok(self) -> bool:
@@ -125,6 +126,20 @@ class PrefillWorker:
     def ready(self) -> bool:
         return True
 
+    def inject_kv_fault(self, kind: str, count: int = 1) -> None:
+        """The next `count` KV transfers opened here suffer `kind` (kvtransfer/faults.py): chaos only."""
+        self.transfer.faults.arm(kind, count)
+
+    def clear_kv_faults(self) -> int:
+        """Disarm the injected KV faults no transfer has taken yet; returns how many."""
+        return self.transfer.faults.clear()
+
+    def kv_faults(self) -> tuple[list[tuple[str, str, float]], int]:
+        """The injected KV faults that really hit a transfer, (kind, request id, unix time) each, and how
+        many are still armed."""
+        faults = self.transfer.faults
+        return list(faults.hits), faults.armed
+
     # -- batch loop ----------------------------------------------------------------------
 
     def _ensure_loop(self) -> None:
@@ -185,7 +200,7 @@ class PrefillWorker:
                           transfer_tail_ms=(done - computed) * 1e3)
             error = None if outcome.ok else Failure(outcome.error_code or "INTERNAL", outcome.error)
             results.append(PrefillResult(job.request_id, first, batch_lengths=lengths, first_in_batch=n == 0,
-                                         error=error, **common))
+                                         error=error, kv_failed=error is not None, **common))
             log.info("prefilled", request_id=job.request_id, worker=self.worker_id, tokens=len(job.prompt_ids),
                      ok=outcome.ok, cpu_ms=round(cpu_ms, 2), **{k: round(v, 2) for k, v in common.items()})
         return results

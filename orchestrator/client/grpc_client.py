@@ -82,6 +82,7 @@ class _StreamState:
         self.final: Final | None = None
         self._texts: list[str] = []
         self._ids: list[int] = []
+        self.index_error: tuple[int, int] | None = None  # (tokens received, the chunk's index) at a gap or repeat
 
     def take(self, resp: pb.GenerateResponse) -> Chunk | None:
         item = _chunk_or_final(resp, self.request_id)
@@ -89,6 +90,7 @@ class _StreamState:
             self.final = item
             return None
         if item.index != len(self._ids):  # the server streams every token once, in order, migrations included
+            self.index_error = (len(self._ids), item.index)
             raise ClientError(grpc.StatusCode.DATA_LOSS, f"chunk index {item.index} after {len(self._ids)} tokens: "
                                                          f"tokens lost or duplicated")
         self._texts.append(item.text)

@@ -5,6 +5,7 @@ Invalid config fails at load with the file, the key and the reason (ConfigError)
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class Config:
     router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
     router_local_prefill_max_tokens: int  # longest prompt a decode worker may prefill itself (0: never)
     router_max_migrations: int  # placements a request may get after its first when workers die under it
+    router_stall_timeout_s: float  # a decode worker with work, silent or not stepping this long, is lost
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig
@@ -265,6 +267,9 @@ def parse_config(tree: Any, path: Path) -> Config:
         raise router.error("quantile", f"must be in (0, 1), got {quantile}")
     local_prefill = router.get("local_prefill_max_tokens", int, 0, minimum=0)
     max_migrations = router.get("max_migrations", int, 3, minimum=0)
+    stall_timeout = router.get("stall_timeout_s", float, 2.0)
+    if not 0.5 <= stall_timeout < math.inf:  # NaN fails too; a live worker answers its output poll every 0.5 s
+        raise router.error("stall_timeout_s", f"must be at least 0.5 (seconds), got {stall_timeout}")
     slas_r = meta.sub("sla_classes")
     slas = {}
     for name in slas_r.tree:
@@ -294,6 +299,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         router_quantile=quantile,
         router_local_prefill_max_tokens=local_prefill,
         router_max_migrations=max_migrations,
+        router_stall_timeout_s=stall_timeout,
         sla_classes=slas,
         default_sla_class=default_sla,
         workload=WorkloadConfig(

@@ -13,13 +13,24 @@ counted in its batch, and the tightest TPOT target among its requests on a decod
 one a placement must not break. Each load report's batches and steps, and each request's KV
 transfer tail, feed the predictor's corrections.
 
-Migration: when a worker serving a request dies (its calls fail: WorkerUnavailable, or the decode
-output poll ends with WorkerLost), the request is placed again (the router, rejection off) and its
-prompt plus every token already streamed is prefilled again on the new pair, with the random draws
-those tokens took skipped, so the stream goes on at the next index with the token the
-uninterrupted run would have produced (decode/worker.py `generated`). Re-prefilling rather than
-re-sending KV: no live copy of a dead decode worker's KV exists. At most `max_migrations` times;
-then UNAVAILABLE naming the workers tried. A re-prefill is due within one TPOT target (its
+Failover. A request is placed again (the router, rejection off) when
+- a worker of its pair dies: its calls fail (WorkerUnavailable), or the decode output poll ends with
+  WorkerLost;
+- its decode worker stalls: with work, it leaves its output poll unanswered or takes no step for
+  `stall_timeout_s` (a frozen process). The engine declares it lost (unhealthy until it answers a
+  load again) and fails its attempts over: streaming ones through their chunk queues, prefilling
+  ones through their fence;
+- its KV transfer fails (corrupt, truncated or stalled frames, a receiver that refused or died): the
+  prefill ran, the KV never arrived. The next pair avoids that decode worker when another can take it;
+  the worker stays routable.
+Its prompt plus every token already streamed is prefilled again on the new pair, with the random draws
+those tokens took skipped, so the stream goes on at the next index with the token the uninterrupted
+run would have produced (decode/worker.py `generated`). Re-prefilling rather than re-sending KV: a dead
+or frozen decode worker's KV cannot be read, and a prefill worker keeps none after its transfer. Each
+attempt has its own id on the workers (`_Run.key`: the request id, then `id~mN`): whatever a stale
+attempt sends later (a frozen worker resumed) matches nothing and is dropped, and its abort, sent when
+the attempt is given up, reaches it when it resumes. At most `max_migrations` placements after the
+first; then UNAVAILABLE naming the workers tried. A re-prefill is due within one TPOT target (its
 batcher deadline), since the client is already mid-stream.
 
 A request the router places with `local` (conditional disaggregation) is prefilled by its decode
@@ -57,6 +68,7 @@ log = structlog.get_logger("engine")
 
 VIEW_REFRESH_S = 0.05
 LOAD_TIMEOUT_S = 2.0  # a worker whose load() takes longer (hung, or restarting) counts as unhealthy
+ABORT_WAIT_S = 1.0  # the longest an abort waits for its workers' answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +99,15 @@ class ErrorEvent:
 Event = TokenEvent | FinalEvent | ErrorEvent
 
 
+class KVTransferFailed(Exception):
+    """An attempt's KV never reached its decode worker (corrupt, truncated or stalled transfer, a
+    receiver that refused or died): the prefill ran, the pair is retried without that worker."""
+
+    def __init__(self, worker_id: str, cause: str):
+        super().__init__(f"KV transfer to {worker_id} failed ({cause})")
+        self.worker_id, self.cause = worker_id, cause
+
+
 @dataclass(slots=True)
 class _Run:
     """One placed request in flight, and what the engine still counts against its workers."""
@@ -101,6 +122,13 @@ class _Run:
     chunks: asyncio.Queue | None = None  # a local prefill's chunk queue (subscribed before the prefill)
     migrations: int = 0  # placements after the first (a worker died under it)
     lost: list[str] = field(default_factory=list)  # the workers that died under it, in order
+    fence: asyncio.Future | None = None  # -> WorkerUnavailable: its attempt's decode worker was declared lost
+
+    @property
+    def key(self) -> str:
+        """Its current attempt's id on the workers: the request id, then `id~mN` after N migrations, so
+        a stale attempt's chunks, KV or abort never reach a later one (the fence)."""
+        return self.req.request_id if not self.migrations else f"{self.req.request_id}~m{self.migrations}"
 
     @property
     def n_out(self) -> int:
@@ -133,10 +161,11 @@ class _DecodePending:
 class Engine:
     def __init__(self, pools: Pools, router: Router, perf: Deployment, decode_max_batch: int,
                  prefill_token_budget: int = 4096, prefill_max_batch: int = 8, kv_deadline_s: float = 30.0,
-                 max_migrations: int = 3):
+                 max_migrations: int = 3, stall_timeout_s: float = 2.0):
         """`perf`: the live model on the cpu profile (orchestrator/serving/perfmodel.py); the batch
         settings are the workers' (cluster.yaml pools.*); `max_migrations`: placements a request may
-        get after its first when workers die under it (module docstring)."""
+        get after its first when workers die under it; `stall_timeout_s`: how long a decode worker with
+        work may leave its poll unanswered, or not step, before it is declared lost (module docstring)."""
         self.pools = pools
         self.perf = perf
         self.decode_max_batch = decode_max_batch
@@ -144,12 +173,14 @@ class Engine:
         self.router = router
         self.kv_deadline_s = kv_deadline_s
         self.max_migrations = max_migrations
+        self.stall_timeout_s = stall_timeout_s
+        self._stepped_at: dict[str, float] = {}  # decode worker id -> when its loads last showed progress
         self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
         self.decode_loads: dict[str, DecodeLoad] = {}
         self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
         self._queued: dict[str, dict[str, QueuedPrompt]] = {w: {} for w in pools.prefill}  # placed, not prefilled
         self._pending_decode = {w: _DecodePending() for w in pools.decode}
-        self._live: dict[str, Placement] = {}
+        self._live: dict[str, _Run] = {}  # request id -> its run, while it is placed
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
         self._refresher: asyncio.Task | None = None
@@ -185,6 +216,8 @@ class Engine:
             for batch, ctx, seconds in answer.steps:
                 corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
             now = time.monotonic()
+            if answer.steps or answer.local_prefills or not answer.active:
+                self._stepped_at[worker] = now
             for tokens, seconds in answer.local_prefills:
                 corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
                 self._pending_decode[worker].stalls.add(now, seconds)
@@ -212,8 +245,41 @@ class Engine:
             await asyncio.sleep(VIEW_REFRESH_S)
             try:
                 await self._refresh_views()
+                self._check_stalls(time.monotonic())
             except Exception:  # a bug here must not stop the refresh
                 log.warning("load refresh failed", exc_info=True)
+
+    def _check_stalls(self, now: float) -> None:
+        """Declare lost a decode worker that has work and has left its output poll unanswered, or not
+        stepped, for longer than stall_timeout_s (a frozen process, a hung step)."""
+        for w, outputs in self._outputs.items():
+            quiet = outputs.quiet_s(now)
+            load = self.decode_loads.get(w)
+            idle = now - self._stepped_at.get(w, now) if load is not None and load.active else 0.0
+            if max(quiet, idle) > self.stall_timeout_s:
+                what = "answer" if quiet >= idle else "decode step"
+                self._declare_lost(w, f"stalled: no {what} for {max(quiet, idle):.1f} s")
+
+    def _declare_lost(self, worker: str, cause: str) -> None:
+        """Every attempt on this decode worker migrates: streaming ones through their chunk queues,
+        prefilling ones through their fence. Whatever the worker sends for them later is dropped."""
+        lost = WorkerUnavailable(worker, cause)
+        self._mark_unhealthy(worker, lost)
+        self._stepped_at[worker] = time.monotonic()  # once per timeout while it stays frozen
+        streaming = self._outputs[worker].lose(cause)
+        prefilling = 0
+        for run in self._live.values():
+            if run.placed.decode_worker == worker and run.fence is not None and not run.fence.done():
+                run.fence.set_result(lost)
+                prefilling += 1
+        if streaming or prefilling:
+            log.warning("decode worker declared lost: its requests migrate", worker=worker, cause=cause,
+                        streaming=streaming, prefilling=prefilling)
+
+    def placements(self) -> dict[str, tuple[str, str]]:
+        """Each live request's current pair: request id -> (prefill worker, "" for a local prefill; decode worker)."""
+        return {rid: ("" if r.placed.local else r.placed.prefill_worker, r.placed.decode_worker)
+                for rid, r in self._live.items()}
 
     def views(self, now: float | None = None) -> tuple[list[PrefillView], list[DecodeView]]:
         """The router's views at `now` (monotonic seconds): the workers' last reported loads plus what
@@ -278,7 +344,7 @@ class Engine:
                             break
                     yield self._fail(req, chunk.error) if chunk.error else self._final(run, chunk.finish_reason)
                     return
-                except WorkerUnavailable as e:  # its process died or is unreachable: place it again
+                except (WorkerUnavailable, KVTransferFailed) as e:  # a worker died, or the KV was lost: again
                     ended = await self._migrate(run, e)
                     if ended is not None:
                         yield ended
@@ -286,30 +352,49 @@ class Engine:
         except (asyncio.CancelledError, GeneratorExit):
             if not req.state.terminal:  # the client went away before the end
                 self._ended(req, FinishReason.ABORT, by="client")
-                await self._abort_everywhere(req.request_id, run.placed)
+                await self._abort_everywhere(run.key, run.placed)
             raise
         finally:
             self._release(run)
 
     async def _start_attempt(self, run: _Run) -> asyncio.Queue | FinalEvent | ErrorEvent:
-        """Prefill and hand over the current placement's attempt: its chunk queue, or how it ended."""
+        """Prefill and hand over the current placement's attempt: its chunk queue, or how it ended.
+        Raises WorkerUnavailable when a worker of the pair dies, or its decode worker is declared lost
+        (the fence) before the hand-over is done."""
+        work = asyncio.ensure_future(self._hand_over(run))
+        try:
+            await asyncio.wait((work, run.fence), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():  # the fence fell (or the client left): stop waiting for this attempt
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            raise run.fence.result()
+        return work.result()
+
+    async def _hand_over(self, run: _Run) -> asyncio.Queue | FinalEvent | ErrorEvent:
         req, placed = run.req, run.placed
         res = await (self._prefill_here(run) if placed.local else self._prefill(run))
         if req.request_id in self._aborted:  # the Abort RPC stopped the prefill, or came while it ran
             if res.ok:  # the decode side may have taken the KV after the abort reached it: release it
-                await self.pools.decode[placed.decode_worker].abort(req.request_id)
+                await self.pools.decode[placed.decode_worker].abort(run.key)
             return self._final(run, FinishReason.ABORT)
+        if not res.ok and res.kv_failed:
+            raise KVTransferFailed(placed.decode_worker, f"{res.error.code}: {res.error.message}")
         if not res.ok:
             return self._fail(req, Failure(res.error.code, f"prefill failed: {res.error.message}"))
         return run.chunks if placed.local else await self._submit(run)
 
-    async def _migrate(self, run: _Run, lost: WorkerUnavailable) -> FinalEvent | ErrorEvent | None:
-        """A worker died under `run`: place it again (None), or how it ends (the limit, no worker left)."""
+    async def _migrate(self, run: _Run, lost: WorkerUnavailable | KVTransferFailed) -> FinalEvent | ErrorEvent | None:
+        """A worker died under `run`, or its KV transfer failed: place it again (None), or how it ends
+        (the limit, no worker left). After a failed transfer the next pair avoids that decode worker
+        when another can take the request; the worker itself stays routable."""
         req = run.req
-        self._mark_unhealthy(lost.worker_id, lost)
-        await self._abort_everywhere(req.request_id, run.placed)  # the survivor of the pair holds nothing of it
+        if isinstance(lost, WorkerUnavailable):
+            self._mark_unhealthy(lost.worker_id, lost)
+        await self._abort_everywhere(run.key, run.placed)  # the survivor of the pair holds nothing of it
         self._forget_placement(run)
-        run.lost.append(lost.worker_id)
+        run.lost.append(lost.worker_id if isinstance(lost, WorkerUnavailable) else f"{lost.worker_id} (kv transfer)")
         if run.n_out >= req.sampling.max_tokens:  # every token is out; only the last chunk's end was lost
             return self._final(run, FinishReason.LENGTH)
         tried = ", ".join(run.lost)
@@ -318,13 +403,16 @@ class Engine:
                                                           f"(workers lost: {tried})"))
         now = time.monotonic()
         pf_views, dc_views = self.views(now)
+        if isinstance(lost, KVTransferFailed) and any(v.healthy and v.worker_id != lost.worker_id for v in dc_views):
+            dc_views = [v for v in dc_views if v.worker_id != lost.worker_id]
         placed = self.router.place(RouteRequest(req.request_id, run.context_tokens, req.sampling.max_tokens - run.n_out,
                                                 req.sla), pf_views, dc_views, now, reject=False)
         if isinstance(placed, Rejection):
             return self._fail(req, Failure("UNAVAILABLE", f"{lost}; no worker to migrate to ({placed.reason})"))
         run.migrations += 1
-        log.info("request migrated", request_id=req.request_id, lost=lost.worker_id, tokens=run.n_out,
-                 prefill_worker=placed.prefill_worker, decode_worker=placed.decode_worker, migrations=run.migrations)
+        log.info("request migrated", request_id=req.request_id, lost=lost.worker_id, cause=lost.cause,
+                 tokens=run.n_out, prefill_worker=placed.prefill_worker, decode_worker=placed.decode_worker,
+                 migrations=run.migrations)
         self._place(run, placed)
         return None
 
@@ -343,21 +431,22 @@ class Engine:
         """Count `run`'s attempt on `placed` against its workers until they report it."""
         req, sla = run.req, run.req.sla
         run.placed, run.result, run.chunks = placed, None, None
+        run.fence = asyncio.get_running_loop().create_future()
         run.prefill_pending, run.decode_pending = not placed.local, True
-        self._live[req.request_id] = placed
+        self._live[req.request_id] = run
         pend, n, ctx = self._pending_decode[placed.decode_worker], req.sampling.max_tokens - run.n_out, run.context_tokens
         now = time.monotonic()
         if placed.local:
-            pend.local[req.request_id] = prefill_time(self.perf, [ctx])
+            pend.local[run.key] = prefill_time(self.perf, [ctx])
         elif run.n_out:  # mid-stream (a migration), the next token is due within a TPOT
-            self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(ctx, now, sla.priority, sla.tpot_ms / 1e3)
+            self._queued[placed.prefill_worker][run.key] = QueuedPrompt(ctx, now, sla.priority, sla.tpot_ms / 1e3)
         else:
-            self._queued[placed.prefill_worker][req.request_id] = QueuedPrompt(ctx, req.arrival_s, sla.priority,
+            self._queued[placed.prefill_worker][run.key] = QueuedPrompt(ctx, req.arrival_s, sla.priority,
                                                                                sla.ttft_ms / 1e3)
-        pend.incoming[req.request_id] = (now + placed.predicted_ttft_ms / 1e3, ctx + 1, n - 1, ctx + n)
+        pend.incoming[run.key] = (now + placed.predicted_ttft_ms / 1e3, ctx + 1, n - 1, ctx + n)
         pend.prompt_tokens += ctx
         if n > 1:
-            pend.tpot_targets[req.request_id] = sla.tpot_ms / 1e3
+            pend.tpot_targets[run.key] = sla.tpot_ms / 1e3
 
     async def _prefill(self, run: _Run) -> PrefillResult:
         """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""
@@ -365,14 +454,14 @@ class Engine:
         req.advance(RequestState.PREFILLING)
         deadline_ms = req.sla.tpot_ms if run.n_out else req.sla.ttft_ms  # as _place queued it
         run.result = res = await self.pools.prefill[placed.prefill_worker].prefill(PrefillJob(
-            req.request_id, run.context_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
+            run.key, run.context_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
             self.kv_deadline_s, req.sla.priority, deadline_ms / 1e3, run.n_out))
-        self._queued[placed.prefill_worker].pop(req.request_id, None)
+        self._queued[placed.prefill_worker].pop(run.key, None)
         run.prefill_pending = False
         if res.ok:
             pend = self._pending_decode[placed.decode_worker]
-            eta, _, steps, held = pend.incoming[req.request_id]
-            pend.incoming[req.request_id] = (eta, 0, steps, held)  # its KV is committed in the pool's blocks
+            eta, _, steps, held = pend.incoming[run.key]
+            pend.incoming[run.key] = (eta, 0, steps, held)  # its KV is committed in the pool's blocks
             if res.batch_lengths:
                 self._observe_prefill(placed.prefill_worker, run.context_tokens, res)
         return res
@@ -382,15 +471,15 @@ class Engine:
         come to `run.chunks`), or failed; the same result as a prefill worker's, with no transfer."""
         req, w = run.req, run.placed.decode_worker
         req.advance(RequestState.PREFILLING)
-        run.chunks = self._outputs[w].subscribe(req.request_id)
+        run.chunks = self._outputs[w].subscribe(run.key)
         try:
-            got = await self.pools.decode[w].prefill_local(req.request_id, run.context_ids, req.sampling, self._owner,
+            got = await self.pools.decode[w].prefill_local(run.key, run.context_ids, req.sampling, self._owner,
                                                            req.sla.priority, run.tokens)
         except KVRefused as e:  # no room after all (a race with a handoff), or an id already live there
-            run.result = PrefillResult(req.request_id, error=Failure(e.code, str(e)))
+            run.result = PrefillResult(run.key, error=Failure(e.code, str(e)))
             return run.result
         finally:
-            self._pending_decode[w].local.pop(req.request_id, None)
+            self._pending_decode[w].local.pop(run.key, None)
         error = None
         if got.ran:
             self._decode_seen(run)
@@ -398,7 +487,7 @@ class Engine:
             req.advance(RequestState.DECODING)
         elif req.request_id not in self._aborted:
             error = Failure("INTERNAL", "the decode worker's local prefill failed")
-        run.result = PrefillResult(req.request_id, got.first_token, got.queued_ms, got.prefill_ms, error=error)
+        run.result = PrefillResult(run.key, got.first_token, got.queued_ms, got.prefill_ms, error=error)
         return run.result
 
     def _observe_ttft(self, run: _Run) -> None:
@@ -420,8 +509,8 @@ class Engine:
         """Hand the first token to the decode worker holding the KV; returns the request's chunk queue."""
         req, placed = run.req, run.placed
         req.advance(RequestState.TRANSFERRING)
-        chunks = self._outputs[placed.decode_worker].subscribe(req.request_id)
-        await self.pools.decode[placed.decode_worker].submit(req.request_id, run.result.first_token, req.sampling,
+        chunks = self._outputs[placed.decode_worker].subscribe(run.key)
+        await self.pools.decode[placed.decode_worker].submit(run.key, run.result.first_token, req.sampling,
                                                              run.context_ids, self._owner, req.sla.priority,
                                                              run.tokens)
         self._decode_seen(run)
@@ -458,7 +547,7 @@ class Engine:
     def _decode_seen(self, run: _Run) -> None:
         """The decode worker has the request (its load reports count it from now)."""
         pend = self._pending_decode[run.placed.decode_worker]
-        del pend.incoming[run.req.request_id]
+        del pend.incoming[run.key]
         pend.prompt_tokens -= run.context_tokens
         run.decode_pending = False
 
@@ -466,31 +555,38 @@ class Engine:
         """Stop counting the current attempt against its workers."""
         req, placed = run.req, run.placed
         if run.prefill_pending:
-            self._queued[placed.prefill_worker].pop(req.request_id, None)
+            self._queued[placed.prefill_worker].pop(run.key, None)
             run.prefill_pending = False
         if run.decode_pending:
             self._decode_seen(run)
         pend = self._pending_decode[placed.decode_worker]
-        pend.tpot_targets.pop(req.request_id, None)
-        pend.local.pop(req.request_id, None)
-        self._outputs[placed.decode_worker].unsubscribe(req.request_id)
+        pend.tpot_targets.pop(run.key, None)
+        pend.local.pop(run.key, None)
+        self._outputs[placed.decode_worker].unsubscribe(run.key)
 
     def _release(self, run: _Run) -> None:
         self._forget_placement(run)
         self._live.pop(run.req.request_id, None)
         self._aborted.discard(run.req.request_id)
 
-    async def _abort_everywhere(self, request_id: str, placed: Placement) -> None:
+    async def _abort_everywhere(self, key: str, placed: Placement) -> None:
+        """Abort an attempt on its pair. Waits at most ABORT_WAIT_S: a stalled worker gets the call when
+        it resumes (Ray delivers it then), and the attempt's key fences it off meanwhile."""
         workers = [self.pools.decode[placed.decode_worker]]
         if not placed.local:
             workers.append(self.pools.prefill[placed.prefill_worker])
-        await asyncio.gather(*(w.abort(request_id) for w in workers), return_exceptions=True)
+        calls = asyncio.gather(*(w.abort(key) for w in workers), return_exceptions=True)
+        try:
+            await asyncio.wait_for(calls, ABORT_WAIT_S)
+        except TimeoutError:
+            log.warning("abort not answered in time: the worker gets it when it resumes", attempt=key,
+                        workers=[w.worker_id for w in workers])
 
     async def abort(self, request_id: str) -> bool:
         """The Abort RPC: stop a live request on both pools; its stream ends with FinishReason.ABORT."""
-        placed = self._live.get(request_id)
-        if placed is None:
+        run = self._live.get(request_id)
+        if run is None:
             return False
         self._aborted.add(request_id)
-        await self._abort_everywhere(request_id, placed)
+        await self._abort_everywhere(run.key, run.placed)
         return True

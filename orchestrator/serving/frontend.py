@@ -149,8 +149,8 @@ class InferenceService:
         budget = max(self.cfg.prefill.token_budget, 1)
         prefill = pb.PoolInfo(name="prefill", kind=pb.WORKER_KIND_PREFILL, hardware=self.cfg.prefill.hardware, workers=[
             pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_PREFILL, hardware=hw.get(w, ""),
-                          load=min(1.0, l.queued_tokens / budget), queued_requests=l.waiting,
-                          healthy=w not in self.engine.unhealthy)
+                          load=min(1.0, l.queued_tokens / budget), active_requests=len(l.running),
+                          queued_requests=l.waiting, healthy=w not in self.engine.unhealthy)
             for w, l in self.engine.prefill_loads.items()])
         occupancy = {v.worker_id: v.occupancy for v in self.engine.views()[1]}
         decode = pb.PoolInfo(name="decode", kind=pb.WORKER_KIND_DECODE, hardware=self.cfg.decode.hardware, workers=[

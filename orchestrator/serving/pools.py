@@ -60,11 +60,19 @@ def kv_address(bind_host: str, port: int, node_ip) -> str:
     return host_port(node_ip() if ipaddress.ip_address(bind_host).is_unspecified else bind_host, port)
 
 
+class _Located:
+    """Where an actor runs, for what signals its process (the chaos command, failure tests)."""
+
+    async def process(self) -> tuple[str, int]:
+        """(Ray node id, pid) of this actor's process."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
 def _decode_actor_class():
     from decode.worker import DecodeWorker
     from kvtransfer.grpc_backend import start_kv_server
 
-    class DecodeActor(DecodeWorker):
+    class DecodeActor(DecodeWorker, _Located):
         """A DecodeWorker that also hosts its KV receiver (gRPC, on `kv_host`) in the actor's process,
         taking transfers only from senders with the deployment's token (and TLS if configured).
         The receiver starts with the actor, so a restarted actor serves again, on a new port that
@@ -84,7 +92,7 @@ def _prefill_actor_class():
     from kvtransfer.grpc_backend import GrpcTransferBackend
     from prefill.worker import PrefillWorker
 
-    class PrefillActor(PrefillWorker):
+    class PrefillActor(PrefillWorker, _Located):
         """A PrefillWorker whose KV sender presents the deployment's token (and trusts its TLS certificate)."""
 
         def __init__(self, *args, kv_security: KVSecurity, **kwargs):

@@ -58,9 +58,10 @@ def running(cfg: Config, **kw) -> Iterator[Running]:
 
 
 def kv_all_free(client) -> bool:
-    """Every decode worker's KV blocks are free, as GetServerInfo reports them."""
+    """Every live decode worker's KV blocks are free, as GetServerInfo reports them (a dead worker keeps
+    its last report; its KV went with its process)."""
     info = client.server_info()
-    decode = [w for p in info.pools for w in p.workers if p.name == "decode"]
+    decode = [w for p in info.pools for w in p.workers if p.name == "decode" and w.healthy]
     return bool(decode) and all(w.kv_blocks_free == w.kv_blocks_total for w in decode)
 
 

@@ -16,6 +16,7 @@ import pytest
 from decode.worker import DecodeWorker
 from kvtransfer.inprocess import InProcessBackend
 from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import SenderConfig
 from model.finish import Failure, FinishReason
 from model.generation import generate
 from model.sampling import SamplingParams
@@ -58,22 +59,29 @@ class _GatedSink:
 
 
 class _Setup:
-    def __init__(self, lm, decode_calls: type[LocalCalls] = LocalCalls):
-        self.decode = DecodeWorker(capacity_tokens=2048, block_size=16, max_batch=8, blas_threads=1, loaded=lm)
+    def __init__(self, lm, decode_calls: type[LocalCalls] = LocalCalls, n_decode: int = 1, **engine_kw):
+        self.decodes = [DecodeWorker(capacity_tokens=2048, block_size=16, max_batch=8, blas_threads=1, loaded=lm)
+                        for _ in range(n_decode)]
+        self.decode = self.decodes[0]
         self.sink = _GatedSink(self.decode.kv_sink)
-        backend = InProcessBackend({"decode-0": KVReceiver(self.sink, expected_layout=self.decode.layout)})
-        self.prefill = PrefillWorker("prefill-0", blas_threads=1, transfer_backend=backend, loaded=lm)
+        receivers = {f"decode-{i}": KVReceiver(self.sink if i == 0 else d.kv_sink, expected_layout=d.layout)
+                     for i, d in enumerate(self.decodes)}
+        self.prefill = PrefillWorker("prefill-0", blas_threads=1, transfer_backend=InProcessBackend(receivers),
+                                     loaded=lm)
         self.prefill_calls, self.decode_calls = LocalCalls(self.prefill), decode_calls(self.decode)
+        calls = [self.decode_calls] + [LocalCalls(d) for d in self.decodes[1:]]
         pools = Pools(prefill={"prefill-0": PrefillHandle("prefill-0", self.prefill_calls)},
-                      decode={"decode-0": DecodeHandle("decode-0", self.decode_calls)},
-                      kv_targets={"decode-0": "decode-0"})
-        self.engine = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8)
+                      decode={f"decode-{i}": DecodeHandle(f"decode-{i}", c) for i, c in enumerate(calls)},
+                      kv_targets={w: w for w in receivers})
+        self.engine = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8,
+                             **engine_kw)
 
-    async def kv_freed(self) -> bool:
-        """True once every KV block of the decode pool is free again (False after 30 s)."""
+    async def kv_freed(self, worker: DecodeWorker | None = None) -> bool:
+        """True once every KV block of the decode pool (decode-0's by default) is free again (False after 30 s)."""
+        worker = worker or self.decode
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            load = await self.decode.load()
+            load = await worker.load()
             if load.free_blocks == load.total_blocks and load.active + load.waiting == 0:
                 return True
             await asyncio.sleep(0.01)
@@ -83,13 +91,15 @@ class _Setup:
 @asynccontextmanager
 async def running(lm, **kw):
     s = _Setup(lm, **kw)
-    await s.decode.start()
+    for d in s.decodes:
+        await d.start()
     await s.engine.start()
     try:
         yield s
     finally:
         await s.engine.stop()
-        await s.decode.close()
+        for d in s.decodes:
+            await d.close()
 
 
 def request(rid: str, prompt_ids: list[int], **params) -> Request:
@@ -295,6 +305,71 @@ def test_migrations_stop_at_the_limit_naming_the_workers_lost(lm, prompt):
     events = asyncio.run(main())
     assert events == [ErrorEvent(Failure("UNAVAILABLE", "worker decode-0 is unavailable (RayActorError); gave up "
                                                         "after 0 migrations (workers lost: decode-0)"))]
+
+
+class _FreezingDecode(LocalCalls):
+    """SIGSTOP seen from the engine: once frozen, no call is answered until thawed; then each runs, in
+    order (Ray delivers a stopped actor's queued calls when it resumes). The worker itself keeps
+    stepping, so its stale attempt has chunks to send when it resumes."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.thawed = asyncio.Event()
+        self.thawed.set()
+
+    async def __call__(self, method, *args):
+        await self.thawed.wait()
+        return await super().__call__(method, *args)
+
+
+def test_a_stalled_decode_worker_is_declared_lost_and_its_request_migrates_fenced(lm, prompt):
+    """decode-0 freezes after the request's first tokens: within the stall timeout the request
+    migrates to decode-1 and streams the greedy reference on; when decode-0 resumes, its stale
+    attempt's output is dropped (fenced by the attempt's key) and the abort it gets frees its KV."""
+    ref_ids, _ = reference(lm, prompt, max_tokens=24, ignore_eos=True)
+
+    async def main():
+        async with running(lm, decode_calls=_FreezingDecode, n_decode=2, stall_timeout_s=0.6) as s:
+            req = request("s", prompt, max_tokens=24, ignore_eos=True)
+            events, gen = [], s.engine.generate(req)
+            async for ev in gen:
+                events.append(ev)
+                if isinstance(ev, TokenEvent) and s.decode_calls.thawed.is_set():
+                    s.decode_calls.thawed.clear()  # frozen mid-stream
+            assert "decode-0" in s.engine.unhealthy
+            s.decode_calls.thawed.set()
+            assert await s.kv_freed(s.decodes[0]) and await s.kv_freed(s.decodes[1])
+            return events
+
+    events = asyncio.run(main())
+    final = events[-1]
+    assert isinstance(final, FinalEvent), final
+    assert (final.migrations, final.decode_worker, final.finish_reason) == (1, "decode-1", FinishReason.LENGTH)
+    assert ids_of(events) == ref_ids
+    indices = [ev.index for ev in events if isinstance(ev, TokenEvent)]
+    assert indices == sorted(set(indices)) and indices[0] == 0  # no chunk twice, none from the stale attempt
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "stall", "truncate"])
+def test_a_failed_kv_transfer_is_retried_on_another_decode_worker(lm, prompt, kind):
+    """The first transfer (to decode-0) suffers an injected fault: the request is prefilled again for
+    decode-1 and completes exactly; decode-0 stays healthy, and neither pool holds a block after."""
+    ref_ids, _ = reference(lm, prompt, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        async with running(lm, n_decode=2) as s:
+            s.prefill.transfer.config = SenderConfig(stall_timeout_s=0.3)
+            s.prefill.transfer.faults.arm(kind)
+            req = request("k", prompt, max_tokens=8, ignore_eos=True)
+            events = await collect(s.engine.generate(req))
+            assert await s.kv_freed(s.decodes[0]) and await s.kv_freed(s.decodes[1])
+            return events, s
+
+    events, s = asyncio.run(main())
+    final = events[-1]
+    assert isinstance(final, FinalEvent), final
+    assert (final.migrations, final.decode_worker) == (1, "decode-1") and ids_of(events) == ref_ids
+    assert s.prefill.transfer.faults.fired == {kind: 1} and not s.engine.unhealthy
 
 
 def test_no_placement_is_a_rejection(lm, prompt):
