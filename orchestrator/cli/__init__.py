@@ -17,6 +17,8 @@ COMMANDS = {
     "simulate": "run the scaling experiments listed in cluster.yaml in the discrete-event simulator",
     "predict": "predict TTFT, ITL and tokens/s of one model on one hardware configuration",
     "plan": "find the cheapest pool sizes that meet an SLA at a request rate",
+    "chaos": "run the live system under load while seeded faults kill, freeze and corrupt its workers, and check "
+             "that no token was lost",
 }
 
 

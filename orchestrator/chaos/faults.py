@@ -1,0 +1,191 @@
+"""The chaos command's faults: each injected into a live deployment, and confirmed.
+
+    decode_kill    SIGKILL of the busiest decode worker's process (Ray restarts the actor)
+    decode_stall   SIGSTOP of the busiest decode worker's process, SIGCONT after `stall_s`
+    prefill_kill   SIGKILL of the busiest prefill worker's process
+    kv_corrupt     the next KV transfer has a payload byte flipped (kvtransfer/faults.py)
+    kv_stall       ... stops sending after its first chunk, as if the link froze
+    kv_truncate    ... ends its frame stream early, with no commit
+    client_cancel  a client cancels a stream that has tokens and has not finished
+
+"Busiest": the healthy worker with the most live requests of the engine (ties: seeded). A fault is
+`fired` only once it is confirmed: the process is gone (or stopped, state T, for a stall), the KV
+fault is reported as applied to a frame by the worker, the cancelled stream was mid-way. A fault
+that could not be injected (no healthy worker, no stream to cancel) is kept with fired=False and
+the reason, never counted as survived. `affected` are the requests the fault hit: those placed on
+the worker at that moment, the one whose transfer carried the KV fault, the cancelled one. A KV
+fault is armed on every healthy prefill worker and disarmed on the others once one has applied it;
+while it waits for a transfer, and while no stream is mid-way for a cancel, the injector asks the
+load for an extra request (`probe`), so a fault late in the run still meets work.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+KINDS = ("decode_kill", "decode_stall", "prefill_kill", "kv_corrupt", "kv_stall", "kv_truncate", "client_cancel")
+PROCESS_KINDS = ("decode_kill", "decode_stall", "prefill_kill")
+CONFIRM_S = 10.0  # how long a fault may take to show (a process to exit, an armed KV fault to meet a transfer)
+
+
+@dataclass(slots=True)
+class Fault:
+    kind: str
+    at: float = 0.0  # monotonic time it hit (a KV fault: when the worker applied it)
+    worker: str = ""
+    fired: bool = False
+    detail: str = ""  # why it did not fire, or what it hit
+    affected: tuple[str, ...] = ()  # request ids it hit
+    ended: float | None = None  # monotonic time a stall's process was resumed
+
+
+@dataclass
+class Injector:
+    """Injects faults into `dep` (a started orchestrator.serving.deployment.Deployment)."""
+
+    dep: object
+    rng: random.Random
+    stall_s: float  # how long a decode_stall keeps the process stopped
+    cancel_one: Callable[[], str | None]  # cancels a mid-way stream; its request id, or None if none is
+    probe: Callable[[], None]  # sends one more request of the load
+    _stalls: list[asyncio.Task] = field(default_factory=list)
+
+    async def inject(self, kind: str) -> Fault:
+        fault = Fault(kind, at=time.monotonic())
+        if kind in ("decode_kill", "decode_stall", "prefill_kill"):
+            await self._process_fault(fault)
+        elif kind.startswith("kv_"):
+            await self._kv_fault(fault)
+        elif kind == "client_cancel":
+            rid = self.cancel_one()
+            if rid is None:
+                self.probe()
+                rid = await _until_value(self.cancel_one)
+            fault.fired, fault.affected, fault.at = rid is not None, (rid,) if rid else (), time.monotonic()
+            fault.detail = "" if rid else "no stream was mid-way"
+        else:
+            raise ValueError(f"fault: {kind!r} is not one of {', '.join(KINDS)}")
+        return fault
+
+    async def settle(self) -> None:
+        """Wait for the stalls still running to resume their processes."""
+        await asyncio.gather(*self._stalls)
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _busiest(self, pool: str) -> str | None:
+        engine = self.dep.engine
+        workers = [w for w in (engine.pools.decode if pool == "decode" else engine.pools.prefill)
+                   if w not in engine.unhealthy]
+        if not workers:
+            return None
+        at = 1 if pool == "decode" else 0
+        live = [pair[at] for pair in engine.placements().values()]
+        most = max(live.count(w) for w in workers)
+        return self.rng.choice(sorted(w for w in workers if live.count(w) == most))
+
+    async def _process_fault(self, fault: Fault) -> None:
+        pool = "prefill" if fault.kind == "prefill_kill" else "decode"
+        worker = self._busiest(pool)
+        if worker is None:
+            fault.detail = f"no healthy {pool} worker"
+            return
+        _, pid = await self.dep.pools.actors[worker].process.remote()
+        at = 1 if pool == "decode" else 0
+        fault.worker = worker
+        fault.affected = tuple(rid for rid, pair in self.dep.engine.placements().items() if pair[at] == worker)
+        fault.at = time.monotonic()
+        if fault.kind == "decode_stall":
+            os.kill(pid, signal.SIGSTOP)
+            fault.fired = await _until(lambda: process_state(pid) == "T")
+            self._stalls.append(asyncio.get_running_loop().create_task(self._resume(fault, pid)))
+        else:
+            os.kill(pid, signal.SIGKILL)
+            fault.fired = await _until(lambda: process_state(pid) in (None, "Z", "X"))
+        fault.detail = f"pid {pid}" if fault.fired else f"pid {pid} did not {fault.kind.split('_')[1]}"
+
+    async def _resume(self, fault: Fault, pid: int) -> None:
+        await asyncio.sleep(max(0.0, fault.at + self.stall_s - time.monotonic()))
+        os.kill(pid, signal.SIGCONT)
+        fault.ended = time.monotonic()
+
+    # -- KV transfers ------------------------------------------------------------------------
+
+    async def _kv_fault(self, fault: Fault) -> None:
+        engine, kind = self.dep.engine, fault.kind.removeprefix("kv_")
+        actors = {w: self.dep.pools.actors[w] for w in engine.pools.prefill if w not in engine.unhealthy}
+        if not actors:
+            fault.detail = "no healthy prefill worker"
+            return
+        before = {w: len((await a.kv_faults.remote())[0]) for w, a in actors.items()}
+        await asyncio.gather(*(a.inject_kv_fault.remote(kind) for a in actors.values()))
+        hit: tuple[str, str, float] | None = None
+
+        async def applied() -> bool:
+            nonlocal hit
+            for w, a in actors.items():
+                hits = (await a.kv_faults.remote())[0][before[w]:]
+                if hits:
+                    fault.worker, hit = w, hits[0]
+                    return True
+            return False
+
+        if not await _until_async(applied, 2.0):
+            self.probe()
+        fired = hit is not None or await _until_async(applied)
+        await asyncio.gather(*(a.clear_kv_faults.remote() for a in actors.values()))
+        if fired:
+            _, key, unix = hit
+            fault.fired, fault.affected = True, (key.split("~m")[0],)  # the attempt's key -> the request id
+            fault.at = time.monotonic() - (time.time() - unix)
+            fault.detail = f"transfer of {key}"
+        else:
+            fault.detail = "armed, but no transfer met it"
+
+
+def process_state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T, Z, ...), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MB, None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+async def _until_value(fn: Callable[[], str | None], timeout_s: float = CONFIRM_S) -> str | None:
+    end = time.monotonic() + timeout_s
+    while (value := fn()) is None and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def _until(cond: Callable[[], bool], timeout_s: float = CONFIRM_S) -> bool:
+    async def check() -> bool:
+        return cond()
+    return await _until_async(check, timeout_s)
+
+
+async def _until_async(cond, timeout_s: float = CONFIRM_S) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if await cond():
+            return True
+        await asyncio.sleep(0.05)
+    return await cond()
