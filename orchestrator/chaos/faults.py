@@ -8,7 +8,8 @@
     kv_truncate    ... ends its frame stream early, with no commit
     client_cancel  a client cancels a stream that has tokens and has not finished
 
-"Busiest": the healthy worker with the most live requests of the engine (ties: seeded). A fault is
+"Busiest": the healthy worker with the most live requests of the engine (ties: seeded), once some
+worker of the pool has one (the injector probes for one if none comes). A fault is
 `fired` only once it is confirmed: the process is gone (or stopped, state T, for a stall), the KV
 fault is reported as applied to a frame by the worker, the cancelled stream was mid-way. A fault
 that could not be injected (no healthy worker, no stream to cancel) is kept with fired=False and
@@ -92,12 +93,20 @@ class Injector:
 
     async def _process_fault(self, fault: Fault) -> None:
         pool = "prefill" if fault.kind == "prefill_kill" else "decode"
+        at = 1 if pool == "decode" else 0
+        placed = lambda: any(pair[at] for pair in self.dep.engine.placements().values())  # noqa: E731
+        if not await _until(placed, 5.0):  # a process fault is meant to hit requests: wait for one
+            self.probe()
+            await _until(placed)
         worker = self._busiest(pool)
         if worker is None:
             fault.detail = f"no healthy {pool} worker"
             return
-        _, pid = await self.dep.pools.actors[worker].process.remote()
-        at = 1 if pool == "decode" else 0
+        located = await _ask(self.dep.pools.actors[worker].process.remote())
+        if located is None:
+            fault.detail = f"{worker} did not answer"
+            return
+        _, pid = located
         fault.worker = worker
         fault.affected = tuple(rid for rid, pair in self.dep.engine.placements().items() if pair[at] == worker)
         fault.at = time.monotonic()
@@ -120,26 +129,29 @@ class Injector:
     async def _kv_fault(self, fault: Fault) -> None:
         engine, kind = self.dep.engine, fault.kind.removeprefix("kv_")
         actors = {w: self.dep.pools.actors[w] for w in engine.pools.prefill if w not in engine.unhealthy}
-        if not actors:
-            fault.detail = "no healthy prefill worker"
+        before = {}
+        for w, a in actors.items():  # a worker that cannot answer (restarting after a kill) is left out
+            answer = await _ask(a.kv_faults.remote())
+            if answer is not None and await _ask(a.inject_kv_fault.remote(kind), True) is not None:
+                before[w] = len(answer[0])
+        if not before:
+            fault.detail = "no prefill worker to arm"
             return
-        before = {w: len((await a.kv_faults.remote())[0]) for w, a in actors.items()}
-        await asyncio.gather(*(a.inject_kv_fault.remote(kind) for a in actors.values()))
         hit: tuple[str, str, float] | None = None
 
         async def applied() -> bool:
             nonlocal hit
-            for w, a in actors.items():
-                hits = (await a.kv_faults.remote())[0][before[w]:]
-                if hits:
-                    fault.worker, hit = w, hits[0]
+            for w in before:
+                answer = await _ask(actors[w].kv_faults.remote())
+                if answer is not None and answer[0][before[w]:]:
+                    fault.worker, hit = w, answer[0][before[w]]
                     return True
             return False
 
         if not await _until_async(applied, 2.0):
             self.probe()
         fired = hit is not None or await _until_async(applied)
-        await asyncio.gather(*(a.clear_kv_faults.remote() for a in actors.values()))
+        await asyncio.gather(*(_ask(actors[w].clear_kv_faults.remote()) for w in before))
         if fired:
             _, key, unix = hit
             fault.fired, fault.affected = True, (key.split("~m")[0],)  # the attempt's key -> the request id
@@ -147,6 +159,15 @@ class Injector:
             fault.detail = f"transfer of {key}"
         else:
             fault.detail = "armed, but no transfer met it"
+
+
+async def _ask(call, done=None):
+    """A worker call's answer (or `done` for one that returns None), None when the worker cannot answer."""
+    try:
+        answer = await asyncio.wait_for(call, 10.0)
+    except Exception:  # RayError: dead or restarting; TimeoutError: frozen
+        return None
+    return done if answer is None and done is not None else answer
 
 
 def process_state(pid: int) -> str | None:

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
+from bench.live import FILLER
 from orchestrator.chaos.faults import KINDS, PROCESS_KINDS, Fault, Injector, rss_mb
+from orchestrator.chaos.overload import overload_phase
 
 log = structlog.get_logger("chaos")
 
@@ -69,7 +71,7 @@ class Record:
 def workload(cfg, requests: int, rate: float | None, tokenizer, faults: int) -> tuple[list[Spec], float]:
     """The requests, and their rate: `rate`, else half the predicted capacity, slowed so the arrivals
     last at least SECONDS_PER_FAULT per fault (a killed worker's restart takes seconds)."""
-    from bench.live import FILLER, auto_rate, prompt_ids
+    from bench.live import auto_rate, prompt_ids
     from orchestrator.core.trace import fit_trace, load_azure_trace
 
     wl = cfg.workload
@@ -169,34 +171,39 @@ async def _processes(dep) -> dict[str, int]:
 
 
 async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ...] = KINDS, per_kind: int = 1,
-                    rate: float | None = None) -> dict:
-    """Run the load with the faults and return the report (module docstring)."""
+                    rate: float | None = None, overload: float = 0.0, overload_s: float = 60.0) -> dict:
+    """Run the load with the faults and return the report (module docstring); with `overload` > 0,
+    then the overload phase (orchestrator/chaos/overload.py) on the same deployment, its report
+    under "overload". No kinds: the overload phase only."""
     from model.loaded import load_model
     from orchestrator.client import AsyncClient
     from orchestrator.serving.deployment import Deployment
 
     unknown = sorted(set(kinds) - set(KINDS))
-    if not kinds:
-        raise ValueError(f"faults: name at least one of {', '.join(KINDS)}")
+    if not kinds and not overload > 0:
+        raise ValueError(f"faults: name at least one of {', '.join(KINDS)} (or run the overload phase)")
+    if not (overload == 0 or overload > 0 and overload_s > 0):
+        raise ValueError(f"overload: a factor > 0 with a duration > 0, got {overload} for {overload_s} s")
     if unknown:
         raise ValueError(f"faults: unknown kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
     rng = random.Random(seed)
     cfg = with_spare_workers(cfg)
     lm = load_model()
     plan = [k for k in kinds for _ in range(per_kind)]
-    specs, rate = workload(cfg, requests, rate, lm.tokenizer, len(plan))
+    specs, rate = workload(cfg, requests, rate, lm.tokenizer, len(plan)) if plan else ([], 0.0)
     rng.shuffle(plan)
-    span = max(s.arrival_s for s in specs)
-    print(f"chaos: {len(specs)} requests at {rate:.3g} req/s over {span:.0f} s on {cfg.prefill.workers} prefill + "
-          f"{cfg.decode.workers} decode workers; faults (seed {seed}): {', '.join(plan)}")
+    span = max((s.arrival_s for s in specs), default=0.0)
+    if plan:
+        print(f"chaos: {len(specs)} requests at {rate:.3g} req/s over {span:.0f} s on {cfg.prefill.workers} prefill + "
+              f"{cfg.decode.workers} decode workers; faults (seed {seed}): {', '.join(plan)}")
     records = {s.request_id: Record(s) for s in specs}
     inflight: dict[str, Record] = {}
     faults: list[Fault] = []
     async with Deployment(cfg, port=0, metrics_port=0) as dep:
         stall_s = dep.engine.stall_timeout_s + 1.5
         async with AsyncClient(dep.target) as client:
-            await client.complete(token_ids=specs[0].prompt_ids[:16], max_tokens=4)  # warm the path
-            baseline: dict = {}  # memory once the load has warmed every process: at the first fault
+            await client.complete(token_ids=lm.tokenizer.encode(FILLER)[:16], max_tokens=4)  # warm the path
+            baseline: dict = {"pids": {}, "workers": {}, "frontend": rss_mb(os.getpid())}  # memory once the load has warmed every process: at the first fault
             t0 = time.monotonic()
             deadline = span + 300.0
             streams = [asyncio.create_task(_stream(client, r, t0, deadline, inflight)) for r in records.values()]
@@ -219,7 +226,7 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
                     waited = time.monotonic() + 10.0  # a fault is meant to meet work in flight
                     while not inflight and time.monotonic() < waited and not all(t.done() for t in streams):
                         await asyncio.sleep(0.05)
-                    if not baseline:
+                    if k == 0:
                         pids = await _processes(dep)
                         baseline.update(pids=pids, frontend=rss_mb(os.getpid()),
                                         workers={w: rss_mb(p) for w, p in pids.items()})
@@ -232,12 +239,19 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
                 await asyncio.gather(*streams)
             held_blocks, held_prompts = await _settle(dep, SETTLE_S)
             rss1, pids1 = rss_mb(os.getpid()), await _processes(dep)
-            before = baseline.get("workers", {})
+            before = baseline["workers"]
             worker_growth = {w: rss_mb(p) - before[w] for w, p in pids1.items()  # processes that lived through it
                              if baseline["pids"].get(w) == p and before.get(w) is not None and rss_mb(p) is not None}
+            overloaded = None
+            if overload > 0:
+                overloaded = await overload_phase(dep, client, cfg, lm.tokenizer, overload, overload_s)
+                overloaded["leaked_kv_blocks"], overloaded["leaked_prefill_tokens"] = await _settle(dep, SETTLE_S)
     mismatches = _check_tokens(lm, records.values())
-    return report(records.values(), faults, held_blocks, held_prompts, mismatches,
-                  (rss1 - baseline["frontend"]) + sum(worker_growth.values()), worker_growth, rate, seed, t0)
+    result = report(records.values(), faults, held_blocks, held_prompts, mismatches,
+                    (rss1 - baseline["frontend"]) + sum(worker_growth.values()), worker_growth, rate, seed, t0)
+    if overloaded is not None:
+        result["overload"] = overloaded
+    return result
 
 
 def _check_tokens(lm, records) -> list[str]:
@@ -329,7 +343,12 @@ def report(records, faults: list[Fault], held_blocks: int, held_prompts: int, mi
 
 
 def survived(result: dict) -> bool:
-    """Every invariant held and every fault fired."""
+    """Every invariant held and every fault fired; nothing failed but by the router's early rejection
+    (RESOURCE_EXHAUSTED: fewer workers, a request predicted to miss); nothing held after either phase."""
+    held = result["overload"]["leaked_kv_blocks"] + result["overload"]["leaked_prefill_tokens"] \
+        if "overload" in result else 0
     return (result["lost"] == result["duplicated_tokens"] == result["missing_tokens"] == result["token_mismatches"]
-            == result["leaked_kv_blocks"] == result["leaked_prefill_tokens"] == 0
-            and not result["faults_not_fired"] and not result["failed_by_status"])
+            == result["leaked_kv_blocks"] == result["leaked_prefill_tokens"] == held == 0
+            and not result["faults_not_fired"]
+            and not set(result["failed_by_status"]) - {"RESOURCE_EXHAUSTED"}
+            and not result.get("overload", {}).get("failed_by_status"))

@@ -281,6 +281,12 @@ class Engine:
         return {rid: ("" if r.placed.local else r.placed.prefill_worker, r.placed.decode_worker)
                 for rid, r in self._live.items()}
 
+    def queue_depths(self) -> dict[str, int]:
+        """Live requests, prompts this engine has queued at prefill workers, and sequences the decode
+        workers last reported waiting: what must stay bounded under overload."""
+        return {"live": len(self._live), "prefill_queued": sum(len(q) for q in self._queued.values()),
+                "decode_waiting": sum(l.waiting for l in self.decode_loads.values())}
+
     def views(self, now: float | None = None) -> tuple[list[PrefillView], list[DecodeView]]:
         """The router's views at `now` (monotonic seconds): the workers' last reported loads plus what
         this engine has sent them since."""
