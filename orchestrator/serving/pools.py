@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import uuid
 import structlog
 
 from orchestrator.core.config import Config
@@ -112,10 +113,11 @@ async def build_pools(cfg: Config) -> Pools:
 
     pools = Pools()
     p, d = cfg.prefill, cfg.decode
+    tag = uuid.uuid4().hex[:8]  # actors are named `pdorch.<worker id>.<tag>`: findable in Ray's state API
     for i in range(d.workers):
         wid = f"decode-{i}"
         actor = ray.remote(DecodeActor).options(
-            num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
+            name=f"pdorch.{wid}.{tag}", num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
             capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
             blas_threads=d.blas_threads, kv_host=d.kv_host, kv_security=security)
@@ -124,7 +126,7 @@ async def build_pools(cfg: Config) -> Pools:
     for i in range(p.workers):
         wid = f"prefill-{i}"
         actor = ray.remote(PrefillActor).options(
-            num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000,
+            name=f"pdorch.{wid}.{tag}", num_cpus=p.num_cpus, resources=dict(p.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
             wid, token_budget=p.token_budget, max_batch=p.max_batch, blas_threads=p.blas_threads,
             kv_security=security.for_senders())
