@@ -17,7 +17,8 @@ the reason, never counted as survived. `affected` are the requests the fault hit
 the worker at that moment, the one whose transfer carried the KV fault, the cancelled one. A KV
 fault is armed on every healthy prefill worker and disarmed on the others once one has applied it;
 while it waits for a transfer, and while no stream is mid-way for a cancel, the injector asks the
-load for an extra request (`probe`), so a fault late in the run still meets work.
+load for an extra request (`probe`), so a fault late in the run still meets work (for a KV fault,
+one with a prompt longer than router.local_prefill_max_tokens: short ones may skip the transfer).
 """
 from __future__ import annotations
 
@@ -54,19 +55,19 @@ class Injector:
     rng: random.Random
     stall_s: float  # how long a decode_stall keeps the process stopped
     cancel_one: Callable[[], str | None]  # cancels a mid-way stream; its request id, or None if none is
-    probe: Callable[[], None]  # sends one more request of the load
+    probe: Callable[[bool], None]  # sends one more request of the load; True: one whose KV must cross
     _stalls: list[asyncio.Task] = field(default_factory=list)
 
     async def inject(self, kind: str) -> Fault:
         fault = Fault(kind, at=time.monotonic())
-        if kind in ("decode_kill", "decode_stall", "prefill_kill"):
+        if kind in PROCESS_KINDS:
             await self._process_fault(fault)
         elif kind.startswith("kv_"):
             await self._kv_fault(fault)
         elif kind == "client_cancel":
             rid = self.cancel_one()
             if rid is None:
-                self.probe()
+                self.probe(False)
                 rid = await _until_value(self.cancel_one)
             fault.fired, fault.affected, fault.at = rid is not None, (rid,) if rid else (), time.monotonic()
             fault.detail = "" if rid else "no stream was mid-way"
@@ -96,7 +97,7 @@ class Injector:
         at = 1 if pool == "decode" else 0
         placed = lambda: any(pair[at] for pair in self.dep.engine.placements().values())  # noqa: E731
         if not await _until(placed, 5.0):  # a process fault is meant to hit requests: wait for one
-            self.probe()
+            self.probe(False)
             await _until(placed)
         worker = self._busiest(pool)
         if worker is None:
@@ -149,7 +150,7 @@ class Injector:
             return False
 
         if not await _until_async(applied, 2.0):
-            self.probe()
+            self.probe(True)  # a prompt too long to be prefilled locally: its KV must cross
         fired = hit is not None or await _until_async(applied)
         await asyncio.gather(*(_ask(actors[w].clear_kv_faults.remote()) for w in before))
         if fired:

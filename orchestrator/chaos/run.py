@@ -7,7 +7,8 @@ for this machine unless `rate` is given. Even requests are greedy, odd ones seed
 ignore EOS, so each must stream exactly max_tokens tokens. Faults: each kind of `kinds`
 `per_kind` times, in a seeded order, spread over the arrivals; before each process fault the
 deployment is given time to have every worker healthy again (a killed actor is restarted by Ray),
-so each fault meets a whole system.
+so each fault meets a whole system. Extra requests the injector asks for (`probe`) use the loosest
+SLA class, so the router's early rejection does not turn away the work a fault waits for.
 
 Verdict, after every stream ended and the pools settled: tokens lost, duplicated or missing (chunk
 indices and counts), mismatches against the uninterrupted in-process reference (greedy: the
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from bench.live import FILLER
-from orchestrator.chaos.faults import KINDS, PROCESS_KINDS, Fault, Injector, rss_mb
+from bench.live import FILLER, prompt_ids
+from orchestrator.chaos.faults import KINDS, Fault, Injector, rss_mb
 from orchestrator.chaos.overload import overload_phase
 
 log = structlog.get_logger("chaos")
@@ -48,6 +49,7 @@ class Spec:
     max_tokens: int
     arrival_s: float
     seed: int | None  # None: greedy
+    sla_class: str = ""  # "": the config's default
 
 
 @dataclass(slots=True)
@@ -71,7 +73,7 @@ class Record:
 def workload(cfg, requests: int, rate: float | None, tokenizer, faults: int) -> tuple[list[Spec], float]:
     """The requests, and their rate: `rate`, else half the predicted capacity, slowed so the arrivals
     last at least SECONDS_PER_FAULT per fault (a killed worker's restart takes seconds)."""
-    from bench.live import auto_rate, prompt_ids
+    from bench.live import auto_rate
     from orchestrator.core.trace import fit_trace, load_azure_trace
 
     wl = cfg.workload
@@ -97,7 +99,7 @@ async def _stream(client, rec: Record, t0: float, deadline_s: float, inflight: d
     sampling = dict(temperature=0.8, top_p=0.95, seed=spec.seed) if spec.seed is not None else {}
     rec.sent = time.monotonic()
     stream = client.generate(token_ids=spec.prompt_ids, max_tokens=spec.max_tokens, request_id=spec.request_id,
-                             ignore_eos=True, **sampling)
+                             ignore_eos=True, sla_class=spec.sla_class, **sampling)
     inflight[spec.request_id] = rec
 
     async def consume() -> None:
@@ -208,21 +210,24 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
             deadline = span + 300.0
             streams = [asyncio.create_task(_stream(client, r, t0, deadline, inflight)) for r in records.values()]
 
-            def probe() -> None:
-                base = rng.choice(specs)
-                spec = dataclasses.replace(base, request_id=f"chaos-probe-{len(records)}",
-                                           arrival_s=time.monotonic() - t0)
+            def probe(crossing: bool) -> None:
+                base, rid = rng.choice(specs), f"chaos-probe-{len(records)}"
+                spec = dataclasses.replace(base, request_id=rid, arrival_s=time.monotonic() - t0,
+                                           sla_class=loosest)  # a probe is there to meet the fault, not be rejected
+                if crossing and len(spec.prompt_ids) <= cfg.router_local_prefill_max_tokens:
+                    spec.prompt_ids = prompt_ids(lm.tokenizer, cfg.router_local_prefill_max_tokens + 32,
+                                                 lm.tokenizer.encode(FILLER), len(records))
                 records[spec.request_id] = rec = Record(spec)
                 streams.append(asyncio.create_task(_stream(client, rec, t0, deadline, inflight)))
 
+            loosest = max(cfg.sla_classes, key=lambda name: cfg.sla_classes[name].ttft_ms)
             injector = Injector(dep, rng, stall_s, _cancel_one(inflight, rng), probe)
 
             async def schedule() -> None:
                 for k, kind in enumerate(plan):
                     await asyncio.sleep(max(0.0, t0 + span * (k + 0.5) / len(plan) - time.monotonic()))
-                    if kind in PROCESS_KINDS:
-                        await injector.settle()
-                        await _all_healthy(dep, HEALTHY_WAIT_S)
+                    await injector.settle()  # every fault meets a whole system: stalls resumed, restarts done
+                    await _all_healthy(dep, HEALTHY_WAIT_S)
                     waited = time.monotonic() + 10.0  # a fault is meant to meet work in flight
                     while not inflight and time.monotonic() < waited and not all(t.done() for t in streams):
                         await asyncio.sleep(0.05)

@@ -78,7 +78,7 @@ class Config:
     router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
     router_local_prefill_max_tokens: int  # longest prompt a decode worker may prefill itself (0: never)
     router_max_migrations: int  # placements a request may get after its first when workers die under it
-    router_stall_timeout_s: float  # a decode worker with work, silent or not stepping this long, is lost
+    router_stall_timeout_s: float  # a decode worker with requests on it, silent this long, is lost
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
     default_sla_class: str
     workload: WorkloadConfig

@@ -16,7 +16,7 @@ transfer tail, feed the predictor's corrections.
 Failover. A request is placed again (the router, rejection off) when
 - a worker of its pair dies: its calls fail (WorkerUnavailable), or the decode output poll ends with
   WorkerLost;
-- its decode worker stalls: with work, it leaves its output poll unanswered or takes no step for
+- its decode worker stalls: with requests waiting on it, it leaves its output poll unanswered for
   `stall_timeout_s` (a frozen process). The engine declares it lost (unhealthy until it answers a
   load again) and fails its attempts over: streaming ones through their chunk queues, prefilling
   ones through their fence;
@@ -30,7 +30,8 @@ or frozen decode worker's KV cannot be read, and a prefill worker keeps none aft
 attempt has its own id on the workers (`_Run.key`: the request id, then `id~mN`): whatever a stale
 attempt sends later (a frozen worker resumed) matches nothing and is dropped, and its abort, sent when
 the attempt is given up, reaches it when it resumes. At most `max_migrations` placements after the
-first; then UNAVAILABLE naming the workers tried. A re-prefill is due within one TPOT target (its
+first; then UNAVAILABLE naming the workers tried. With no healthy worker to take it (a restarting
+actor, two lost at once) a migration waits up to MIGRATE_WAIT_S for one. A re-prefill is due within one TPOT target (its
 batcher deadline), since the client is already mid-stream.
 
 A request the router places with `local` (conditional disaggregation) is prefilled by its decode
@@ -69,6 +70,7 @@ log = structlog.get_logger("engine")
 VIEW_REFRESH_S = 0.05
 LOAD_TIMEOUT_S = 2.0  # a worker whose load() takes longer (hung, or restarting) counts as unhealthy
 ABORT_WAIT_S = 1.0  # the longest an abort waits for its workers' answers
+MIGRATE_WAIT_S = 3.0  # the longest a migration waits for a healthy worker to place the request on
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +167,7 @@ class Engine:
         """`perf`: the live model on the cpu profile (orchestrator/serving/perfmodel.py); the batch
         settings are the workers' (cluster.yaml pools.*); `max_migrations`: placements a request may
         get after its first when workers die under it; `stall_timeout_s`: how long a decode worker with
-        work may leave its poll unanswered, or not step, before it is declared lost (module docstring)."""
+        work may leave its output poll unanswered before it is declared lost (module docstring)."""
         self.pools = pools
         self.perf = perf
         self.decode_max_batch = decode_max_batch
@@ -174,7 +176,6 @@ class Engine:
         self.kv_deadline_s = kv_deadline_s
         self.max_migrations = max_migrations
         self.stall_timeout_s = stall_timeout_s
-        self._stepped_at: dict[str, float] = {}  # decode worker id -> when its loads last showed progress
         self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
         self.decode_loads: dict[str, DecodeLoad] = {}
         self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
@@ -216,8 +217,6 @@ class Engine:
             for batch, ctx, seconds in answer.steps:
                 corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
             now = time.monotonic()
-            if answer.steps or answer.local_prefills or not answer.active:
-                self._stepped_at[worker] = now
             for tokens, seconds in answer.local_prefills:
                 corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
                 self._pending_decode[worker].stalls.add(now, seconds)
@@ -250,22 +249,21 @@ class Engine:
                 log.warning("load refresh failed", exc_info=True)
 
     def _check_stalls(self, now: float) -> None:
-        """Declare lost a decode worker that has work and has left its output poll unanswered, or not
-        stepped, for longer than stall_timeout_s (a frozen process, a hung step)."""
+        """Declare lost a decode worker that has requests waiting on it and has left its output poll
+        unanswered for longer than stall_timeout_s (a frozen process; a live one answers every 0.5 s).
+        Step progress from the load reports is not a signal: they come in one gather across workers,
+        late whenever any worker is slow to answer, and a live worker busy with local prefills or
+        starved of CPU takes no step for a while (both gave false alarms under chaos)."""
         for w, outputs in self._outputs.items():
             quiet = outputs.quiet_s(now)
-            load = self.decode_loads.get(w)
-            idle = now - self._stepped_at.get(w, now) if load is not None and load.active else 0.0
-            if max(quiet, idle) > self.stall_timeout_s:
-                what = "answer" if quiet >= idle else "decode step"
-                self._declare_lost(w, f"stalled: no {what} for {max(quiet, idle):.1f} s")
+            if quiet > self.stall_timeout_s:
+                self._declare_lost(w, f"stalled: no answer for {quiet:.1f} s")
 
     def _declare_lost(self, worker: str, cause: str) -> None:
         """Every attempt on this decode worker migrates: streaming ones through their chunk queues,
         prefilling ones through their fence. Whatever the worker sends for them later is dropped."""
         lost = WorkerUnavailable(worker, cause)
         self._mark_unhealthy(worker, lost)
-        self._stepped_at[worker] = time.monotonic()  # once per timeout while it stays frozen
         streaming = self._outputs[worker].lose(cause)
         prefilling = 0
         for run in self._live.values():
@@ -407,12 +405,19 @@ class Engine:
         if run.migrations >= self.max_migrations:
             return self._fail(req, Failure("UNAVAILABLE", f"{lost}; gave up after {run.migrations} migrations "
                                                           f"(workers lost: {tried})"))
-        now = time.monotonic()
-        pf_views, dc_views = self.views(now)
-        if isinstance(lost, KVTransferFailed) and any(v.healthy and v.worker_id != lost.worker_id for v in dc_views):
-            dc_views = [v for v in dc_views if v.worker_id != lost.worker_id]
-        placed = self.router.place(RouteRequest(req.request_id, run.context_tokens, req.sampling.max_tokens - run.n_out,
-                                                req.sla), pf_views, dc_views, now, reject=False)
+        give_up = time.monotonic() + MIGRATE_WAIT_S
+        while True:  # no healthy worker now (a restarting actor, a worker lost at the same moment): wait a little
+            now = time.monotonic()
+            pf_views, dc_views = self.views(now)
+            if isinstance(lost, KVTransferFailed) and any(v.healthy and v.worker_id != lost.worker_id
+                                                          for v in dc_views):
+                dc_views = [v for v in dc_views if v.worker_id != lost.worker_id]
+            placed = self.router.place(RouteRequest(req.request_id, run.context_tokens,
+                                                    req.sampling.max_tokens - run.n_out, req.sla),
+                                       pf_views, dc_views, now, reject=False)
+            if not (isinstance(placed, Rejection) and placed.code == "UNAVAILABLE") or now >= give_up:
+                break
+            await asyncio.sleep(VIEW_REFRESH_S * 4)
         if isinstance(placed, Rejection):
             return self._fail(req, Failure("UNAVAILABLE", f"{lost}; no worker to migrate to ({placed.reason})"))
         run.migrations += 1
