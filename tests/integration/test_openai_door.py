@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import subprocess
 import time
 from urllib.parse import urlparse
 
@@ -13,7 +14,7 @@ import openai
 import pytest
 
 from orchestrator import client as cl
-from tests.integration.stack import cluster_tree, config_of, running, wait_kv_free
+from tests.integration.stack import ROOT, cluster_tree, config_of, running, wait_kv_free
 
 pytestmark = pytest.mark.integration
 KEY = "door-test-key-0123456789"
@@ -173,3 +174,25 @@ def test_a_client_that_disconnects_aborts_its_request_and_frees_kv(run, oa, grpc
     assert _cancelled(run) == before + 1  # it ended because the client left, not by finishing its 300 tokens
     ok = oa.completions.create(model=MODEL, prompt="After the cancel,", max_tokens=3)  # others unaffected
     assert ok.usage.completion_tokens >= 1 and wait_kv_free(grpc_client)
+
+
+def _readme_blocks() -> dict[str, str]:
+    """The README's OpenAI-door examples by language (the first of each after the section's heading)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("#### The OpenAI-compatible HTTP door"):]
+    return {lang: section.split(f"```{lang}\n", 1)[1].split("```", 1)[0] for lang in ("bash", "python")}
+
+
+def test_the_readme_examples_run_against_the_door(run, capsys):
+    blocks, url = _readme_blocks(), run.dep.http_url
+    assert "http://127.0.0.1:8000/v1" in blocks["bash"] and "http://127.0.0.1:8000/v1" in blocks["python"]
+    curl = blocks["bash"].replace("http://127.0.0.1:8000/v1", url).replace(
+        "curl -s ", f"curl -s -H 'Authorization: Bearer {KEY}' ", 1)
+    answer = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True,
+                                       timeout=120).stdout)
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
+    code = blocks["python"].replace("http://127.0.0.1:8000/v1", url).replace(
+        "unused-without-PDORCH_API_KEY", KEY)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "completion_tokens=" in printed and printed.split("\n")[0].strip()
