@@ -2,7 +2,8 @@
 tokens back.
 
 Serves disagg.v1.Inference plus grpc.health.v1 and server reflection, and Prometheus metrics over
-HTTP (orchestrator/serving/metrics.py) and the OpenAI-compatible HTTP door (orchestrator/serving/openai_http.py); inference calls can require a bearer token
+HTTP (orchestrator/serving/metrics.py) the OpenAI-compatible HTTP door (orchestrator/serving/openai_http.py) and, on the gRPC port, the KServe v2 door
+(orchestrator/serving/kserve_grpc.py); inference calls can require a bearer token
 (orchestrator/serving/auth.py). Every method parses its own request bytes, so a malformed request (or a
 prompt with invalid UTF-8) gets INVALID_ARGUMENT instead of gRPC's UNKNOWN for a deserializer error.
 """
@@ -27,6 +28,7 @@ from orchestrator.core.config import Config
 from orchestrator.core.request import Request
 from orchestrator.client.wire import FINISH_TO_PB
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from orchestrator.serving.kserve_grpc import KSERVE_SERVICE, KServeService
 from orchestrator.serving.metrics import ServingMetrics, start_metrics_server
 from orchestrator.serving.openai_http import start_openai_server
 from orchestrator.serving.validation import RequestInvalid, RequestValidator
@@ -281,10 +283,10 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
     inference calls need it as a bearer token (orchestrator/serving/auth.py)."""
     limit = cfg.frontend.max_message_bytes
     service = InferenceService(cfg, engine, tokenizer, context_length, n_layers)
-    interceptors = [BearerAuth(api_key, (SERVICE,), service.metrics.refused)] if api_key else []
+    interceptors = [BearerAuth(api_key, (SERVICE, KSERVE_SERVICE), service.metrics.refused)] if api_key else []
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)], interceptors=interceptors)
-    server.add_generic_rpc_handlers([service.handler()])
+    server.add_generic_rpc_handlers([service.handler(), KServeService(service, VERSION).handler(service._unary)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
