@@ -20,6 +20,7 @@ from aiohttp import web
 
 from kvtransfer.bearer import refusal
 from orchestrator.serving.engine import ErrorEvent, FinalEvent, TokenEvent
+from orchestrator.serving.metrics import serve_app
 from orchestrator.serving.openai_request import (BodyInvalid, Translated, chat_request, completion_request,
                                                  error_body, http_status, openai_param)
 from orchestrator.serving.validation import RequestInvalid
@@ -206,12 +207,4 @@ async def start_openai_server(service, host: str, port: int, api_key: str | None
     """Serve the door on host:port (0 picks a free port). Returns (runner, bound port);
     `await runner.cleanup()` stops it. A client that disconnects cancels its handler (and request)."""
     door = OpenAIDoor(service, api_key)
-    runner = web.AppRunner(door.app(service.cfg.frontend.max_message_bytes), access_log=None,
-                           handler_cancellation=True)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    return runner, runner.addresses[0][1]
+    return await serve_app(door.app(service.cfg.frontend.max_message_bytes), host, port, handler_cancellation=True)
