@@ -196,3 +196,18 @@ def test_the_readme_examples_run_against_the_door(run, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "completion_tokens=" in printed and printed.split("\n")[0].strip()
+
+
+def test_the_api_key_guards_the_kserve_door_on_the_grpc_port_too(run):
+    import numpy as np
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    text = tg.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"Hi"], dtype=object))
+    with tg.InferenceServerClient(url=run.dep.target) as triton:
+        with pytest.raises(InferenceServerException) as e:
+            triton.infer(MODEL, [text])
+        assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+        result = triton.infer(MODEL, [text], headers={"authorization": f"Bearer {KEY}"})
+        assert result.as_numpy("text_output")[0]
