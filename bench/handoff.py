@@ -64,7 +64,7 @@ async def _run(args) -> dict:
     threadpool_limits(cfg.prefill.blas_threads)  # the prefill actor's setting
     _colocated(lm, prompts[0][:64])  # warm-up
     dis, col, step, transfer_tail, actor_prefill = [], [], [], [], []
-    async with Deployment(cfg, port=0, metrics_port=0) as dep:
+    async with Deployment(cfg, port=0, metrics_port=0, http_port=0) as dep:
         async with AsyncClient(dep.target) as client:
             await client.complete(token_ids=prompts[0][:64], max_tokens=2)  # warm-up
             for ids in prompts:  # interleaved, so load changes hit both sides alike

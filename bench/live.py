@@ -136,7 +136,7 @@ async def run_bench(cfg, requests: int | None = None, rate: float | None = None,
     tok = load_model().tokenizer
     filler = tok.encode(FILLER)
     sla = cfg.sla_classes[cfg.default_sla_class]
-    async with Deployment(cfg, port=0, metrics_port=0) as dep:
+    async with Deployment(cfg, port=0, metrics_port=0, http_port=0) as dep:
         print(f"pools: {len(dep.pools.prefill)} prefill x {cfg.prefill.hardware}, "
               f"{len(dep.pools.decode)} decode x {cfg.decode.hardware}; frontend {dep.target}")
         async with AsyncClient(dep.target) as client:

@@ -44,7 +44,7 @@ async def _replay(cfg, policy: str, rows, rate: float, tok, filler) -> dict:
 
     fitted, _ = fit_trace([r for _, r in rows], cfg.workload.max_prompt_tokens, cfg.workload.max_output_tokens, rate)
     classes = [name for name, _ in rows]
-    async with Deployment(replace(cfg, router_policy=policy), port=0, metrics_port=0) as dep:
+    async with Deployment(replace(cfg, router_policy=policy), port=0, metrics_port=0, http_port=0) as dep:
         async with AsyncClient(dep.target) as client:
             for i, n in enumerate(WARMUP_PROMPTS):  # a serving system is warm: the router rejects only on evidence
                 await _one(client, f"warmup-{i}", prompt_ids(tok, n, filler, i), 4,

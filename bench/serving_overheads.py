@@ -87,7 +87,7 @@ async def _collect(cfg) -> tuple[list[dict], dict[int, tuple[list[dict], list[li
 
     tok = load_model().tokenizer
     filler = tok.encode(FILLER)
-    async with Deployment(cfg, port=0, metrics_port=0) as dep, AsyncClient(dep.target) as client:
+    async with Deployment(cfg, port=0, metrics_port=0, http_port=0) as dep, AsyncClient(dep.target) as client:
         await _request(client, prompt_ids(tok, 16, filler, 0), 4, "warmup")
         idle = []
         for i, n in enumerate(SERVING_PROMPTS):

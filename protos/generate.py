@@ -3,7 +3,8 @@
 Protos are compiled with `-I protos`, so descriptors keep clean names ("disagg/v1/inference.proto");
 the generated imports are then rewritten to be package-relative to `protos.` (e.g. `from
 protos.disagg.v1 import inference_pb2`). tests/protos/test_generated_fresh.py runs `generate()`
-into a temporary directory and fails when the checked-in code differs.
+into a temporary directory and fails when the checked-in code differs. Protos under protos/kserve/ put
+their descriptors in protos/kserve/pool.py's pool (PRIVATE_POOLS).
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
-_IMPORT = re.compile(r"^(\s*)(from|import) (disagg\.)", re.MULTILINE)
+_IMPORT = re.compile(r"^(\s*)(from|import) ((?:disagg|kserve)\.)", re.MULTILINE)
+# protos under these folders put their descriptors in that package's own pool (protos/kserve/pool.py), not
+# protobuf's default one: tritonclient's generated code defines the same `inference.*` names there
+PRIVATE_POOLS = {"kserve": "protos.kserve.pool"}
+_DEFAULT_POOL = "_descriptor_pool.Default().AddSerializedFile("
 
 
 def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
@@ -32,9 +37,13 @@ def _protoc(args: list[str]) -> None:
         raise RuntimeError(f"protoc failed with exit code {code}: {args}")
 
 
-def _fix_imports(path: Path) -> None:
+def _fix_imports(path: Path, rel: Path) -> None:
     text = path.read_text()
     fixed = _IMPORT.sub(r"\1\2 protos.\3", text)
+    pool = PRIVATE_POOLS.get(rel.parts[0])
+    if pool is not None and _DEFAULT_POOL in fixed:
+        fixed = fixed.replace("# @@protoc_insertion_point(imports)", f"# @@protoc_insertion_point(imports)\nfrom {pool} import POOL as _POOL", 1)
+        fixed = fixed.replace(_DEFAULT_POOL, "_POOL.AddSerializedFile(")
     if fixed != text:
         path.write_text(fixed)
 
@@ -51,7 +60,7 @@ def generate(out_root: Path) -> list[Path]:
     generated = sorted(p.relative_to(out_root) for p in out_root.rglob("*")
                        if p.is_file() and p.name.endswith(GENERATED_SUFFIXES))
     for rel in generated:
-        _fix_imports(out_root / rel)
+        _fix_imports(out_root / rel, rel)
     return generated
 
 

@@ -32,18 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default from the config; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="port of the Prometheus /metrics endpoint (default from the config: 9400; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="port of the OpenAI-compatible HTTP door (default from the config: 8000; 0 picks a free one)")
 
 
-async def _serve(cfg, host, port, metrics_port) -> None:
+async def _serve(cfg, host, port, metrics_port, http_port) -> None:
     from orchestrator.serving.auth import API_KEY_ENV, api_key_from_env
     from orchestrator.serving.deployment import Deployment
 
     api_key = api_key_from_env()
-    async with Deployment(cfg, host, port, metrics_port, api_key) as dep:
+    async with Deployment(cfg, host, port, metrics_port, api_key, http_port) as dep:
         print(f"serving {cfg.model_name} on {dep.target} "
               f"({len(dep.pools.prefill)} prefill, {len(dep.pools.decode)} decode workers); Ctrl-C stops", flush=True)
         if dep.metrics_url:
             print(f"metrics: {dep.metrics_url}", flush=True)
+        if dep.http_url:
+            print(f"openai http: {dep.http_url}", flush=True)
         auth = f"bearer token from {API_KEY_ENV}" if api_key else f"none (set {API_KEY_ENV} to require a bearer token)"
         print(f"tls: {'on' if cfg.frontend.tls else 'off'}; auth: {auth}", flush=True)
         stop = asyncio.Event()
@@ -64,14 +68,14 @@ def run(args) -> int:
     cfg = load_config_or_exit(args.config)
     from orchestrator.core.config import is_port
 
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "http_port"):
         value = getattr(args, name)
         if value is not None and not is_port(value):
             raise UserError(f"--{name.replace('_', '-')}: must be a port in [0, 65535], got {value}")
     from orchestrator.serving.frontend import ListenError
 
     try:
-        asyncio.run(_serve(cfg, args.host, args.port, args.metrics_port))
+        asyncio.run(_serve(cfg, args.host, args.port, args.metrics_port, args.http_port))
     except ListenError as e:
         raise UserError(str(e)) from None
     return 0

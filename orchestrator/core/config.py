@@ -42,6 +42,7 @@ class FrontendConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_requests: int = 256
     metrics_port: int | None = 9400  # Prometheus text at http://host:metrics_port/metrics; None = off
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP door (orchestrator/serving/openai_http.py); None = off
     shutdown_grace_s: float = 30.0  # on stop, streams in flight get this long to finish
     tls: tuple[Path, Path] | None = None  # (certificate chain, private key) PEM files; None = plaintext
 
@@ -284,6 +285,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     trace = resolve_data_path(Path(wl.get("trace", str)), path.parent)
     host = fe.get("host", str, "127.0.0.1")
     metrics_port = None if fe.tree.get("metrics_port", ...) is None else _port(fe, "metrics_port", 9400)
+    http_port = None if fe.tree.get("http_port", ...) is None else _port(fe, "http_port", 8000)
     return Config(
         path=path,
         model_name=model.get("name", str),
@@ -291,7 +293,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         prefill=_pool(pools.sub("prefill"), "prefill"),
         decode=_pool(pools.sub("decode"), "decode"),
         frontend=FrontendConfig(
-            host=host, port=_port(fe, "port", 50051), metrics_port=metrics_port,
+            host=host, port=_port(fe, "port", 50051), metrics_port=metrics_port, http_port=http_port,
             shutdown_grace_s=fe.get("shutdown_grace_s", float, 30.0, minimum=0.0), tls=_tls(fe, path.parent),
             max_message_bytes=fe.get("max_message_bytes", int, 4 * 1024 * 1024, minimum=1024),
             max_concurrent_requests=fe.get("max_concurrent_requests", int, 256, minimum=1)),

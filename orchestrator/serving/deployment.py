@@ -19,6 +19,7 @@ class Deployment:
     port: int | None = None  # None: the config's port; 0: any free port
     metrics_port: int | None = None  # the same for the Prometheus endpoint
     api_key: str | None = None  # inference calls need it as a bearer token; None: no authentication
+    http_port: int | None = None  # the OpenAI-compatible door's port, as metrics_port
 
     async def __aenter__(self) -> "Deployment":
         import ray
@@ -47,11 +48,12 @@ class Deployment:
         try:
             self.frontend = await start_frontend(self.cfg, self.engine, lm.tokenizer, cfg_model.context_length,
                                                  cfg_model.n_layers, self.host, self.port, self.metrics_port,
-                                                 self.api_key)
+                                                 self.api_key, self.http_port)
         except BaseException:  # no frontend: stop what was started, as __aexit__ would
             await self._stop_pools()
             raise
         self.target, self.metrics_url = self.frontend.target, self.frontend.metrics_url
+        self.http_url = self.frontend.http_url
         return self
 
     async def __aexit__(self, *exc) -> None:

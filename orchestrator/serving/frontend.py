@@ -2,13 +2,15 @@
 tokens back.
 
 Serves disagg.v1.Inference plus grpc.health.v1 and server reflection, and Prometheus metrics over
-HTTP (orchestrator/serving/metrics.py); inference calls can require a bearer token
+HTTP (orchestrator/serving/metrics.py) the OpenAI-compatible HTTP door (orchestrator/serving/openai_http.py) and, on the gRPC port, the KServe v2 door
+(orchestrator/serving/kserve_grpc.py); inference calls can require a bearer token
 (orchestrator/serving/auth.py). Every method parses its own request bytes, so a malformed request (or a
 prompt with invalid UTF-8) gets INVALID_ARGUMENT instead of gRPC's UNKNOWN for a deserializer error.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import time
 from dataclasses import dataclass
@@ -23,9 +25,12 @@ from grpc_reflection.v1alpha import reflection
 from model.tokenizer import Tokenizer
 from orchestrator.serving.auth import BearerAuth, server_credentials
 from orchestrator.core.config import Config
+from orchestrator.core.request import Request
 from orchestrator.client.wire import FINISH_TO_PB
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from orchestrator.serving.kserve_grpc import KSERVE_SERVICE, KServeService
 from orchestrator.serving.metrics import ServingMetrics, start_metrics_server
+from orchestrator.serving.openai_http import start_openai_server
 from orchestrator.serving.validation import RequestInvalid, RequestValidator
 from protos.disagg.v1 import inference_pb2 as pb
 
@@ -52,25 +57,48 @@ class InferenceService:
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext):
         msg = await self._parse(pb.GenerateRequest, raw, context)
         try:
+            async with self.admitted(msg) as (req, events):
+                async for ev in events:
+                    yield self._response(req.request_id, ev)
+        except RequestInvalid as e:  # raised by admitted() before the stream starts
+            await context.abort(e.code, str(e))
+
+    def admit(self, msg: pb.GenerateRequest) -> Request:
+        """The Request `msg` asks for if this server takes it now; RequestInvalid (counted as refused)
+        naming the field, or saying why not (draining, a duplicate request_id, the concurrency limit).
+        Every door goes through here (and admitted()), so the rules live once."""
+        try:
             req = self.validator.build_request(msg)
+            if self.draining:
+                raise RequestInvalid(grpc.StatusCode.UNAVAILABLE, "server: shutting down; retry on another replica")
+            if req.request_id in self._running:
+                raise RequestInvalid(grpc.StatusCode.ALREADY_EXISTS,
+                                     f"request_id: {req.request_id!r} is already running")
+            if len(self._running) >= self.cfg.frontend.max_concurrent_requests:
+                raise RequestInvalid(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"server: {len(self._running)} requests running, the limit is "
+                                     f"{self.cfg.frontend.max_concurrent_requests}")
         except RequestInvalid as e:
             log.info("invalid request", request_id=msg.request_id, code=e.code.name, reason=str(e))
-            await self._refuse(context, e.code, str(e))
-        if self.draining:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "server: shutting down; retry on another replica")
-        if req.request_id in self._running:
-            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id: {req.request_id!r} is already running")
-        if len(self._running) >= self.cfg.frontend.max_concurrent_requests:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"server: {len(self._running)} requests running, the limit is "
-                               f"{self.cfg.frontend.max_concurrent_requests}")
+            self.metrics.refused(e.code.name)
+            raise
+        return req
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, msg: pb.GenerateRequest):
+        """`async with service.admitted(msg) as (req, events):` admit (RequestInvalid if refused), then
+        iterate the engine's events for it, counted in the metrics and the running set. Leaving the
+        block early (the client went away) aborts the request on both pools."""
+        req = self.admit(msg)
         self._running.add(req.request_id)
         self.metrics.running.inc()
         log.info("accepted", request_id=req.request_id, prompt_tokens=req.prompt_tokens,
                  max_tokens=req.sampling.max_tokens)
         events = self.engine.generate(req)
         ended = False
-        try:
+
+        async def counted():
+            nonlocal ended
             async for ev in events:
                 if isinstance(ev, FinalEvent):
                     self.metrics.final(ev, req.sla)
@@ -78,8 +106,13 @@ class InferenceService:
                 elif isinstance(ev, ErrorEvent):
                     self.metrics.error(ev)
                     ended = True
-                yield self._response(req.request_id, ev)
+                yield ev
+
+        stream = counted()
+        try:
+            yield req, stream
         finally:  # on client cancel too: closing the engine's stream aborts the request on both pools
+            await stream.aclose()
             await events.aclose()
             self._running.discard(req.request_id)
             self.metrics.running.dec()
@@ -192,11 +225,18 @@ class Frontend:
     port: int  # the gRPC port it bound
     metrics_port: int | None  # the HTTP port of /metrics, None when off
     _metrics_runner: object | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP door's port, None when off
+    _http_runner: object | None = None
 
     @property
     def target(self) -> str:
         """host:port for the client library."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The OpenAI-compatible door's base URL (what the openai client takes as base_url)."""
+        return None if self.http_port is None else f"http://{self.host}:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str | None:
@@ -212,8 +252,9 @@ class Frontend:
         if left:
             log.warning("cancelling streams still running after the grace period", running=left)
         await self.server.stop(grace=0.5)
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        for runner in (self._http_runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
 
 
 class ListenError(OSError):
@@ -236,16 +277,16 @@ def listen(server: grpc.aio.Server, address: str, tls: tuple[Path, Path] | None)
 
 async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, context_length: int, n_layers: int,
                          host: str | None = None, port: int | None = None, metrics_port: int | None = None,
-                         api_key: str | None = None) -> Frontend:
-    """Start the frontend on host:port and its metrics on host:metrics_port (None: the config's
-    values; port 0 picks a free one). With an api_key, inference calls need it as a bearer token
-    (orchestrator/serving/auth.py)."""
+                         api_key: str | None = None, http_port: int | None = None) -> Frontend:
+    """Start the frontend on host:port, its metrics on host:metrics_port and the OpenAI-compatible
+    door on host:http_port (None: the config's values; port 0 picks a free one). With an api_key,
+    inference calls need it as a bearer token (orchestrator/serving/auth.py)."""
     limit = cfg.frontend.max_message_bytes
     service = InferenceService(cfg, engine, tokenizer, context_length, n_layers)
-    interceptors = [BearerAuth(api_key, (SERVICE,), service.metrics.refused)] if api_key else []
+    interceptors = [BearerAuth(api_key, (SERVICE, KSERVE_SERVICE), service.metrics.refused)] if api_key else []
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)], interceptors=interceptors)
-    server.add_generic_rpc_handlers([service.handler()])
+    server.add_generic_rpc_handlers([service.handler(), KServeService(service, VERSION).handler(service._unary)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -258,13 +299,28 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
     log.info("frontend listening", address=f"{host}:{bound}", tls=cfg.frontend.tls is not None,
              auth="bearer token" if api_key else "none")
     metrics_port = cfg.frontend.metrics_port if metrics_port is None else metrics_port
-    if metrics_port is None:
-        return Frontend(server, service, health_servicer, host, bound, None)
+    http_port = cfg.frontend.http_port if http_port is None else http_port
+    frontend = Frontend(server, service, health_servicer, host, bound, None)
     try:
-        runner, metrics_bound = await start_metrics_server(service.metrics, host, metrics_port)
-    except OSError as e:
+        if metrics_port is not None:
+            frontend._metrics_runner, frontend.metrics_port = await _start_http(
+                "metrics_port", start_metrics_server(service.metrics, host, metrics_port), host, metrics_port)
+            log.info("metrics listening", address=frontend.metrics_url)
+        if http_port is not None:
+            frontend._http_runner, frontend.http_port = await _start_http(
+                "http_port", start_openai_server(service, host, http_port, api_key), host, http_port)
+            log.info("openai http listening", address=frontend.http_url)
+    except BaseException:
         await server.stop(grace=None)
-        raise ListenError(f"frontend.metrics_port: cannot listen on {host}:{metrics_port}: {e.strerror or e}") from e
-    frontend = Frontend(server, service, health_servicer, host, bound, metrics_bound, runner)
-    log.info("metrics listening", address=frontend.metrics_url)
+        if frontend._metrics_runner is not None:
+            await frontend._metrics_runner.cleanup()
+        raise
     return frontend
+
+
+async def _start_http(key: str, starting, host: str, port: int):
+    """(runner, bound port) of an aiohttp endpoint being started, or ListenError naming frontend.<key>."""
+    try:
+        return await starting
+    except OSError as e:
+        raise ListenError(f"frontend.{key}: cannot listen on {host}:{port}: {e.strerror or e}") from e

@@ -153,7 +153,15 @@ async def start_metrics_server(metrics: ServingMetrics, host: str, port: int):
 
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
-    runner = web.AppRunner(app, access_log=None)
+    return await serve_app(app, host, port)
+
+
+async def serve_app(app, host: str, port: int, **runner_options):
+    """Serve the aiohttp `app` on host:port (0 picks a free port) on the running loop. Returns (runner,
+    bound port); `await runner.cleanup()` stops it. OSError (after cleaning up) if it cannot listen."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -43,11 +43,11 @@ class Running:
 
 @contextmanager
 def running(cfg: Config, **kw) -> Iterator[Running]:
-    """Deployment(cfg, port=0, metrics_port=0, **kw) started on a loop thread; stopped (Ray too) on exit."""
+    """Deployment(cfg, port=0, metrics_port=0, http_port=0, **kw) started on a loop thread; stopped (Ray too) on exit."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, **{"port": 0, "metrics_port": 0, **kw}).__aenter__(),
+    dep = asyncio.run_coroutine_threadsafe(Deployment(cfg, **{"port": 0, "metrics_port": 0, "http_port": 0, **kw}).__aenter__(),
                                            loop).result(timeout=300)
     try:
         yield Running(dep, loop)

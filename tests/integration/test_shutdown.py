@@ -28,7 +28,7 @@ def test_auth_then_stop_lets_streams_in_flight_finish_and_refuses_new_calls(tmp_
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     dep = asyncio.run_coroutine_threadsafe(
-        Deployment(cfg, port=0, metrics_port=0, api_key=KEY).__aenter__(), loop).result(300)
+        Deployment(cfg, port=0, metrics_port=0, http_port=0, api_key=KEY).__aenter__(), loop).result(300)
     stopping = None
     try:
         with cl.Client(dep.target, timeout=30) as anonymous:

@@ -51,6 +51,15 @@ def test_metrics_port_null_turns_the_endpoint_off():
     assert parse_config(tree, Path("cluster.yaml")).frontend.metrics_port is None
 
 
+def test_the_openai_door_listens_on_8000_unless_http_port_is_null():
+    assert load_config(ROOT / "cluster.yaml").frontend.http_port == 8000
+    tree = _tree()
+    tree["metadata"]["frontend"]["http_port"] = None
+    assert parse_config(tree, Path("cluster.yaml")).frontend.http_port is None
+    del tree["metadata"]["frontend"]["http_port"]
+    assert parse_config(tree, Path("cluster.yaml")).frontend.http_port == 8000
+
+
 def _tree():
     return yaml.safe_load((ROOT / "cluster.yaml").read_text())
 
@@ -65,6 +74,8 @@ def _tree():
     (lambda t: t["metadata"]["pools"]["decode"].update(kv_host="decode-node"), "metadata.pools.decode.kv_host"),
     (lambda t: t["metadata"]["frontend"].update(metrics_port=70000), "metadata.frontend.metrics_port"),
     (lambda t: t["metadata"]["frontend"].update(metrics_port="9400"), "metadata.frontend.metrics_port"),
+    (lambda t: t["metadata"]["frontend"].update(http_port=65536), "metadata.frontend.http_port"),
+    (lambda t: t["metadata"]["frontend"].update(http_port="8000"), "metadata.frontend.http_port"),
     (lambda t: t["metadata"]["frontend"].update(port=-1), "metadata.frontend.port"),
     (lambda t: t["metadata"]["frontend"].update(shutdown_grace_s=-1), "metadata.frontend.shutdown_grace_s"),
     (lambda t: t["metadata"]["router"].update(quantile=1.0), "metadata.router.quantile"),

@@ -43,6 +43,7 @@ def cfg(tmp_path_factory):
     tree = copy.deepcopy(yaml.safe_load((REPO / "cluster.yaml").read_text()))
     tree["metadata"]["model"]["max_tokens_limit"] = MAX_TOKENS
     tree["metadata"]["frontend"]["metrics_port"] = None
+    tree["metadata"]["frontend"]["http_port"] = None
     tree["metadata"]["workload"]["trace"] = str(REPO / "cluster.yaml")  # any file: no trace is read here
     return parse_config(tree, tmp_path_factory.mktemp("cfg") / "cluster.yaml")
 
