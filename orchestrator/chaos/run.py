@@ -201,7 +201,7 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
     records = {s.request_id: Record(s) for s in specs}
     inflight: dict[str, Record] = {}
     faults: list[Fault] = []
-    async with Deployment(cfg, port=0, metrics_port=0) as dep:
+    async with Deployment(cfg, port=0, metrics_port=0, http_port=0) as dep:
         stall_s = dep.engine.stall_timeout_s + 1.5
         async with AsyncClient(dep.target) as client:
             await client.complete(token_ids=lm.tokenizer.encode(FILLER)[:16], max_tokens=4)  # warm the path

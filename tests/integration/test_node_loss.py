@@ -46,6 +46,7 @@ def cluster():
         meta = tree["metadata"]
         meta["pools"]["decode"].update(workers=2, kv_capacity_tokens=8192)
         meta["router"].update(policy="least_loaded", local_prefill_max_tokens=0)  # every prompt's KV crosses nodes
+        meta["frontend"]["http_port"] = None  # the gRPC door is the one used here
         cfg = tmp / "cluster.yaml"
         cfg.write_text(yaml.safe_dump(tree))
         port, = free_ports(1)
