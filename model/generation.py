@@ -115,6 +115,18 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
     yield from (GeneratedToken(t, delta) for t, delta in text.flush())
 
 
+# DESIGN.md "Exactness and tests": a greedy stream may leave the reference only where the reference's
+# top-two logits are within 1e-4 of the logit scale (about 30 for this model)
+NEAR_TIE_MARGIN = 1e-4 * 30
+
+
+def follows_greedy(got, ref: list[int], margins: list[float]) -> bool:
+    """`got` follows the greedy reference (greedy_reference's tokens and margins) as far as both go,
+    or first leaves it at a near-tie. Lengths are the caller's to check."""
+    diff = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    return diff is None or margins[diff] < NEAR_TIE_MARGIN
+
+
 def greedy_reference(model: Transformer, prompt_ids: list[int], max_tokens: int,
                      stop_token_ids: frozenset[int] = frozenset()) -> tuple[list[int], list[float]]:
     """Greedy token ids and, per step, the top-two logit margin (to judge near-ties)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import numpy as np
 import structlog
 
 from bench.live import FILLER, prompt_ids
-from orchestrator.chaos.faults import KINDS, Fault, Injector, rss_mb
+from orchestrator.chaos.faults import KINDS, Fault, Injector, memory_mb, worker_pids
 from orchestrator.chaos.overload import overload_phase
 
 log = structlog.get_logger("chaos")
@@ -162,16 +161,6 @@ async def _settle(dep, timeout_s: float) -> tuple[int, int]:
         await asyncio.sleep(0.2)
 
 
-async def _processes(dep) -> dict[str, int]:
-    out = {}
-    for w, actor in dep.pools.actors.items():
-        try:
-            out[w] = (await asyncio.wait_for(actor.process.remote(), 10))[1]
-        except Exception:  # a worker that cannot answer now is left out of the memory figures
-            pass
-    return out
-
-
 async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ...] = KINDS, per_kind: int = 1,
                     rate: float | None = None, overload: float = 0.0, overload_s: float = 60.0) -> dict:
     """Run the load with the faults and return the report (module docstring); with `overload` > 0,
@@ -205,7 +194,8 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
         stall_s = dep.engine.stall_timeout_s + 1.5
         async with AsyncClient(dep.target) as client:
             await client.complete(token_ids=lm.tokenizer.encode(FILLER)[:16], max_tokens=4)  # warm the path
-            baseline: dict = {"pids": {}, "workers": {}, "frontend": rss_mb(os.getpid())}  # memory once the load has warmed every process: at the first fault
+            # memory once the load has warmed every process: taken at the first fault
+            baseline: dict = {"pids": {}, "mb": memory_mb({})}
             t0 = time.monotonic()
             deadline = span + 300.0
             streams = [asyncio.create_task(_stream(client, r, t0, deadline, inflight)) for r in records.values()]
@@ -232,9 +222,8 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
                     while not inflight and time.monotonic() < waited and not all(t.done() for t in streams):
                         await asyncio.sleep(0.05)
                     if k == 0:
-                        pids = await _processes(dep)
-                        baseline.update(pids=pids, frontend=rss_mb(os.getpid()),
-                                        workers={w: rss_mb(p) for w, p in pids.items()})
+                        pids = await worker_pids(dep)
+                        baseline.update(pids=pids, mb=memory_mb(pids))
                     faults.append(await injector.inject(kind))
                     log.info("fault injected", **dataclasses.asdict(faults[-1]))
                 await injector.settle()
@@ -243,17 +232,16 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
             while not all(t.done() for t in streams):  # probes may have joined
                 await asyncio.gather(*streams)
             held_blocks, held_prompts = await _settle(dep, SETTLE_S)
-            rss1, pids1 = rss_mb(os.getpid()), await _processes(dep)
-            before = baseline["workers"]
-            worker_growth = {w: rss_mb(p) - before[w] for w, p in pids1.items()  # processes that lived through it
-                             if baseline["pids"].get(w) == p and before.get(w) is not None and rss_mb(p) is not None}
+            lived = {w: p for w, p in (await worker_pids(dep)).items() if baseline["pids"].get(w) == p}
+            start, end = baseline["mb"], memory_mb(lived)  # the processes that lived through it
+            worker_growth = {w: end[w] - start[w] for w in lived if w in end and w in start}
             overloaded = None
             if overload > 0:
                 overloaded = await overload_phase(dep, client, cfg, lm.tokenizer, overload, overload_s)
                 overloaded["leaked_kv_blocks"], overloaded["leaked_prefill_tokens"] = await _settle(dep, SETTLE_S)
     mismatches = _check_tokens(lm, records.values())
     result = report(records.values(), faults, held_blocks, held_prompts, mismatches,
-                    (rss1 - baseline["frontend"]) + sum(worker_growth.values()), worker_growth, rate, seed, t0)
+                    end["frontend"] - start["frontend"] + sum(worker_growth.values()), worker_growth, rate, seed, t0)
     if overloaded is not None:
         result["overload"] = overloaded
     return result
@@ -261,7 +249,7 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
 
 def _check_tokens(lm, records) -> list[str]:
     """Request ids whose streamed tokens differ from the uninterrupted in-process run (module docstring)."""
-    from model.generation import generate, greedy_reference
+    from model.generation import follows_greedy, generate, greedy_reference
     from model.sampling import SamplingParams
 
     bad = []
@@ -271,8 +259,7 @@ def _check_tokens(lm, records) -> list[str]:
         spec = rec.spec
         if spec.seed is None:
             ref, margins = greedy_reference(lm.model, spec.prompt_ids, spec.max_tokens)
-            diff = next((j for j, (a, b) in enumerate(zip(rec.tokens, ref)) if a != b), None)
-            ok = diff is None or margins[diff] < 1e-4 * 30
+            ok = follows_greedy(rec.tokens, ref, margins)
         else:
             params = SamplingParams(max_tokens=spec.max_tokens, temperature=0.8, top_p=0.95, seed=spec.seed,
                                     ignore_eos=True)
