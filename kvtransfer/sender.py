@@ -156,7 +156,8 @@ class Transfer:
                     self._work.notify()
         end = self._deadline + 1.0
         while not self._done.wait(_COMMIT_POLL_S):
-            now, stalled = time.monotonic(), time.monotonic() - self._progress_at
+            now = time.monotonic()
+            stalled = now - self._progress_at
             if now >= end:
                 self._finish(TransferState.FAILED, "DEADLINE_EXCEEDED", "no acknowledgement before the deadline")
             elif stalled > self.config.stall_timeout_s:
@@ -268,10 +269,8 @@ class Transfer:
         yield wire.encode(pb.KVFrameHeader(open=pb.KVOpen(
             request_id=self.request_id, layout=wire.layout_to_msg(self.layout), n_tokens=self.n_tokens,
             checksum=self._scheme, window=self.config.window, timeout_ms=left_ms)))
-        chunks = 0
         for frame, last in self._build():
-            chunks += not last
-            if chunks == 1 and not last and self._fault is not None:
+            if self._fault is not None and not last:  # the first chunk frame: the fault ends the frames
                 yield from self._faulty(frame)
                 return
             self._progress_at = time.monotonic()

@@ -23,6 +23,7 @@ one with a prompt longer than router.local_prefill_max_tokens: short ones may sk
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import signal
@@ -68,7 +69,7 @@ class Injector:
             rid = self.cancel_one()
             if rid is None:
                 self.probe(False)
-                rid = await _until_value(self.cancel_one)
+                rid = await _until(self.cancel_one)
             fault.fired, fault.affected, fault.at = rid is not None, (rid,) if rid else (), time.monotonic()
             fault.detail = "" if rid else "no stream was mid-way"
         else:
@@ -149,9 +150,9 @@ class Injector:
                     return True
             return False
 
-        if not await _until_async(applied, 2.0):
+        if not await _until(applied, 2.0):
             self.probe(True)  # a prompt too long to be prefilled locally: its KV must cross
-        fired = hit is not None or await _until_async(applied)
+        fired = hit is not None or await _until(applied)
         await asyncio.gather(*(_ask(actors[w].clear_kv_faults.remote()) for w in before))
         if fired:
             _, key, unix = hit
@@ -180,6 +181,22 @@ def process_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+async def worker_pids(dep) -> dict[str, int]:
+    """Worker id -> pid of every worker that answers now (one restarting after a kill is left out)."""
+    located = await asyncio.gather(*(_ask(actor.process.remote()) for actor in dep.pools.actors.values()))
+    return {w: where[1] for w, where in zip(dep.pools.actors, located) if where is not None}
+
+
+def memory_mb(pids: dict[str, int]) -> dict[str, float]:
+    """RSS in MB of the frontend (this process) and of each worker still alive under its pid."""
+    out = {"frontend": rss_mb(os.getpid())}
+    for w, pid in pids.items():
+        mb = rss_mb(pid)
+        if mb is not None:
+            out[w] = mb
+    return out
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident memory of a process in MB, None once it is gone."""
     try:
@@ -191,23 +208,13 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-async def _until_value(fn: Callable[[], str | None], timeout_s: float = CONFIRM_S) -> str | None:
+async def _until(fn: Callable, timeout_s: float = CONFIRM_S):
+    """fn()'s first truthy value (fn may be a coroutine function) within timeout_s, else its last one."""
     end = time.monotonic() + timeout_s
-    while (value := fn()) is None and time.monotonic() < end:
+    while True:
+        value = fn()
+        if inspect.isawaitable(value):
+            value = await value
+        if value or time.monotonic() >= end:
+            return value
         await asyncio.sleep(0.05)
-    return value
-
-
-async def _until(cond: Callable[[], bool], timeout_s: float = CONFIRM_S) -> bool:
-    async def check() -> bool:
-        return cond()
-    return await _until_async(check, timeout_s)
-
-
-async def _until_async(cond, timeout_s: float = CONFIRM_S) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if await cond():
-            return True
-        await asyncio.sleep(0.05)
-    return await cond()

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 
 import numpy as np
 
-from orchestrator.chaos.faults import rss_mb
+from orchestrator.chaos.faults import memory_mb, worker_pids
 
 SAMPLE_S = 0.25
 MAX_REQUESTS = 2000  # a bound on the phase's requests, whatever the machine's speed
@@ -67,8 +66,7 @@ async def overload_phase(dep, client, cfg, tokenizer, factor: float, duration_s:
         ttft_ms = (first - sent) * 1e3 if first is not None else math.inf
         admitted.append((ttft_met(sla, ttft_ms), tpot_met(sla, tpot_ms)))
 
-    pids = {w: p for w, (_, p) in zip(dep.pools.actors, await asyncio.gather(
-        *(a.process.remote() for a in dep.pools.actors.values())))}
+    pids = await worker_pids(dep)
     peaks = {"live": 0, "prefill_queued": 0, "decode_waiting": 0}
     memory: dict[str, dict[str, float]] = {}
 
@@ -78,9 +76,9 @@ async def overload_phase(dep, client, cfg, tokenizer, factor: float, duration_s:
                 peaks[k] = max(peaks[k], v)
             at = time.monotonic() - t0
             if "start" not in memory and at >= duration_s / 4:
-                memory["start"] = _rss(pids)
+                memory["start"] = memory_mb(pids)
             await asyncio.sleep(SAMPLE_S)
-        memory["end"] = _rss(pids)
+        memory["end"] = memory_mb(pids)
 
     t0 = time.monotonic()
     tasks = [asyncio.create_task(one(i, r, t0)) for i, r in enumerate(trace)]
@@ -99,12 +97,3 @@ async def overload_phase(dep, client, cfg, tokenizer, factor: float, duration_s:
         "rss_growth_mb": growth,
     }
 
-
-def _rss(pids: dict[str, int]) -> dict[str, float]:
-    """RSS in MB of the frontend (this process) and of each worker still alive under its pid."""
-    out = {"frontend": rss_mb(os.getpid())}
-    for w, pid in pids.items():
-        mb = rss_mb(pid)
-        if mb is not None:
-            out[w] = mb
-    return out

@@ -31,8 +31,8 @@ attempt has its own id on the workers (`_Run.key`: the request id, then `id~mN`)
 attempt sends later (a frozen worker resumed) matches nothing and is dropped, and its abort, sent when
 the attempt is given up, reaches it when it resumes. At most `max_migrations` placements after the
 first; then UNAVAILABLE naming the workers tried. With no healthy worker to take it (a restarting
-actor, two lost at once) a migration waits up to MIGRATE_WAIT_S for one. A re-prefill is due within one TPOT target (its
-batcher deadline), since the client is already mid-stream.
+actor, two lost at once) a migration waits up to MIGRATE_WAIT_S for one. A re-prefill is due within
+one TPOT target (its batcher deadline), since the client is already mid-stream.
 
 A request the router places with `local` (conditional disaggregation) is prefilled by its decode
 worker itself (DecodeWorker.prefill_local): no prefill worker, no transfer. Until it returns it is
@@ -389,7 +389,8 @@ class Engine:
             return self._fail(req, Failure(res.error.code, f"prefill failed: {res.error.message}"))
         return run.chunks if placed.local else await self._submit(run)
 
-    async def _migrate(self, run: _Run, lost: WorkerUnavailable | KVTransferFailed) -> FinalEvent | ErrorEvent | None:
+    async def _migrate(self, run: _Run,
+                       lost: WorkerUnavailable | KVTransferFailed) -> FinalEvent | ErrorEvent | None:
         """A worker died under `run`, or its KV transfer failed: place it again (None), or how it ends
         (the limit, no worker left). After a failed transfer the next pair avoids that decode worker
         when another can take the request; the worker itself stays routable."""
