@@ -237,7 +237,7 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
             worker_growth = {w: end[w] - start[w] for w in lived if w in end and w in start}
             overloaded = None
             if overload > 0:
-                overloaded = await overload_phase(dep, client, cfg, lm.tokenizer, overload, overload_s)
+                overloaded = await overload_phase(dep, cfg, lm.tokenizer, overload, overload_s)
                 overloaded["leaked_kv_blocks"], overloaded["leaked_prefill_tokens"] = await _settle(dep, SETTLE_S)
     mismatches = _check_tokens(lm, records.values())
     result = report(records.values(), faults, held_blocks, held_prompts, mismatches,

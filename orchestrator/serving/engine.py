@@ -184,42 +184,52 @@ class Engine:
         self._live: dict[str, _Run] = {}  # request id -> its run, while it is placed
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
-        self._refresher: asyncio.Task | None = None
+        self._refreshers: list[asyncio.Task] = []  # one load refresh per worker, and the stall watch
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
         self._outputs = {w: DecodeOutputs(handle, owner) for w, handle in pools.decode.items()}
         self._owner = owner
 
     async def start(self) -> None:
         await self._refresh_views()
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        loop = asyncio.get_running_loop()
+        self._refreshers = [loop.create_task(self._refresh_forever(w, h))
+                            for w, h in {**self.pools.prefill, **self.pools.decode}.items()]
+        self._refreshers.append(loop.create_task(self._watch_stalls()))
 
     async def stop(self) -> None:
-        if self._refresher:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)  # ended, not left pending at exit
+        for task in self._refreshers:
+            task.cancel()
+        await asyncio.gather(*self._refreshers, return_exceptions=True)  # ended, not left pending at exit
         await asyncio.gather(*(outputs.stop() for outputs in self._outputs.values()))
 
     # -- views for the router ------------------------------------------------------------
 
     async def _refresh_views(self) -> None:
-        ask = lambda handle: asyncio.wait_for(handle.load(), LOAD_TIMEOUT_S)  # noqa: E731
-        pf, dc = await asyncio.gather(
-            asyncio.gather(*(ask(h) for h in self.pools.prefill.values()), return_exceptions=True),
-            asyncio.gather(*(ask(h) for h in self.pools.decode.values()), return_exceptions=True))
-        corr = self.router.predictor.corrections
-        for worker, answer in zip(self.pools.prefill, pf):
+        """Every worker's load once, together (at start, so the first request has views)."""
+        workers = {**self.pools.prefill, **self.pools.decode}
+        await asyncio.gather(*(self._refresh_one(w, h) for w, h in workers.items()))
+
+    async def _refresh_one(self, worker: str, handle) -> None:
+        """Ask one worker for its load (LOAD_TIMEOUT_S) and take in what it reports."""
+        try:
+            async with asyncio.timeout(LOAD_TIMEOUT_S):  # not wait_for: it can swallow a cancel (stop())
+                answer = await handle.load()
+        except Exception as e:  # a dead, hung or restarting actor
+            answer = e
+        if worker in self.pools.prefill:
             self._record(self.prefill_loads, worker, answer)
-        for worker, answer in zip(self.pools.decode, dc):
-            if not self._record(self.decode_loads, worker, answer):
-                continue
-            if answer.kv_target:
-                self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
-            for batch, ctx, seconds in answer.steps:
-                corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
-            now = time.monotonic()
-            for tokens, seconds in answer.local_prefills:
-                corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
-                self._pending_decode[worker].stalls.add(now, seconds)
+            return
+        if not self._record(self.decode_loads, worker, answer):
+            return
+        if answer.kv_target:
+            self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
+        corr = self.router.predictor.corrections
+        for batch, ctx, seconds in answer.steps:
+            corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
+        now = time.monotonic()
+        for tokens, seconds in answer.local_prefills:
+            corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
+            self._pending_decode[worker].stalls.add(now, seconds)
 
     def _record(self, loads: dict, worker: str, answer) -> bool:
         """Keep a worker's load report; a failed call marks it unhealthy (it keeps its last load for
@@ -239,14 +249,23 @@ class Engine:
             self.unhealthy.add(worker)
             log.warning("worker unhealthy: no new requests go to it", worker=worker, error=repr(error))
 
-    async def _refresh_forever(self) -> None:
+    async def _refresh_forever(self, worker: str, handle) -> None:
+        """One worker's load, every VIEW_REFRESH_S after its last answer: a frozen worker delays only
+        its own view, never the others' (one gather across workers did)."""
         while True:
             await asyncio.sleep(VIEW_REFRESH_S)
             try:
-                await self._refresh_views()
-                self._check_stalls(time.monotonic())
+                await self._refresh_one(worker, handle)
             except Exception:  # a bug here must not stop the refresh
-                log.warning("load refresh failed", exc_info=True)
+                log.warning("load refresh failed", worker=worker, exc_info=True)
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(VIEW_REFRESH_S)
+            try:
+                self._check_stalls(time.monotonic())
+            except Exception:  # a bug here must not stop the watch
+                log.warning("stall check failed", exc_info=True)
 
     def _check_stalls(self, now: float) -> None:
         """Declare lost a decode worker that has requests waiting on it and has left its output poll

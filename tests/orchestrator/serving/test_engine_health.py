@@ -57,3 +57,27 @@ def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
     assert all(v.healthy for v in pf_down)  # the prefill worker kept answering
     assert {v.worker_id: v.healthy for v in dc_up} == {"d0": True, "d1": True} and not eng.unhealthy
     assert pools.kv_targets == {"d0": "127.0.0.1:7", "d1": "127.0.0.1:2"}
+
+
+def test_a_hung_worker_does_not_delay_the_other_workers_views():
+    """Each worker's load is refreshed on its own: while d1's load call hangs, before its LOAD_TIMEOUT_S
+    runs out and marks it unhealthy, d0's and p0's new reports reach the engine. With one gather across
+    workers they could arrive only after d1's timeout."""
+    p0, d0, d1 = _Load(PrefillLoad("p0", 0, 0)), _Load(_decode_load(1)), _Load(_decode_load(2))
+    pools = Pools(prefill={"p0": PrefillHandle("p0", p0)}, decode={"d0": DecodeHandle("d0", d0), "d1": DecodeHandle("d1", d1)},
+                  kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
+    eng = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8)
+
+    async def main():
+        await eng.start()
+        try:
+            d1.answer = "hang"
+            await asyncio.sleep(4 * engine_mod.VIEW_REFRESH_S)  # d1's refresh is now waiting on the hang
+            d0.answer, p0.answer = _decode_load(7), PrefillLoad("p0", 3, 0)
+            while (eng.decode_loads["d0"].kv_target, eng.prefill_loads["p0"].queued_tokens) != ("127.0.0.1:7", 3):
+                await asyncio.sleep(0.01)
+            return set(eng.unhealthy)
+        finally:
+            await eng.stop()
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == set()  # d1's timeout had not run out yet
