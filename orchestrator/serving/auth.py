@@ -3,7 +3,9 @@
 Frontend: with an API key (`serve` reads it from PDORCH_API_KEY; programs pass `api_key` to Deployment),
 every call to a protected service must carry `authorization: Bearer <key>` metadata (what the client
 library sends with `token=`); anything else ends with UNAUTHENTICATED before the call's handler runs.
-Health checks and reflection stay open, as load balancers and tools call them without credentials.
+Health checks and reflection stay open, as load balancers and tools call them without credentials; so
+do the KServe door's health calls (ServerLive, ServerReady, ModelReady: Triton's "health" category),
+which Kubernetes probes make without credentials.
 
 KV path: `kv_security(cfg)` resolves the transfer token every decode worker's KV receiver demands
 (PDORCH_KV_TOKEN, else metadata.kv_transfer.token, else generated) and its optional TLS files; the
@@ -80,18 +82,21 @@ def kv_security(cfg: Config) -> KVSecurity:
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Refuses calls to `services` without the right bearer token; `on_refused(code)` is told of each."""
+    """Refuses calls to `services` without the right bearer token, except the full method names in
+    `open_methods` ("/service/Method"); `on_refused(code)` is told of each refusal."""
 
-    def __init__(self, api_key: str, services: tuple[str, ...], on_refused: Callable[[str], None] | None = None):
+    def __init__(self, api_key: str, services: tuple[str, ...], on_refused: Callable[[str], None] | None = None,
+                 open_methods: frozenset[str] = frozenset()):
         if not api_key:
             raise ValueError("api_key: must not be empty")
         self._api_key = api_key
         self._prefixes = tuple(f"/{s}/" for s in services)
+        self._open = open_methods
         self._on_refused = on_refused
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefixes):
+        if handler is None or not details.method.startswith(self._prefixes) or details.method in self._open:
             return handler
         reason = refusal(details.invocation_metadata, self._api_key)
         if reason is None:

@@ -28,7 +28,7 @@ from orchestrator.core.config import Config
 from orchestrator.core.request import Request
 from orchestrator.client.wire import FINISH_TO_PB
 from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
-from orchestrator.serving.kserve_grpc import KSERVE_SERVICE, KServeService
+from orchestrator.serving.kserve_grpc import KSERVE_HEALTH_METHODS, KSERVE_SERVICE, KServeService
 from orchestrator.serving.metrics import ServingMetrics, start_metrics_server
 from orchestrator.serving.openai_http import start_openai_server
 from orchestrator.serving.validation import RequestInvalid, RequestValidator
@@ -283,7 +283,8 @@ async def start_frontend(cfg: Config, engine: Engine, tokenizer: Tokenizer, cont
     inference calls need it as a bearer token (orchestrator/serving/auth.py)."""
     limit = cfg.frontend.max_message_bytes
     service = InferenceService(cfg, engine, tokenizer, context_length, n_layers)
-    interceptors = [BearerAuth(api_key, (SERVICE, KSERVE_SERVICE), service.metrics.refused)] if api_key else []
+    interceptors = [BearerAuth(api_key, (SERVICE, KSERVE_SERVICE), service.metrics.refused,
+                               open_methods=KSERVE_HEALTH_METHODS)] if api_key else []
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)], interceptors=interceptors)
     server.add_generic_rpc_handlers([service.handler(), KServeService(service, VERSION).handler(service._unary)])

@@ -23,6 +23,8 @@ from protos.kserve.v2 import model_config_pb2 as mpb
 log = structlog.get_logger("kserve")
 
 KSERVE_SERVICE = "inference.GRPCInferenceService"
+# what probes call without credentials (Triton's "health" protocol category): open under an API key
+KSERVE_HEALTH_METHODS = frozenset(f"/{KSERVE_SERVICE}/{m}" for m in ("ServerLive", "ServerReady", "ModelReady"))
 VERSION = "1"
 _CONFIG_TYPES = {"BYTES": mpb.TYPE_STRING, "INT32": mpb.TYPE_INT32, "BOOL": mpb.TYPE_BOOL}
 
@@ -92,6 +94,7 @@ class KServeService:
         d = kpb.StatisticDuration
         return kpb.ModelStatisticsResponse(model_stats=[kpb.ModelStatistics(
             name=self.model, version=VERSION, inference_count=ok, execution_count=ok,
+            last_inference=int((value("pdorch_last_request_finished_timestamp_seconds") or 0) * 1e3),
             inference_stats=kpb.InferStatistics(success=d(count=ok, ns=ok_ns), fail=d(count=int(failed)),
                                                 queue=d(count=queue, ns=queue_ns),
                                                 compute_infer=d(count=ok, ns=max(0, ok_ns - queue_ns))))])

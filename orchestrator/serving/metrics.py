@@ -44,6 +44,8 @@ class ServingMetrics:
                               "(CANCELLED: the client went away)", ["code"], registry=r)
         self.sla_met = Counter(f"{PREFIX}requests_sla_met", "Finished requests within both their TTFT and TPOT "
                                "targets", ["sla_class"], registry=r)
+        self.last_finished = Gauge(f"{PREFIX}last_request_finished_timestamp_seconds", "Unix time the last "
+                                   "request ended with a final response", registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated for finished requests",
                                          registry=r)
@@ -83,6 +85,7 @@ class ServingMetrics:
     def final(self, ev: FinalEvent, sla: SLATarget) -> None:
         """A stream that ended with a final response; `sla` is its request's (labels: sla.sla_class)."""
         self.finished.labels(ev.finish_reason.value, sla.sla_class).inc()
+        self.last_finished.set_to_current_time()
         self.prompt_tokens.inc(ev.prompt_tokens)
         self.generation_tokens.inc(ev.completion_tokens)
         if ev.finish_reason is FinishReason.ABORT:

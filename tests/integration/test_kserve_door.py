@@ -4,8 +4,10 @@ health, metadata, config, a whole and a streamed generation, refusals as Inferen
 from __future__ import annotations
 
 import queue
+import time
 
 import numpy as np
+
 import pytest
 import tritonclient.grpc as tg
 from tritonclient.utils import InferenceServerException
@@ -129,6 +131,7 @@ def test_statistics_count_finished_requests_and_nothing_leaks(triton, grpc_clien
     stats = triton.get_inference_statistics(MODEL).model_stats[0]
     assert stats.name == MODEL and stats.inference_count >= 3 and stats.inference_stats.success.ns > 0
     assert stats.inference_stats.fail.count >= 1
+    assert 0 < time.time() * 1e3 - stats.last_inference < 3600e3  # ms since the epoch, of this run
     assert wait_kv_free(grpc_client)
 
 

@@ -26,7 +26,7 @@ def deployment(tmp_path_factory):
     tree["metadata"]["pools"]["decode"]["kv_capacity_tokens"] = 4096
     tree["metadata"]["router"]["local_prefill_max_tokens"] = 0  # every prompt crosses the KV path
     try:
-        with running(config_of(tree, tmp_path_factory.mktemp("cfg")), metrics_port=None) as run:
+        with running(config_of(tree, tmp_path_factory.mktemp("cfg"))) as run:
             yield run.dep
     finally:
         if saved is not None:

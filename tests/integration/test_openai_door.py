@@ -198,7 +198,7 @@ def test_the_readme_examples_run_against_the_door(run, capsys):
     assert "completion_tokens=" in printed and printed.split("\n")[0].strip()
 
 
-def test_the_api_key_guards_the_kserve_door_on_the_grpc_port_too(run):
+def test_the_api_key_guards_the_kserve_door_on_the_grpc_port_too_but_not_its_health_calls(run):
     import numpy as np
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
@@ -211,3 +211,8 @@ def test_the_api_key_guards_the_kserve_door_on_the_grpc_port_too(run):
         assert e.value.status() == "StatusCode.UNAUTHENTICATED"
         result = triton.infer(MODEL, [text], headers={"authorization": f"Bearer {KEY}"})
         assert result.as_numpy("text_output")[0]
+        # health stays open, as Kubernetes probes call it without credentials; metadata does not
+        assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(MODEL)
+        with pytest.raises(InferenceServerException) as e:
+            triton.get_server_metadata()
+        assert e.value.status() == "StatusCode.UNAUTHENTICATED"
