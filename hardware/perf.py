@@ -251,12 +251,26 @@ def speculation_plan(dep: Deployment) -> tuple[Speculative, Deployment] | None:
     return best
 
 
+_PLANS: dict[int, tuple[Deployment, tuple[Speculative, Deployment] | None]] = {}  # id(dep) -> (dep, plan)
+
+
+def _plan(dep: Deployment) -> tuple[Speculative, Deployment] | None:
+    """speculation_plan(dep), looked up by identity: hashing a Deployment (its model and profile) costs
+    more than a decode step's arithmetic, and the predictor asks on every step it times."""
+    got = _PLANS.get(id(dep))
+    if got is None or got[0] is not dep:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        got = _PLANS[id(dep)] = (dep, speculation_plan(dep))
+    return got[1]
+
+
 def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculative | None = None,
                     draft: Deployment | None = None) -> float:
     """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
     step, or a draft-and-verify step amortised over its expected tokens, with `spec` (and its `draft`
     deployment) or else the profile generation's speculation_plan."""
-    if spec is None and (plan := speculation_plan(dep)) is not None:
+    if spec is None and (plan := _plan(dep)) is not None:
         spec, draft = plan
     if spec is None:
         return decode_step_time(dep, batch, ctx_sum)
