@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from hardware.perf import Deployment, kv_transfer_time, prefill_time
+from hardware.perf import Deployment, kv_transfer_time
 from orchestrator.core.poolindex import DecodeIndex, PrefillIndex, ascending
 from orchestrator.core.predictor import DecodePart, PredictRequest, Predictor, PrefillPart, completion_key, kv_arrival_s
 
@@ -35,16 +35,22 @@ _SLACK = 1.0 - 1e-9  # lower bounds are rounded down so float rounding never pru
 def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.ndarray:
     """[D] seconds, at most each worker's decode.bound for `req` (0: no bound, measured or speculative)."""
     corr = pred.corrections
-    lb = pool.bound(corr, "decode") * (corr.quantile * pool.step_now + (req.max_tokens - 1) * pool.step_floor)
-    return np.where(pool.analytic, lb * _SLACK, 0.0)
+
+    def terms() -> tuple[np.ndarray, np.ndarray]:  # ([D], [D]): floor = wait + steps x per step
+        f = np.where(pool.analytic, pool.bound(corr, "decode") * _SLACK, 0.0)
+        return f * (corr.quantile * pool.step_now), f * pool.step_floor
+
+    wait, step = pool.cached(corr, "decode_floor", terms)
+    return wait + (req.max_tokens - 1) * step
 
 
 def _walk(key: np.ndarray, ids: list[str], rank: np.ndarray, mask: np.ndarray) -> Iterator[tuple[float, str, int]]:
     """(bound, worker id, position) of the workers `mask` [n] keeps, in ascending (bound, id) order."""
-    cand = np.flatnonzero(mask)  # [m]
-    sub = key[cand]
-    for chunk in ascending(sub, rank[cand]):
-        for lb, i in zip(sub[chunk].tolist(), cand[chunk].tolist()):
+    kept = np.where(mask, key, math.inf)  # [n]: the others sort last
+    for chunk in ascending(kept, rank):
+        for lb, i in zip(kept[chunk].tolist(), chunk.tolist()):
+            if lb == math.inf and not mask[i]:
+                continue
             yield lb, ids[i], i
 
 
@@ -106,8 +112,7 @@ def best_local(pred: Predictor, req: PredictRequest, decode: DecodeIndex, mask: 
     `beat_s` (the best disaggregated pair's), ties by lowest id. Candidates are taken best-first on a
     floor of that completion: the prompt alone, plus `decode_floor`."""
     corr = pred.corrections
-    alone = np.array([prefill_time(dep, [req.prompt_tokens]) for dep in decode.deps])[decode.dep_of]  # [D] seconds
-    ttft = (alone * decode.bound(corr, "local_prefill") + decode.path) * decode.ttft_bound(corr, req.ttft_s)
+    ttft = (decode.alone(req.prompt_tokens)[decode.dep_of] * decode.bound(corr, "local_prefill") + decode.path) * decode.ttft_bound(corr, req.ttft_s)
     cands = mask & (decode.room_now >= req.prompt_tokens + req.max_tokens) & (ttft * _SLACK <= req.ttft_s)
     best: tuple[PrefillPart, DecodePart] | None = None
     best_key = (beat_s, "")
@@ -145,14 +150,18 @@ def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst:
     """[P] seconds, at most each worker's ttft.bound + tail.bound for `req` towards `dst`, and [P] at
     most its ttft.bound."""
     corr = pred.corrections
-    own = np.array([prefill_time(dep, [req.prompt_tokens]) if dep.hw.perf.measured is None else 0.0
-                    for dep in pool.deps])  # [deployments] seconds of the prompt alone (analytic profiles)
+    fp = pool.bound(corr, "prefill")
+    own = np.where(pool.measured, 0.0, pool.alone(req.prompt_tokens))  # [deployments] seconds (analytic profiles)
     # [deployments] seconds, the transfer's floor: exposed transfer is non-increasing in the prefill time
     tr = np.array([kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), 1e30)
                    for dep in pool.deps])
-    transfer = tr[pool.dep_of] * pool.bound(corr, "transfer")
-    lb = (np.maximum(pool.busy_until - now, 0.0) + pool.bound(corr, "prefill") * (
-        pool.before_floor(now + req.ttft_s) + own[pool.dep_of] * pool.slowdown) + pool.path)
+    if len(pool.deps) == 1:  # a homogeneous pool: scalars
+        own, tr = float(own[0]), float(tr[0])
+    else:
+        own, tr = own[pool.dep_of], tr[pool.dep_of]
+    transfer = tr * pool.bound(corr, "transfer")
+    lb = (np.maximum(pool.busy_until - now, 0.0) + fp * pool.before_floor(now + req.ttft_s) +
+          pool.cached(corr, "prefill_x_slowdown", lambda: fp * pool.slowdown) * own + pool.path)
     g = pool.ttft_bound(corr, req.ttft_s)  # scales the whole TTFT
     if pred.first_token_after_transfer:
         ttft = (lb + transfer) * g

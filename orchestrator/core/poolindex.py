@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from hardware.perf import Deployment, token_step_time
+from hardware.perf import Deployment, prefill_time, token_step_time
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.predictor import DecodeState, PrefillState
 
@@ -26,6 +26,9 @@ _FULL_SORT = 64  # candidates up to which `ascending` sorts them all at once
 def ascending(key: np.ndarray, rank: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
     """Positions of `key` [n] in ascending (key, rank) order (`rank` [n]: the tie-break, distinct), in
     chunks sorted one at a time (the `first` smallest, then 4x more, ...) as far as the caller reads."""
+    if len(key) <= max(first, _FULL_SORT):
+        yield np.lexsort((rank, key))
+        return
     rest = np.arange(len(key))  # [m] positions not yet yielded
     k = first
     while len(rest):
@@ -70,10 +73,13 @@ class _Pool:
         self.healthy = np.array(healthy, dtype=bool)  # [n]
         self.deps, self.dep_of = _groups(deps)  # dep_of [n]
         self.path = np.array([d.hw.perf.request_path_s for d in deps])  # [n] seconds
+        self.any_healthy = bool(self.healthy.any())
+        self._alone: dict[int, np.ndarray] = {}
         self._fac: dict[object, np.ndarray] = {}
         self._fac_at: tuple[int, int] = (0, -1)  # (id(corrections), version) the vectors were gathered at
 
-    def _cached(self, corr: Corrections, key: object, make) -> np.ndarray:
+    def cached(self, corr: Corrections, key: object, make):
+        """make(): a value derived from the corrections, kept under `key` until they change."""
         at = (id(corr), corr.version)
         if at != self._fac_at:
             self._fac, self._fac_at = {}, at
@@ -82,20 +88,29 @@ class _Pool:
             got = self._fac[key] = make()
         return got
 
+    def alone(self, prompt_tokens: int) -> np.ndarray:
+        """[deployments] perf-model seconds of prefilling the prompt alone on each distinct deployment."""
+        got = self._alone.get(prompt_tokens)
+        if got is None:
+            if len(self._alone) >= 1024:
+                self._alone.clear()
+            got = self._alone[prompt_tokens] = np.array([prefill_time(dep, [prompt_tokens]) for dep in self.deps])
+        return got
+
     def bound(self, corr: Corrections, phase: str) -> np.ndarray:
         """[n] the phase's bound factor on each worker."""
-        return self._cached(corr, phase, lambda: np.array([corr.factors(w, phase).bound for w in self.ids]))
+        return self.cached(corr, phase, lambda: np.array([corr.factors(w, phase).bound for w in self.ids]))
 
     def ttft_bound(self, corr: Corrections, ttft_s: float) -> np.ndarray:
         """[n] the "ttft" bound factor of each worker for a request of target `ttft_s` (its ttft_key class)."""
         bucket = 2.0 ** math.ceil(math.log2(ttft_s))
-        return self._cached(corr, ("ttft", bucket),
+        return self.cached(corr, ("ttft", bucket),
                             lambda: np.array([corr.factors(ttft_key(w, ttft_s), "ttft").bound for w in self.ids]))
 
-    def warm(self, corr: Corrections, phase: str) -> np.ndarray:
-        """[n] bool: Corrections.warm(worker, phase) of each worker."""
-        return self._cached(corr, ("warm", phase),
-                            lambda: np.array([corr.warm(w, phase) for w in self.ids], dtype=bool))
+    def any_warm(self, corr: Corrections, phase: str) -> bool:
+        """Corrections.warm(worker, phase) for some healthy worker."""
+        return self.cached(corr, ("warm", phase), lambda: any(corr.warm(w, phase) for w, ok in
+                                                               zip(self.ids, self.healthy.tolist()) if ok))
 
 
 class PrefillIndex(_Pool):
@@ -105,17 +120,17 @@ class PrefillIndex(_Pool):
         super().__init__([s.worker_id for s in states], healthy, [s.dep for s in states])
         self.views, self.states = tuple(views), tuple(states)
         self.busy_until = np.array([s.busy_until_s for s in states])  # [P] seconds
+        self.measured = np.array([d.hw.perf.measured is not None for d in self.deps], dtype=bool)  # [deployments]
         self.slowdown = np.array([s.slowdown for s in states])  # [P]
-        self.analytic = np.array([s.dep.hw.perf.measured is None for s in states], dtype=bool)  # [P]
         setups: dict[tuple[int, float], int] = {}
-        self.setups: list[tuple[Deployment, float]] = []  # distinct (deployment, slowdown)
+        self.setups: list[tuple[int, float]] = []  # distinct (index into deps, slowdown)
         self.setup_of = np.empty(len(states), dtype=np.int64)  # [P]
         deadline, owner, before, base = [], [], [], []
         for i, s in enumerate(states):
             j = setups.get((id(s.dep), s.slowdown))
             if j is None:
                 j = setups[(id(s.dep), s.slowdown)] = len(self.setups)
-                self.setups.append((s.dep, s.slowdown))
+                self.setups.append((int(self.dep_of[i]), s.slowdown))
             self.setup_of[i] = j
             plan = s.plan
             deadline += [k[0] for k in plan.keys]
@@ -144,6 +159,7 @@ class DecodeIndex(_Pool):
         super().__init__([s.worker_id for s in states], healthy, [s.dep for s in states])
         self.views, self.states = tuple(views), tuple(states)
         self.total_kv = np.array(total_kv_tokens, dtype=np.int64)  # [D] tokens
+        self.least_total_kv = int(self.total_kv.min()) if len(states) else 0
         self.room_now = np.array([s.free_kv_tokens - s.reserving for s in states], dtype=np.int64)  # [D] tokens
         self.step_now = np.array([s.step_now_s for s in states])  # [D] seconds
         # analytic: perf-model steps grow with batch and context (no measured tables, no explicit draft)

@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hardware.perf import Deployment, kv_transfer_time, prefill_time
+from hardware.perf import Deployment, kv_transfer_time
 from orchestrator.core.pairsearch import best_effort_pair, best_local, search_best_pair
 from orchestrator.core.poolindex import DecodeIndex, PrefillIndex
 from orchestrator.core.predictor import (DecodePart, DecodeState, PairPrediction, PredictRequest, Predictor,
@@ -151,14 +151,14 @@ class Router:
         pidx, didx = self._indexes(prefill, decode)
         need = req.prompt_tokens + req.max_tokens
         pmask = pidx.healthy  # [P]
-        dmask = didx.healthy & (didx.total_kv >= need)  # [D]
-        if not pmask.any():
+        dmask = didx.healthy if need <= didx.least_total_kv else didx.healthy & (didx.total_kv >= need)  # [D]
+        if not pidx.any_healthy:
             return Rejection("no healthy prefill worker", "UNAVAILABLE")
-        if not dmask.any():
-            if didx.healthy.any():
-                return Rejection(f"prompt + max_tokens = {need} tokens exceeds every decode worker's KV capacity",
-                                 kind="kv_capacity")
+        if not didx.any_healthy:
             return Rejection("no healthy decode worker", "UNAVAILABLE")
+        if dmask is not didx.healthy and not dmask.any():
+            return Rejection(f"prompt + max_tokens = {need} tokens exceeds every decode worker's KV capacity",
+                             kind="kv_capacity")
         preq = PredictRequest.from_sla(req.prompt_tokens, req.max_tokens, req.sla)
         if self.policy == "sla":
             return self._place_by_sla(preq, pidx, pmask, didx, dmask, now, self.reject if reject is None else reject)
@@ -195,7 +195,7 @@ class Router:
         # local prefill competes once the prefill pool's speed is learned: before, a learned local option
         # would beat a remote prior, keep the prefill workers from ever being observed, and so keep
         # the router from ever rejecting (it does not reject on unlearned predictions)
-        learned = bool((pidx.warm(corr, "prefill") & pmask).any())
+        learned = pidx.any_warm(corr, "prefill")
         local = req.prompt_tokens <= self.local_prefill_max_tokens and learned
         groups = [0] if len(didx.deps) == 1 else list(dict.fromkeys(didx.dep_of[dmask].tolist()))  # deployments
         dst = didx.deps[groups[0]]
@@ -249,18 +249,22 @@ class Router:
         without the "ttft" correction (that learns queueing, which an idle worker has none of). The
         perf-model times are taken once per distinct worker setup, the corrections per worker."""
         corr = self.predictor.corrections
-        own, tr = [], []
-        for dep, slowdown in pidx.setups:
-            s = prefill_time(dep, [req.prompt_tokens]) * slowdown
+        alone, own, tr = pidx.alone(req.prompt_tokens), [], []
+        for j, slowdown in pidx.setups:
+            dep, s = pidx.deps[j], float(alone[j]) * slowdown
             own.append(s)
             tr.append(kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), s))
-        ttft = np.array(own)[pidx.setup_of] * pidx.bound(corr, "prefill") + pidx.path  # [P] seconds
+        if len(own) == 1:  # one setup: scalars
+            own_s, tr_s = own[0], tr[0]
+        else:
+            own_s, tr_s = np.array(own)[pidx.setup_of], np.array(tr)[pidx.setup_of]
+        ttft = own_s * pidx.bound(corr, "prefill") + pidx.path  # [P] seconds
         if self.predictor.first_token_after_transfer:
-            ttft += np.array(tr)[pidx.setup_of] * pidx.bound(corr, "transfer")
-        best = float(ttft[pmask].min())
+            ttft = ttft + tr_s * pidx.bound(corr, "transfer")
+        best = float(ttft.min(initial=math.inf, where=pmask))
         if local is not None:
-            alone = np.array([prefill_time(dep, [req.prompt_tokens]) for dep in didx.deps])[didx.dep_of]  # [D]
-            best = min(best, float((alone * didx.bound(corr, "local_prefill") + didx.path)[local].min()))
+            here = didx.alone(req.prompt_tokens)[didx.dep_of] * didx.bound(corr, "local_prefill") + didx.path  # [D]
+            best = min(best, float(here[local].min()))
         return best
 
 
