@@ -79,7 +79,7 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex
     """The pair `best_pair` would choose from the parts of every worker the masks ([P], [D]) keep (same
     ties), computing few of them; the decode parts are taken at the KV arrival of `earliest_prefill`,
     as the router's rule says. `dst`: the kept decode workers' deployment (one per call)."""
-    key, ttft = prefill_floor(pred, req, prefill, dst, now)
+    key, ttft, tail = prefill_floor(pred, req, prefill, dst, now)
     cands = pmask & (ttft * _SLACK <= req.ttft_s)  # else ttft.bound > target
     parts: dict[int, PrefillPart] = {}
 
@@ -101,7 +101,11 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex
     def meets(p: PrefillPart) -> bool:
         return p.ttft.bound_s <= req.ttft_s and (not steps or (p.tail.bound_s + d.decode.bound_s) * inv <= req.tpot_s)
 
-    best = first if meets(first) else _best_prefill(prefill, key, cands, part, meets)
+    if meets(first):
+        return first, d
+    if steps:  # only those whose tail can fit d's TPOT budget (the first token after the transfer: none)
+        cands = cands & ((tail + d.decode.bound_s) * inv <= req.tpot_s)
+    best = _best_prefill(prefill, key, cands, part, meets)
     return None if best is None else (best, d)
 
 
@@ -135,7 +139,7 @@ def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex
     at that arrival the decode part with the least decode.bound, the same among those that fit and
     among those that also protect their running sequences (None: no such decode worker); few exact
     parts, as the search."""
-    key, _ = prefill_floor(pred, req, prefill, dst, now)
+    key, _, _ = prefill_floor(pred, req, prefill, dst, now)
     pp = _best_prefill(prefill, key, pmask, lambda i: pred.prefill_part(req, prefill.states[i], dst, now),
                        lambda p: True)
     arrival = kv_arrival_s(pp)
@@ -146,9 +150,9 @@ def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex
 
 
 def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst: Deployment,
-                  now: float) -> tuple[np.ndarray, np.ndarray]:
-    """[P] seconds, at most each worker's ttft.bound + tail.bound for `req` towards `dst`, and [P] at
-    most its ttft.bound."""
+                  now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+    """[P] seconds, at most each worker's ttft.bound + tail.bound for `req` towards `dst`; [P] at most
+    its ttft.bound (x (1 + 1e-9)); [P] (or 0.0) at most its tail.bound."""
     corr = pred.corrections
     fp = pool.bound(corr, "prefill")
     own = np.where(pool.measured, 0.0, pool.alone(req.prompt_tokens))  # [deployments] seconds (analytic profiles)
@@ -165,9 +169,9 @@ def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst:
     g = pool.ttft_bound(corr, req.ttft_s)  # scales the whole TTFT
     if pred.first_token_after_transfer:
         ttft = (lb + transfer) * g
-        return ttft * _SLACK, ttft
+        return ttft * _SLACK, ttft, 0.0
     ttft = lb * g
-    return (ttft + transfer) * _SLACK, ttft
+    return (ttft + transfer) * _SLACK, ttft, transfer * _SLACK
 
 
 def _best_prefill(pool: PrefillIndex, key: np.ndarray, mask: np.ndarray, part: Callable[[int], PrefillPart],

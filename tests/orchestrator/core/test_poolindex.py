@@ -85,10 +85,11 @@ def test_the_floors_are_below_every_workers_exact_parts(seed):
     pi, di = _index(ps, ds)
     for _ in range(10):
         req, arrival = _request(rng), rng.uniform(0.0, 2.0)
-        key, ttft = prefill_floor(pred, req, pi, CS3, 0.0)
-        for p, k, t in zip(ps, key, ttft):
+        key, ttft, tail = prefill_floor(pred, req, pi, CS3, 0.0)
+        for p, k, t, z in zip(ps, key, ttft, np.broadcast_to(tail, key.shape)):
             part = pred.prefill_part(req, p, CS3, 0.0)
             assert k <= part.ttft.bound_s + part.tail.bound_s and t * (1 - 1e-9) <= part.ttft.bound_s
+            assert z <= part.tail.bound_s
         for d, lb in zip(ds, decode_floor(pred, req, di)):
             assert lb <= pred.decode_part(req, d, arrival).decode.bound_s
 
