@@ -7,8 +7,8 @@ poolindex.py), candidates come out of `ascending` lazily:
 
 - decode: decode.bound >= f_bound x (q x step in flight + (n - 1) x `DecodeIndex.step_floor`): the
   arrival's wait is at least q steps in flight, and no step the newcomer gets is faster than the
-  floor (true of the analytic roofline and wafer models; profiles with measured tables and
-  speculative decoding get the bound 0: always computed);
+  floor (true of the analytic roofline and wafer models, the generation's own speculation included;
+  profiles with measured tables and states with an explicit draft get the bound 0: always computed);
 - prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
   newcomer's batch can start, `PrefillIndex.before_floor` + the prompt alone) + request path (the
   prompt-alone term only on analytic profiles, where adding prompts to a batch never makes it

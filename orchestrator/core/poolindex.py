@@ -1,7 +1,7 @@
 """Per-pool numpy arrays of what the pruned pair search reads of every worker (issue 16, item 9).
 
 Pure. A `PrefillIndex` / `DecodeIndex` is built once per snapshot of a pool's states (the Router
-keeps the last one and rebuilds it when the views passed change identity), so a decision computes
+keeps the last one and rebuilds it when the views passed change), so a decision computes
 every worker's lower bound in a few vector expressions instead of a Python step per worker. The
 correction factors the bounds use are gathered per phase into vectors cached on
 `Corrections.version`: rebuilt after an observation, not per decision.
@@ -75,17 +75,17 @@ class _Pool:
         self.path = np.array([d.hw.perf.request_path_s for d in deps])  # [n] seconds
         self.any_healthy = bool(self.healthy.any())
         self._alone: dict[int, np.ndarray] = {}
-        self._fac: dict[object, np.ndarray] = {}
-        self._fac_at: tuple[int, int] = (0, -1)  # (id(corrections), version) the vectors were gathered at
+        self._memo: dict[object, object] = {}
+        self._memo_at: tuple[int, int] = (0, -1)  # (id(corrections), version) the vectors were gathered at
 
     def cached(self, corr: Corrections, key: object, make):
         """make(): a value derived from the corrections, kept under `key` until they change."""
         at = (id(corr), corr.version)
-        if at != self._fac_at:
-            self._fac, self._fac_at = {}, at
-        got = self._fac.get(key)
+        if at != self._memo_at:
+            self._memo, self._memo_at = {}, at
+        got = self._memo.get(key)
         if got is None:
-            got = self._fac[key] = make()
+            got = self._memo[key] = make()
         return got
 
     def alone(self, prompt_tokens: int) -> np.ndarray:
@@ -114,7 +114,7 @@ class _Pool:
 
 
 class PrefillIndex(_Pool):
-    """A prefill pool's states as arrays; `views` is kept so the Router can test identity."""
+    """A prefill pool's states as arrays; `views` is kept so the Router can tell when they change."""
 
     def __init__(self, views: Sequence, states: Sequence[PrefillState], healthy: Sequence[bool]):
         super().__init__([s.worker_id for s in states], healthy, [s.dep for s in states])
@@ -152,7 +152,7 @@ class PrefillIndex(_Pool):
 
 
 class DecodeIndex(_Pool):
-    """A decode pool's states as arrays; `views` is kept so the Router can test identity."""
+    """A decode pool's states as arrays; `views` is kept so the Router can tell when they change."""
 
     def __init__(self, views: Sequence, states: Sequence[DecodeState], healthy: Sequence[bool],
                  total_kv_tokens: Sequence[int]):

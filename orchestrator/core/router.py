@@ -147,7 +147,7 @@ class Router:
         `reject=False` places on the best-effort pair what `sla` would reject (a request already mid-stream,
         migrated); None: the router's setting. Without a healthy worker with room it still rejects.
         Pass the same view objects while a pool's state has not changed: the router keeps the arrays it
-        builds from them (PrefillIndex, DecodeIndex) until the views passed change identity."""
+        builds from them (PrefillIndex, DecodeIndex) until the views passed change."""
         pidx, didx = self._indexes(prefill, decode)
         need = req.prompt_tokens + req.max_tokens
         pmask = pidx.healthy  # [P]
