@@ -116,7 +116,8 @@ def best_local(pred: Predictor, req: PredictRequest, decode: DecodeIndex, mask: 
     `beat_s` (the best disaggregated pair's), ties by lowest id. Candidates are taken best-first on a
     floor of that completion: the prompt alone, plus `decode_floor`."""
     corr = pred.corrections
-    ttft = (decode.alone(req.prompt_tokens)[decode.dep_of] * decode.bound(corr, "local_prefill") + decode.path) * decode.ttft_bound(corr, req.ttft_s)
+    alone = decode.alone(req.prompt_tokens)[decode.dep_of]  # [D] seconds
+    ttft = (alone * decode.bound(corr, "local_prefill") + decode.path) * decode.ttft_bound(corr, req.ttft_s)
     cands = mask & (decode.room_now >= req.prompt_tokens + req.max_tokens) & (ttft * _SLACK <= req.ttft_s)
     best: tuple[PrefillPart, DecodePart] | None = None
     best_key = (beat_s, "")

@@ -178,7 +178,7 @@ class Router:
 
     def _indexes(self, prefill: Sequence[PrefillView],
                  decode: Sequence[DecodeView]) -> tuple[PrefillIndex, DecodeIndex]:
-        """The pools' arrays: the last ones while the views passed are the same objects, else rebuilt."""
+        """The pools' arrays: the last ones while the views passed are the same (or equal) ones, else new."""
         p, d = self._prefill_index, self._decode_index
         if p is None or not _same(p.views, prefill):
             p = self._prefill_index = PrefillIndex(prefill, [v.state for v in prefill], [v.healthy for v in prefill])
