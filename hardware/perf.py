@@ -128,25 +128,67 @@ def _collectives(dep: Deployment, tokens: float) -> float:
     return 2 * dep.model.n_layers * (p.collective_latency_s + ring)
 
 
+_BY_ID: dict[tuple[str, int], tuple[Deployment, object]] = {}  # (what, id(dep)) -> (dep, value)
+
+
+def _per_deployment(what: str, dep: Deployment, make):
+    """make(dep), once per deployment object: looked up by identity, since hashing a Deployment (its
+    model and profile) costs more than a decode step's arithmetic and the predictor times many steps."""
+    got = _BY_ID.get((what, id(dep)))
+    if got is None or got[0] is not dep:
+        if len(_BY_ID) >= 512:
+            _BY_ID.clear()
+        got = _BY_ID[(what, id(dep))] = (dep, make(dep))
+    return got[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _Wafer:
+    """A wafer replica's step constants: the terms of _wafer_latency and wafer_work_s that do not depend
+    on the step, each computed in the order those formulas evaluate it (so times are bit-identical)."""
+
+    fixed_s: float  # step overhead + layers x per-layer latency / speedup
+    hops: int  # system-to-system hops per pass (the sampled token returns to the first system)
+    hop_s: float  # seconds per hop without async I/O
+    async_io: bool  # activations on the wire: hop = wire + activation bytes / network
+    wire_s: float
+    d_model: int
+    net_bw: float
+    flops_per_token: float  # 2 x parameters multiplied per token
+    attn_flops: float  # 4 x layers x heads x head_dim: attention FLOPs per cached token per query
+    weight_bytes: float | None  # active weight bytes per step (None: MoE, they depend on the batch)
+    kv_per_token: float  # KV bytes per cached token
+    flops_rate: float  # chips x dense FLOP/s x decode MFU
+    bytes_rate: float  # chips x SRAM bandwidth x efficiency
+
+
+def _wafer(dep: Deployment) -> _Wafer:
+    m, p, gen = dep.model, dep.hw.perf, dep.hw.generation
+    speedup = gen.latency_speedup if gen else 1.0
+    return _Wafer(p.step_overhead_s + m.n_layers * p.wafer_layer_latency_s / speedup, dep.chips if dep.chips > 1 else 0,
+                  p.wafer_hop_latency_s, gen is not None and gen.async_io, gen.hop_wire_s if gen else 0.0, m.d_model,
+                  dep.hw.net_bw, 2.0 * m.matmul_params_per_token(), 4.0 * m.n_layers * m.n_heads * m.head_dim,
+                  None if m.is_moe else m.active_weight_bytes(dep.dtype), m.kv_bytes_per_token(dep.kv_dtype),
+                  dep.chips * p.wafer_dense_flops * p.decode_mfu, dep.chips * dep.hw.mem_bw * p.bw_eff)
+
+
 def _wafer_latency(dep: Deployment, tokens: float = 1.0) -> float:
     """Latency of one pass of `tokens` tokens through the pipelined systems, as the generation runs it."""
-    p, gen = dep.hw.perf, dep.hw.generation
-    hops = dep.chips if dep.chips > 1 else 0  # the sampled token returns to the first system
-    speedup = gen.latency_speedup if gen else 1.0
-    if gen is not None and gen.async_io:  # activations on the wire, I/O overlapped with compute
-        hop = gen.hop_wire_s + tokens * dep.model.d_model * dtype_bytes("bf16") / dep.hw.net_bw
+    w: _Wafer = _per_deployment("wafer", dep, _wafer)
+    if w.async_io:  # activations on the wire, I/O overlapped with compute
+        hop = w.wire_s + tokens * w.d_model * dtype_bytes("bf16") / w.net_bw
     else:
-        hop = p.wafer_hop_latency_s
-    return p.step_overhead_s + dep.model.n_layers * p.wafer_layer_latency_s / speedup + hops * hop
+        hop = w.hop_s
+    return w.fixed_s + w.hops * hop
 
 
 def wafer_work_s(dep: Deployment, tokens: int, ctx_sum: float, q_tokens: int = 1) -> float:
     """Seconds a wafer decode step adds to its latency: FLOPs of the parameters a token uses (MoE: routed
     experts only) over dense compute, plus active weight and KV bytes over SRAM bandwidth."""
-    m, p = dep.model, dep.hw.perf
-    flops = 2.0 * m.matmul_params_per_token() * tokens + _attn_flops(m, q_tokens, ctx_sum)
-    read = m.active_weight_bytes(dep.dtype, tokens) + m.kv_bytes_per_token(dep.kv_dtype) * ctx_sum
-    return flops / (dep.chips * p.wafer_dense_flops * p.decode_mfu) + read / (dep.chips * dep.hw.mem_bw * p.bw_eff)
+    w: _Wafer = _per_deployment("wafer", dep, _wafer)
+    flops = w.flops_per_token * tokens + w.attn_flops * ctx_sum * q_tokens
+    weights = w.weight_bytes if w.weight_bytes is not None else dep.model.active_weight_bytes(dep.dtype, tokens)
+    return flops / w.flops_rate + (weights + w.kv_per_token * ctx_sum) / w.bytes_rate
 
 
 def _interp(x: float, xs: tuple, ys: tuple) -> float:
@@ -256,7 +298,7 @@ def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculati
     """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
     step, or a draft-and-verify step amortised over its expected tokens, with `spec` (and its `draft`
     deployment) or else the profile generation's speculation_plan."""
-    if spec is None and (plan := speculation_plan(dep)) is not None:
+    if spec is None and (plan := _per_deployment("plan", dep, speculation_plan)) is not None:
         spec, draft = plan
     if spec is None:
         return decode_step_time(dep, batch, ctx_sum)

@@ -6,7 +6,7 @@ models' published config.json files (Hugging Face model cards); published totals
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPE_BYTES: dict[str, float] = {
     "fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "mxfp4": 0.5, "int4": 0.5,
@@ -41,10 +41,18 @@ class ModelSpec:
     moe_every: int = 1  # every k-th layer is MoE (layer i is MoE when (i + 1) % moe_every == 0)
     attn_window: int = 0  # sliding/chunked attention window (0: none)
     window_every: int = 0  # layers with a window: all except every window_every-th (0: no windows)
+    # parameter counts the perf model reads on every step, computed once (the predictor's hot path)
+    _matmul_params: int = field(init=False, repr=False, compare=False)
+    _params_total: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert self.n_heads % self.n_kv_heads == 0, f"{self.name}: heads not a multiple of KV heads"
         assert (self.n_experts == 0) == (self.experts_active == 0), f"{self.name}: experts inconsistent"
+        emb = self.embedding_params * (1 if self.tied_embeddings else 2)
+        body = self.n_layers * self.attn_params_per_layer + self.n_dense_layers * self._ffn(self.d_ff)
+        moe = self.n_moe_layers * self._moe_layer_params(self.n_experts)
+        object.__setattr__(self, "_params_total", emb + body + moe)
+        object.__setattr__(self, "_matmul_params", self._body_active() + self.embedding_params)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -91,9 +99,7 @@ class ModelSpec:
 
     def params_total(self) -> int:
         """All parameters (norms ignored: < 0.01%)."""
-        emb = self.embedding_params * (1 if self.tied_embeddings else 2)
-        body = self.n_layers * self.attn_params_per_layer + self.n_dense_layers * self._ffn(self.d_ff)
-        return emb + body + self.n_moe_layers * self._moe_layer_params(self.n_experts)
+        return self._params_total
 
     def params_active(self, count_input_embedding: bool = True) -> int:
         """Parameters touched per token: only the routed experts a token uses.
@@ -111,7 +117,7 @@ class ModelSpec:
 
     def matmul_params_per_token(self) -> int:
         """Parameters multiplied per token: active blocks plus the output layer (no embedding lookup)."""
-        return self._body_active() + self.embedding_params
+        return self._matmul_params
 
     # ---- bytes -----------------------------------------------------------------------------
     def weight_bytes(self, dtype: str = "bf16") -> float:

@@ -81,6 +81,7 @@ class Corrections:
         self.prior = Factors(1.0, math.exp(NormalDist().inv_cdf(self.quantile) * prior_sigma))
         self._ratios: dict[tuple[str, str], deque[float]] = {}
         self._cache: dict[tuple[str, str], Factors] = {}
+        self.version = 0  # bumped by every observe() and forget(): callers cache factor vectors on it
 
     def observe(self, worker: str, phase: str, observed_s: float, predicted_s: float) -> None:
         """Record one phase's observed and predicted seconds (the oldest ratio drops out when full)."""
@@ -96,6 +97,7 @@ class Corrections:
             ratios = self._ratios[key] = deque(maxlen=self.window)
         ratios.append(observed_s / predicted_s)
         self._cache.pop(key, None)
+        self.version += 1
 
     def samples(self, worker: str, phase: str) -> int:
         ratios = self._ratios.get((worker, phase))
@@ -123,3 +125,4 @@ class Corrections:
         for key in [k for k in self._ratios if k[0] == worker or k[0].startswith(f"{worker}|ttft<=")]:
             del self._ratios[key]
             self._cache.pop(key, None)
+        self.version += 1

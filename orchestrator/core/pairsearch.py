@@ -1,80 +1,98 @@
 """Fast best pair: `best_pair`'s answer without computing every worker's part (issue 16, item 9).
 
 Pure. Each side is searched best-first on a cheap lower bound of the quantity `best_pair` ranks it
-by, and exact parts are computed only while a bound can still beat the best found:
+by, and exact parts are computed only while a bound can still beat the best found. The bounds of a
+whole pool are one vector expression over its `PrefillIndex` / `DecodeIndex` (orchestrator/core/
+poolindex.py), candidates come out of `ascending` lazily:
 
-- decode: decode.bound >= f_bound x step_now x (q + n - 1), because the step with the newcomer at a
-  larger context is no faster than the step in flight (true of the analytic roofline and wafer
-  models; profiles with measured tables and speculative decoding get the bound 0: always computed);
+- decode: decode.bound >= f_bound x (q x step in flight + (n - 1) x `DecodeIndex.step_floor`): the
+  arrival's wait is at least q steps in flight, and no step the newcomer gets is faster than the
+  floor (true of the analytic roofline and wafer models, the generation's own speculation included;
+  profiles with measured tables and states with an explicit draft get the bound 0: always computed);
 - prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
-  newcomer's batch can start + the prompt alone) + request path (the prompt-alone term only on
-  analytic profiles, where adding prompts to a batch never makes it faster), plus the transfer's
-  floor (kv_transfer_time with an unbounded overlap) x its f_bound; all times the "ttft" factor.
+  newcomer's batch can start, `PrefillIndex.before_floor` + the prompt alone) + request path (the
+  prompt-alone term only on analytic profiles, where adding prompts to a batch never makes it
+  faster), plus the transfer's floor (kv_transfer_time with an unbounded overlap) x its f_bound;
+  all times the "ttft" factor.
 
-Cost: O(P log P + D log D) cheap steps plus the exact parts of the few candidates; the states carry
-their precomputation (PrefillState.plan, DecodeState.step_now_s), so build them when a worker's
-state changes, not per decision.
+Cost per decision: O(P + D) vector work, a partition of the candidates, and the exact parts of the
+few that can still win.
 """
 from __future__ import annotations
 
-import bisect
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator
 
-from hardware.perf import Deployment, kv_transfer_time, prefill_time
-from orchestrator.core.predictor import (DecodePart, DecodeState, PredictRequest, Predictor, PrefillPart, PrefillState,
-                                         completion_key, kv_arrival_s)
-from orchestrator.core.correction import ttft_key
-from orchestrator.core.queueplan import order_key
+import numpy as np
+
+from hardware.perf import Deployment, kv_transfer_time
+from orchestrator.core.poolindex import DecodeIndex, PrefillIndex, ascending
+from orchestrator.core.predictor import DecodePart, PredictRequest, Predictor, PrefillPart, completion_key, kv_arrival_s
 
 _SLACK = 1.0 - 1e-9  # lower bounds are rounded down so float rounding never prunes an exact tie
 
 
-def _best_decode(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState],
-                 arrival_s: float, protecting: bool = True) -> DecodePart | None:
-    """The fitting decode part with the least decode.bound (ties: lowest id); `protecting`: among those
-    that also protect their running sequences' TPOT."""
-    steps, corr = req.max_tokens - 1, pred.corrections
-    need = req.prompt_tokens + req.max_tokens
-    cands = []
-    for st in decode:
-        if not st.admits(need, arrival_s):  # DecodePart.fits, exactly
-            continue
-        lb = 0.0
-        if st.spec is None and st.dep.hw.perf.measured is None:
-            lb = corr.factors(st.worker_id, "decode").bound * st.step_now_s * (corr.quantile + steps) * _SLACK
-        cands.append((lb, st.worker_id, st))
-    cands.sort(key=lambda c: (c[0], c[1]))
+def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.ndarray:
+    """[D] seconds, at most each worker's decode.bound for `req` (0: no bound, measured or speculative)."""
+    corr = pred.corrections
+
+    def terms() -> tuple[np.ndarray, np.ndarray]:  # ([D], [D]): floor = wait + steps x per step
+        f = np.where(pool.analytic, pool.bound(corr, "decode") * _SLACK, 0.0)
+        return f * (corr.quantile * pool.step_now), f * pool.step_floor
+
+    wait, step = pool.cached(corr, "decode_floor", terms)
+    return wait + (req.max_tokens - 1) * step
+
+
+def _walk(key: np.ndarray, ids: list[str], rank: np.ndarray, mask: np.ndarray) -> Iterator[tuple[float, str, int]]:
+    """(bound, worker id, position) of the workers `mask` [n] keeps, in ascending (bound, id) order."""
+    kept = np.where(mask, key, math.inf)  # [n]: the others sort last
+    for chunk in ascending(kept, rank):
+        for lb, i in zip(kept[chunk].tolist(), chunk.tolist()):
+            if lb == math.inf and not mask[i]:
+                continue
+            yield lb, ids[i], i
+
+
+def best_decode(pred: Predictor, req: PredictRequest, pool: DecodeIndex, mask: np.ndarray, arrival_s: float,
+                need: str = "protects") -> DecodePart | None:
+    """The decode part with the least decode.bound (ties: lowest id) among the workers `mask` [D] keeps
+    that `need`: "protects" (fits and protects its running sequences' TPOT), "fits" or "any"."""
+    want = req.prompt_tokens + req.max_tokens
     best: DecodePart | None = None
-    for lb, wid, st in cands:
+    for lb, wid, i in _walk(decode_floor(pred, req, pool), pool.ids, pool.rank, mask):
         if best is not None and (lb, wid) > (best.decode.bound_s, best.worker_id):
             break
+        st = pool.states[i]
+        if need != "any" and not st.admits(want, arrival_s):  # DecodePart.fits, exactly
+            continue
         d = pred.decode_part(req, st, arrival_s)
-        if d.fits and (d.protects or not protecting) and (
+        if (need != "protects" or d.protects) and (
                 best is None or (d.decode.bound_s, wid) < (best.decode.bound_s, best.worker_id)):
             best = d
     return best
 
 
-def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],
-                     decode: Sequence[DecodeState], dst: Deployment,
+def search_best_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex, pmask: np.ndarray,
+                     decode: DecodeIndex, dmask: np.ndarray, dst: Deployment,
                      now: float) -> tuple[PrefillPart, DecodePart] | None:
-    """The pair `best_pair` would choose from every worker's parts (same ties), computing few of them;
-    the decode parts are taken at the KV arrival of `earliest_prefill`, as the router's rule says.
-    `dst`: the decode workers' deployment (one per call; heterogeneous pools: one call per group)."""
-    cands = _prefill_candidates(pred, req, prefill, dst, now)
-    parts: dict[str, PrefillPart] = {}
+    """The pair `best_pair` would choose from the parts of every worker the masks ([P], [D]) keep (same
+    ties), computing few of them; the decode parts are taken at the KV arrival of `earliest_prefill`,
+    as the router's rule says. `dst`: the kept decode workers' deployment (one per call)."""
+    key, ttft, tail = prefill_floor(pred, req, prefill, dst, now)
+    cands = pmask & (ttft * _SLACK <= req.ttft_s)  # else ttft.bound > target
+    parts: dict[int, PrefillPart] = {}
 
-    def part(st: PrefillState) -> PrefillPart:
-        got = parts.get(st.worker_id)
+    def part(i: int) -> PrefillPart:
+        got = parts.get(i)
         if got is None:
-            got = parts[st.worker_id] = pred.prefill_part(req, st, dst, now)
+            got = parts[i] = pred.prefill_part(req, prefill.states[i], dst, now)
         return got
 
-    first = _best_prefill(cands, part, lambda p: p.ttft.bound_s <= req.ttft_s)
+    first = _best_prefill(prefill, key, cands, part, lambda p: p.ttft.bound_s <= req.ttft_s)
     if first is None:
         return None
-    d = _best_decode(pred, req, decode, kv_arrival_s(first))
+    d = best_decode(pred, req, decode, dmask, kv_arrival_s(first))
     if d is None:
         return None
     steps = req.max_tokens - 1
@@ -83,41 +101,30 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[Pre
     def meets(p: PrefillPart) -> bool:
         return p.ttft.bound_s <= req.ttft_s and (not steps or (p.tail.bound_s + d.decode.bound_s) * inv <= req.tpot_s)
 
-    best = first if meets(first) else _best_prefill(cands, part, meets)
+    if meets(first):
+        return first, d
+    if steps:  # only those whose tail can fit d's TPOT budget (the first token after the transfer: none)
+        cands = cands & ((tail + d.decode.bound_s) * inv <= req.tpot_s)
+    best = _best_prefill(prefill, key, cands, part, meets)
     return None if best is None else (best, d)
 
 
-def best_local(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeState],
+def best_local(pred: Predictor, req: PredictRequest, decode: DecodeIndex, mask: np.ndarray,
                beat_s: float = math.inf) -> tuple[PrefillPart, DecodePart] | None:
-    """Conditional disaggregation: the decode worker whose own prefill of `req` (Predictor.local_parts)
-    meets both targets with the earliest completion (bound) below `beat_s` (the best disaggregated
-    pair's), ties by lowest id. Candidates are taken best-first on a floor of that completion: the
-    prompt alone, plus the decode floor of `_best_decode` on analytic profiles."""
-    steps, corr = req.max_tokens - 1, pred.corrections
-    need = req.prompt_tokens + req.max_tokens
-    own: dict[int, float] = {}
-    cands = []
-    for st in decode:
-        if not st.has_room_now(need):
-            continue
-        alone = own.get(id(st.dep))
-        if alone is None:
-            alone = own[id(st.dep)] = prefill_time(st.dep, [req.prompt_tokens])
-        g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound
-        ttft = (alone * corr.factors(st.worker_id, "local_prefill").bound + st.dep.hw.perf.request_path_s) * g
-        if ttft * _SLACK > req.ttft_s:
-            continue
-        lb = ttft
-        if st.spec is None and st.dep.hw.perf.measured is None:
-            lb += corr.factors(st.worker_id, "decode").bound * st.step_now_s * (corr.quantile + steps)
-        cands.append((lb * _SLACK, st.worker_id, st))
-    cands.sort(key=lambda c: (c[0], c[1]))
+    """Conditional disaggregation: among the decode workers `mask` [D] keeps, the one whose own prefill
+    of `req` (Predictor.local_parts) meets both targets with the earliest completion (bound) below
+    `beat_s` (the best disaggregated pair's), ties by lowest id. Candidates are taken best-first on a
+    floor of that completion: the prompt alone, plus `decode_floor`."""
+    corr = pred.corrections
+    alone = decode.alone(req.prompt_tokens)[decode.dep_of]  # [D] seconds
+    ttft = (alone * decode.bound(corr, "local_prefill") + decode.path) * decode.ttft_bound(corr, req.ttft_s)
+    cands = mask & (decode.room_now >= req.prompt_tokens + req.max_tokens) & (ttft * _SLACK <= req.ttft_s)
     best: tuple[PrefillPart, DecodePart] | None = None
     best_key = (beat_s, "")
-    for lb, wid, st in cands:
+    for lb, wid, i in _walk((ttft + decode_floor(pred, req, decode)) * _SLACK, decode.ids, decode.rank, cands):
         if (lb, wid) >= best_key:
             break
-        pp, dp = pred.local_parts(req, st)
+        pp, dp = pred.local_parts(req, decode.states[i])
         if not pred.combine(req, pp, dp).ok:
             continue
         k = (completion_key(req, pp, dp), wid)
@@ -126,65 +133,58 @@ def best_local(pred: Predictor, req: PredictRequest, decode: Sequence[DecodeStat
     return best
 
 
-def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState],
-                     decode: Sequence[DecodeState], dst: Deployment,
-                     now: float) -> tuple[PrefillPart, DecodePart | None, DecodePart | None]:
+def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex, pmask: np.ndarray,
+                     decode: DecodeIndex, dmask: np.ndarray, dst: Deployment,
+                     now: float) -> tuple[PrefillPart, DecodePart, DecodePart | None, DecodePart | None]:
     """When no pair meets the SLA: the prefill part with the earliest KV arrival whatever its TTFT, and
-    at that arrival the fitting decode part with the least decode.bound, and the same among those that
-    protect their running sequences (None: no such decode worker); few exact parts, as the search."""
-    cands = _prefill_candidates(pred, req, prefill, dst, now, meeting_ttft=False)
-    pp = _best_prefill(cands, lambda st: pred.prefill_part(req, st, dst, now), lambda p: True)
+    at that arrival the decode part with the least decode.bound, the same among those that fit and
+    among those that also protect their running sequences (None: no such decode worker); few exact
+    parts, as the search."""
+    key, _, _ = prefill_floor(pred, req, prefill, dst, now)
+    pp = _best_prefill(prefill, key, pmask, lambda i: pred.prefill_part(req, prefill.states[i], dst, now),
+                       lambda p: True)
     arrival = kv_arrival_s(pp)
-    fit = _best_decode(pred, req, decode, arrival, protecting=False)
-    protect = fit if fit is None or fit.protects else _best_decode(pred, req, decode, arrival)
-    return pp, fit, protect
+    fit = best_decode(pred, req, decode, dmask, arrival, need="fits")
+    protect = fit if fit is None or fit.protects else best_decode(pred, req, decode, dmask, arrival)
+    closest = fit or best_decode(pred, req, decode, dmask, arrival, need="any")
+    return pp, closest, fit, protect
 
 
-def _prefill_candidates(pred: Predictor, req: PredictRequest, prefill: Sequence[PrefillState], dst: Deployment,
-                        now: float, meeting_ttft: bool = True) -> list[tuple[float, str, PrefillState]]:
-    """(floor of ttft.bound + tail.bound, worker id, state) of the workers whose floor can meet the TTFT
-    target (every worker unless `meeting_ttft`), ascending."""
+def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst: Deployment,
+                  now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+    """[P] seconds, at most each worker's ttft.bound + tail.bound for `req` towards `dst`; [P] at most
+    its ttft.bound (x (1 + 1e-9)); [P] (or 0.0) at most its tail.bound."""
     corr = pred.corrections
-    key = order_key(req.priority, now, req.ttft_s)
-    alone: dict[tuple[int, float], float] = {}
-    floor: dict[int, float] = {}  # exposed transfer is non-increasing in the prefill time: its floor
-    cands = []
-    for st in prefill:
-        plan = st.plan
-        pos = bisect.bisect_right(plan.keys, key)
-        b = plan.batch_of[pos - 1] if pos else 0
-        before = plan.ends_s[b - 1] if b else 0.0
-        own = 0.0
-        if st.dep.hw.perf.measured is None:
-            k = (id(st.dep), st.slowdown)
-            own = alone.get(k)
-            if own is None:
-                own = alone[k] = prefill_time(st.dep, [req.prompt_tokens]) * st.slowdown
-        tr = floor.get(id(st.dep))
-        if tr is None:
-            kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
-            tr = floor[id(st.dep)] = kv_transfer_time(st.dep, dst, kv, 1e30)
-        tr *= corr.factors(st.worker_id, "transfer").bound
-        busy = st.busy_until_s - now
-        lb = (busy if busy > 0 else 0.0) + corr.factors(st.worker_id, "prefill").bound * (before + own) + \
-            st.dep.hw.perf.request_path_s
-        g = corr.factors(ttft_key(st.worker_id, req.ttft_s), "ttft").bound  # scales the whole TTFT
-        ttft = (lb + tr if pred.first_token_after_transfer else lb) * g
-        if ttft * _SLACK <= req.ttft_s or not meeting_ttft:  # else ttft.bound > target
-            cands.append(((ttft if pred.first_token_after_transfer else ttft + tr) * _SLACK, st.worker_id, st))
-    cands.sort(key=lambda c: (c[0], c[1]))
-    return cands
+    fp = pool.bound(corr, "prefill")
+    own = np.where(pool.measured, 0.0, pool.alone(req.prompt_tokens))  # [deployments] seconds (analytic profiles)
+    # [deployments] seconds, the transfer's floor: exposed transfer is non-increasing in the prefill time
+    tr = np.array([kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), 1e30)
+                   for dep in pool.deps])
+    if len(pool.deps) == 1:  # a homogeneous pool: scalars
+        own, tr = float(own[0]), float(tr[0])
+    else:
+        own, tr = own[pool.dep_of], tr[pool.dep_of]
+    transfer = tr * pool.bound(corr, "transfer")
+    lb = (np.maximum(pool.busy_until - now, 0.0) + fp * pool.before_floor(now + req.ttft_s) +
+          pool.cached(corr, "prefill_x_slowdown", lambda: fp * pool.slowdown) * own + pool.path)
+    g = pool.ttft_bound(corr, req.ttft_s)  # scales the whole TTFT
+    if pred.first_token_after_transfer:
+        ttft = (lb + transfer) * g
+        return ttft * _SLACK, ttft, 0.0
+    ttft = lb * g
+    return (ttft + transfer) * _SLACK, ttft, transfer * _SLACK
 
 
-def _best_prefill(cands: list[tuple[float, str, PrefillState]], part: Callable[[PrefillState], PrefillPart],
+def _best_prefill(pool: PrefillIndex, key: np.ndarray, mask: np.ndarray, part: Callable[[int], PrefillPart],
                   ok: Callable[[PrefillPart], bool]) -> PrefillPart | None:
-    """The candidate with the least ttft.bound + tail.bound (ties: lowest id) among those `ok` accepts."""
+    """The worker `mask` keeps with the least ttft.bound + tail.bound (ties: lowest id) among those whose
+    part `ok` accepts; `key` [P]: the floors of that sum."""
     best: PrefillPart | None = None
     best_key = (0.0, "")
-    for lb, wid, st in cands:
+    for lb, wid, i in _walk(key, pool.ids, pool.rank, mask):
         if best is not None and (lb, wid) > best_key:
             break
-        p = part(st)
+        p = part(i)
         if not ok(p):
             continue
         k = (p.ttft.bound_s + p.tail.bound_s, wid)

@@ -41,10 +41,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from hardware.perf import Deployment, kv_transfer_time, prefill_time
+import numpy as np
+
+from hardware.perf import Deployment, kv_transfer_time
 from orchestrator.core.pairsearch import best_effort_pair, best_local, search_best_pair
-from orchestrator.core.predictor import (DecodePart, PairPrediction, PredictRequest, Predictor, PrefillPart,
-                                         PrefillState, completion_key, kv_arrival_s)
+from orchestrator.core.poolindex import DecodeIndex, PrefillIndex
+from orchestrator.core.predictor import (DecodePart, DecodeState, PairPrediction, PredictRequest, Predictor,
+                                         PrefillPart, PrefillState, completion_key)
 from orchestrator.core.sla import SLATarget
 
 PREFILL_WEIGHT = 1.0  # Dynamo's default kv_overlap_score_weight: prefill blocks and decode blocks count alike
@@ -135,78 +138,95 @@ class Router:
         self.reject = reject
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self._cursor = 0
+        self._prefill_index: PrefillIndex | None = None  # the last views' arrays (`_indexes`)
+        self._decode_index: DecodeIndex | None = None
 
     def place(self, req: RouteRequest, prefill: Sequence[PrefillView], decode: Sequence[DecodeView],
               now: float, reject: bool | None = None) -> Placement | Rejection:
         """Choose workers for `req` at time `now` (seconds, the views' epoch) given the pools' current views.
         `reject=False` places on the best-effort pair what `sla` would reject (a request already mid-stream,
-        migrated); None: the router's setting. Without a healthy worker with room it still rejects."""
-        pf = [p for p in prefill if p.healthy]
+        migrated); None: the router's setting. Without a healthy worker with room it still rejects.
+        Pass the same view objects while a pool's state has not changed: the router keeps the arrays it
+        builds from them (PrefillIndex, DecodeIndex) until the views passed change."""
+        pidx, didx = self._indexes(prefill, decode)
         need = req.prompt_tokens + req.max_tokens
-        dc = [d for d in decode if d.healthy and d.total_kv_tokens >= need]
-        if not pf:
+        pmask = pidx.healthy  # [P]
+        dmask = didx.healthy if need <= didx.least_total_kv else didx.healthy & (didx.total_kv >= need)  # [D]
+        if not pidx.any_healthy:
             return Rejection("no healthy prefill worker", "UNAVAILABLE")
-        if not dc:
-            if any(d.healthy for d in decode):
-                return Rejection(f"prompt + max_tokens = {need} tokens exceeds every decode worker's KV capacity",
-                                 kind="kv_capacity")
+        if not didx.any_healthy:
             return Rejection("no healthy decode worker", "UNAVAILABLE")
+        if dmask is not didx.healthy and not dmask.any():
+            return Rejection(f"prompt + max_tokens = {need} tokens exceeds every decode worker's KV capacity",
+                             kind="kv_capacity")
         preq = PredictRequest.from_sla(req.prompt_tokens, req.max_tokens, req.sla)
+        if self.policy == "sla":
+            return self._place_by_sla(preq, pidx, pmask, didx, dmask, now, self.reject if reject is None else reject)
+        pf = [prefill[i] for i in np.flatnonzero(pmask).tolist()]
+        dc = [decode[i] for i in np.flatnonzero(dmask).tolist()]
         if self.policy == "round_robin":
             p, d = pf[self._cursor % len(pf)], dc[self._cursor % len(dc)]
             self._cursor += 1
         elif self.policy == "least_loaded":
             p = min(pf, key=lambda v: (v.queued_tokens, v.worker_id))
             d = min(dc, key=lambda v: (v.occupancy, -v.state.free_kv_tokens, v.worker_id))
-        elif self.policy == "cost":
+        else:
             p = min(pf, key=lambda v: (PREFILL_WEIGHT * _blocks(v.queued_tokens + req.prompt_tokens, dc[0]),
                                        v.worker_id))
             d = min(dc, key=lambda v: (v.used_blocks + _blocks(need, v), v.worker_id))
-        else:
-            return self._place_by_sla(preq, pf, dc, now, self.reject if reject is None else reject)
         return _placement(self.predictor.predict(preq, p.state, d.state, now))
 
-    def _place_by_sla(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
-                      now: float, reject: bool) -> Placement | Rejection:
+    def _indexes(self, prefill: Sequence[PrefillView],
+                 decode: Sequence[DecodeView]) -> tuple[PrefillIndex, DecodeIndex]:
+        """The pools' arrays: the last ones while the views passed are the same (or equal) ones, else new."""
+        p, d = self._prefill_index, self._decode_index
+        if p is None or not _same(p.views, prefill):
+            p = self._prefill_index = PrefillIndex(prefill, [v.state for v in prefill], [v.healthy for v in prefill])
+        if d is None or not _same(d.views, decode):
+            d = self._decode_index = DecodeIndex(decode, [v.state for v in decode], [v.healthy for v in decode],
+                                                 [v.total_kv_tokens for v in decode])
+        return p, d
+
+    def _place_by_sla(self, req: PredictRequest, pidx: PrefillIndex, pmask: np.ndarray, didx: DecodeIndex,
+                      dmask: np.ndarray, now: float, reject: bool) -> Placement | Rejection:
+        """`pmask` [P], `dmask` [D]: the healthy workers (decode: with the KV capacity for `req`)."""
         pred, best = self.predictor, None
         corr = pred.corrections
         # local prefill competes once the prefill pool's speed is learned: before, a learned local option
         # would beat a remote prior, keep the prefill workers from ever being observed, and so keep
         # the router from ever rejecting (it does not reject on unlearned predictions)
-        local = req.prompt_tokens <= self.local_prefill_max_tokens and any(corr.warm(p.worker_id, "prefill")
-                                                                            for p in pf)
-        floor = self._ttft_floor(req, pf, dc if local else [], dc[0].state.dep, now)
-        if floor > req.ttft_s and reject and any(corr.warm(p.worker_id, "prefill") for p in pf):
+        learned = pidx.any_warm(corr, "prefill")
+        local = req.prompt_tokens <= self.local_prefill_max_tokens and learned
+        groups = [0] if len(didx.deps) == 1 else list(dict.fromkeys(didx.dep_of[dmask].tolist()))  # deployments
+        dst = didx.deps[groups[0]]
+        floor = self._ttft_floor(req, pidx, pmask, didx, dmask if local else None, dst, now)
+        if floor > req.ttft_s and reject and learned:
             # no worker can: say so without searching
             q = round(100 * pred.corrections.quantile)
             return Rejection(f"ttft_ms target {req.ttft_s * 1e3:.0f} ms is below the predicted floor of "
                              f"{floor * 1e3:.0f} ms (p{q}) for a {req.prompt_tokens}-token prompt on an idle "
                              f"prefill worker", kind="below_floor")
-        states = [p.state for p in pf]
-        for group in _by_deployment(dc):
-            found = search_best_pair(pred, req, states, [d.state for d in group], group[0].state.dep, now)
+        for j in groups:  # the KV link, and so the prefill parts, depend on the decode deployment
+            found = search_best_pair(pred, req, pidx, pmask, didx, dmask & (didx.dep_of == j), didx.deps[j], now)
             if found is not None and (best is None or completion_key(req, *found) < completion_key(req, *best)):
                 best = found
         if local:
             beat = math.inf if best is None else completion_key(req, *best)
-            here = best_local(pred, req, [d.state for d in dc], beat)
+            here = best_local(pred, req, didx, dmask, beat)
             if here is not None:
                 return _placement(pred.combine(req, *here), local=True)
         if best is not None:
             return _placement(pred.combine(req, *best))
-        pp, dp, why = self._best_effort(req, pf, dc, now)
+        pp, dp, why = self._best_effort(req, pidx, pmask, didx, dmask, dst, now)
         if not reject or not (corr.warm(pp.worker_id, "prefill") and corr.warm(dp.worker_id, "decode")):
             return _placement(pred.combine(req, pp, dp))  # no rejection on a prior: its workers must learn first
         return why
 
-    def _best_effort(self, req: PredictRequest, pf: list[PrefillView], dc: list[DecodeView],
-                     now: float) -> tuple[PrefillPart, DecodePart, Rejection]:
+    def _best_effort(self, req: PredictRequest, pidx: PrefillIndex, pmask: np.ndarray, didx: DecodeIndex,
+                     dmask: np.ndarray, dst: Deployment, now: float) -> tuple[PrefillPart, DecodePart, Rejection]:
         """No pair meets the SLA: the pair closest to it, and why it fails (pairsearch.best_effort_pair)."""
         pred = self.predictor
-        pp, fit, protect = best_effort_pair(pred, req, [p.state for p in pf], [d.state for d in dc],
-                                            dc[0].state.dep, now)
-        dp = fit or min((pred.decode_part(req, d.state, kv_arrival_s(pp)) for d in dc),
-                        key=lambda x: (x.decode.bound_s, x.worker_id))
+        pp, dp, fit, protect = best_effort_pair(pred, req, pidx, pmask, didx, dmask, dst, now)
         got = pred.combine(req, pp, dp)
         ttft_ms, tpot_ms = got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3
         q = round(100 * pred.corrections.quantile)
@@ -222,47 +242,40 @@ class Router:
                                      f"{against}", kind="running_tpot")
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
 
-    def _ttft_floor(self, req: PredictRequest, pf: list[PrefillView], local: list[DecodeView], dst: Deployment,
-                    now: float) -> float:
-        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the pool, or
-        prefilled on an idle decode worker of `local`, without the "ttft" correction (that learns
-        queueing, which an idle worker has none of). The perf-model times are taken once per distinct
-        worker setup, the corrections per worker."""
-        pred, corr, times = self.predictor, self.predictor.corrections, {}
-        best = math.inf
-        for p in pf:
-            st = p.state
-            key = (id(st.dep), st.slowdown)
-            got = times.get(key)
-            if got is None:
-                own = prefill_time(st.dep, [req.prompt_tokens]) * st.slowdown
-                kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
-                got = times[key] = (own, kv_transfer_time(st.dep, dst, kv, own), st.dep.hw.perf.request_path_s)
-            own, tr, path = got
-            ttft = own * corr.factors(st.worker_id, "prefill").bound + path
-            if pred.first_token_after_transfer:
-                ttft += tr * corr.factors(st.worker_id, "transfer").bound
-            best = min(best, ttft)
-        alone: dict[int, float] = {}
-        for d in local:
-            st = d.state
-            own = alone.get(id(st.dep))
-            if own is None:
-                own = alone[id(st.dep)] = prefill_time(st.dep, [req.prompt_tokens])
-            best = min(best, own * corr.factors(st.worker_id, "local_prefill").bound + st.dep.hw.perf.request_path_s)
+    def _ttft_floor(self, req: PredictRequest, pidx: PrefillIndex, pmask: np.ndarray, didx: DecodeIndex,
+                    local: np.ndarray | None, dst: Deployment, now: float) -> float:
+        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the workers
+        `pmask` [P] keeps, or prefilled on an idle decode worker that `local` [D] keeps (None: none),
+        without the "ttft" correction (that learns queueing, which an idle worker has none of). The
+        perf-model times are taken once per distinct worker setup, the corrections per worker."""
+        corr = self.predictor.corrections
+        alone, own, tr = pidx.alone(req.prompt_tokens), [], []
+        for j, slowdown in pidx.setups:
+            dep, s = pidx.deps[j], float(alone[j]) * slowdown
+            own.append(s)
+            tr.append(kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), s))
+        if len(own) == 1:  # one setup: scalars
+            own_s, tr_s = own[0], tr[0]
+        else:
+            own_s, tr_s = np.array(own)[pidx.setup_of], np.array(tr)[pidx.setup_of]
+        ttft = own_s * pidx.bound(corr, "prefill") + pidx.path  # [P] seconds
+        if self.predictor.first_token_after_transfer:
+            ttft = ttft + tr_s * pidx.bound(corr, "transfer")
+        best = float(ttft.min(initial=math.inf, where=pmask))
+        if local is not None:
+            here = didx.alone(req.prompt_tokens)[didx.dep_of] * didx.bound(corr, "local_prefill") + didx.path  # [D]
+            best = min(best, float(here[local].min()))
         return best
+
+
+def _same(kept: tuple, views: Sequence) -> bool:
+    """The same views, in the same order: identical objects (C-speed), else equal ones (frozen: an equal
+    view describes the same state, so its arrays are the same)."""
+    return len(kept) == len(views) and kept == tuple(views)
 
 
 def _blocks(tokens: int, d: DecodeView) -> int:
     return -(-tokens // d.block_tokens)
-
-
-def _by_deployment(dc: list[DecodeView]) -> list[list[DecodeView]]:
-    """Decode views grouped by deployment (the KV link, and so the prefill parts, depend on it)."""
-    groups: dict[int, list[DecodeView]] = {}
-    for d in dc:
-        groups.setdefault(id(d.state.dep), []).append(d)
-    return list(groups.values())
 
 
 def _placement(got: PairPrediction, local: bool = False) -> Placement:

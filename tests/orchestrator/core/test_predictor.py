@@ -11,6 +11,7 @@ from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
                                          PrefillState, best_pair, completion_key, earliest_prefill, kv_arrival_s)
 from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
+from orchestrator.core.poolindex import DecodeIndex, PrefillIndex
 from orchestrator.core.queueplan import QueuedPrompt, locate, plan_queue
 from orchestrator.core.request import SLATarget
 from prefill.batcher import PrefillBatcher, PrefillItem
@@ -261,6 +262,12 @@ def _random_pools(rng, n_prefill, n_decode):
     return corr, ps, ds
 
 
+def _indexes(ps, ds):
+    """Every worker healthy, every decode worker with room for any request."""
+    return (PrefillIndex(ps, ps, [True] * len(ps)),
+            DecodeIndex(ds, ds, [True] * len(ds), [d.free_kv_tokens + 10**9 for d in ds]))
+
+
 def _random_request(rng, ttft_s=(0.2, 2.0), tpot_s=(0.002, 0.005), priority=0) -> PredictRequest:
     """Prompts of 1-6000 tokens, outputs of 1, 2 or up to 1000, targets drawn from the ranges (seconds)."""
     return PredictRequest(rng.randint(1, 6000), rng.choice([1, 2, rng.randint(2, 1000)]), rng.uniform(*ttft_s),
@@ -327,7 +334,8 @@ def test_the_pruned_search_finds_the_same_pair_as_best_pair(seed):
         pp = [pred.prefill_part(req, p, CS3, 0.0) for p in ps]
         first = earliest_prefill(req, pp)  # the router's rule: decode parts at its KV arrival
         want = None if first is None else best_pair(req, pp, [pred.decode_part(req, d, kv_arrival_s(first)) for d in ds])
-        got = search_best_pair(pred, req, ps, ds, CS3, 0.0)
+        pi, di = _indexes(ps, ds)
+        got = search_best_pair(pred, req, pi, pi.healthy, di, di.healthy, CS3, 0.0)
         assert (got is None) == (want is None)
         if want is not None:
             found += 1
@@ -348,7 +356,10 @@ def test_the_best_effort_search_finds_what_every_workers_parts_would(seed):
         key = lambda x: (x.decode.bound_s, x.worker_id)  # noqa: E731
         want_fit = min((d for d in dp if d.fits), key=key, default=None)
         want_protect = min((d for d in dp if d.fits and d.protects), key=key, default=None)
-        assert best_effort_pair(pred, req, ps, ds, CS3, 0.0) == (want_p, want_fit, want_protect)
+        want_closest = want_fit or min(dp, key=key)
+        pi, di = _indexes(ps, ds)
+        got = best_effort_pair(pred, req, pi, pi.healthy, di, di.healthy, CS3, 0.0)
+        assert got == (want_p, want_closest, want_fit, want_protect)
 
 
 def test_local_prefill_ttft_is_the_step_in_flight_the_local_queue_and_the_prompt_with_no_transfer():

@@ -1,0 +1,178 @@
+"""Per-pool numpy arrays of what the pruned pair search reads of every worker (issue 16, item 9).
+
+Pure. A `PrefillIndex` / `DecodeIndex` is built once per snapshot of a pool's states (the Router
+keeps the last one and rebuilds it when the views passed change), so a decision computes
+every worker's lower bound in a few vector expressions instead of a Python step per worker. The
+correction factors the bounds use are gathered per phase into vectors cached on
+`Corrections.version`: rebuilt after an observation, not per decision.
+
+`ascending` yields the candidates in (bound, worker id) order lazily: a search that stops after the
+first few pays a partition of the pool, not a sort of it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from hardware.perf import Deployment, prefill_time, token_step_time
+from orchestrator.core.correction import Corrections, ttft_key
+from orchestrator.core.predictor import DecodeState, PrefillState
+
+_FULL_SORT = 64  # candidates up to which `ascending` sorts them all at once
+
+
+def ascending(key: np.ndarray, rank: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
+    """Positions of `key` [n] in ascending (key, rank) order (`rank` [n]: the tie-break, distinct), in
+    chunks sorted one at a time (the `first` smallest, then 4x more, ...) as far as the caller reads."""
+    if len(key) <= max(first, _FULL_SORT):
+        yield np.lexsort((rank, key))
+        return
+    rest = np.arange(len(key))  # [m] positions not yet yielded
+    k = first
+    while len(rest):
+        if len(rest) > max(k, _FULL_SORT):
+            sub = key[rest]
+            t = np.partition(sub, k - 1)[k - 1]
+            take = sub <= t  # every tie of the k-th smallest, so the rank order within them holds
+            head, rest = rest[take], rest[~take]
+        else:
+            head, rest = rest, rest[:0]
+        yield head[np.lexsort((rank[head], key[head]))]
+        k *= 4
+
+
+def _ranks(ids: list[str]) -> np.ndarray:
+    """[n] int64: each id's position in sorted order (ties of a bound go to the lowest id)."""
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+    return rank
+
+
+def _groups(deps: Sequence[Deployment]) -> tuple[list[Deployment], np.ndarray]:
+    """The distinct deployments (by identity, first-seen order) and each worker's index into them [n]."""
+    first: dict[int, int] = {}
+    out: list[Deployment] = []
+    of = np.empty(len(deps), dtype=np.int64)
+    for i, dep in enumerate(deps):
+        j = first.get(id(dep))
+        if j is None:
+            j = first[id(dep)] = len(out)
+            out.append(dep)
+        of[i] = j
+    return out, of
+
+
+class _Pool:
+    """What both sides share: ids, tie-break ranks, health and per-phase correction vectors."""
+
+    def __init__(self, ids: list[str], healthy: Sequence[bool], deps: Sequence[Deployment]):
+        self.ids = ids
+        self.rank = _ranks(ids)  # [n]
+        self.healthy = np.array(healthy, dtype=bool)  # [n]
+        self.deps, self.dep_of = _groups(deps)  # dep_of [n]
+        self.path = np.array([d.hw.perf.request_path_s for d in deps])  # [n] seconds
+        self.any_healthy = bool(self.healthy.any())
+        self._alone: dict[int, np.ndarray] = {}
+        self._memo: dict[object, object] = {}
+        self._memo_at: tuple[int, int] = (0, -1)  # (id(corrections), version) the vectors were gathered at
+
+    def cached(self, corr: Corrections, key: object, make):
+        """make(): a value derived from the corrections, kept under `key` until they change."""
+        at = (id(corr), corr.version)
+        if at != self._memo_at:
+            self._memo, self._memo_at = {}, at
+        got = self._memo.get(key)
+        if got is None:
+            got = self._memo[key] = make()
+        return got
+
+    def alone(self, prompt_tokens: int) -> np.ndarray:
+        """[deployments] perf-model seconds of prefilling the prompt alone on each distinct deployment."""
+        got = self._alone.get(prompt_tokens)
+        if got is None:
+            if len(self._alone) >= 1024:
+                self._alone.clear()
+            got = self._alone[prompt_tokens] = np.array([prefill_time(dep, [prompt_tokens]) for dep in self.deps])
+        return got
+
+    def bound(self, corr: Corrections, phase: str) -> np.ndarray:
+        """[n] the phase's bound factor on each worker."""
+        return self.cached(corr, phase, lambda: np.array([corr.factors(w, phase).bound for w in self.ids]))
+
+    def ttft_bound(self, corr: Corrections, ttft_s: float) -> np.ndarray:
+        """[n] the "ttft" bound factor of each worker for a request of target `ttft_s` (its ttft_key class)."""
+        bucket = 2.0 ** math.ceil(math.log2(ttft_s))
+        return self.cached(corr, ("ttft", bucket),
+                            lambda: np.array([corr.factors(ttft_key(w, ttft_s), "ttft").bound for w in self.ids]))
+
+    def any_warm(self, corr: Corrections, phase: str) -> bool:
+        """Corrections.warm(worker, phase) for some healthy worker."""
+        return self.cached(corr, ("warm", phase), lambda: any(corr.warm(w, phase) for w, ok in
+                                                               zip(self.ids, self.healthy.tolist()) if ok))
+
+
+class PrefillIndex(_Pool):
+    """A prefill pool's states as arrays; `views` is kept so the Router can tell when they change."""
+
+    def __init__(self, views: Sequence, states: Sequence[PrefillState], healthy: Sequence[bool]):
+        super().__init__([s.worker_id for s in states], healthy, [s.dep for s in states])
+        self.views, self.states = tuple(views), tuple(states)
+        self.busy_until = np.array([s.busy_until_s for s in states])  # [P] seconds
+        self.measured = np.array([d.hw.perf.measured is not None for d in self.deps], dtype=bool)  # [deployments]
+        self.slowdown = np.array([s.slowdown for s in states])  # [P]
+        setups: dict[tuple[int, float], int] = {}
+        self.setups: list[tuple[int, float]] = []  # distinct (index into deps, slowdown)
+        self.setup_of = np.empty(len(states), dtype=np.int64)  # [P]
+        deadline, owner, before, base = [], [], [], []
+        for i, s in enumerate(states):
+            j = setups.get((id(s.dep), s.slowdown))
+            if j is None:
+                j = setups[(id(s.dep), s.slowdown)] = len(self.setups)
+                self.setups.append((int(self.dep_of[i]), s.slowdown))
+            self.setup_of[i] = j
+            plan = s.plan
+            deadline += [k[0] for k in plan.keys]
+            owner += [i] * len(plan.keys)
+            base.append(len(before))
+            # perf-model seconds before the batch a newcomer lands in, behind the first k prompts (run order)
+            before += [0.0] + [plan.ends_s[b - 1] if b else 0.0 for b in plan.batch_of]
+        self.q_deadline = np.array(deadline, dtype=float)  # [N] deadline of each queued prompt (all workers)
+        self.q_owner = np.array(owner, dtype=np.int64)  # [N] its worker
+        self.before_at = np.array(before, dtype=float)  # [N + P] seconds, see above
+        self.base = np.array(base, dtype=np.int64)  # [P] worker's first row in before_at
+
+    def before_floor(self, deadline_s: float) -> np.ndarray:
+        """[P] perf-model seconds before a newcomer's batch (QueuePlan), at most what `locate` finds for
+        a newcomer of that deadline: it counts only the prompts of strictly earlier deadline ahead of it
+        (they sort before it whatever the priority); batch ends grow with the prompts ahead."""
+        ahead = np.bincount(self.q_owner[self.q_deadline < deadline_s], minlength=len(self.ids))  # [P]
+        return self.before_at[self.base + ahead]
+
+
+class DecodeIndex(_Pool):
+    """A decode pool's states as arrays; `views` is kept so the Router can tell when they change."""
+
+    def __init__(self, views: Sequence, states: Sequence[DecodeState], healthy: Sequence[bool],
+                 total_kv_tokens: Sequence[int]):
+        super().__init__([s.worker_id for s in states], healthy, [s.dep for s in states])
+        self.views, self.states = tuple(views), tuple(states)
+        self.total_kv = np.array(total_kv_tokens, dtype=np.int64)  # [D] tokens
+        self.least_total_kv = int(self.total_kv.min()) if len(states) else 0
+        self.room_now = np.array([s.free_kv_tokens - s.reserving for s in states], dtype=np.int64)  # [D] tokens
+        self.step_now = np.array([s.step_now_s for s in states])  # [D] seconds
+        # analytic: perf-model steps grow with batch and context (no measured tables, no explicit draft)
+        self.analytic = np.array([s.spec is None and s.dep.hw.perf.measured is None for s in states], dtype=bool)
+        alone = [token_step_time(dep, 1, 0.0) for dep in self.deps]  # one sequence at no context
+        self.step_floor = np.array([_step_floor(s, alone[j]) for s, j in zip(states, self.dep_of.tolist())])  # [D]
+
+
+def _step_floor(st: DecodeState, alone_s: float) -> float:
+    """Seconds, no more than any step a newcomer gets on `st` (analytic profiles: steps grow with batch
+    and context): one sequence at no context, or the step in flight when the newcomer shares every
+    step with all of them (none finishing or arriving, a free slot: a larger batch, a larger context)."""
+    one = alone_s * st.slowdown / (1.0 - st.stall_fraction)
+    if not st.remaining and not st.incoming and st.batch < st.max_batch:
+        return max(one, st.step_now_s)
+    return one
