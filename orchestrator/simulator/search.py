@@ -22,8 +22,17 @@ class Goodput:
 
 
 def goodput(cfg: SimConfig, reqs: list[SimRequest], lo: float = 0.05, hi: float = 64.0, target: float = 0.9,
-            iters: int = 8, on_probe: Callable[[float, float], None] | None = None) -> Goodput:
-    """Bisection on the rate (geometric) over `reqs` rescaled; attainment assumed monotone in rate."""
+            iters: int = 8, on_probe: Callable[[float, float], None] | None = None,
+            scan_step: float | None = None) -> Goodput:
+    """The highest rate (requests/s) at which >= `target` of `reqs`, rescaled to it, meet their SLA.
+
+    Default: geometric bisection between lo and hi (hi grows x4 while it passes), which assumes the
+    attainment falls monotonically with the rate. `scan_step` (> 1): the sustained goodput instead,
+    for policies whose attainment can dip and recover (an admission rule that switches modes under
+    load): rates from lo up by x scan_step until the first that misses, then bisection between it and
+    the last that passed, so every rate of the scan below the answer passed too."""
+    if scan_step is not None and not scan_step > 1.0:
+        raise ValueError(f"scan_step: must be > 1, got {scan_step}")
     probes: list[tuple[float, float]] = []
     best: tuple[float, RunSummary | None] = (0.0, None)
 
@@ -33,14 +42,20 @@ def goodput(cfg: SimConfig, reqs: list[SimRequest], lo: float = 0.05, hi: float 
         probes.append((rate, s.sla_attainment))
         if on_probe:
             on_probe(rate, s.sla_attainment)
-        if s.sla_attainment >= target and rate > best[0]:
+        passed = s.sla_attainment >= target
+        if passed and rate > best[0]:
             best = (rate, s)
-        return s.sla_attainment >= target
+        return passed
 
     if not probe(lo):
         return Goodput(0.0, None, tuple(probes))
-    while probe(hi) and hi < 1e4:
-        lo, hi = hi, hi * 4
+    if scan_step is None:
+        while probe(hi) and hi < 1e4:
+            lo, hi = hi, hi * 4
+    else:
+        hi = lo * scan_step
+        while probe(hi) and hi < 1e4:
+            lo, hi = hi, hi * scan_step
     for _ in range(iters):
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if probe(mid) else (lo, mid)

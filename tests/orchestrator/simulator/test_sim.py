@@ -3,6 +3,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,6 +77,24 @@ def test_colocated_baseline_runs():
 def test_goodput_search_brackets():
     g = goodput(_cfg(), _reqs(300), iters=4)
     assert g.rate > 0 and all(0 <= a <= 1 for _, a in g.probes)
+
+
+def test_sustained_goodput_stops_at_the_first_dip(monkeypatch):
+    """Attainment that dips between 30 and 45 req/s and recovers: bisection lands in the recovery, the
+    scan below the dip (every scanned rate under its answer passed)."""
+    from orchestrator.simulator import search
+
+    def run_once(cfg, reqs):
+        rate = reqs[0].rid  # the fake's rescale carries the rate
+        return SimpleNamespace(sla_attainment=1.0 if rate < 30 or 45 <= rate < 60 else 0.5)
+
+    monkeypatch.setattr(search, "run_once", run_once)
+    monkeypatch.setattr(search, "rescale", lambda reqs, rate: [SimpleNamespace(rid=rate)])
+    assert 45 <= search.goodput(None, [], lo=8.0, hi=50.0, iters=8).rate < 60
+    g = search.goodput(None, [], lo=8.0, hi=50.0, iters=8, scan_step=2 ** 0.25)
+    assert 29 < g.rate < 30 and all(a == 1.0 for r, a in g.probes if r <= g.rate)
+    with pytest.raises(ValueError, match="scan_step"):
+        search.goodput(None, [], scan_step=1.0)
 
 
 def test_full_conv_trace_runs_to_the_end():
