@@ -10,7 +10,7 @@ aiperf's figures (its `profile_export_aiperf.json`), by its own definitions (aip
 aiperf/metrics/types/): TTFT = first content chunk - request start; request latency = last content
 chunk - request start; inter-token latency = (request latency - TTFT) / (output tokens - 1). With
 `--use-server-token-count` the output tokens are the server's `usage.completion_tokens`, not a
-re-tokenization of the streamed text. Pure functions: no aiperf import, no I/O beyond the files named.
+re-tokenization of the streamed text. Pure functions of strings and dicts: no aiperf import, no I/O.
 """
 from __future__ import annotations
 
