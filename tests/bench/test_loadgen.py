@@ -1,6 +1,7 @@
-"""The third-party load generator's glue (bench/aiperf_io.py, bench/loadgen.py): the request file aiperf
-reads, its command line, reading its exports back, and the comparison. aiperf is neither installed nor
-run here; its export formats are written out as aiperf 0.13.0 writes them."""
+"""The third-party load generator's glue (bench/aiperf_io.py, bench/loadgen.py) and our own timing of the
+OpenAI door (bench/door_timing.py, against a stand-in door on loopback): the request file aiperf reads,
+its command line, reading its exports back, and the comparison. aiperf is neither installed nor run
+here; its export formats are written out as aiperf 0.13.0 writes them."""
 from __future__ import annotations
 
 import json
@@ -108,3 +109,62 @@ def test_door_event_reads_the_door_stream():
     assert door_event(b"data: [DONE]\n") == ("done", None)
     assert door_event(b"\n") is None
 
+
+
+def _serve_and_time(handler):
+    """timed_completion against a stand-in door on a loopback port (aiohttp, as the real door)."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from bench.door_timing import timed_completion
+    from orchestrator.serving.metrics import serve_app
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner, port = await serve_app(app, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await timed_completion(session, f"http://127.0.0.1:{port}/v1", "m", [1, 2], 3, 0.0, 0.0)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def test_timed_completion_times_text_events_and_counts_usage_tokens():
+    import asyncio
+
+    from aiohttp import web
+
+    seen = {}
+
+    async def door(request):
+        seen.update(await request.json())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("", "a", "b"):  # an event without text does not start the clock
+            await resp.write(f'data: {json.dumps({"choices": [{"text": text}]})}\n\n'.encode())
+            await asyncio.sleep(0.02)
+        await resp.write(b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 4}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    timing, err = _serve_and_time(door)
+    assert err == "" and timing.tokens == 4
+    assert seen == {"model": "m", "prompt": [1, 2], "max_tokens": 3, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+    assert timing.ttft_s >= 0.02  # after the text-less first event
+    assert timing.tpot_s == pytest.approx((timing.end - timing.first) / 3)
+
+
+def test_timed_completion_reports_a_refusal():
+    from aiohttp import web
+
+    async def door(request):
+        return web.json_response({"error": {"message": "busy"}}, status=429)
+
+    timing, err = _serve_and_time(door)
+    assert err.startswith("HTTP 429") and "busy" in err and timing.first is None
