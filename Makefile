@@ -63,11 +63,12 @@ bench: $(STAMP)
 # ~6 min); aiperf lives in its own venv: it needs protobuf 7 and transformers, which clash with our pins (~1.2 GB,
 # no torch). The `cpu` profile is measured first, as for `fidelity`: the replay rate follows this machine now
 LOADGEN_VENV := .venv-loadgen
-LOADGEN_STAMP := $(LOADGEN_VENV)/.installed
+AIPERF_VERSION := 0.13.0
+LOADGEN_STAMP := $(LOADGEN_VENV)/.installed-aiperf-$(AIPERF_VERSION)
 $(LOADGEN_STAMP):
 	$(PYTHON) -m venv $(LOADGEN_VENV)
 	$(LOADGEN_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOADGEN_VENV)/bin/python -m pip install --quiet aiperf==0.13.0
+	$(LOADGEN_VENV)/bin/python -m pip install --quiet aiperf==$(AIPERF_VERSION)
 	touch $@
 
 bench-loadgen: $(STAMP) $(LOADGEN_STAMP)
