@@ -60,7 +60,7 @@ bench: $(STAMP)
 	$(PY) -m orchestrator bench --config cluster.yaml
 
 # the live bench's requests through NVIDIA's aiperf and through our own clients, side by side (bench/loadgen.py,
-# ~6 min); aiperf lives in its own venv: it needs protobuf 7 and transformers, which clash with our pins (~1.2 GB,
+# ~5 min); aiperf lives in its own venv: it needs protobuf 7 and transformers, which clash with our pins (~1.2 GB,
 # no torch). The `cpu` profile is measured first, as for `fidelity`: the replay rate follows this machine now
 LOADGEN_VENV := .venv-loadgen
 AIPERF_VERSION := 0.13.0
