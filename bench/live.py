@@ -47,7 +47,9 @@ def prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> l
     if n_tokens <= len(head) + 8:
         return (filler_ids * (n_tokens // len(filler_ids) + 1))[:n_tokens]
     body = (filler_ids * (n_tokens // len(filler_ids) + 1))[: n_tokens - len(head)]
-    cut = len(head) - 3  # insert the body before the closing "<|im_end|>\n<|im_start|>assistant\n"
+    # the body ends the user's message, before its closing <|im_end|>; found, not counted from the end: "assistant"
+    # is two tokens, a fixed offset split it, and the model then often answered <|im_end|> (no text) at once
+    cut = max(i for i, t in enumerate(head) if t in tokenizer.stop_token_ids)
     return head[:cut] + body + head[cut:]
 
 

@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer and chat template, both built from the GGUF metadata."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -34,6 +36,7 @@ class Tokenizer:
         self.add_bos = bool(meta.get("add_bos_token", False))
         self.tokens = tokens
         template = meta.get("chat_template")
+        self.chat_template: str | None = template
         self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
             template) if template else None
         # token ids that end a generation: the GGUF's EOS plus <|endoftext|> / <|im_end|> when present
@@ -57,6 +60,20 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._bpe.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, directory: Path) -> Path:
+        """Write this tokenizer as a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json)
+        that `transformers.AutoTokenizer.from_pretrained(directory)` loads offline: for third-party tools
+        that count tokens with one (bench/loadgen.py). Returns the directory."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self._bpe.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+                  "bos_token": self.tokens[self.bos_token_id], "eos_token": self.tokens[self.eos_token_id],
+                  "model_max_length": None, "clean_up_tokenization_spaces": False}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        return directory
 
     def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         if self._template is None:

@@ -168,3 +168,29 @@ def test_round_trip_and_streaming_property(s):
     assert tok.decode(ids, skip_special_tokens=False) == s
     deltas, _ = _stream(tok, ids)
     assert "".join(deltas) == tok.decode(ids)
+
+
+def test_save_pretrained_writes_the_same_tokenizer(lm, tmp_path):
+    """The Hugging Face directory a third-party tool counts tokens with (bench/loadgen.py) is this tokenizer."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = lm.tokenizer
+    d = tok.save_pretrained(tmp_path / "tok")
+    saved = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    for s in STRINGS:
+        assert saved.encode(s, add_special_tokens=False).ids == tok.encode(s, add_special_tokens=False), s
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == tok.tokens[tok.eos_token_id] and config["bos_token"] == tok.tokens[tok.bos_token_id]
+    assert config["chat_template"] == tok.chat_template
+
+
+@pytest.mark.reference
+def test_save_pretrained_loads_in_transformers(lm, tmp_path):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(lm.tokenizer.save_pretrained(tmp_path / "tok")))
+    for s in STRINGS:
+        assert hf.encode(s, add_special_tokens=False) == lm.tokenizer.encode(s, add_special_tokens=False), s
+    assert hf.eos_token_id == lm.tokenizer.eos_token_id
