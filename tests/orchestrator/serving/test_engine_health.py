@@ -33,12 +33,18 @@ def _decode_load(port: int) -> DecodeLoad:
     return DecodeLoad(0, 0, 100, 100, 16, 0, kv_target=f"127.0.0.1:{port}")
 
 
-def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
-    monkeypatch.setattr(engine_mod, "LOAD_TIMEOUT_S", 0.05)
+def _engine() -> tuple[Engine, Pools, tuple[_Load, _Load, _Load]]:
+    """An engine over scripted workers p0 (prefill), d0 and d1 (decode)."""
     p0, d0, d1 = _Load(PrefillLoad("p0", 0, 0)), _Load(_decode_load(1)), _Load(_decode_load(2))
     pools = Pools(prefill={"p0": PrefillHandle("p0", p0)}, decode={"d0": DecodeHandle("d0", d0), "d1": DecodeHandle("d1", d1)},
                   kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
     eng = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8)
+    return eng, pools, (p0, d0, d1)
+
+
+def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
+    monkeypatch.setattr(engine_mod, "LOAD_TIMEOUT_S", 0.05)
+    eng, pools, (p0, d0, d1) = _engine()
 
     async def main():
         await eng._refresh_views()
@@ -63,10 +69,7 @@ def test_a_hung_worker_does_not_delay_the_other_workers_views():
     """Each worker's load is refreshed on its own: while d1's load call hangs, before its LOAD_TIMEOUT_S
     runs out and marks it unhealthy, d0's and p0's new reports reach the engine. With one gather across
     workers they could arrive only after d1's timeout."""
-    p0, d0, d1 = _Load(PrefillLoad("p0", 0, 0)), _Load(_decode_load(1)), _Load(_decode_load(2))
-    pools = Pools(prefill={"p0": PrefillHandle("p0", p0)}, decode={"d0": DecodeHandle("d0", d0), "d1": DecodeHandle("d1", d1)},
-                  kv_targets={"d0": "127.0.0.1:1", "d1": "127.0.0.1:2"})
-    eng = Engine(pools, Router("least_loaded"), live_deployment("smollm2-135m")[0], decode_max_batch=8)
+    eng, _, (p0, d0, d1) = _engine()
 
     async def main():
         await eng.start()
