@@ -49,13 +49,11 @@ def goodput(cfg: SimConfig, reqs: list[SimRequest], lo: float = 0.05, hi: float 
 
     if not probe(lo):
         return Goodput(0.0, None, tuple(probes))
-    if scan_step is None:
-        while probe(hi) and hi < 1e4:
-            lo, hi = hi, hi * 4
-    else:
-        hi = lo * scan_step
-        while probe(hi) and hi < 1e4:
-            lo, hi = hi, hi * scan_step
+    if scan_step is not None:
+        hi = lo * scan_step  # the scan starts next to lo, so no rate below its first miss goes unprobed
+    grow = 4.0 if scan_step is None else scan_step
+    while probe(hi) and hi < 1e4:
+        lo, hi = hi, hi * grow
     for _ in range(iters):
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if probe(mid) else (lo, mid)
