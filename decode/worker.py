@@ -44,7 +44,8 @@ from model.sampling import SamplingParams, make_rng, sample_one
 
 log = structlog.get_logger("decode.worker")
 
-ABORTED_EARLY_KEPT = 4096  # request ids aborted before their submit, remembered (oldest dropped first)
+ABORTED_KEPT = 4096  # aborted request ids remembered (oldest dropped first)
+ORPHAN_KV_S = 60.0  # committed KV with no submit for this long is released (an engine that died mid-handoff)
 RECENT_STEPS_KEPT = 64  # steps reported by load() since the last call (the oldest dropped first)
 
 
@@ -65,6 +66,7 @@ class DecodeLoad:
     # last load(): each is one busy loop iteration (schedule, forward, sample, stream), what a token costs
     local_prefills: tuple[tuple[int, float], ...] = ()  # (prompt tokens, seconds) of the local prefills since
     # the last load(): each held up the batch for its seconds
+    orphans_released: int = 0  # committed KV never submitted, released by the ORPHAN_KV_S backstop (ever)
 
     @property
     def free_tokens(self) -> int:
@@ -112,12 +114,14 @@ class DecodeWorker:
         self._recent_local: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
         self._streams: dict[str, RequestStream] = {}
         self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
-        self._committed: set[str] = set()  # KV arrived, no submit yet
+        self._committed: dict[str, float] = {}  # KV arrived, no submit yet -> monotonic time it committed
         self._local: deque[_LocalJob] = deque()  # local prefills, run by the step loop between steps
-        # aborted with no stream yet: a submit that arrives after its abort ends at once (an Abort RPC can
-        # overtake the engine's submit; an async actor runs calls out of order). A new transfer of the
-        # same id clears its entry, so a reused request_id is not hit by an old abort.
-        self._aborted_early: OrderedDict[str, None] = OrderedDict()
+        # every request id aborted here: an id once aborted stays ended. A submit, local prefill or KV
+        # commit of it that comes later (an Abort RPC can overtake the engine's calls, a frozen worker
+        # resumes with a transfer still queued) ends at once and holds nothing. The engine gives each
+        # attempt its own id, so a remembered abort never meets a new request.
+        self._aborted: OrderedDict[str, None] = OrderedDict()
+        self.orphans_released = 0  # committed KV that no submit claimed within ORPHAN_KV_S
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decode-step")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -157,23 +161,21 @@ class DecodeWorker:
         vocab = self.loaded.model.cfg.vocab_size
         if not 0 <= first_token_id < vocab:
             raise ValueError(f"first_token_id: {first_token_id} outside [0, {vocab})")
-        aborted = request_id in self._aborted_early
+        aborted = request_id in self._aborted
         stream = self._new_stream(request_id, params, prompt_ids, owner, priority, generated)
         stream.first_token_id = first_token_id
         if aborted:
             stream.finish(FinishReason.ABORT)
-        elif request_id in self._committed:
-            self._committed.discard(request_id)
+        elif self._committed.pop(request_id, None) is not None:
             self._join(request_id)
 
     def _new_stream(self, request_id: str, params: SamplingParams, prompt_ids: list[int] | None, owner: str,
                     priority: int, generated: list[int] | tuple[int, ...] = ()) -> RequestStream:
-        """Register a request's stream (ValueError if the id is live here); forgets an early abort of it."""
+        """Register a request's stream (ValueError if the id is live here)."""
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already submitted")
         if len(generated) >= params.max_tokens:
             raise ValueError(f"generated: {len(generated)} tokens leave none of max_tokens={params.max_tokens}")
-        self._aborted_early.pop(request_id, None)
         # the earlier tokens took a draw each, and the prefill side (or _local_compute) one for the first here
         rng = make_rng(params, len(generated) + 1)
         stream = RequestStream.create(request_id, params, prompt_ids, self.loaded.tokenizer, rng, owner,
@@ -197,8 +199,7 @@ class DecodeWorker:
         self._check_fits(request_id, len(prompt_ids), params.max_tokens - len(generated))
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already submitted")
-        if request_id in self._aborted_early:  # its abort overtook this call
-            self._aborted_early.pop(request_id)
+        if request_id in self._aborted:  # its abort overtook this call
             return LocalPrefill()
         self.pool.open(request_id, self.layout, len(prompt_ids))  # reserves its blocks, or KVRefused
         try:
@@ -249,7 +250,6 @@ class DecodeWorker:
         """In-process handoff: ks, vs are per-layer (T, Hkv, Dh) from prefill. Raises KVRefused."""
         self._start()
         self._check_fits(request_id, int(ks[0].shape[0]) if ks else 0, params.max_tokens)
-        self._aborted_early.pop(request_id, None)  # a new handoff of this id
         self.pool.load_sequence(request_id, ks, vs)  # commit -> _on_commit, scheduled on the loop
         await self.submit(request_id, first_token_id, params, prompt_ids, owner)
 
@@ -259,7 +259,8 @@ class DecodeWorker:
         if stream is None:
             raise KeyError(f"request_id: {request_id!r} is unknown or already drained")
         if not stream.ready:
-            await asyncio.wait_for(stream.changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await stream.changed.wait()
         return self._take(stream)
 
     async def next_outputs(self, owner: str, timeout: float | None = None) -> list[TokenChunk]:
@@ -298,7 +299,8 @@ class DecodeWorker:
         steps, self._recent_steps = tuple(self._recent_steps), deque(maxlen=RECENT_STEPS_KEPT)
         local, self._recent_local = tuple(self._recent_local), deque(maxlen=RECENT_STEPS_KEPT)
         return DecodeLoad(sch.n_running, sch.n_waiting, alloc.free_blocks, alloc.n_blocks, alloc.block_size,
-                          sch.context_tokens, tuple(sch.running_remaining()), self.kv_target, steps, local)
+                          sch.context_tokens, tuple(sch.running_remaining()), self.kv_target, steps, local,
+                          self.orphans_released)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -343,13 +345,15 @@ class DecodeWorker:
                                                   f"exceed the capacity of {limit} tokens")
 
     def _on_commit(self, request_id: str) -> None:
-        self._aborted_early.pop(request_id, None)  # a new transfer of this id: earlier aborts were for another
         if self.pool.state(request_id) is not TransferState.COMMITTED:
             return  # aborted meanwhile
-        if request_id in self._streams:
+        if request_id in self._aborted:  # KV that arrived after its abort (a late or resumed transfer)
+            log.info("kv of an aborted request released", request_id=request_id)
+            self._release_unscheduled(request_id)
+        elif request_id in self._streams:
             self._join(request_id)
         else:
-            self._committed.add(request_id)
+            self._committed[request_id] = time.monotonic()
 
     def _join(self, request_id: str) -> None:
         stream = self._streams[request_id]
@@ -372,6 +376,20 @@ class DecodeWorker:
         log.debug("joined", request_id=request_id, n_tokens=n_tokens)
         self._wake.set()
 
+    def _release_orphans(self) -> None:
+        """Release committed KV that no submit claimed within ORPHAN_KV_S: a backstop (the engine that
+        sent it died between the transfer and its submit), counted in `orphans_released`."""
+        if not self._committed:
+            return
+        cutoff = time.monotonic() - ORPHAN_KV_S
+        for rid in [r for r, t in self._committed.items() if t < cutoff]:
+            del self._committed[rid]
+            if self.pool.state(rid) is TransferState.COMMITTED:
+                log.warning("orphaned kv released: committed, never submitted", request_id=rid,
+                            after_s=ORPHAN_KV_S)
+                self._release_unscheduled(rid)
+                self.orphans_released += 1
+
     def _release_unscheduled(self, request_id: str) -> None:
         with self.pool.lock:
             self.pool.allocator.release(request_id)
@@ -379,20 +397,19 @@ class DecodeWorker:
 
     def _abort_now(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
+        self._aborted[request_id] = None
+        while len(self._aborted) > ABORTED_KEPT:
+            self._aborted.popitem(last=False)
         with self.pool.lock:
             done = self.scheduler.abort(request_id)
         if done is not None:
             self._finished(done)
         elif self.scheduler.get(request_id) is None:  # not scheduled: maybe a transfer in progress
-            self._committed.discard(request_id)
+            self._committed.pop(request_id, None)
             if self.pool.state(request_id) is not None:
                 self._release_unscheduled(request_id)
             if stream is not None:
                 stream.finish(FinishReason.ABORT)
-            else:
-                self._aborted_early[request_id] = None
-                while len(self._aborted_early) > ABORTED_EARLY_KEPT:
-                    self._aborted_early.popitem(last=False)
         if self._wake is not None:
             self._wake.set()  # freed blocks may admit a preempted sequence
 
@@ -411,6 +428,7 @@ class DecodeWorker:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._release_orphans()
             while self._local:  # between steps: the stall the router counted
                 await self._run_local(loop, self._local.popleft())
             with self.pool.lock:
@@ -419,7 +437,11 @@ class DecodeWorker:
                 log.info("preempted", request_id=rid)
             if plan.empty:
                 self._wake.clear()
-                await self._wake.wait()
+                try:  # idle: wake for work, or to look for orphaned KV again
+                    async with asyncio.timeout(ORPHAN_KV_S / 4):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
                 continue
             t0 = time.perf_counter()
             recompute = self._recompute_jobs(plan)

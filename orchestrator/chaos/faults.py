@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.serving.engine import request_id_of
+
 KINDS = ("decode_kill", "decode_stall", "prefill_kill", "kv_corrupt", "kv_stall", "kv_truncate", "client_cancel")
 PROCESS_KINDS = ("decode_kill", "decode_stall", "prefill_kill")
 CONFIRM_S = 10.0  # how long a fault may take to show (a process to exit, an armed KV fault to meet a transfer)
@@ -156,7 +158,7 @@ class Injector:
         await asyncio.gather(*(_ask(actors[w].clear_kv_faults.remote()) for w in before))
         if fired:
             _, key, unix = hit
-            fault.fired, fault.affected = True, (key.split("~m")[0],)  # the attempt's key -> the request id
+            fault.fired, fault.affected = True, (request_id_of(key),)
             fault.at = time.monotonic() - (time.time() - unix)
             fault.detail = f"transfer of {key}"
         else:

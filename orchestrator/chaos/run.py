@@ -147,8 +147,9 @@ async def _all_healthy(dep, timeout_s: float) -> bool:
     return not dep.engine.unhealthy
 
 
-async def _settle(dep, timeout_s: float) -> tuple[int, int]:
-    """(decode KV blocks held, prefill prompt tokens held) once nothing is live, or at the timeout."""
+async def _settle(dep, timeout_s: float) -> tuple[int, int, int]:
+    """(decode KV blocks held, prefill prompt tokens held, committed KV the decode workers' orphan
+    backstop had to release) once nothing is live, or at the timeout."""
     end = time.monotonic() + timeout_s
     while True:
         decode = await asyncio.gather(*(h.load() for h in dep.pools.decode.values()), return_exceptions=True)
@@ -157,7 +158,8 @@ async def _settle(dep, timeout_s: float) -> tuple[int, int]:
         queued = sum(l.queued_tokens for l in prefill if not isinstance(l, BaseException))
         answered = not any(isinstance(l, BaseException) for l in (*decode, *prefill))
         if (answered and held == 0 and queued == 0 and not dep.engine.placements()) or time.monotonic() > end:
-            return held, queued
+            orphans = sum(l.orphans_released for l in decode if not isinstance(l, BaseException))
+            return held, queued, orphans
         await asyncio.sleep(0.2)
 
 
@@ -231,16 +233,17 @@ async def run_chaos(cfg, requests: int = 24, seed: int = 0, kinds: tuple[str, ..
             await schedule()
             while not all(t.done() for t in streams):  # probes may have joined
                 await asyncio.gather(*streams)
-            held_blocks, held_prompts = await _settle(dep, SETTLE_S)
+            held_blocks, held_prompts, orphans = await _settle(dep, SETTLE_S)
             lived = {w: p for w, p in (await worker_pids(dep)).items() if baseline["pids"].get(w) == p}
             start, end = baseline["mb"], memory_mb(lived)  # the processes that lived through it
             worker_growth = {w: end[w] - start[w] for w in lived if w in end and w in start}
             overloaded = None
             if overload > 0:
                 overloaded = await overload_phase(dep, cfg, lm.tokenizer, overload, overload_s)
-                overloaded["leaked_kv_blocks"], overloaded["leaked_prefill_tokens"] = await _settle(dep, SETTLE_S)
+                (overloaded["leaked_kv_blocks"], overloaded["leaked_prefill_tokens"],
+                 overloaded["orphaned_kv_released"]) = await _settle(dep, SETTLE_S)
     mismatches = _check_tokens(lm, records.values())
-    result = report(records.values(), faults, held_blocks, held_prompts, mismatches,
+    result = report(records.values(), faults, (held_blocks, held_prompts, orphans), mismatches,
                     end["frontend"] - start["frontend"] + sum(worker_growth.values()), worker_growth, rate, seed, t0)
     if overloaded is not None:
         result["overload"] = overloaded
@@ -283,9 +286,11 @@ def _recovery_s(fault: Fault, records: dict) -> float | None:
     return max(waits) if waits else None
 
 
-def report(records, faults: list[Fault], held_blocks: int, held_prompts: int, mismatches: list[str],
+def report(records, faults: list[Fault], held: tuple[int, int, int], mismatches: list[str],
            rss_growth_mb: float, worker_growth: dict, rate: float, seed: int, t0: float) -> dict:
-    """The verdict as one JSON-able dict; times in fault_log are seconds from the first arrival."""
+    """The verdict as one JSON-able dict; times in fault_log are seconds from the first arrival.
+    `held`: what _settle found (KV blocks, prefill tokens, orphaned KV released)."""
+    held_blocks, held_prompts, orphans = held
     records = list(records)
     by_id = {r.spec.request_id: r for r in records}
     failed: dict[str, int] = {}
@@ -322,6 +327,7 @@ def report(records, faults: list[Fault], held_blocks: int, held_prompts: int, mi
         "mismatched_requests": mismatches,
         "leaked_kv_blocks": held_blocks,
         "leaked_prefill_tokens": held_prompts,
+        "orphaned_kv_released": orphans,
         "faults": counted,
         "faults_not_fired": {f.kind: f.detail for f in faults if not f.fired},
         "recovery_s_p50": float(np.percentile(rec_s, 50)) if rec_s else None,
@@ -337,10 +343,11 @@ def report(records, faults: list[Fault], held_blocks: int, held_prompts: int, mi
 def survived(result: dict) -> bool:
     """Every invariant held and every fault fired; nothing failed but by the router's early rejection
     (RESOURCE_EXHAUSTED: fewer workers, a request predicted to miss); nothing held after either phase."""
-    held = result["overload"]["leaked_kv_blocks"] + result["overload"]["leaked_prefill_tokens"] \
-        if "overload" in result else 0
+    over = result.get("overload", {})
+    held = sum(over.get(k, 0) for k in ("leaked_kv_blocks", "leaked_prefill_tokens", "orphaned_kv_released"))
     return (result["lost"] == result["duplicated_tokens"] == result["missing_tokens"] == result["token_mismatches"]
-            == result["leaked_kv_blocks"] == result["leaked_prefill_tokens"] == held == 0
+            == result["leaked_kv_blocks"] == result["leaked_prefill_tokens"] == result["orphaned_kv_released"]
+            == held == 0
             and not result["faults_not_fired"]
             and not set(result["failed_by_status"]) - {"RESOURCE_EXHAUSTED"}
             and not result.get("overload", {}).get("failed_by_status"))

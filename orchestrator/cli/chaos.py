@@ -71,7 +71,8 @@ def print_report(result: dict) -> None:
         return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
     keys = ["sent", "completed", "cancelled_by_client", "failed_by_status", "lost", "duplicated_tokens",
-            "missing_tokens", "token_mismatches", "leaked_kv_blocks", "leaked_prefill_tokens", "faults",
+            "missing_tokens", "token_mismatches", "leaked_kv_blocks", "leaked_prefill_tokens",
+            "orphaned_kv_released", "faults",
             "faults_not_fired", "recovery_s_p50", "recovery_s_max", "ttft_p99_ms_during_faults", "rss_growth_mb"]
     print()
     width = max(map(len, keys))

@@ -27,9 +27,11 @@ Its prompt plus every token already streamed is prefilled again on the new pair,
 those tokens took skipped, so the stream goes on at the next index with the token the uninterrupted
 run would have produced (decode/worker.py `generated`). Re-prefilling rather than re-sending KV: a dead
 or frozen decode worker's KV cannot be read, and a prefill worker keeps none after its transfer. Each
-attempt has its own id on the workers (`_Run.key`: the request id, then `id~mN`): whatever a stale
-attempt sends later (a frozen worker resumed) matches nothing and is dropped, and its abort, sent when
-the attempt is given up, reaches it when it resumes. At most `max_migrations` placements after the
+attempt has its own id on the workers (`_Run.key`: `id~N`, N numbering this engine's attempts): whatever
+a stale attempt sends later (a frozen worker resumed) matches nothing and is dropped, and its abort, sent
+when the attempt is given up, reaches it when it resumes. A worker remembers aborted ids and refuses them
+for good (decode/worker.py), which is safe only because no id comes back: not a later attempt's, and not
+a new request's that reuses an earlier one's request id. At most `max_migrations` placements after the
 first; then UNAVAILABLE naming the workers tried. With no healthy worker to take it (a restarting
 actor, two lost at once) a migration waits up to MIGRATE_WAIT_S for one. A re-prefill is due within
 one TPOT target (its batcher deadline), since the client is already mid-stream.
@@ -42,6 +44,7 @@ reports feed the "local_prefill" correction and the worker's stall meter (orches
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 import uuid
@@ -110,6 +113,11 @@ class KVTransferFailed(Exception):
         self.worker_id, self.cause = worker_id, cause
 
 
+def request_id_of(key: str) -> str:
+    """The request id in an attempt's id on the workers (`_Run.key`)."""
+    return key.rpartition("~")[0]
+
+
 @dataclass(slots=True)
 class _Run:
     """One placed request in flight, and what the engine still counts against its workers."""
@@ -125,12 +133,13 @@ class _Run:
     migrations: int = 0  # placements after the first (a worker died under it)
     lost: list[str] = field(default_factory=list)  # the workers that died under it, in order
     fence: asyncio.Future | None = None  # -> WorkerUnavailable: its attempt's decode worker was declared lost
+    attempt: int = 0  # this engine's number for its current attempt (each placement gets a new one)
 
     @property
     def key(self) -> str:
-        """Its current attempt's id on the workers: the request id, then `id~mN` after N migrations, so
-        a stale attempt's chunks, KV or abort never reach a later one (the fence)."""
-        return self.req.request_id if not self.migrations else f"{self.req.request_id}~m{self.migrations}"
+        """Its current attempt's id on the workers, `request_id~attempt`: a stale attempt's chunks, KV or
+        abort never reach a later one (the fence), nor a later request that reuses the request id."""
+        return f"{self.req.request_id}~{self.attempt}"
 
     @property
     def n_out(self) -> int:
@@ -188,6 +197,7 @@ class Engine:
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
         self._outputs = {w: DecodeOutputs(handle, owner) for w, handle in pools.decode.items()}
         self._owner = owner
+        self._attempts = itertools.count(1)  # _Run.attempt
 
     async def start(self) -> None:
         await self._refresh_views()
@@ -462,6 +472,7 @@ class Engine:
         """Count `run`'s attempt on `placed` against its workers until they report it."""
         req, sla = run.req, run.req.sla
         run.placed, run.result, run.chunks = placed, None, None
+        run.attempt = next(self._attempts)
         run.fence = asyncio.get_running_loop().create_future()
         run.prefill_pending, run.decode_pending = not placed.local, True
         self._live[req.request_id] = run
@@ -608,7 +619,8 @@ class Engine:
             workers.append(self.pools.prefill[placed.prefill_worker])
         calls = asyncio.gather(*(w.abort(key) for w in workers), return_exceptions=True)
         try:
-            await asyncio.wait_for(calls, ABORT_WAIT_S)
+            async with asyncio.timeout(ABORT_WAIT_S):  # not wait_for: on 3.11 it can swallow a cancel
+                await calls
         except TimeoutError:
             log.warning("abort not answered in time: the worker gets it when it resumes", attempt=key,
                         workers=[w.worker_id for w in workers])

@@ -138,7 +138,7 @@ def test_abort_mid_stream_and_during_transfer_release_blocks(lm, book):
     run(lm, body)
 
 
-def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_still_runs(lm, book):
+def test_an_abort_that_overtakes_its_submit_ends_the_stream(lm, book):
     """An Abort RPC can reach the worker between the KV's commit and the engine's submit (or, on an
     async actor, ahead of a submit sent first): the submit must then end at once, not wait forever."""
     async def body(w: DecodeWorker):
@@ -150,16 +150,54 @@ def test_an_abort_that_overtakes_its_submit_ends_the_stream_and_a_reused_id_stil
         await w.submit("raced", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
         last = await w.next_tokens("raced", timeout=5)
         assert last.finished and last.finish_reason is FinishReason.ABORT
-        # aborted with no submit ever (the engine ended it at its first token), then the id reused by a
-        # new request: the new transfer clears the old abort
-        _transfer(w, "reused", ref)
+        assert_all_blocks_free(w)
+    run(lm, body)
+
+
+@pytest.mark.parametrize("order", ["abort, kv", "abort, kv, submit", "submit, abort, drain, kv",
+                                   "abort, submit, drain, kv", "kv+abort"])
+def test_kv_that_arrives_after_its_abort_is_released(lm, book, order):
+    """An aborted id stays ended: its KV, committed later in any order against the submit (a stalled
+    transfer that resumes, a frozen worker resumed with frames queued), is released at once, and a
+    submit of it ends with ABORT. Before, the late commit cleared the abort and held its blocks forever."""
+    async def body(w: DecodeWorker):
+        ref = book.get(2)
+        await w.start()
+        for step in order.split(", "):
+            if step == "abort":
+                await w.abort("late")
+            elif step == "kv":
+                _transfer(w, "late", ref)
+            elif step == "kv+abort":  # the commit's callback and the abort queued on the loop together
+                _transfer(w, "late", ref)
+                await w.abort("late")
+            elif step == "submit":
+                await w.submit("late", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
+            elif step == "drain":
+                assert (await w.next_tokens("late", timeout=5)).finish_reason is FinishReason.ABORT
+            await asyncio.sleep(0.05)  # the commit callback runs on the loop
+        if "submit" in order and "drain" not in order:
+            assert (await w.next_tokens("late", timeout=5)).finish_reason is FinishReason.ABORT
+        assert_all_blocks_free(w)
+        assert (await w.load()).orphans_released == 0  # released by the abort rule, not the backstop
+    run(lm, body)
+
+
+def test_committed_kv_never_submitted_is_released_by_the_backstop(lm, book, monkeypatch):
+    """KV whose engine died between the transfer and the submit: released after ORPHAN_KV_S, counted."""
+    import decode.worker as worker_module
+    monkeypatch.setattr(worker_module, "ORPHAN_KV_S", 0.2)
+
+    async def body(w: DecodeWorker):
+        await w.start()
+        _transfer(w, "orphan", book.get(2))
         await asyncio.sleep(0.05)
-        await w.abort("reused")
-        _transfer(w, "reused", ref)
-        await asyncio.sleep(0.05)
-        await w.submit("reused", ref.tokens[0], SamplingParams(max_tokens=8), prompt_ids=ref.prompt)
-        ids, _, last = await drain(w, "reused")
-        assert ids == ref.tokens[:8] and last.finish_reason is FinishReason.LENGTH
+        assert w.kv_sink.allocator.free_blocks < w.kv_sink.allocator.n_blocks
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if (await w.load()).orphans_released:
+                break
+        assert (await w.load()).orphans_released == 1
         assert_all_blocks_free(w)
     run(lm, body)
 

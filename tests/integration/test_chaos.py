@@ -28,7 +28,7 @@ def test_the_chaos_command_survives_every_fault_kind(tmp_path):
     assert result["faults"] == {k: 1 for k in KINDS}, result["faults_not_fired"]
     assert (result["lost"], result["duplicated_tokens"], result["missing_tokens"]) == (0, 0, 0)
     assert result["token_mismatches"] == 0, result["mismatched_requests"]
-    assert (result["leaked_kv_blocks"], result["leaked_prefill_tokens"]) == (0, 0)
+    assert (result["leaked_kv_blocks"], result["leaked_prefill_tokens"], result["orphaned_kv_released"]) == (0, 0, 0)
     rejected = result["failed_by_status"].pop("RESOURCE_EXHAUSTED", 0)  # the router's early rejection only
     assert result["failed_by_status"] == {}
     assert result["completed"] + result["cancelled_by_client"] + rejected == result["sent"] >= 14
@@ -37,6 +37,6 @@ def test_the_chaos_command_survives_every_fault_kind(tmp_path):
     assert over["rejected"] > 0 and over["completed"] > 0 and over["failed_by_status"] == {}
     assert over["rejected"] + over["completed"] == over["sent"]
     assert over["queue_peaks"]["live"] <= over["max_concurrent_requests"]
-    assert (over["leaked_kv_blocks"], over["leaked_prefill_tokens"]) == (0, 0)
+    assert (over["leaked_kv_blocks"], over["leaked_prefill_tokens"], over["orphaned_kv_released"]) == (0, 0, 0)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "chaos.json").read_text())["fault_log"]

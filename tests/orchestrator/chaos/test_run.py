@@ -9,8 +9,8 @@ def _rec(rid: str, n: int, tokens: int, chunks=(), **kw) -> Record:
     return Record(Spec(rid, [1, 2, 3], n, 0.0, None), sent=0.0, chunks=list(chunks), tokens=list(range(tokens)), **kw)
 
 
-def _report(records, faults=(), held=(0, 0), mismatches=()):
-    return report(records, list(faults), *held, list(mismatches), 0.0, {}, 1.0, 0, 0.0)
+def _report(records, faults=(), held=(0, 0, 0), mismatches=()):
+    return report(records, list(faults), held, list(mismatches), 0.0, {}, 1.0, 0, 0.0)
 
 
 def test_a_clean_run_survives_and_times_its_recovery():
@@ -29,7 +29,8 @@ def test_each_broken_invariant_fails_the_run():
     assert _report([_rec("c", 4, 3, final=object())])["missing_tokens"] == 1
     gap = _report([_rec("d", 4, 2, index_error=(2, 3), status="DATA_LOSS")])
     assert gap["missing_tokens"] == 1 and not survived(gap)
-    assert not survived(_report([ok], held=(3, 0)))
+    assert not survived(_report([ok], held=(3, 0, 0)))
+    assert not survived(_report([ok], held=(0, 0, 1)))  # the orphan backstop had to release KV
     assert not survived(_report([ok], mismatches=["a"]))
     assert not survived(_report([ok], [Fault("kv_stall", detail="armed, but no transfer met it")]))
     assert not survived(_report([ok, _rec("e", 4, 0, status="UNAVAILABLE")]))

@@ -24,7 +24,7 @@ from model.tokenizer import ChatMessage
 from orchestrator.core.request import Request, RequestState, SLATarget
 from orchestrator.core.router import Router
 from orchestrator.serving.perfmodel import live_deployment
-from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent
+from orchestrator.serving.engine import Engine, ErrorEvent, FinalEvent, TokenEvent, request_id_of
 from orchestrator.serving.workers import DecodeHandle, LocalCalls, Pools, PrefillHandle, WorkerUnavailable
 from prefill.worker import PrefillWorker
 from tests.paths import REPO
@@ -38,7 +38,8 @@ def prompt(lm):
 
 
 class _GatedSink:
-    """The decode pool as the KV receiver sees it; a gated request's transfer waits at its second layer."""
+    """The decode pool as the KV receiver sees it; a gated request's transfer (any attempt of it) waits
+    at its second layer."""
 
     def __init__(self, pool):
         self.pool = pool
@@ -48,11 +49,12 @@ class _GatedSink:
     def gate(self, request_id: str) -> None:
         self.gates[request_id], self.reached[request_id] = threading.Event(), threading.Event()
 
-    def write(self, request_id, layer, token_start, k, v):
+    def write(self, key, layer, token_start, k, v):
+        request_id = request_id_of(key)
         if request_id in self.gates and layer == 1:
             self.reached[request_id].set()
             self.gates[request_id].wait(60)
-        self.pool.write(request_id, layer, token_start, k, v)
+        self.pool.write(key, layer, token_start, k, v)
 
     def __getattr__(self, name):  # open, commit, abort: straight to the pool
         return getattr(self.pool, name)
@@ -196,7 +198,7 @@ def test_abort_while_queued_for_prefill(lm, prompt):
             await asyncio.to_thread(s.sink.reached["blocker"].wait, 60)
             req = request("q", prompt, max_tokens=8)
             task = asyncio.create_task(collect(s.engine.generate(req)))
-            while "q" not in s.prefill._jobs:
+            while "q" not in map(request_id_of, s.prefill._jobs):
                 await asyncio.sleep(0.001)
             assert req.state is RequestState.PREFILLING and await s.engine.abort("q")
             events = await task
