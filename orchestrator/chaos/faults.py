@@ -15,8 +15,8 @@ fault is reported as applied to a frame by the worker, the cancelled stream was 
 that could not be injected (no healthy worker, no stream to cancel) is kept with fired=False and
 the reason, never counted as survived. `affected` are the requests the fault hit: those placed on
 the worker at that moment, the one whose transfer carried the KV fault, the cancelled one. A KV
-fault is armed on every healthy prefill worker and disarmed on the others once one has applied it;
-while it waits for a transfer, and while no stream is mid-way for a cancel, the injector asks the
+fault is armed on every prefill worker that answers (one restarting after a kill, once it does) and
+disarmed on the others once one has applied it; while it waits for a transfer, and while no stream is mid-way for a cancel, the injector asks the
 load for an extra request (`probe`), so a fault late in the run still meets work (for a KV fault,
 one with a prompt longer than router.local_prefill_max_tokens: short ones may skip the transfer).
 """
@@ -37,6 +37,7 @@ from orchestrator.serving.engine import request_id_of
 KINDS = ("decode_kill", "decode_stall", "prefill_kill", "kv_corrupt", "kv_stall", "kv_truncate", "client_cancel")
 PROCESS_KINDS = ("decode_kill", "decode_stall", "prefill_kill")
 CONFIRM_S = 10.0  # how long a fault may take to show (a process to exit, an armed KV fault to meet a transfer)
+PROBE_EVERY_S = 3.0  # an armed KV fault that no transfer met: another probe this often, until CONFIRM_S
 
 
 @dataclass(slots=True)
@@ -131,38 +132,41 @@ class Injector:
     # -- KV transfers ------------------------------------------------------------------------
 
     async def _kv_fault(self, fault: Fault) -> None:
+        """Arm every prefill worker that answers for the fault and wait until a transfer carries it.
+        A worker that cannot answer yet (restarting after a kill) is armed once it can: the probe that
+        should meet the fault may be placed on it. No transfer within 2 s: a probe whose KV must cross,
+        and another each PROBE_EVERY_S until CONFIRM_S."""
         engine, kind = self.dep.engine, fault.kind.removeprefix("kv_")
-        actors = {w: self.dep.pools.actors[w] for w in engine.pools.prefill if w not in engine.unhealthy}
-        before = {}
-        for w, a in actors.items():  # a worker that cannot answer (restarting after a kill) is left out
-            answer = await _ask(a.kv_faults.remote())
-            if answer is not None and await _ask(a.inject_kv_fault.remote(kind), True) is not None:
-                before[w] = len(answer[0])
-        if not before:
-            fault.detail = "no prefill worker to arm"
-            return
+        before: dict[str, int] = {}  # armed worker -> the fault hits it had logged before
         hit: tuple[str, str, float] | None = None
 
         async def applied() -> bool:
             nonlocal hit
-            for w in before:
-                answer = await _ask(actors[w].kv_faults.remote())
-                if answer is not None and answer[0][before[w]:]:
+            for w in engine.pools.prefill:
+                answer = await _ask(self.dep.pools.actors[w].kv_faults.remote())
+                if answer is None:
+                    continue
+                if w not in before:
+                    if await _ask(self.dep.pools.actors[w].inject_kv_fault.remote(kind), True) is not None:
+                        before[w] = len(answer[0])
+                elif answer[0][before[w]:]:
                     fault.worker, hit = w, answer[0][before[w]]
                     return True
             return False
 
-        if not await _until(applied, 2.0):
+        fired = await _until(applied, 2.0)
+        give_up = time.monotonic() + CONFIRM_S
+        while not fired and before and time.monotonic() < give_up:
             self.probe(True)  # a prompt too long to be prefilled locally: its KV must cross
-        fired = hit is not None or await _until(applied)
-        await asyncio.gather(*(_ask(actors[w].clear_kv_faults.remote()) for w in before))
+            fired = await _until(applied, min(PROBE_EVERY_S, give_up - time.monotonic()))
+        await asyncio.gather(*(_ask(self.dep.pools.actors[w].clear_kv_faults.remote()) for w in before))
         if fired:
             _, key, unix = hit
             fault.fired, fault.affected = True, (request_id_of(key),)
             fault.at = time.monotonic() - (time.time() - unix)
             fault.detail = f"transfer of {key}"
         else:
-            fault.detail = "armed, but no transfer met it"
+            fault.detail = "armed, but no transfer met it" if before else "no prefill worker to arm"
 
 
 async def _ask(call, done=None):
