@@ -34,6 +34,7 @@ parts depend on the decode worker only. `best_pair` uses that.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
@@ -88,7 +89,9 @@ class PrefillState:
     queue: tuple[QueuedPrompt, ...] = ()  # waiting prompts, in the order they were added
     busy_until_s: float = 0.0  # seconds (epoch of now): predicted end of the batch in progress; <= now: idle
     slowdown: float = 1.0  # factor on batch times (PerfParams.corun_slowdown_prefill on a shared host)
-    plan: QueuePlan = field(init=False, repr=False, compare=False)  # the queue's batches, timed at construction
+    # the queue's batches: plan_queue(dep, queue, token_budget, max_batch, slowdown), computed here unless a
+    # caller that keeps it up to date as the queue changes passes it (the simulator: queueplan.append_last)
+    plan: QueuePlan | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _count("token_budget", self.token_budget, 1)
@@ -96,8 +99,9 @@ class PrefillState:
         if not math.isfinite(self.busy_until_s):
             raise ValueError(f"busy_until_s: must be finite, got {self.busy_until_s!r}")
         _positive("slowdown", self.slowdown)
-        object.__setattr__(self, "plan", plan_queue(self.dep, self.queue, self.token_budget, self.max_batch,
-                                                    self.slowdown))
+        if self.plan is None:
+            object.__setattr__(self, "plan", plan_queue(self.dep, self.queue, self.token_budget, self.max_batch,
+                                                        self.slowdown))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +185,11 @@ class DecodeState:
         it finishes (`remaining`, at the step in flight's pace), each incoming one from its arrival for
         its steps, the rest (waiting) throughout. window_s = 0: the count at start_s."""
         step, end = self.step_now_s, start_s + window_s
-        spans = [(0.0, r * step) for r, _ in self.remaining] + [(eta, eta + n * step) for eta, _, n, _ in self.incoming]
-        rest = max(0, self.batch - len(spans))
+        # incoming ones arriving after the window share none of it (ascending: cut them off, O(log n))
+        cut = bisect.bisect_right(self.incoming, end if window_s > 0 else start_s, key=_eta)
+        spans = [(0.0, r * step) for r, _ in self.remaining] + [(eta, eta + n * step)
+                                                                 for eta, _, n, _ in self.incoming[:cut]]
+        rest = max(0, self.batch - len(self.remaining) - len(self.incoming))
         if window_s <= 0:
             n = rest + sum(1 for a, z in spans if a <= start_s < z)
         else:
@@ -359,6 +366,10 @@ class Predictor:
         """One pair, from the states (convenience; routers should use the parts)."""
         pp = self.prefill_part(req, p, d.dep, now)
         return self.combine(req, pp, self.decode_part(req, d, kv_arrival_s(pp)))
+
+
+def _eta(incoming: tuple[float, int, int, int]) -> float:
+    return incoming[0]
 
 
 def incoming_at(placed: Iterable[tuple[float, int, int, int]], now: float) -> tuple[tuple[float, int, int, int], ...]:

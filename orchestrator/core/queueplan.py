@@ -55,6 +55,7 @@ class QueuePlan:
     batch_of: tuple[int, ...]  # batch index of each prompt, run order
     starts: tuple[int, ...]  # run-order position where each batch starts
     ends_s: tuple[float, ...]  # seconds, cumulative perf-model time to the end of each batch
+    times: tuple[float, ...] = ()  # seconds, perf-model time of each batch (ends_s accumulates them)
 
     @property
     def batches(self) -> tuple[tuple[int, ...], ...]:
@@ -83,10 +84,51 @@ def plan_queue(dep: Deployment, queue: tuple[QueuedPrompt, ...], token_budget: i
     starts = _greedy(lengths, token_budget, max_batch)
     bounds = starts + [len(order)]
     batch_of = [b for b in range(len(starts)) for _ in range(bounds[b], bounds[b + 1])]
-    times = [prefill_time(dep, lengths[bounds[b]:bounds[b + 1]]) * slowdown for b in range(len(starts))]
+    times = tuple(prefill_time(dep, lengths[bounds[b]:bounds[b + 1]]) * slowdown for b in range(len(starts)))
     keys = tuple(order_key(queue[i].priority, queue[i].arrival_s, queue[i].ttft_s) for i in order)
     return QueuePlan(tuple(order), keys,
-                     tuple(lengths), tuple(batch_of), tuple(starts), tuple(accumulate(times)))
+                     tuple(lengths), tuple(batch_of), tuple(starts), tuple(accumulate(times)), times)
+
+
+def _keeps_order(plan: QueuePlan) -> bool:
+    """The queue was given in run order (the simulator passes the batcher's), so run order = queue order."""
+    return plan.order == tuple(range(len(plan.order)))
+
+
+def append_last(plan: QueuePlan, dep: Deployment, q: QueuedPrompt, token_budget: int, max_batch: int,
+                slowdown: float = 1.0) -> QueuePlan | None:
+    """What plan_queue returns once `q` joins the end of the queue it planned, in O(1) Python work
+    (the tuples are copied): None when `q` would not run last (its key sorts before the last one), or
+    the plan does not keep the queue's order; then plan the queue again."""
+    n, key = len(plan.order), order_key(q.priority, q.arrival_s, q.ttft_s)
+    if n and (key < plan.keys[-1] or not _keeps_order(plan)):
+        return None
+    starts, times = plan.starts, plan.times
+    last = starts[-1] if starts else 0
+    if starts and n - last < max_batch and sum(plan.lengths[last:]) + q.n_tokens <= token_budget:
+        lengths = plan.lengths + (q.n_tokens,)
+        times = times[:-1] + (prefill_time(dep, lengths[last:]) * slowdown,)
+        ends = plan.ends_s[:-1] + ((plan.ends_s[-2] if len(starts) > 1 else 0.0) + times[-1],)
+        batch_of = plan.batch_of + (len(starts) - 1,)
+    else:
+        lengths = plan.lengths + (q.n_tokens,)
+        times = times + (prefill_time(dep, [q.n_tokens]) * slowdown,)
+        ends = plan.ends_s + ((plan.ends_s[-1] if starts else 0.0) + times[-1],)
+        batch_of, starts = plan.batch_of + (len(starts),), starts + (n,)
+    return QueuePlan(plan.order + (n,), plan.keys + (key,), lengths, batch_of, starts, ends, times)
+
+
+def drop_first_batch(plan: QueuePlan, taken: int) -> QueuePlan | None:
+    """What plan_queue returns once the `taken` prompts at the head of the queue have left it as a
+    batch: None unless they are the plan's first batch and the plan keeps the queue's order (then plan
+    the queue again)."""
+    n = len(plan.order)
+    k = plan.starts[1] if len(plan.starts) > 1 else n
+    if not plan.starts or k != taken or not _keeps_order(plan):
+        return None
+    times = plan.times[1:]
+    return QueuePlan(tuple(range(n - k)), plan.keys[k:], plan.lengths[k:], tuple(b - 1 for b in plan.batch_of[k:]),
+                     tuple(x - k for x in plan.starts[1:]), tuple(accumulate(times)), times)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ class PrefillView:
     queued_tokens: int = field(init=False)  # prompt tokens waiting or running on it
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "queued_tokens", self.running_tokens + sum(q.n_tokens for q in self.state.queue))
+        object.__setattr__(self, "queued_tokens", self.running_tokens + sum(self.state.plan.lengths))
 
     @property
     def worker_id(self) -> str:

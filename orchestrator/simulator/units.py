@@ -26,7 +26,7 @@ from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, prefill_time, token_step_time
 from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
-from orchestrator.core.queueplan import QueuedPrompt
+from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, append_last, drop_first_batch, plan_queue
 from orchestrator.core.stall import StallMeter
 from orchestrator.core.router import DecodeView, PrefillView
 from prefill.batcher import PrefillBatcher, PrefillItem
@@ -47,6 +47,10 @@ class PrefillUnit:
     batches: int = 0
     batched_prompts: int = 0
     _view: PrefillView | None = None  # cached until the queue or the batch in progress changes
+    # the batcher's queue as the predictor sees it, in run order, and its plan (None: plan it again), kept
+    # up to date as prompts join at the end and batches leave the head: a view costs O(1), not O(queue)
+    _queue: list[QueuedPrompt] = field(default_factory=list)
+    _plan: QueuePlan | None = None
 
     @property
     def uid(self) -> str:
@@ -54,15 +58,23 @@ class PrefillUnit:
 
     def add(self, item: PrefillItem) -> None:
         self.batcher.add(item)
+        q = QueuedPrompt(item.n_tokens, item.arrival_s, item.priority, item.ttft_s)
+        b = self.batcher
+        self._plan = self._plan and append_last(self._plan, self.dep, q, b.token_budget, b.max_batch)
+        if self._plan is not None:
+            self._queue.append(q)
+        else:  # it sorts before someone waiting: the queue again from the batcher
+            self._queue = [QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s) for it in b.waiting]
         self._view = None
 
     def view(self) -> PrefillView:
         """The router's view: the predictor's state of this unit (it does not depend on the time)."""
         if self._view is None:
-            queue = tuple(QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s)
-                          for it in self.batcher.waiting)
-            st = PrefillState(self.uid, self.dep, self.batcher.token_budget, self.batcher.max_batch, queue,
-                              self.busy_until if self.busy else 0.0)
+            b = self.batcher
+            if self._plan is None:
+                self._plan = plan_queue(self.dep, tuple(self._queue), b.token_budget, b.max_batch)
+            st = PrefillState(self.uid, self.dep, b.token_budget, b.max_batch, tuple(self._queue),
+                              self.busy_until if self.busy else 0.0, plan=self._plan)
             self._view = PrefillView(st, self.running_tokens)
         return self._view
 
@@ -72,6 +84,8 @@ class PrefillUnit:
         batch = self.batcher.next_batch()
         if not batch:
             return batch, 0.0
+        del self._queue[:len(batch)]  # the batcher takes from the head of its run order
+        self._plan = self._plan and drop_first_batch(self._plan, len(batch))
         dt = prefill_time(self.dep, [it.n_tokens for it in batch]) * slowdown
         self.busy, self.running_tokens, self.busy_until = True, sum(it.n_tokens for it in batch), now + dt
         self._view = None

@@ -12,7 +12,7 @@ from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Pred
                                          PrefillState, best_pair, completion_key, earliest_prefill, kv_arrival_s)
 from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
 from orchestrator.core.poolindex import DecodeIndex, PrefillIndex
-from orchestrator.core.queueplan import QueuedPrompt, locate, plan_queue
+from orchestrator.core.queueplan import QueuedPrompt, append_last, drop_first_batch, locate, plan_queue
 from orchestrator.core.request import SLATarget
 from prefill.batcher import PrefillBatcher, PrefillItem
 
@@ -66,6 +66,32 @@ def test_queue_batches_match_the_prefill_batcher_on_random_queues():
         assert sorted(slot.lengths) == sorted(lengths[r] for r in actual[k])
         before = sum(prefill_time(TRN, [lengths[r] for r in b]) for b in actual[:k])
         assert slot.before_s == pytest.approx(before, rel=1e-12, abs=1e-15)
+
+
+def test_the_kept_up_plan_equals_planning_the_queue_again():
+    """append_last / drop_first_batch (the simulator keeps its plans so) give exactly plan_queue's plan
+    of the queue they stand for, or None where they cannot (a prompt that sorts before the last one)."""
+    rng = random.Random(11)
+    for _ in range(60):
+        budget, max_batch = rng.choice([64, 512, 4096]), rng.randint(1, 6)
+        b, queue, plan, clock = PrefillBatcher(budget, max_batch), [], plan_queue(TRN, (), budget, max_batch), 0.0
+        for step in range(80):
+            if rng.random() < 0.6:
+                clock += rng.choice([0.0, 0.5])
+                q = QueuedPrompt(rng.randint(1, 3000), clock, rng.choice([0, 0, 1]), rng.choice([2.0, 2.0, 0.5]))
+                b.add(PrefillItem(str(step), q.n_tokens, q.arrival_s, q.priority, q.ttft_s))
+                kept = append_last(plan, TRN, q, budget, max_batch)
+                queue = [QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s) for it in b.waiting]
+                if kept is not None:
+                    assert queue[-1] == q  # it did join last
+            else:
+                taken = b.next_batch()
+                kept = drop_first_batch(plan, len(taken)) if taken else plan
+                queue = queue[len(taken):]
+            fresh = plan_queue(TRN, tuple(queue), budget, max_batch)
+            if kept is not None:
+                assert kept == fresh
+            plan = fresh
 
 
 def test_a_longer_queue_predicts_a_longer_ttft():
