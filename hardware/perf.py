@@ -172,9 +172,8 @@ def _wafer(dep: Deployment) -> _Wafer:
                   dep.chips * p.wafer_dense_flops * p.decode_mfu, dep.chips * dep.hw.mem_bw * p.bw_eff)
 
 
-def _wafer_latency(dep: Deployment, tokens: float = 1.0) -> float:
+def _wafer_latency(w: _Wafer, tokens: float = 1.0) -> float:
     """Latency of one pass of `tokens` tokens through the pipelined systems, as the generation runs it."""
-    w: _Wafer = _per_deployment("wafer", dep, _wafer)
     if w.async_io:  # activations on the wire, I/O overlapped with compute
         hop = w.wire_s + tokens * w.d_model * dtype_bytes("bf16") / w.net_bw
     else:
@@ -182,13 +181,35 @@ def _wafer_latency(dep: Deployment, tokens: float = 1.0) -> float:
     return w.fixed_s + w.hops * hop
 
 
-def wafer_work_s(dep: Deployment, tokens: int, ctx_sum: float, q_tokens: int = 1) -> float:
-    """Seconds a wafer decode step adds to its latency: FLOPs of the parameters a token uses (MoE: routed
-    experts only) over dense compute, plus active weight and KV bytes over SRAM bandwidth."""
-    w: _Wafer = _per_deployment("wafer", dep, _wafer)
+def _wafer_work(w: _Wafer, dep: Deployment, tokens: float, ctx_sum: float, q_tokens: int) -> float:
     flops = w.flops_per_token * tokens + w.attn_flops * ctx_sum * q_tokens
     weights = w.weight_bytes if w.weight_bytes is not None else dep.model.active_weight_bytes(dep.dtype, tokens)
     return flops / w.flops_rate + (weights + w.kv_per_token * ctx_sum) / w.bytes_rate
+
+
+def wafer_work_s(dep: Deployment, tokens: int, ctx_sum: float, q_tokens: int = 1) -> float:
+    """Seconds a wafer decode step adds to its latency: FLOPs of the parameters a token uses (MoE: routed
+    experts only) over dense compute, plus active weight and KV bytes over SRAM bandwidth."""
+    return _wafer_work(_per_deployment("wafer", dep, _wafer), dep, tokens, ctx_sum, q_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _Roofline:
+    """An HBM replica's prefill constants (prefill_time's terms that do not depend on the batch, each
+    computed in the order that formula evaluates it, so times are bit-identical)."""
+
+    compute_rate: float  # chips x peak FLOP/s x prefill MFU
+    weight_bytes: float
+    kv_per_token: float  # KV bytes per token written
+    bytes_rate: float  # chips x HBM bandwidth x efficiency
+    fixed_s: float  # layers x per-layer overhead + step overhead
+
+
+def _roofline(dep: Deployment) -> _Roofline:
+    m, hw, p = dep.model, dep.hw, dep.hw.perf
+    return _Roofline(dep.chips * hw.peak_flops(dep.dtype) * p.prefill_mfu, m.weight_bytes(dep.dtype),
+                     m.kv_bytes_per_token(dep.kv_dtype), dep.chips * hw.mem_bw * p.bw_eff,
+                     m.n_layers * p.layer_overhead_s + p.step_overhead_s)
 
 
 def _interp(x: float, xs: tuple, ys: tuple) -> float:
@@ -220,20 +241,18 @@ def _token_overhead(p, tokens: int) -> float:
 
 def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float:
     """Seconds to prefill a batch of prompts of the given lengths (from empty caches)."""
-    m, hw, p = dep.model, dep.hw, dep.hw.perf
+    m, p = dep.model, dep.hw.perf
     tokens = float(sum(lengths))
     flops = sum(m.prefill_flops(n) for n in lengths)
     if dep.is_wafer:
         compute = flops / (dep.chips * p.wafer_dense_flops * p.prefill_mfu)
-        return compute + _wafer_latency(dep, tokens)
+        return compute + _wafer_latency(_per_deployment("wafer", dep, _wafer), tokens)
     if _tables(dep):  # the live engine, measured (one batched call)
         return _interp(tokens, p.measured.prefill_tokens, p.measured.prefill_s) + (
             p.prefill_extra_s * len(lengths) + p.prefill_extra_per_token_s * tokens)
-    compute = flops / (dep.chips * hw.peak_flops(dep.dtype) * p.prefill_mfu)
-    memory = (m.weight_bytes(dep.dtype) + m.kv_bytes_per_token(dep.kv_dtype) * tokens) / (
-        dep.chips * hw.mem_bw * p.bw_eff)
-    fixed = m.n_layers * p.layer_overhead_s + p.step_overhead_s
-    return max(compute, memory) + _collectives(dep, tokens) + fixed
+    r: _Roofline = _per_deployment("roofline", dep, _roofline)
+    return max(flops / r.compute_rate, (r.weight_bytes + r.kv_per_token * tokens) / r.bytes_rate) + _collectives(
+        dep, tokens) + r.fixed_s
 
 
 def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int = 1) -> float:
@@ -244,10 +263,11 @@ def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int 
     """
     if batch <= 0:
         return 0.0
-    m, hw, p = dep.model, dep.hw, dep.hw.perf
     tokens = batch * q_tokens
     if dep.is_wafer:
-        return _wafer_latency(dep, tokens) + wafer_work_s(dep, tokens, ctx_sum, q_tokens)
+        w: _Wafer = _per_deployment("wafer", dep, _wafer)
+        return _wafer_latency(w, tokens) + _wafer_work(w, dep, tokens, ctx_sum, q_tokens)
+    m, hw, p = dep.model, dep.hw, dep.hw.perf
     flops = 2.0 * m.matmul_params_per_token() * tokens + _attn_flops(m, q_tokens, ctx_sum)
     kv_bytes = m.kv_bytes_per_token(dep.kv_dtype) * ctx_sum
     if _tables(dep):  # the live engine, measured

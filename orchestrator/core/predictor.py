@@ -280,17 +280,21 @@ class Predictor:
                       req.ttft_s)
         own_s = prefill_time(st.dep, slot.lengths) * st.slowdown
         busy = max(0.0, st.busy_until_s - now)
-        wait = Estimate(busy, busy) + self._scaled(st.worker_id, "prefill", slot.before_s)
-        prefill = self._scaled(st.worker_id, "prefill", own_s)
-        kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
-        transfer = self._scaled(st.worker_id, "transfer", kv_transfer_time(st.dep, dst, kv, own_s))
+        corr, w = self.corrections, st.worker_id
+        f, ft = corr.factors(w, "prefill"), corr.factors(w, "transfer")
+        # plain floats, in the order the Estimate sums would add them (bit-identical, fewer objects)
+        wait = Estimate(busy + slot.before_s * f.point, busy + slot.before_s * f.bound)
+        prefill = Estimate(own_s * f.point, own_s * f.bound)
+        tr_s = kv_transfer_time(st.dep, dst, st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype), own_s)
+        transfer = Estimate(tr_s * ft.point, tr_s * ft.bound)
         path = st.dep.hw.perf.request_path_s
-        ttft, tail = wait + prefill + Estimate(path, path), transfer
+        ttft_p, ttft_b = wait.point_s + prefill.point_s + path, wait.bound_s + prefill.bound_s + path
+        tail = transfer
         if self.first_token_after_transfer:
-            ttft, tail = ttft + transfer, ZERO
-        g = self.corrections.factors(ttft_key(st.worker_id, req.ttft_s), "ttft")
-        return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer,
-                           Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound), tail, ttft.point_s)
+            ttft_p, ttft_b, tail = ttft_p + transfer.point_s, ttft_b + transfer.bound_s, ZERO
+        g = corr.factors(ttft_key(w, req.ttft_s), "ttft")
+        return PrefillPart(w, slot.batch, wait, prefill, transfer, Estimate(ttft_p * g.point, ttft_b * g.bound), tail,
+                           ttft_p)
 
     def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0,
                     stall: Estimate = ZERO) -> DecodePart:
@@ -309,25 +313,27 @@ class Predictor:
         running = min(b, st.max_batch)
         f = self.corrections.factors(st.worker_id, "decode")
         # arrival at a uniformly random phase of the step in flight: mean half a step, q-quantile q steps
-        wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
+        wait_p, wait_b = 0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound
         start = st.start_at_s(need, arrival_s, st.step_now_s * f.point)
         fits = start is not None
         if fits and start > arrival_s:
             late = st.start_at_s(need, arrival_s, st.step_now_s * f.bound)
-            wait = wait + Estimate(start - arrival_s, late - arrival_s)
+            wait_p, wait_b = wait_p + (start - arrival_s), wait_b + (late - arrival_s)
         others = st.sharing(start if fits else arrival_s, steps * (st.step_now_s or st.step_s(1, req.prompt_tokens)))
         own_ctx = (st.ctx_sum * others / b if b else 0.0) + req.prompt_tokens + (others + 1) * half
-        own = self._scaled(st.worker_id, "decode", st.step_s(others + 1, own_ctx))
-        with_s = st.step_s(min(b + 1, st.max_batch), st.ctx_sum + req.prompt_tokens + (running + 1) * half)
+        own_s = st.step_s(others + 1, own_ctx)
+        own = Estimate(own_s * f.point, own_s * f.bound)
         before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
-        decode = wait + own.scale(steps)
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
-        protected = Estimate(before_s * f.point, before_s * f.bound) if full else self._scaled(st.worker_id, "decode",
-                                                                                                with_s)
+        with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
+        protected_p, protected_b = with_s * f.point, with_s * f.bound
         if stall.bound_s:
-            protected = protected + stall.scale(1.0 / st.steps_left_mean())
-        protects = b == 0 or (full and not stall.bound_s) or protected.bound_s <= st.tightest_tpot_s
-        return DecodePart(st.worker_id, fits, own, wait, decode, before_s * f.point, protected, protects)
+            k = 1.0 / st.steps_left_mean()
+            protected_p, protected_b = protected_p + stall.point_s * k, protected_b + stall.bound_s * k
+        protects = b == 0 or (full and not stall.bound_s) or protected_b <= st.tightest_tpot_s
+        return DecodePart(st.worker_id, fits, own, Estimate(wait_p, wait_b),
+                          Estimate(wait_p + own.point_s * steps, wait_b + own.bound_s * steps), before_s * f.point,
+                          Estimate(protected_p, protected_b), protects)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
