@@ -239,11 +239,24 @@ def _token_overhead(p, tokens: int) -> float:
     return _interp(tokens, p.token_overhead_batches, p.token_overhead_s) if p.token_overhead_s else 0.0
 
 
+def _flops_memo(dep: Deployment) -> dict[int, float]:
+    """An empty memo of the model's prefill FLOPs per prompt length (prefill_time)."""
+    return {}
+
+
 def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float:
     """Seconds to prefill a batch of prompts of the given lengths (from empty caches)."""
     m, p = dep.model, dep.hw.perf
     tokens = float(sum(lengths))
-    flops = sum(m.prefill_flops(n) for n in lengths)
+    memo: dict[int, float] = _per_deployment("prefill_flops", dep, _flops_memo)
+    flops = 0
+    for n in lengths:  # the same prompts recur: queued ones in every state of their queue, a newcomer's per pool
+        f = memo.get(n)
+        if f is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            f = memo[n] = m.prefill_flops(n)
+        flops += f
     if dep.is_wafer:
         compute = flops / (dep.chips * p.wafer_dense_flops * p.prefill_mfu)
         return compute + _wafer_latency(_per_deployment("wafer", dep, _wafer), tokens)
@@ -282,8 +295,15 @@ def _speculative_time(dep: Deployment, batch: int, ctx_sum: float, spec: Specula
     """Seconds per emitted token: k draft steps (contexts growing), one target pass over k+1 tokens, over the
     expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
     k = spec.draft_tokens
-    drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
-    verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
+    if batch > 0 and dep.is_wafer and draft.is_wafer:  # decode_step_time's passes, the constants looked up once
+        wd, wt = _per_deployment("wafer", draft, _wafer), _per_deployment("wafer", dep, _wafer)
+        hop = _wafer_latency(wd, batch)  # the same for every draft pass
+        drafting = sum(hop + _wafer_work(wd, draft, batch, ctx_sum + batch * i, 1) for i in range(k))
+        tokens = batch * (k + 1)
+        verify = _wafer_latency(wt, tokens) + _wafer_work(wt, dep, tokens, ctx_sum, k + 1)
+    else:
+        drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
+        verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
     return (drafting + verify) / spec.tokens_per_step()
 
 
