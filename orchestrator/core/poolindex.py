@@ -6,7 +6,7 @@ every worker's lower bound in a few vector expressions instead of a Python step 
 correction factors the bounds use are gathered per phase into vectors cached on
 `Corrections.version`: rebuilt after an observation, not per decision.
 
-`ascending` yields the candidates in (bound, worker id) order lazily: a search that stops after the
+`ascending` yields the candidates in (bound, position) order lazily: a search that stops after the
 first few pays a partition of the pool, not a sort of it.
 """
 from __future__ import annotations
@@ -23,11 +23,14 @@ from orchestrator.core.predictor import DecodeState, PrefillState
 _FULL_SORT = 64  # candidates up to which `ascending` sorts them all at once
 
 
-def ascending(key: np.ndarray, rank: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
-    """Positions of `key` [n] in ascending (key, rank) order (`rank` [n]: the tie-break, distinct), in
-    chunks sorted one at a time (the `first` smallest, then 4x more, ...) as far as the caller reads."""
+def ascending(key: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
+    """Positions of `key` [n] in ascending (key, position) order, in chunks sorted one at a time (the
+    `first` smallest, then 4x more, ...) as far as the caller reads."""
+    def order(pos: np.ndarray) -> np.ndarray:  # `pos` ascending: a stable sort keeps ties in position order
+        return pos[np.argsort(key[pos], kind="stable")]
+
     if len(key) <= max(first, _FULL_SORT):
-        yield np.lexsort((rank, key))
+        yield np.argsort(key, kind="stable")
         return
     rest = np.arange(len(key))  # [m] positions not yet yielded
     k = first
@@ -35,19 +38,17 @@ def ascending(key: np.ndarray, rank: np.ndarray, first: int = 8) -> Iterator[np.
         if len(rest) > max(k, _FULL_SORT):
             sub = key[rest]
             t = np.partition(sub, k - 1)[k - 1]
-            take = sub <= t  # every tie of the k-th smallest, so the rank order within them holds
+            take = sub <= t  # every tie of the k-th smallest, so the position order within them holds
             head, rest = rest[take], rest[~take]
         else:
             head, rest = rest, rest[:0]
-        yield head[np.lexsort((rank[head], key[head]))]
+        yield order(head)
         k *= 4
 
 
-def _ranks(ids: list[str]) -> np.ndarray:
-    """[n] int64: each id's position in sorted order (ties of a bound go to the lowest id)."""
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
-    return rank
+def _by_id(ids: list[str]) -> np.ndarray:
+    """[n] int64: the positions in ascending id order (ties of a bound go to the lowest id)."""
+    return np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
 
 
 def _groups(deps: Sequence[Deployment]) -> tuple[list[Deployment], np.ndarray]:
@@ -65,11 +66,11 @@ def _groups(deps: Sequence[Deployment]) -> tuple[list[Deployment], np.ndarray]:
 
 
 class _Pool:
-    """What both sides share: ids, tie-break ranks, health and per-phase correction vectors."""
+    """What both sides share: ids, their order (the tie-break), health and per-phase correction vectors."""
 
     def __init__(self, ids: list[str], healthy: Sequence[bool], deps: Sequence[Deployment]):
         self.ids = ids
-        self.rank = _ranks(ids)  # [n]
+        self.by_id = _by_id(ids)  # [n]
         self.healthy = np.array(healthy, dtype=bool)  # [n]
         self.deps, self.dep_of = _groups(deps)  # dep_of [n]
         self.path = np.array([d.hw.perf.request_path_s for d in deps])  # [n] seconds
@@ -142,6 +143,15 @@ class PrefillIndex(_Pool):
         self.q_owner = np.array(owner, dtype=np.int64)  # [N] its worker
         self.before_at = np.array(before, dtype=float)  # [N + P] seconds, see above
         self.base = np.array(base, dtype=np.int64)  # [P] worker's first row in before_at
+
+    def probe(self, corr: Corrections) -> int:
+        """A healthy worker with the least prefill and transfer bound factors (-1: none): the one the
+        router's TTFT floor tries first."""
+        def make() -> int:
+            score = np.where(self.healthy, self.bound(corr, "prefill") + self.bound(corr, "transfer"), math.inf)
+            return int(score.argmin()) if self.any_healthy else -1
+
+        return self.cached(corr, "probe", make)
 
     def before_floor(self, deadline_s: float) -> np.ndarray:
         """[P] perf-model seconds before a newcomer's batch (QueuePlan), at most what `locate` finds for
