@@ -295,16 +295,24 @@ def _speculative_time(dep: Deployment, batch: int, ctx_sum: float, spec: Specula
     """Seconds per emitted token: k draft steps (contexts growing), one target pass over k+1 tokens, over the
     expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
     k = spec.draft_tokens
-    if batch > 0 and dep.is_wafer and draft.is_wafer:  # decode_step_time's passes, the constants looked up once
-        wd, wt = _per_deployment("wafer", draft, _wafer), _per_deployment("wafer", dep, _wafer)
-        hop = _wafer_latency(wd, batch)  # the same for every draft pass
-        drafting = sum(hop + _wafer_work(wd, draft, batch, ctx_sum + batch * i, 1) for i in range(k))
-        tokens = batch * (k + 1)
-        verify = _wafer_latency(wt, tokens) + _wafer_work(wt, dep, tokens, ctx_sum, k + 1)
-    else:
-        drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
-        verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
+    if batch > 0 and dep.is_wafer and draft.is_wafer:
+        return _wafer_speculative(_per_deployment("wafer", dep, _wafer), dep, _per_deployment("wafer", draft, _wafer),
+                                  draft, k, batch, ctx_sum) / spec.tokens_per_step()
+    drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
+    verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
     return (drafting + verify) / spec.tokens_per_step()
+
+
+def _wafer_speculative(wt: _Wafer, dep: Deployment, wd: _Wafer, draft: Deployment, k: int, batch: float,
+                       ctx_sum: float) -> float:
+    """_speculative_time's k draft passes plus the verify pass on a wafer target (constants `wt`) with a
+    wafer draft (`wd`), batch > 0: decode_step_time's passes, the constants looked up once."""
+    hop = _wafer_latency(wd, batch)  # the same for every draft pass
+    drafting = 0
+    for i in range(k):
+        drafting += hop + _wafer_work(wd, draft, batch, ctx_sum + batch * i, 1)
+    tokens = batch * (k + 1)
+    return drafting + (_wafer_latency(wt, tokens) + _wafer_work(wt, dep, tokens, ctx_sum, k + 1))
 
 
 @lru_cache(maxsize=256)
@@ -338,12 +346,50 @@ def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculati
     """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
     step, or a draft-and-verify step amortised over its expected tokens, with `spec` (and its `draft`
     deployment) or else the profile generation's speculation_plan."""
-    if spec is None and (plan := _per_deployment("plan", dep, speculation_plan)) is not None:
-        spec, draft = plan
     if spec is None:
-        return decode_step_time(dep, batch, ctx_sum)
+        return token_step(dep)(batch, ctx_sum)
     assert draft is not None, "speculative decoding needs a draft deployment"
     return _speculative_time(dep, batch, ctx_sum, spec, draft)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStep:
+    """token_step_time of one setup as a function of (batch, ctx_sum), bit-identical, its lookups done once
+    (`token_step`): for a caller that times many steps of one setup (DecodeState)."""
+
+    dep: Deployment
+    spec: Speculative | None  # resolved: the explicit one or the generation's plan (None: plain steps)
+    draft: Deployment | None
+    wafers: tuple[_Wafer, _Wafer] | None  # (target, draft) constants when both are wafers
+    per_step: float  # spec.tokens_per_step()
+
+    def __call__(self, batch: float, ctx_sum: float) -> float:
+        if self.spec is None:
+            return decode_step_time(self.dep, batch, ctx_sum)
+        if self.wafers is None or batch <= 0:
+            return _speculative_time(self.dep, batch, ctx_sum, self.spec, self.draft)
+        return _wafer_speculative(self.wafers[0], self.dep, self.wafers[1], self.draft, self.spec.draft_tokens, batch,
+                                  ctx_sum) / self.per_step
+
+
+def token_step(dep: Deployment, spec: Speculative | None = None, draft: Deployment | None = None) -> TokenStep:
+    """token_step_time's setup resolved once (the generation's plan when `spec` is None: per deployment)."""
+    if spec is None:
+        return _per_deployment("token_step", dep, _planned_step)
+    return _token_step(dep, spec, draft)
+
+
+def _planned_step(dep: Deployment) -> TokenStep:
+    return _token_step(dep, *(speculation_plan(dep) or (None, None)))
+
+
+def _token_step(dep: Deployment, spec: Speculative | None, draft: Deployment | None) -> TokenStep:
+    if spec is None:
+        return TokenStep(dep, None, None, None, 1.0)
+    assert draft is not None, "speculative decoding needs a draft deployment"
+    wafers = (_per_deployment("wafer", dep, _wafer), _per_deployment("wafer", draft, _wafer)) if (
+        dep.is_wafer and draft.is_wafer) else None
+    return TokenStep(dep, spec, draft, wafers, spec.tokens_per_step())
 
 
 def inter_token_latency(dep: Deployment, batch: int, context: int, spec: Speculative | None = None,
@@ -358,8 +404,17 @@ def kv_transfer_time(src: Deployment, dst: Deployment, kv_bytes: float, prefill_
     Layer i is sent as soon as it is computed, so all but the last layer's share of the transfer
     hides behind the prefill when the link keeps up; link = the slower side's network x efficiency.
     """
-    bw = min(src.units * src.hw.net_bw * src.hw.perf.net_eff, dst.units * dst.hw.net_bw * dst.hw.perf.net_eff)
-    wire = kv_bytes / bw
+    links = _per_deployment("links", src, _links)
+    got = links.get(id(dst))
+    if got is None or got[0] is not dst:
+        got = links[id(dst)] = (dst, min(src.units * src.hw.net_bw * src.hw.perf.net_eff,
+                                         dst.units * dst.hw.net_bw * dst.hw.perf.net_eff))
+    wire = kv_bytes / got[1]
     layers = src.model.n_layers
     exposed = max(wire / layers, wire - prefill_s * (layers - 1) / layers)
     return src.hw.perf.net_latency_s + exposed
+
+
+def _links(src: Deployment) -> dict[int, tuple[Deployment, float]]:
+    """An empty memo of the link bandwidth from `src` to each destination: id(dst) -> (dst, bytes/s)."""
+    return {}

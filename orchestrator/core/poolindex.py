@@ -77,13 +77,13 @@ class _Pool:
         self.any_healthy = bool(self.healthy.any())
         self._alone: dict[int, np.ndarray] = {}
         self._memo: dict[object, object] = {}
-        self._memo_at: tuple[int, int] = (0, -1)  # (id(corrections), version) the vectors were gathered at
+        self._memo_of: tuple[Corrections | None, int] = (None, -1)  # the corrections and version gathered at
 
     def cached(self, corr: Corrections, key: object, make):
         """make(): a value derived from the corrections, kept under `key` until they change."""
-        at = (id(corr), corr.version)
-        if at != self._memo_at:
-            self._memo, self._memo_at = {}, at
+        of, version = self._memo_of
+        if corr is not of or corr.version != version:
+            self._memo, self._memo_of = {}, (corr, corr.version)
         got = self._memo.get(key)
         if got is None:
             got = self._memo[key] = make()
@@ -139,8 +139,9 @@ class PrefillIndex(_Pool):
             base.append(len(before))
             # perf-model seconds before the batch a newcomer lands in, behind the first k prompts (run order)
             before += [0.0] + [plan.ends_s[b - 1] if b else 0.0 for b in plan.batch_of]
-        self.q_deadline = np.array(deadline, dtype=float)  # [N] deadline of each queued prompt (all workers)
-        self.q_owner = np.array(owner, dtype=np.int64)  # [N] its worker
+        by_deadline = np.argsort(np.array(deadline, dtype=float), kind="stable")
+        self.q_deadline = np.array(deadline, dtype=float)[by_deadline]  # [N] every queued prompt's deadline, ascending
+        self.q_owner = np.array(owner, dtype=np.int64)[by_deadline]  # [N] its worker
         self.before_at = np.array(before, dtype=float)  # [N + P] seconds, see above
         self.base = np.array(base, dtype=np.int64)  # [P] worker's first row in before_at
 
@@ -157,7 +158,8 @@ class PrefillIndex(_Pool):
         """[P] perf-model seconds before a newcomer's batch (QueuePlan), at most what `locate` finds for
         a newcomer of that deadline: it counts only the prompts of strictly earlier deadline ahead of it
         (they sort before it whatever the priority); batch ends grow with the prompts ahead."""
-        ahead = np.bincount(self.q_owner[self.q_deadline < deadline_s], minlength=len(self.ids))  # [P]
+        earlier = int(self.q_deadline.searchsorted(deadline_s, "left"))  # prompts of deadline < deadline_s
+        ahead = np.bincount(self.q_owner[:earlier], minlength=len(self.ids))  # [P]
         return self.before_at[self.base + ahead]
 
 

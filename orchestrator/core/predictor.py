@@ -38,7 +38,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
-from hardware.perf import Deployment, Speculative, kv_transfer_time, prefill_time, token_step_time
+from hardware.perf import Deployment, Speculative, TokenStep, kv_transfer_time, prefill_time, token_step
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -123,6 +123,7 @@ class DecodeState:
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
+    token_step: TokenStep = field(init=False, repr=False, compare=False)  # its perf-model step (step_s)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reserving", sum(x[1] for x in self.incoming))
@@ -137,6 +138,7 @@ class DecodeState:
             raise ValueError(f"local_busy_s: must be finite and >= 0, got {self.local_busy_s!r}")
         if not (0.0 <= self.stall_fraction < 1.0):
             raise ValueError(f"stall_fraction: must be in [0, 1), got {self.stall_fraction!r}")
+        object.__setattr__(self, "token_step", token_step(self.dep, self.spec, self.draft))
         object.__setattr__(self, "step_now_s", self.step_s(min(self.batch, self.max_batch), self.ctx_sum)
                            if self.batch else 0.0)
 
@@ -203,7 +205,7 @@ class DecodeState:
         """Perf-model seconds per emitted token per sequence (the simulator's DecodeUnit times its steps
         with the same token_step_time), stretched by the local prefills that take `stall_fraction` of
         the worker's time."""
-        return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown / (
+        return self.token_step(batch, ctx_sum) * self.slowdown / (
             1.0 - self.stall_fraction)
 
 
