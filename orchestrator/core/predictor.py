@@ -359,7 +359,9 @@ class Predictor:
     def combine(req: PredictRequest, pp: PrefillPart, dp: DecodePart) -> PairPrediction:
         """The pair's prediction from its two parts (O(1))."""
         steps = req.max_tokens - 1
-        tpot = (pp.tail + dp.decode).scale(1.0 / steps) if steps else ZERO
+        k = 1.0 / steps if steps else 0.0  # (tail + decode).scale(k), one Estimate
+        tpot = Estimate((pp.tail.point_s + dp.decode.point_s) * k, (pp.tail.bound_s + dp.decode.bound_s) * k) if (
+            steps) else ZERO
         ok = (dp.fits and dp.protects and pp.ttft.bound_s <= req.ttft_s and tpot.bound_s <= req.tpot_s)
         return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok, pp.ttft_model_s)
 

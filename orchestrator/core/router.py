@@ -207,7 +207,8 @@ class Router:
                              f"{floor * 1e3:.0f} ms (p{q}) for a {req.prompt_tokens}-token prompt on an idle "
                              f"prefill worker", kind="below_floor")
         for j in groups:  # the KV link, and so the prefill parts, depend on the decode deployment
-            found = search_best_pair(pred, req, pidx, pmask, didx, dmask & (didx.dep_of == j), didx.deps[j], now)
+            kept = dmask if len(didx.deps) == 1 else dmask & (didx.dep_of == j)
+            found = search_best_pair(pred, req, pidx, pmask, didx, kept, didx.deps[j], now)
             if found is not None and (best is None or completion_key(req, *found) < completion_key(req, *best)):
                 best = found
         if local:
