@@ -142,6 +142,11 @@ def _per_deployment(what: str, dep: Deployment, make):
     return got[1]
 
 
+def _memo(dep: Deployment) -> dict:
+    """A new empty memo for one deployment's values (_per_deployment("...", dep, _memo))."""
+    return {}
+
+
 @dataclass(frozen=True, slots=True)
 class _Wafer:
     """A wafer replica's step constants: the terms of _wafer_latency and wafer_work_s that do not depend
@@ -239,16 +244,11 @@ def _token_overhead(p, tokens: int) -> float:
     return _interp(tokens, p.token_overhead_batches, p.token_overhead_s) if p.token_overhead_s else 0.0
 
 
-def _flops_memo(dep: Deployment) -> dict[int, float]:
-    """An empty memo of the model's prefill FLOPs per prompt length (prefill_time)."""
-    return {}
-
-
 def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float:
     """Seconds to prefill a batch of prompts of the given lengths (from empty caches)."""
     m, p = dep.model, dep.hw.perf
     tokens = float(sum(lengths))
-    memo: dict[int, float] = _per_deployment("prefill_flops", dep, _flops_memo)
+    memo: dict[int, float] = _per_deployment("prefill_flops", dep, _memo)  # prompt length -> FLOPs
     flops = 0
     for n in lengths:  # the same prompts recur: queued ones in every state of their queue, a newcomer's per pool
         f = memo.get(n)
@@ -404,7 +404,7 @@ def kv_transfer_time(src: Deployment, dst: Deployment, kv_bytes: float, prefill_
     Layer i is sent as soon as it is computed, so all but the last layer's share of the transfer
     hides behind the prefill when the link keeps up; link = the slower side's network x efficiency.
     """
-    links = _per_deployment("links", src, _links)
+    links: dict[int, tuple[Deployment, float]] = _per_deployment("links", src, _memo)  # id(dst) -> (dst, bytes/s)
     got = links.get(id(dst))
     if got is None or got[0] is not dst:
         got = links[id(dst)] = (dst, min(src.units * src.hw.net_bw * src.hw.perf.net_eff,
@@ -414,7 +414,3 @@ def kv_transfer_time(src: Deployment, dst: Deployment, kv_bytes: float, prefill_
     exposed = max(wire / layers, wire - prefill_s * (layers - 1) / layers)
     return src.hw.perf.net_latency_s + exposed
 
-
-def _links(src: Deployment) -> dict[int, tuple[Deployment, float]]:
-    """An empty memo of the link bandwidth from `src` to each destination: id(dst) -> (dst, bytes/s)."""
-    return {}

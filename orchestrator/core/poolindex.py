@@ -26,9 +26,6 @@ _FULL_SORT = 64  # candidates up to which `ascending` sorts them all at once
 def ascending(key: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
     """Positions of `key` [n] in ascending (key, position) order, in chunks sorted one at a time (the
     `first` smallest, then 4x more, ...) as far as the caller reads."""
-    def order(pos: np.ndarray) -> np.ndarray:  # `pos` ascending: a stable sort keeps ties in position order
-        return pos[np.argsort(key[pos], kind="stable")]
-
     if len(key) <= max(first, _FULL_SORT):
         yield np.argsort(key, kind="stable")
         return
@@ -42,7 +39,7 @@ def ascending(key: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
             head, rest = rest[take], rest[~take]
         else:
             head, rest = rest, rest[:0]
-        yield order(head)
+        yield head[np.argsort(key[head], kind="stable")]  # `head` ascending: ties stay in position order
         k *= 4
 
 

@@ -257,7 +257,8 @@ class Router:
             dep, s = pidx.deps[j], float(alone[j]) * slowdown
             own.append(s)
             tr.append(kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), s))
-        bp, bt, after = pidx.bound(corr, "prefill"), pidx.bound(corr, "transfer"), self.predictor.first_token_after_transfer
+        bp, bt = pidx.bound(corr, "prefill"), pidx.bound(corr, "transfer")
+        after = self.predictor.first_token_after_transfer
         i = pidx.probe(corr)
         if i >= 0 and pmask[i]:  # the same arithmetic as the vector below, on one worker
             k = int(pidx.setup_of[i])
