@@ -142,12 +142,16 @@ class PrefillIndex(_Pool):
         self.before_at = np.array(before, dtype=float)  # [N + P] seconds, see above
         self.base = np.array(base, dtype=np.int64)  # [P] worker's first row in before_at
 
-    def probe(self, corr: Corrections) -> int:
-        """A healthy worker with the least prefill and transfer bound factors (-1: none): the one the
-        router's TTFT floor tries first."""
-        def make() -> int:
-            score = np.where(self.healthy, self.bound(corr, "prefill") + self.bound(corr, "transfer"), math.inf)
-            return int(score.argmin()) if self.any_healthy else -1
+    def probe(self, corr: Corrections) -> tuple[int, int, float, float, float] | None:
+        """A healthy worker with the least prefill and transfer bound factors, the one the router's TTFT
+        floor tries first: (position, its setup, prefill bound, transfer bound, request path) as Python
+        numbers (None: no healthy worker)."""
+        def make() -> tuple[int, int, float, float, float] | None:
+            if not self.any_healthy:
+                return None
+            bp, bt = self.bound(corr, "prefill"), self.bound(corr, "transfer")
+            i = int(np.where(self.healthy, bp + bt, math.inf).argmin())
+            return i, int(self.setup_of[i]), float(bp[i]), float(bt[i]), float(self.path[i])
 
         return self.cached(corr, "probe", make)
 

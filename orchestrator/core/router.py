@@ -257,14 +257,14 @@ class Router:
             dep, s = pidx.deps[j], float(alone[j]) * slowdown
             own.append(s)
             tr.append(kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), s))
-        bp, bt = pidx.bound(corr, "prefill"), pidx.bound(corr, "transfer")
         after = self.predictor.first_token_after_transfer
-        i = pidx.probe(corr)
-        if i >= 0 and pmask[i]:  # the same arithmetic as the vector below, on one worker
-            k = int(pidx.setup_of[i])
-            one = own[k] * float(bp[i]) + float(pidx.path[i])
-            if (one + tr[k] * float(bt[i]) if after else one) <= req.ttft_s:
+        probe = pidx.probe(corr)
+        if probe is not None and pmask[probe[0]]:  # the same arithmetic as the vector below, on one worker
+            _, k, bp_i, bt_i, path_i = probe
+            one = own[k] * bp_i + path_i
+            if (one + tr[k] * bt_i if after else one) <= req.ttft_s:
                 return None
+        bp, bt = pidx.bound(corr, "prefill"), pidx.bound(corr, "transfer")
         if len(own) == 1:  # one setup: scalars
             own_s, tr_s = own[0], tr[0]
         else:
