@@ -10,10 +10,11 @@ poolindex.py), candidates come out of `ascending` lazily:
   floor (true of the analytic roofline and wafer models, the generation's own speculation included;
   profiles with measured tables and states with an explicit draft get the bound 0: always computed);
 - prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
-  newcomer's batch can start, `PrefillIndex.before_floor` + the prompt alone) + request path (the
+  newcomer's batch can start, `PrefillIndex.before_rows` + the prompt alone) + request path (the
   prompt-alone term only on analytic profiles, where adding prompts to a batch never makes it
   faster), plus the transfer's floor (kv_transfer_time with an unbounded overlap) x its f_bound;
-  all times the "ttft" factor.
+  all times the "ttft" factor (the factors are multiplied out once per corrections version and
+  TTFT class: `PrefillIndex.floor_terms`).
 
 Cost per decision: O(P + D) vector work, a partition of the candidates, and the exact parts of the
 few that can still win.
@@ -172,8 +173,6 @@ def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst:
                   now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
     """[P] seconds, at most each worker's ttft.bound + tail.bound for `req` towards `dst`; [P] at most
     its ttft.bound; [P] (or 0.0) at most its tail.bound."""
-    corr = pred.corrections
-    fp = pool.bound(corr, "prefill")
     alone = pool.alone(req.prompt_tokens)  # [deployments] seconds (the prompt-alone term: analytic profiles only)
     # [deployments] seconds, the transfer's floor: exposed transfer is non-increasing in the prefill time
     tr = [kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), 1e30) for dep in pool.deps]
@@ -181,15 +180,15 @@ def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst:
         own, tr = 0.0 if pool.measured[0] else float(alone[0]), tr[0]
     else:
         own, tr = np.where(pool.measured, 0.0, alone)[pool.dep_of], np.array(tr)[pool.dep_of]
-    transfer = tr * pool.bound(corr, "transfer")
-    lb = (np.maximum(pool.busy_until - now, 0.0) + fp * pool.before_floor(now + req.ttft_s) +
-          pool.cached(corr, "prefill_x_slowdown", lambda: fp * pool.slowdown) * own + pool.path)
-    g = pool.ttft_bound(corr, req.ttft_s)  # scales the whole TTFT
-    if pred.first_token_after_transfer:
-        key = (lb + transfer) * g * _SLACK
+    after = pred.first_token_after_transfer
+    g, wait, prefill, path, transfer = pool.floor_terms(pred.corrections, req.ttft_s, after, _SLACK)
+    # g x (batch in progress + queue ahead + the prompt alone + path), the factors folded in beforehand
+    ttft = g * np.maximum(pool.busy_until - now, 0.0) + wait[pool.before_rows(now + req.ttft_s)] + prefill * own + path
+    tail = transfer * tr
+    if after:  # the transfer inside the TTFT, under its "ttft" factor
+        key = ttft + tail
         return key, key, 0.0
-    ttft = lb * g
-    return (ttft + transfer) * _SLACK, ttft * _SLACK, transfer * _SLACK
+    return ttft + tail, ttft, tail
 
 
 def _best_prefill(pool: PrefillIndex, key: np.ndarray, mask: np.ndarray, part: Callable[[int], PrefillPart],

@@ -123,7 +123,7 @@ class PrefillIndex(_Pool):
         setups: dict[tuple[int, float], int] = {}
         self.setups: list[tuple[int, float]] = []  # distinct (index into deps, slowdown)
         self.setup_of = np.empty(len(states), dtype=np.int64)  # [P]
-        deadline, owner, before, base = [], [], [], []
+        deadline, owner, before, base, row_of = [], [], [], [], []
         for i, s in enumerate(states):
             j = setups.get((id(s.dep), s.slowdown))
             if j is None:
@@ -136,11 +136,13 @@ class PrefillIndex(_Pool):
             base.append(len(before))
             # perf-model seconds before the batch a newcomer lands in, behind the first k prompts (run order)
             before += [0.0] + [plan.ends_s[b - 1] if b else 0.0 for b in plan.batch_of]
+            row_of += [i] * (len(plan.keys) + 1)
         by_deadline = np.argsort(np.array(deadline, dtype=float), kind="stable")
         self.q_deadline = np.array(deadline, dtype=float)[by_deadline]  # [N] every queued prompt's deadline, ascending
         self.q_owner = np.array(owner, dtype=np.int64)[by_deadline]  # [N] its worker
         self.before_at = np.array(before, dtype=float)  # [N + P] seconds, see above
         self.base = np.array(base, dtype=np.int64)  # [P] worker's first row in before_at
+        self.row_of = np.array(row_of, dtype=np.int64)  # [N + P] each before_at row's worker
 
     def probe(self, corr: Corrections) -> tuple[int, int, float, float, float] | None:
         """A healthy worker with the least prefill and transfer bound factors, the one the router's TTFT
@@ -155,13 +157,29 @@ class PrefillIndex(_Pool):
 
         return self.cached(corr, "probe", make)
 
-    def before_floor(self, deadline_s: float) -> np.ndarray:
-        """[P] perf-model seconds before a newcomer's batch (QueuePlan), at most what `locate` finds for
-        a newcomer of that deadline: it counts only the prompts of strictly earlier deadline ahead of it
-        (they sort before it whatever the priority); batch ends grow with the prompts ahead."""
+    def before_rows(self, deadline_s: float) -> np.ndarray:
+        """[P] each worker's row of `before_at`: perf-model seconds before a newcomer's batch (QueuePlan),
+        at most what `locate` finds for a newcomer of that deadline: it counts only the prompts of strictly
+        earlier deadline ahead of it (they sort before it whatever the priority); batch ends grow with
+        the prompts ahead."""
         earlier = int(self.q_deadline.searchsorted(deadline_s, "left"))  # prompts of deadline < deadline_s
-        ahead = np.bincount(self.q_owner[:earlier], minlength=len(self.ids))  # [P]
-        return self.before_at[self.base + ahead]
+        return self.base + np.bincount(self.q_owner[:earlier], minlength=len(self.ids))
+
+    def floor_terms(self, corr: Corrections, ttft_s: float, after: bool,
+                    slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The prefill floor's factors for a request of target `ttft_s` (its "ttft" class), each times
+        `slack`: g [P] (the "ttft" bound factor), g x prefill bound at every `before_at` row [N + P],
+        g x prefill bound x slowdown [P], g x request path [P], and the transfer's: g x transfer bound
+        [P] when the first token follows the transfer (`after`), else the transfer bound alone."""
+        bucket = 2.0 ** math.ceil(math.log2(ttft_s))
+
+        def make():
+            g = self.ttft_bound(corr, ttft_s) * slack
+            gf = g * self.bound(corr, "prefill")
+            bt = self.bound(corr, "transfer")
+            return g, gf[self.row_of] * self.before_at, gf * self.slowdown, g * self.path, (g if after else slack) * bt
+
+        return self.cached(corr, ("floor", bucket, after, slack), make)
 
 
 class DecodeIndex(_Pool):
