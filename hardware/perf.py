@@ -142,6 +142,11 @@ def _per_deployment(what: str, dep: Deployment, make):
     return got[1]
 
 
+def _memo(dep: Deployment) -> dict:
+    """A new empty memo for one deployment's values (_per_deployment("...", dep, _memo))."""
+    return {}
+
+
 @dataclass(frozen=True, slots=True)
 class _Wafer:
     """A wafer replica's step constants: the terms of _wafer_latency and wafer_work_s that do not depend
@@ -172,9 +177,8 @@ def _wafer(dep: Deployment) -> _Wafer:
                   dep.chips * p.wafer_dense_flops * p.decode_mfu, dep.chips * dep.hw.mem_bw * p.bw_eff)
 
 
-def _wafer_latency(dep: Deployment, tokens: float = 1.0) -> float:
+def _wafer_latency(w: _Wafer, tokens: float = 1.0) -> float:
     """Latency of one pass of `tokens` tokens through the pipelined systems, as the generation runs it."""
-    w: _Wafer = _per_deployment("wafer", dep, _wafer)
     if w.async_io:  # activations on the wire, I/O overlapped with compute
         hop = w.wire_s + tokens * w.d_model * dtype_bytes("bf16") / w.net_bw
     else:
@@ -182,13 +186,35 @@ def _wafer_latency(dep: Deployment, tokens: float = 1.0) -> float:
     return w.fixed_s + w.hops * hop
 
 
-def wafer_work_s(dep: Deployment, tokens: int, ctx_sum: float, q_tokens: int = 1) -> float:
-    """Seconds a wafer decode step adds to its latency: FLOPs of the parameters a token uses (MoE: routed
-    experts only) over dense compute, plus active weight and KV bytes over SRAM bandwidth."""
-    w: _Wafer = _per_deployment("wafer", dep, _wafer)
+def _wafer_work(w: _Wafer, dep: Deployment, tokens: float, ctx_sum: float, q_tokens: int) -> float:
     flops = w.flops_per_token * tokens + w.attn_flops * ctx_sum * q_tokens
     weights = w.weight_bytes if w.weight_bytes is not None else dep.model.active_weight_bytes(dep.dtype, tokens)
     return flops / w.flops_rate + (weights + w.kv_per_token * ctx_sum) / w.bytes_rate
+
+
+def wafer_work_s(dep: Deployment, tokens: int, ctx_sum: float, q_tokens: int = 1) -> float:
+    """Seconds a wafer decode step adds to its latency: FLOPs of the parameters a token uses (MoE: routed
+    experts only) over dense compute, plus active weight and KV bytes over SRAM bandwidth."""
+    return _wafer_work(_per_deployment("wafer", dep, _wafer), dep, tokens, ctx_sum, q_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _Roofline:
+    """An HBM replica's prefill constants (prefill_time's terms that do not depend on the batch, each
+    computed in the order that formula evaluates it, so times are bit-identical)."""
+
+    compute_rate: float  # chips x peak FLOP/s x prefill MFU
+    weight_bytes: float
+    kv_per_token: float  # KV bytes per token written
+    bytes_rate: float  # chips x HBM bandwidth x efficiency
+    fixed_s: float  # layers x per-layer overhead + step overhead
+
+
+def _roofline(dep: Deployment) -> _Roofline:
+    m, hw, p = dep.model, dep.hw, dep.hw.perf
+    return _Roofline(dep.chips * hw.peak_flops(dep.dtype) * p.prefill_mfu, m.weight_bytes(dep.dtype),
+                     m.kv_bytes_per_token(dep.kv_dtype), dep.chips * hw.mem_bw * p.bw_eff,
+                     m.n_layers * p.layer_overhead_s + p.step_overhead_s)
 
 
 def _interp(x: float, xs: tuple, ys: tuple) -> float:
@@ -220,20 +246,26 @@ def _token_overhead(p, tokens: int) -> float:
 
 def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float:
     """Seconds to prefill a batch of prompts of the given lengths (from empty caches)."""
-    m, hw, p = dep.model, dep.hw, dep.hw.perf
+    m, p = dep.model, dep.hw.perf
     tokens = float(sum(lengths))
-    flops = sum(m.prefill_flops(n) for n in lengths)
+    memo: dict[int, float] = _per_deployment("prefill_flops", dep, _memo)  # prompt length -> FLOPs
+    flops = 0
+    for n in lengths:  # the same prompts recur: queued ones in every state of their queue, a newcomer's per pool
+        f = memo.get(n)
+        if f is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            f = memo[n] = m.prefill_flops(n)
+        flops += f
     if dep.is_wafer:
         compute = flops / (dep.chips * p.wafer_dense_flops * p.prefill_mfu)
-        return compute + _wafer_latency(dep, tokens)
+        return compute + _wafer_latency(_per_deployment("wafer", dep, _wafer), tokens)
     if _tables(dep):  # the live engine, measured (one batched call)
         return _interp(tokens, p.measured.prefill_tokens, p.measured.prefill_s) + (
             p.prefill_extra_s * len(lengths) + p.prefill_extra_per_token_s * tokens)
-    compute = flops / (dep.chips * hw.peak_flops(dep.dtype) * p.prefill_mfu)
-    memory = (m.weight_bytes(dep.dtype) + m.kv_bytes_per_token(dep.kv_dtype) * tokens) / (
-        dep.chips * hw.mem_bw * p.bw_eff)
-    fixed = m.n_layers * p.layer_overhead_s + p.step_overhead_s
-    return max(compute, memory) + _collectives(dep, tokens) + fixed
+    r: _Roofline = _per_deployment("roofline", dep, _roofline)
+    return max(flops / r.compute_rate, (r.weight_bytes + r.kv_per_token * tokens) / r.bytes_rate) + _collectives(
+        dep, tokens) + r.fixed_s
 
 
 def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int = 1) -> float:
@@ -244,10 +276,11 @@ def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int 
     """
     if batch <= 0:
         return 0.0
-    m, hw, p = dep.model, dep.hw, dep.hw.perf
     tokens = batch * q_tokens
     if dep.is_wafer:
-        return _wafer_latency(dep, tokens) + wafer_work_s(dep, tokens, ctx_sum, q_tokens)
+        w: _Wafer = _per_deployment("wafer", dep, _wafer)
+        return _wafer_latency(w, tokens) + _wafer_work(w, dep, tokens, ctx_sum, q_tokens)
+    m, hw, p = dep.model, dep.hw, dep.hw.perf
     flops = 2.0 * m.matmul_params_per_token() * tokens + _attn_flops(m, q_tokens, ctx_sum)
     kv_bytes = m.kv_bytes_per_token(dep.kv_dtype) * ctx_sum
     if _tables(dep):  # the live engine, measured
@@ -262,9 +295,24 @@ def _speculative_time(dep: Deployment, batch: int, ctx_sum: float, spec: Specula
     """Seconds per emitted token: k draft steps (contexts growing), one target pass over k+1 tokens, over the
     expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
     k = spec.draft_tokens
+    if batch > 0 and dep.is_wafer and draft.is_wafer:
+        return _wafer_speculative(_per_deployment("wafer", dep, _wafer), dep, _per_deployment("wafer", draft, _wafer),
+                                  draft, k, batch, ctx_sum) / spec.tokens_per_step()
     drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
     verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
     return (drafting + verify) / spec.tokens_per_step()
+
+
+def _wafer_speculative(wt: _Wafer, dep: Deployment, wd: _Wafer, draft: Deployment, k: int, batch: float,
+                       ctx_sum: float) -> float:
+    """_speculative_time's k draft passes plus the verify pass on a wafer target (constants `wt`) with a
+    wafer draft (`wd`), batch > 0: decode_step_time's passes, the constants looked up once."""
+    hop = _wafer_latency(wd, batch)  # the same for every draft pass
+    drafting = 0
+    for i in range(k):
+        drafting += hop + _wafer_work(wd, draft, batch, ctx_sum + batch * i, 1)
+    tokens = batch * (k + 1)
+    return drafting + (_wafer_latency(wt, tokens) + _wafer_work(wt, dep, tokens, ctx_sum, k + 1))
 
 
 @lru_cache(maxsize=256)
@@ -298,12 +346,50 @@ def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculati
     """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
     step, or a draft-and-verify step amortised over its expected tokens, with `spec` (and its `draft`
     deployment) or else the profile generation's speculation_plan."""
-    if spec is None and (plan := _per_deployment("plan", dep, speculation_plan)) is not None:
-        spec, draft = plan
     if spec is None:
-        return decode_step_time(dep, batch, ctx_sum)
+        return token_step(dep)(batch, ctx_sum)
     assert draft is not None, "speculative decoding needs a draft deployment"
     return _speculative_time(dep, batch, ctx_sum, spec, draft)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStep:
+    """token_step_time of one setup as a function of (batch, ctx_sum), bit-identical, its lookups done once
+    (`token_step`): for a caller that times many steps of one setup (DecodeState)."""
+
+    dep: Deployment
+    spec: Speculative | None  # resolved: the explicit one or the generation's plan (None: plain steps)
+    draft: Deployment | None
+    wafers: tuple[_Wafer, _Wafer] | None  # (target, draft) constants when both are wafers
+    per_step: float  # spec.tokens_per_step()
+
+    def __call__(self, batch: float, ctx_sum: float) -> float:
+        if self.spec is None:
+            return decode_step_time(self.dep, batch, ctx_sum)
+        if self.wafers is None or batch <= 0:
+            return _speculative_time(self.dep, batch, ctx_sum, self.spec, self.draft)
+        return _wafer_speculative(self.wafers[0], self.dep, self.wafers[1], self.draft, self.spec.draft_tokens, batch,
+                                  ctx_sum) / self.per_step
+
+
+def token_step(dep: Deployment, spec: Speculative | None = None, draft: Deployment | None = None) -> TokenStep:
+    """token_step_time's setup resolved once (the generation's plan when `spec` is None: per deployment)."""
+    if spec is None:
+        return _per_deployment("token_step", dep, _planned_step)
+    return _token_step(dep, spec, draft)
+
+
+def _planned_step(dep: Deployment) -> TokenStep:
+    return _token_step(dep, *(speculation_plan(dep) or (None, None)))
+
+
+def _token_step(dep: Deployment, spec: Speculative | None, draft: Deployment | None) -> TokenStep:
+    if spec is None:
+        return TokenStep(dep, None, None, None, 1.0)
+    assert draft is not None, "speculative decoding needs a draft deployment"
+    wafers = (_per_deployment("wafer", dep, _wafer), _per_deployment("wafer", draft, _wafer)) if (
+        dep.is_wafer and draft.is_wafer) else None
+    return TokenStep(dep, spec, draft, wafers, spec.tokens_per_step())
 
 
 def inter_token_latency(dep: Deployment, batch: int, context: int, spec: Speculative | None = None,
@@ -318,8 +404,13 @@ def kv_transfer_time(src: Deployment, dst: Deployment, kv_bytes: float, prefill_
     Layer i is sent as soon as it is computed, so all but the last layer's share of the transfer
     hides behind the prefill when the link keeps up; link = the slower side's network x efficiency.
     """
-    bw = min(src.units * src.hw.net_bw * src.hw.perf.net_eff, dst.units * dst.hw.net_bw * dst.hw.perf.net_eff)
-    wire = kv_bytes / bw
+    links: dict[int, tuple[Deployment, float]] = _per_deployment("links", src, _memo)  # id(dst) -> (dst, bytes/s)
+    got = links.get(id(dst))
+    if got is None or got[0] is not dst:
+        got = links[id(dst)] = (dst, min(src.units * src.hw.net_bw * src.hw.perf.net_eff,
+                                         dst.units * dst.hw.net_bw * dst.hw.perf.net_eff))
+    wire = kv_bytes / got[1]
     layers = src.model.n_layers
     exposed = max(wire / layers, wire - prefill_s * (layers - 1) / layers)
     return src.hw.perf.net_latency_s + exposed
+

@@ -10,10 +10,11 @@ poolindex.py), candidates come out of `ascending` lazily:
   floor (true of the analytic roofline and wafer models, the generation's own speculation included;
   profiles with measured tables and states with an explicit draft get the bound 0: always computed);
 - prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
-  newcomer's batch can start, `PrefillIndex.before_floor` + the prompt alone) + request path (the
+  newcomer's batch can start, `PrefillIndex.before_rows` + the prompt alone) + request path (the
   prompt-alone term only on analytic profiles, where adding prompts to a batch never makes it
   faster), plus the transfer's floor (kv_transfer_time with an unbounded overlap) x its f_bound;
-  all times the "ttft" factor.
+  all times the "ttft" factor (the factors are multiplied out once per corrections version and
+  TTFT class: `PrefillIndex.floor_terms`).
 
 Cost per decision: O(P + D) vector work, a partition of the candidates, and the exact parts of the
 few that can still win.
@@ -30,6 +31,7 @@ from orchestrator.core.poolindex import DecodeIndex, PrefillIndex, ascending
 from orchestrator.core.predictor import DecodePart, PredictRequest, Predictor, PrefillPart, completion_key, kv_arrival_s
 
 _SLACK = 1.0 - 1e-9  # lower bounds are rounded down so float rounding never prunes an exact tie
+_PEEL = 4  # candidates `_walk` takes one argmin at a time before it sorts the rest
 
 
 def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.ndarray:
@@ -44,14 +46,31 @@ def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.
     return wait + (req.max_tokens - 1) * step
 
 
-def _walk(key: np.ndarray, ids: list[str], rank: np.ndarray, mask: np.ndarray) -> Iterator[tuple[float, str, int]]:
-    """(bound, worker id, position) of the workers `mask` [n] keeps, in ascending (bound, id) order."""
-    kept = np.where(mask, key, math.inf)  # [n]: the others sort last
-    for chunk in ascending(kept, rank):
-        for lb, i in zip(kept[chunk].tolist(), chunk.tolist()):
-            if lb == math.inf and not mask[i]:
+def _walk(key: np.ndarray, pool: DecodeIndex | PrefillIndex, mask: np.ndarray) -> Iterator[tuple[float, str, int]]:
+    """(bound, worker id, position) of the workers `mask` [n] keeps, in ascending (bound, id) order. Over
+    the pool in id order (`by_id`: the first minimum is the lowest id), the first `_PEEL` by argmin (a
+    search mostly reads two or three: its answer, those that fail and the bound that ends it), the rest
+    `ascending`."""
+    by_id = pool.by_id
+    kept = np.where(mask, key, math.inf)[by_id]  # [n] id order; the others sort last
+    taken = []
+    while len(taken) < _PEEL:
+        j = int(kept.argmin())
+        lb = float(kept[j])
+        if lb == math.inf:
+            break
+        i = int(by_id[j])
+        yield lb, pool.ids[i], i
+        kept[j] = math.inf
+        taken.append(j)
+    left = mask[by_id]  # [n] id order: kept and not yet yielded
+    left[taken] = False
+    for chunk in ascending(kept):
+        for lb, j in zip(kept[chunk].tolist(), chunk.tolist()):
+            if lb == math.inf and not left[j]:
                 continue
-            yield lb, ids[i], i
+            i = int(by_id[j])
+            yield lb, pool.ids[i], i
 
 
 def best_decode(pred: Predictor, req: PredictRequest, pool: DecodeIndex, mask: np.ndarray, arrival_s: float,
@@ -60,7 +79,7 @@ def best_decode(pred: Predictor, req: PredictRequest, pool: DecodeIndex, mask: n
     that `need`: "protects" (fits and protects its running sequences' TPOT), "fits" or "any"."""
     want = req.prompt_tokens + req.max_tokens
     best: DecodePart | None = None
-    for lb, wid, i in _walk(decode_floor(pred, req, pool), pool.ids, pool.rank, mask):
+    for lb, wid, i in _walk(decode_floor(pred, req, pool), pool, mask):
         if best is not None and (lb, wid) > (best.decode.bound_s, best.worker_id):
             break
         st = pool.states[i]
@@ -80,7 +99,7 @@ def search_best_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex
     ties), computing few of them; the decode parts are taken at the KV arrival of `earliest_prefill`,
     as the router's rule says. `dst`: the kept decode workers' deployment (one per call)."""
     key, ttft, tail = prefill_floor(pred, req, prefill, dst, now)
-    cands = pmask & (ttft * _SLACK <= req.ttft_s)  # else ttft.bound > target
+    cands = pmask & (ttft <= req.ttft_s)  # else ttft.bound > target
     parts: dict[int, PrefillPart] = {}
 
     def part(i: int) -> PrefillPart:
@@ -121,7 +140,7 @@ def best_local(pred: Predictor, req: PredictRequest, decode: DecodeIndex, mask: 
     cands = mask & (decode.room_now >= req.prompt_tokens + req.max_tokens) & (ttft * _SLACK <= req.ttft_s)
     best: tuple[PrefillPart, DecodePart] | None = None
     best_key = (beat_s, "")
-    for lb, wid, i in _walk((ttft + decode_floor(pred, req, decode)) * _SLACK, decode.ids, decode.rank, cands):
+    for lb, wid, i in _walk((ttft + decode_floor(pred, req, decode)) * _SLACK, decode, cands):
         if (lb, wid) >= best_key:
             break
         pp, dp = pred.local_parts(req, decode.states[i])
@@ -153,26 +172,23 @@ def best_effort_pair(pred: Predictor, req: PredictRequest, prefill: PrefillIndex
 def prefill_floor(pred: Predictor, req: PredictRequest, pool: PrefillIndex, dst: Deployment,
                   now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
     """[P] seconds, at most each worker's ttft.bound + tail.bound for `req` towards `dst`; [P] at most
-    its ttft.bound (x (1 + 1e-9)); [P] (or 0.0) at most its tail.bound."""
-    corr = pred.corrections
-    fp = pool.bound(corr, "prefill")
-    own = np.where(pool.measured, 0.0, pool.alone(req.prompt_tokens))  # [deployments] seconds (analytic profiles)
+    its ttft.bound; [P] (or 0.0) at most its tail.bound."""
+    alone = pool.alone(req.prompt_tokens)  # [deployments] seconds (the prompt-alone term: analytic profiles only)
     # [deployments] seconds, the transfer's floor: exposed transfer is non-increasing in the prefill time
-    tr = np.array([kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), 1e30)
-                   for dep in pool.deps])
+    tr = [kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), 1e30) for dep in pool.deps]
     if len(pool.deps) == 1:  # a homogeneous pool: scalars
-        own, tr = float(own[0]), float(tr[0])
+        own, tr = 0.0 if pool.measured[0] else float(alone[0]), tr[0]
     else:
-        own, tr = own[pool.dep_of], tr[pool.dep_of]
-    transfer = tr * pool.bound(corr, "transfer")
-    lb = (np.maximum(pool.busy_until - now, 0.0) + fp * pool.before_floor(now + req.ttft_s) +
-          pool.cached(corr, "prefill_x_slowdown", lambda: fp * pool.slowdown) * own + pool.path)
-    g = pool.ttft_bound(corr, req.ttft_s)  # scales the whole TTFT
-    if pred.first_token_after_transfer:
-        ttft = (lb + transfer) * g
-        return ttft * _SLACK, ttft, 0.0
-    ttft = lb * g
-    return (ttft + transfer) * _SLACK, ttft, transfer * _SLACK
+        own, tr = np.where(pool.measured, 0.0, alone)[pool.dep_of], np.array(tr)[pool.dep_of]
+    after = pred.first_token_after_transfer
+    g, wait, prefill, path, transfer = pool.floor_terms(pred.corrections, req.ttft_s, after, _SLACK)
+    # g x (batch in progress + queue ahead + the prompt alone + path), the factors folded in beforehand
+    ttft = g * np.maximum(pool.busy_until - now, 0.0) + wait[pool.before_rows(now + req.ttft_s)] + prefill * own + path
+    tail = transfer * tr
+    if after:  # the transfer inside the TTFT, under its "ttft" factor
+        key = ttft + tail
+        return key, key, 0.0
+    return ttft + tail, ttft, tail
 
 
 def _best_prefill(pool: PrefillIndex, key: np.ndarray, mask: np.ndarray, part: Callable[[int], PrefillPart],
@@ -181,7 +197,7 @@ def _best_prefill(pool: PrefillIndex, key: np.ndarray, mask: np.ndarray, part: C
     part `ok` accepts; `key` [P]: the floors of that sum."""
     best: PrefillPart | None = None
     best_key = (0.0, "")
-    for lb, wid, i in _walk(key, pool.ids, pool.rank, mask):
+    for lb, wid, i in _walk(key, pool, mask):
         if best is not None and (lb, wid) > best_key:
             break
         p = part(i)

@@ -6,7 +6,7 @@ every worker's lower bound in a few vector expressions instead of a Python step 
 correction factors the bounds use are gathered per phase into vectors cached on
 `Corrections.version`: rebuilt after an observation, not per decision.
 
-`ascending` yields the candidates in (bound, worker id) order lazily: a search that stops after the
+`ascending` yields the candidates in (bound, position) order lazily: a search that stops after the
 first few pays a partition of the pool, not a sort of it.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from orchestrator.core.predictor import DecodeState, PrefillState
 _FULL_SORT = 64  # candidates up to which `ascending` sorts them all at once
 
 
-def ascending(key: np.ndarray, rank: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
-    """Positions of `key` [n] in ascending (key, rank) order (`rank` [n]: the tie-break, distinct), in
-    chunks sorted one at a time (the `first` smallest, then 4x more, ...) as far as the caller reads."""
+def ascending(key: np.ndarray, first: int = 8) -> Iterator[np.ndarray]:
+    """Positions of `key` [n] in ascending (key, position) order, in chunks sorted one at a time (the
+    `first` smallest, then 4x more, ...) as far as the caller reads."""
     if len(key) <= max(first, _FULL_SORT):
-        yield np.lexsort((rank, key))
+        yield np.argsort(key, kind="stable")
         return
     rest = np.arange(len(key))  # [m] positions not yet yielded
     k = first
@@ -35,19 +35,17 @@ def ascending(key: np.ndarray, rank: np.ndarray, first: int = 8) -> Iterator[np.
         if len(rest) > max(k, _FULL_SORT):
             sub = key[rest]
             t = np.partition(sub, k - 1)[k - 1]
-            take = sub <= t  # every tie of the k-th smallest, so the rank order within them holds
+            take = sub <= t  # every tie of the k-th smallest, so the position order within them holds
             head, rest = rest[take], rest[~take]
         else:
             head, rest = rest, rest[:0]
-        yield head[np.lexsort((rank[head], key[head]))]
+        yield head[np.argsort(key[head], kind="stable")]  # `head` ascending: ties stay in position order
         k *= 4
 
 
-def _ranks(ids: list[str]) -> np.ndarray:
-    """[n] int64: each id's position in sorted order (ties of a bound go to the lowest id)."""
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
-    return rank
+def _by_id(ids: list[str]) -> np.ndarray:
+    """[n] int64: the positions in ascending id order (ties of a bound go to the lowest id)."""
+    return np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
 
 
 def _groups(deps: Sequence[Deployment]) -> tuple[list[Deployment], np.ndarray]:
@@ -65,24 +63,24 @@ def _groups(deps: Sequence[Deployment]) -> tuple[list[Deployment], np.ndarray]:
 
 
 class _Pool:
-    """What both sides share: ids, tie-break ranks, health and per-phase correction vectors."""
+    """What both sides share: ids, their order (the tie-break), health and per-phase correction vectors."""
 
     def __init__(self, ids: list[str], healthy: Sequence[bool], deps: Sequence[Deployment]):
         self.ids = ids
-        self.rank = _ranks(ids)  # [n]
+        self.by_id = _by_id(ids)  # [n]
         self.healthy = np.array(healthy, dtype=bool)  # [n]
         self.deps, self.dep_of = _groups(deps)  # dep_of [n]
         self.path = np.array([d.hw.perf.request_path_s for d in deps])  # [n] seconds
         self.any_healthy = bool(self.healthy.any())
         self._alone: dict[int, np.ndarray] = {}
         self._memo: dict[object, object] = {}
-        self._memo_at: tuple[int, int] = (0, -1)  # (id(corrections), version) the vectors were gathered at
+        self._memo_of: tuple[Corrections | None, int] = (None, -1)  # the corrections and version gathered at
 
     def cached(self, corr: Corrections, key: object, make):
         """make(): a value derived from the corrections, kept under `key` until they change."""
-        at = (id(corr), corr.version)
-        if at != self._memo_at:
-            self._memo, self._memo_at = {}, at
+        of, version = self._memo_of
+        if corr is not of or corr.version != version:
+            self._memo, self._memo_of = {}, (corr, corr.version)
         got = self._memo.get(key)
         if got is None:
             got = self._memo[key] = make()
@@ -125,7 +123,7 @@ class PrefillIndex(_Pool):
         setups: dict[tuple[int, float], int] = {}
         self.setups: list[tuple[int, float]] = []  # distinct (index into deps, slowdown)
         self.setup_of = np.empty(len(states), dtype=np.int64)  # [P]
-        deadline, owner, before, base = [], [], [], []
+        deadline, owner, before, base, row_of = [], [], [], [], []
         for i, s in enumerate(states):
             j = setups.get((id(s.dep), s.slowdown))
             if j is None:
@@ -138,17 +136,50 @@ class PrefillIndex(_Pool):
             base.append(len(before))
             # perf-model seconds before the batch a newcomer lands in, behind the first k prompts (run order)
             before += [0.0] + [plan.ends_s[b - 1] if b else 0.0 for b in plan.batch_of]
-        self.q_deadline = np.array(deadline, dtype=float)  # [N] deadline of each queued prompt (all workers)
-        self.q_owner = np.array(owner, dtype=np.int64)  # [N] its worker
+            row_of += [i] * (len(plan.keys) + 1)
+        by_deadline = np.argsort(np.array(deadline, dtype=float), kind="stable")
+        self.q_deadline = np.array(deadline, dtype=float)[by_deadline]  # [N] every queued prompt's deadline, ascending
+        self.q_owner = np.array(owner, dtype=np.int64)[by_deadline]  # [N] its worker
         self.before_at = np.array(before, dtype=float)  # [N + P] seconds, see above
         self.base = np.array(base, dtype=np.int64)  # [P] worker's first row in before_at
+        self.row_of = np.array(row_of, dtype=np.int64)  # [N + P] each before_at row's worker
 
-    def before_floor(self, deadline_s: float) -> np.ndarray:
-        """[P] perf-model seconds before a newcomer's batch (QueuePlan), at most what `locate` finds for
-        a newcomer of that deadline: it counts only the prompts of strictly earlier deadline ahead of it
-        (they sort before it whatever the priority); batch ends grow with the prompts ahead."""
-        ahead = np.bincount(self.q_owner[self.q_deadline < deadline_s], minlength=len(self.ids))  # [P]
-        return self.before_at[self.base + ahead]
+    def probe(self, corr: Corrections) -> tuple[int, int, float, float, float] | None:
+        """A healthy worker with the least prefill and transfer bound factors, the one the router's TTFT
+        floor tries first: (position, its setup, prefill bound, transfer bound, request path) as Python
+        numbers (None: no healthy worker)."""
+        def make() -> tuple[int, int, float, float, float] | None:
+            if not self.any_healthy:
+                return None
+            bp, bt = self.bound(corr, "prefill"), self.bound(corr, "transfer")
+            i = int(np.where(self.healthy, bp + bt, math.inf).argmin())
+            return i, int(self.setup_of[i]), float(bp[i]), float(bt[i]), float(self.path[i])
+
+        return self.cached(corr, "probe", make)
+
+    def before_rows(self, deadline_s: float) -> np.ndarray:
+        """[P] each worker's row of `before_at`: perf-model seconds before a newcomer's batch (QueuePlan),
+        at most what `locate` finds for a newcomer of that deadline: it counts only the prompts of strictly
+        earlier deadline ahead of it (they sort before it whatever the priority); batch ends grow with
+        the prompts ahead."""
+        earlier = int(self.q_deadline.searchsorted(deadline_s, "left"))  # prompts of deadline < deadline_s
+        return self.base + np.bincount(self.q_owner[:earlier], minlength=len(self.ids))
+
+    def floor_terms(self, corr: Corrections, ttft_s: float, after: bool,
+                    slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The prefill floor's factors for a request of target `ttft_s` (its "ttft" class), each times
+        `slack`: g [P] (the "ttft" bound factor), g x prefill bound at every `before_at` row [N + P],
+        g x prefill bound x slowdown [P], g x request path [P], and the transfer's: g x transfer bound
+        [P] when the first token follows the transfer (`after`), else the transfer bound alone."""
+        bucket = 2.0 ** math.ceil(math.log2(ttft_s))
+
+        def make():
+            g = self.ttft_bound(corr, ttft_s) * slack
+            gf = g * self.bound(corr, "prefill")
+            bt = self.bound(corr, "transfer")
+            return g, gf[self.row_of] * self.before_at, gf * self.slowdown, g * self.path, (g if after else slack) * bt
+
+        return self.cached(corr, ("floor", bucket, after, slack), make)
 
 
 class DecodeIndex(_Pool):

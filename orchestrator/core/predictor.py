@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
-from hardware.perf import Deployment, Speculative, kv_transfer_time, prefill_time, token_step_time
+from hardware.perf import Deployment, Speculative, TokenStep, kv_transfer_time, prefill_time, token_step
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -127,6 +127,7 @@ class DecodeState:
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
+    token_step: TokenStep = field(init=False, repr=False, compare=False)  # its perf-model step (step_s)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reserving", sum(x[1] for x in self.incoming))
@@ -141,6 +142,7 @@ class DecodeState:
             raise ValueError(f"local_busy_s: must be finite and >= 0, got {self.local_busy_s!r}")
         if not (0.0 <= self.stall_fraction < 1.0):
             raise ValueError(f"stall_fraction: must be in [0, 1), got {self.stall_fraction!r}")
+        object.__setattr__(self, "token_step", token_step(self.dep, self.spec, self.draft))
         object.__setattr__(self, "step_now_s", self.step_s(min(self.batch, self.max_batch), self.ctx_sum)
                            if self.batch else 0.0)
 
@@ -210,7 +212,7 @@ class DecodeState:
         """Perf-model seconds per emitted token per sequence (the simulator's DecodeUnit times its steps
         with the same token_step_time), stretched by the local prefills that take `stall_fraction` of
         the worker's time."""
-        return token_step_time(self.dep, batch, ctx_sum, self.spec, self.draft) * self.slowdown / (
+        return self.token_step(batch, ctx_sum) * self.slowdown / (
             1.0 - self.stall_fraction)
 
 
@@ -287,17 +289,21 @@ class Predictor:
                       req.ttft_s)
         own_s = prefill_time(st.dep, slot.lengths) * st.slowdown
         busy = max(0.0, st.busy_until_s - now)
-        wait = Estimate(busy, busy) + self._scaled(st.worker_id, "prefill", slot.before_s)
-        prefill = self._scaled(st.worker_id, "prefill", own_s)
-        kv = st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype)
-        transfer = self._scaled(st.worker_id, "transfer", kv_transfer_time(st.dep, dst, kv, own_s))
+        corr, w = self.corrections, st.worker_id
+        f, ft = corr.factors(w, "prefill"), corr.factors(w, "transfer")
+        # plain floats, in the order the Estimate sums would add them (bit-identical, fewer objects)
+        wait = Estimate(busy + slot.before_s * f.point, busy + slot.before_s * f.bound)
+        prefill = Estimate(own_s * f.point, own_s * f.bound)
+        tr_s = kv_transfer_time(st.dep, dst, st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype), own_s)
+        transfer = Estimate(tr_s * ft.point, tr_s * ft.bound)
         path = st.dep.hw.perf.request_path_s
-        ttft, tail = wait + prefill + Estimate(path, path), transfer
+        ttft_p, ttft_b = wait.point_s + prefill.point_s + path, wait.bound_s + prefill.bound_s + path
+        tail = transfer
         if self.first_token_after_transfer:
-            ttft, tail = ttft + transfer, ZERO
-        g = self.corrections.factors(ttft_key(st.worker_id, req.ttft_s), "ttft")
-        return PrefillPart(st.worker_id, slot.batch, wait, prefill, transfer,
-                           Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound), tail, ttft.point_s)
+            ttft_p, ttft_b, tail = ttft_p + transfer.point_s, ttft_b + transfer.bound_s, ZERO
+        g = corr.factors(ttft_key(w, req.ttft_s), "ttft")
+        return PrefillPart(w, slot.batch, wait, prefill, transfer, Estimate(ttft_p * g.point, ttft_b * g.bound), tail,
+                           ttft_p)
 
     def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0,
                     stall: Estimate = ZERO) -> DecodePart:
@@ -316,25 +322,27 @@ class Predictor:
         running = min(b, st.max_batch)
         f = self.corrections.factors(st.worker_id, "decode")
         # arrival at a uniformly random phase of the step in flight: mean half a step, q-quantile q steps
-        wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
+        wait_p, wait_b = 0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound
         start = st.start_at_s(need, arrival_s, st.step_now_s * f.point)
         fits = start is not None
         if fits and start > arrival_s:
             late = st.start_at_s(need, arrival_s, st.step_now_s * f.bound)
-            wait = wait + Estimate(start - arrival_s, late - arrival_s)
+            wait_p, wait_b = wait_p + (start - arrival_s), wait_b + (late - arrival_s)
         others = st.sharing(start if fits else arrival_s, steps * (st.step_now_s or st.step_s(1, req.prompt_tokens)))
         own_ctx = (st.ctx_sum * others / b if b else 0.0) + req.prompt_tokens + (others + 1) * half
-        own = self._scaled(st.worker_id, "decode", st.step_s(others + 1, own_ctx))
-        with_s = st.step_s(min(b + 1, st.max_batch), st.ctx_sum + req.prompt_tokens + (running + 1) * half)
+        own_s = st.step_s(others + 1, own_ctx)
+        own = Estimate(own_s * f.point, own_s * f.bound)
         before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
-        decode = wait + own.scale(steps)
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
-        protected = Estimate(before_s * f.point, before_s * f.bound) if full else self._scaled(st.worker_id, "decode",
-                                                                                                with_s)
+        with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
+        protected_p, protected_b = with_s * f.point, with_s * f.bound
         if stall.bound_s:
-            protected = protected + stall.scale(1.0 / st.steps_left_mean())
-        protects = b == 0 or (full and not stall.bound_s) or protected.bound_s <= st.tightest_tpot_s
-        return DecodePart(st.worker_id, fits, own, wait, decode, before_s * f.point, protected, protects)
+            k = 1.0 / st.steps_left_mean()
+            protected_p, protected_b = protected_p + stall.point_s * k, protected_b + stall.bound_s * k
+        protects = b == 0 or (full and not stall.bound_s) or protected_b <= st.tightest_tpot_s
+        return DecodePart(st.worker_id, fits, own, Estimate(wait_p, wait_b),
+                          Estimate(wait_p + own.point_s * steps, wait_b + own.bound_s * steps), before_s * f.point,
+                          Estimate(protected_p, protected_b), protects)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
@@ -358,7 +366,9 @@ class Predictor:
     def combine(req: PredictRequest, pp: PrefillPart, dp: DecodePart) -> PairPrediction:
         """The pair's prediction from its two parts (O(1))."""
         steps = req.max_tokens - 1
-        tpot = (pp.tail + dp.decode).scale(1.0 / steps) if steps else ZERO
+        k = 1.0 / steps if steps else 0.0  # (tail + decode).scale(k), one Estimate
+        tpot = Estimate((pp.tail.point_s + dp.decode.point_s) * k, (pp.tail.bound_s + dp.decode.bound_s) * k) if (
+            steps) else ZERO
         ok = (dp.fits and dp.protects and pp.ttft.bound_s <= req.ttft_s and tpot.bound_s <= req.tpot_s)
         return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok, pp.ttft_model_s)
 

@@ -199,15 +199,16 @@ class Router:
         local = req.prompt_tokens <= self.local_prefill_max_tokens and learned
         groups = [0] if len(didx.deps) == 1 else list(dict.fromkeys(didx.dep_of[dmask].tolist()))  # deployments
         dst = didx.deps[groups[0]]
-        floor = self._ttft_floor(req, pidx, pmask, didx, dmask if local else None, dst, now)
-        if floor > req.ttft_s and reject and learned:
+        floor = self._ttft_floor(req, pidx, pmask, didx, dmask if local else None, dst) if reject and learned else None
+        if floor is not None:
             # no worker can: say so without searching
             q = round(100 * pred.corrections.quantile)
             return Rejection(f"ttft_ms target {req.ttft_s * 1e3:.0f} ms is below the predicted floor of "
                              f"{floor * 1e3:.0f} ms (p{q}) for a {req.prompt_tokens}-token prompt on an idle "
                              f"prefill worker", kind="below_floor")
         for j in groups:  # the KV link, and so the prefill parts, depend on the decode deployment
-            found = search_best_pair(pred, req, pidx, pmask, didx, dmask & (didx.dep_of == j), didx.deps[j], now)
+            kept = dmask if len(didx.deps) == 1 else dmask & (didx.dep_of == j)
+            found = search_best_pair(pred, req, pidx, pmask, didx, kept, didx.deps[j], now)
             if found is not None and (best is None or completion_key(req, *found) < completion_key(req, *best)):
                 best = found
         if local:
@@ -243,29 +244,39 @@ class Router:
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
 
     def _ttft_floor(self, req: PredictRequest, pidx: PrefillIndex, pmask: np.ndarray, didx: DecodeIndex,
-                    local: np.ndarray | None, dst: Deployment, now: float) -> float:
-        """Seconds (bound): TTFT of the prompt alone on an idle prefill worker, the best of the workers
-        `pmask` [P] keeps, or prefilled on an idle decode worker that `local` [D] keeps (None: none),
-        without the "ttft" correction (that learns queueing, which an idle worker has none of). The
-        perf-model times are taken once per distinct worker setup, the corrections per worker."""
+                    local: np.ndarray | None, dst: Deployment) -> float | None:
+        """Seconds (bound), when it is above the request's TTFT target (else None): TTFT of the prompt alone
+        on an idle prefill worker, the best of the workers `pmask` [P] keeps, or prefilled on an idle
+        decode worker that `local` [D] keeps (None: none), without the "ttft" correction (that learns
+        queueing, which an idle worker has none of). The perf-model times are taken once per distinct
+        worker setup, the corrections per worker. One worker's (`PrefillIndex.probe`) settles most
+        requests: when it meets the target, so does the floor."""
         corr = self.predictor.corrections
         alone, own, tr = pidx.alone(req.prompt_tokens), [], []
         for j, slowdown in pidx.setups:
             dep, s = pidx.deps[j], float(alone[j]) * slowdown
             own.append(s)
             tr.append(kv_transfer_time(dep, dst, dep.model.kv_bytes(req.prompt_tokens, dep.kv_dtype), s))
+        after = self.predictor.first_token_after_transfer
+        probe = pidx.probe(corr)
+        if probe is not None and pmask[probe[0]]:  # the same arithmetic as the vector below, on one worker
+            _, k, bp_i, bt_i, path_i = probe
+            one = own[k] * bp_i + path_i
+            if (one + tr[k] * bt_i if after else one) <= req.ttft_s:
+                return None
+        bp, bt = pidx.bound(corr, "prefill"), pidx.bound(corr, "transfer")
         if len(own) == 1:  # one setup: scalars
             own_s, tr_s = own[0], tr[0]
         else:
             own_s, tr_s = np.array(own)[pidx.setup_of], np.array(tr)[pidx.setup_of]
-        ttft = own_s * pidx.bound(corr, "prefill") + pidx.path  # [P] seconds
-        if self.predictor.first_token_after_transfer:
-            ttft = ttft + tr_s * pidx.bound(corr, "transfer")
+        ttft = own_s * bp + pidx.path  # [P] seconds
+        if after:
+            ttft = ttft + tr_s * bt
         best = float(ttft.min(initial=math.inf, where=pmask))
         if local is not None:
             here = didx.alone(req.prompt_tokens)[didx.dep_of] * didx.bound(corr, "local_prefill") + didx.path  # [D]
             best = min(best, float(here[local].min()))
-        return best
+        return best if best > req.ttft_s else None
 
 
 def _same(kept: tuple, views: Sequence) -> bool:

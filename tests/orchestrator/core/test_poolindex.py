@@ -28,9 +28,10 @@ CS3_LAUNCH = make_deployment(MODEL, get_profile("cs3@2024-08"), systems=4)
 def test_ascending_yields_the_bound_then_id_order_however_far_it_is_read(n):
     rng = np.random.default_rng(n)
     key = rng.integers(0, max(1, n // 4), n).astype(float)  # many ties
-    rank = rng.permutation(n)
+    rank = rng.permutation(n)  # the tie-break: ascending's ties go by position, so it reads them in rank order
+    by_rank = np.argsort(rank)
     for first in (1, 8):
-        got = np.concatenate(list(ascending(key, rank, first))) if n else np.array([], dtype=int)
+        got = by_rank[np.concatenate(list(ascending(key[by_rank], first)))] if n else np.array([], dtype=int)
         assert got.tolist() == np.lexsort((rank, key)).tolist()
 
 
@@ -88,7 +89,7 @@ def test_the_floors_are_below_every_workers_exact_parts(seed):
         key, ttft, tail = prefill_floor(pred, req, pi, CS3, 0.0)
         for p, k, t, z in zip(ps, key, ttft, np.broadcast_to(tail, key.shape)):
             part = pred.prefill_part(req, p, CS3, 0.0)
-            assert k <= part.ttft.bound_s + part.tail.bound_s and t * (1 - 1e-9) <= part.ttft.bound_s
+            assert k <= part.ttft.bound_s + part.tail.bound_s and t <= part.ttft.bound_s
             assert z <= part.tail.bound_s
         for d, lb in zip(ds, decode_floor(pred, req, di)):
             assert lb <= pred.decode_part(req, d, arrival).decode.bound_s
