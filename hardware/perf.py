@@ -295,9 +295,6 @@ def _speculative_time(dep: Deployment, batch: int, ctx_sum: float, spec: Specula
     """Seconds per emitted token: k draft steps (contexts growing), one target pass over k+1 tokens, over the
     expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
     k = spec.draft_tokens
-    if batch > 0 and dep.is_wafer and draft.is_wafer:
-        return _wafer_speculative(_per_deployment("wafer", dep, _wafer), dep, _per_deployment("wafer", draft, _wafer),
-                                  draft, k, batch, ctx_sum) / spec.tokens_per_step()
     drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
     verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
     return (drafting + verify) / spec.tokens_per_step()
@@ -346,10 +343,7 @@ def token_step_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculati
     """Seconds per emitted token of each of `batch` sequences caching `ctx_sum` tokens in all: one decode
     step, or a draft-and-verify step amortised over its expected tokens, with `spec` (and its `draft`
     deployment) or else the profile generation's speculation_plan."""
-    if spec is None:
-        return token_step(dep)(batch, ctx_sum)
-    assert draft is not None, "speculative decoding needs a draft deployment"
-    return _speculative_time(dep, batch, ctx_sum, spec, draft)
+    return token_step(dep, spec, draft)(batch, ctx_sum)
 
 
 @dataclass(frozen=True, slots=True)

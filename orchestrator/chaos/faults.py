@@ -16,9 +16,10 @@ that could not be injected (no healthy worker, no stream to cancel) is kept with
 the reason, never counted as survived. `affected` are the requests the fault hit: those placed on
 the worker at that moment, the one whose transfer carried the KV fault, the cancelled one. A KV
 fault is armed on every prefill worker that answers (one restarting after a kill, once it does) and
-disarmed on the others once one has applied it; while it waits for a transfer, and while no stream is mid-way for a cancel, the injector asks the
-load for an extra request (`probe`), so a fault late in the run still meets work (for a KV fault,
-one with a prompt longer than router.local_prefill_max_tokens: short ones may skip the transfer).
+disarmed on the others once one has applied it; while it waits for a transfer, and while no stream
+is mid-way for a cancel, the injector asks the load for an extra request (`probe`), so a fault late
+in the run still meets work (for a KV fault, one with a prompt longer than
+router.local_prefill_max_tokens: short ones may skip the transfer).
 """
 from __future__ import annotations
 

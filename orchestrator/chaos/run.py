@@ -350,4 +350,4 @@ def survived(result: dict) -> bool:
             == held == 0
             and not result["faults_not_fired"]
             and not set(result["failed_by_status"]) - {"RESOURCE_EXHAUSTED"}
-            and not result.get("overload", {}).get("failed_by_status"))
+            and not over.get("failed_by_status"))

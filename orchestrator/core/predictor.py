@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from typing import Iterable, Sequence
 
 from hardware.perf import Deployment, Speculative, TokenStep, kv_transfer_time, prefill_time, token_step
@@ -188,7 +189,7 @@ class DecodeState:
         its steps, the rest (waiting) throughout. window_s = 0: the count at start_s."""
         step, end = self.step_now_s, start_s + window_s
         # incoming ones arriving after the window share none of it (ascending: cut them off, O(log n))
-        cut = bisect.bisect_right(self.incoming, end if window_s > 0 else start_s, key=_eta)
+        cut = bisect.bisect_right(self.incoming, end if window_s > 0 else start_s, key=itemgetter(0))
         spans = [(0.0, r * step) for r, _ in self.remaining] + [(eta, eta + n * step)
                                                                  for eta, _, n, _ in self.incoming[:cut]]
         rest = max(0, self.batch - len(self.remaining) - len(self.incoming))
@@ -376,10 +377,6 @@ class Predictor:
         """One pair, from the states (convenience; routers should use the parts)."""
         pp = self.prefill_part(req, p, d.dep, now)
         return self.combine(req, pp, self.decode_part(req, d, kv_arrival_s(pp)))
-
-
-def _eta(incoming: tuple[float, int, int, int]) -> float:
-    return incoming[0]
 
 
 def incoming_at(placed: Iterable[tuple[float, int, int, int]], now: float) -> tuple[tuple[float, int, int, int], ...]:

@@ -105,13 +105,12 @@ def append_last(plan: QueuePlan, dep: Deployment, q: QueuedPrompt, token_budget:
         return None
     starts, times = plan.starts, plan.times
     last = starts[-1] if starts else 0
+    lengths = plan.lengths + (q.n_tokens,)
     if starts and n - last < max_batch and sum(plan.lengths[last:]) + q.n_tokens <= token_budget:
-        lengths = plan.lengths + (q.n_tokens,)
         times = times[:-1] + (prefill_time(dep, lengths[last:]) * slowdown,)
         ends = plan.ends_s[:-1] + ((plan.ends_s[-2] if len(starts) > 1 else 0.0) + times[-1],)
         batch_of = plan.batch_of + (len(starts) - 1,)
     else:
-        lengths = plan.lengths + (q.n_tokens,)
         times = times + (prefill_time(dep, [q.n_tokens]) * slowdown,)
         ends = plan.ends_s + ((plan.ends_s[-1] if starts else 0.0) + times[-1],)
         batch_of, starts = plan.batch_of + (len(starts),), starts + (n,)

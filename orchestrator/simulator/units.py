@@ -58,13 +58,12 @@ class PrefillUnit:
 
     def add(self, item: PrefillItem) -> None:
         self.batcher.add(item)
-        q = QueuedPrompt(item.n_tokens, item.arrival_s, item.priority, item.ttft_s)
-        b = self.batcher
+        q, b = _queued(item), self.batcher
         self._plan = self._plan and append_last(self._plan, self.dep, q, b.token_budget, b.max_batch)
         if self._plan is not None:
             self._queue.append(q)
         else:  # it sorts before someone waiting: the queue again from the batcher
-            self._queue = [QueuedPrompt(it.n_tokens, it.arrival_s, it.priority, it.ttft_s) for it in b.waiting]
+            self._queue = [_queued(it) for it in b.waiting]
         self._view = None
 
     def view(self) -> PrefillView:
@@ -98,6 +97,11 @@ class PrefillUnit:
         """The batch in progress ended."""
         self.busy, self.running_tokens = False, 0
         self._view = None
+
+
+def _queued(item: PrefillItem) -> QueuedPrompt:
+    """A batcher's prompt as the predictor sees it."""
+    return QueuedPrompt(item.n_tokens, item.arrival_s, item.priority, item.ttft_s)
 
 
 @dataclass(slots=True)
