@@ -268,6 +268,15 @@ def prefill_time(dep: Deployment, lengths: list[int] | tuple[int, ...]) -> float
         dep, tokens) + r.fixed_s
 
 
+def chunk_step_time(dep: Deployment, tokens: int) -> float:
+    """Seconds a chunk of `tokens` prompt tokens adds to a forward pass that runs anyway (chunked
+    prefill riding a decode step, as Sarathi-Serve batches them): the prompt's prefill time beyond a
+    one-token pass, whose fixed latency the step already pays. 0 tokens: 0."""
+    if tokens <= 0:
+        return 0.0
+    return max(0.0, prefill_time(dep, [tokens + 1]) - prefill_time(dep, [1]))
+
+
 def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int = 1) -> float:
     """Seconds for one decode step (one forward pass) of `batch` sequences holding ctx_sum cached tokens in total.
 

@@ -98,6 +98,7 @@ class RouterComparison:
     decode: PoolSweep
     quantile: float = 0.9  # the sla policy's confidence
     local_prefill_max_tokens: int = 0  # the sla policy's conditional disaggregation (0: off)
+    local_prefill_chunk_tokens: int = 0  # its local prefills ride the decode steps, this many tokens a step (0: whole)
 
 
 def _pool(s: ConfigReader, kind: str) -> PoolSweep:
@@ -162,7 +163,8 @@ def parse_comparison(path: Path, name: str, tree: Any) -> RouterComparison:
         raise s.error("quantile", f"must be in (0, 1), got {quantile}")
     return RouterComparison(name, s.get("model", str), tuple(classes), s.get("requests", int, 3000, minimum=1),
                             policies, s.many("rate_factors", float, [0.5, 1.0, 1.5, 2.0], minimum=1e-9), pf, dc,
-                            quantile, s.get("local_prefill_max_tokens", int, 0, minimum=0))
+                            quantile, s.get("local_prefill_max_tokens", int, 0, minimum=0),
+                            s.get("local_prefill_chunk_tokens", int, 0, minimum=0))
 
 
 def parse_experiments(meta: Any, path: Path) -> dict[str, Experiment | RouterComparison]:

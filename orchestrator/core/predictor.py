@@ -21,6 +21,12 @@ itself between two steps, writing its KV straight into its own pool; no transfer
 and every sequence decoding there stalls once by the prefill's time, spread over the steps it has
 left (the mean of `remaining`), which must not push it past its TPOT target. The local prefills a
 worker keeps running stretch all its steps: `stall_fraction`, measured (orchestrator/core/stall.py).
+Chunked (`DecodeState.chunk_tokens`, the simulator's): the local prompts ride the steps of the
+sequences decoding there, that many tokens a step, each step longer by perf.chunk_step_time (what
+the running sequences are held up by); what is left once no sequence decodes runs whole.
+
+The queue wait counts the prompts that will arrive during it with a tighter TTFT target and so run
+first (`overtaken`, from the worker's measured arrivals, orchestrator/core/arrivals.py).
 
 The transfer tail sits in TTFT when `first_token_after_transfer` (live: PrefillWorker.prefill
 returns once the KV is committed) and in TPOT otherwise (the simulator releases the first token when
@@ -40,7 +46,8 @@ from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Iterable, Sequence
 
-from hardware.perf import Deployment, Speculative, TokenStep, kv_transfer_time, prefill_time, token_step
+from hardware.perf import (Deployment, Speculative, TokenStep, chunk_step_time, kv_transfer_time, prefill_time,
+                           token_step)
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -90,6 +97,8 @@ class PrefillState:
     queue: tuple[QueuedPrompt, ...] = ()  # waiting prompts, in the order they were added
     busy_until_s: float = 0.0  # seconds (epoch of now): predicted end of the batch in progress; <= now: idle
     slowdown: float = 1.0  # factor on batch times (PerfParams.corun_slowdown_prefill on a shared host)
+    # (TTFT target, perf-model prefill seconds per second) arriving here lately (orchestrator/core/arrivals.py)
+    arrivals: tuple[tuple[float, float], ...] = ()
     # the queue's batches: plan_queue(dep, queue, token_budget, max_batch, slowdown), computed here unless a
     # caller that keeps it up to date as the queue changes passes it (the simulator: queueplan.append_last)
     plan: QueuePlan | None = field(default=None, repr=False, compare=False)
@@ -126,6 +135,8 @@ class DecodeState:
     # arrived (counted in `batch`), ascending
     local_busy_s: float = 0.0  # perf-model seconds of the local prefills placed here and not yet done
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
+    chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
+    local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
     token_step: TokenStep = field(init=False, repr=False, compare=False)  # its perf-model step (step_s)
@@ -136,6 +147,8 @@ class DecodeState:
         _count("ctx_sum", self.ctx_sum, 0)
         _count("max_batch", self.max_batch, 1)
         _count("free_kv_tokens", self.free_kv_tokens, 0)
+        _count("chunk_tokens", self.chunk_tokens, 0)
+        _count("local_tokens", self.local_tokens, 0)
         if not (self.tightest_tpot_s > 0):  # NaN fails too; inf allowed
             raise ValueError(f"tightest_tpot_s: must be > 0 (inf: no target), got {self.tightest_tpot_s!r}")
         _positive("slowdown", self.slowdown)
@@ -216,6 +229,10 @@ class DecodeState:
         return self.token_step(batch, ctx_sum) * self.slowdown / (
             1.0 - self.stall_fraction)
 
+    def chunk_s(self) -> float:
+        """Perf-model seconds a local prefill's chunk adds to each step it rides (hardware/perf.py)."""
+        return chunk_step_time(self.dep, self.chunk_tokens) * self.slowdown
+
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
@@ -294,6 +311,8 @@ class Predictor:
         f, ft = corr.factors(w, "prefill"), corr.factors(w, "transfer")
         # plain floats, in the order the Estimate sums would add them (bit-identical, fewer objects)
         wait = Estimate(busy + slot.before_s * f.point, busy + slot.before_s * f.bound)
+        if st.arrivals and wait.bound_s:
+            wait = overtaken(wait, st.arrivals, req.ttft_s, f.point, f.bound)
         prefill = Estimate(own_s * f.point, own_s * f.bound)
         tr_s = kv_transfer_time(st.dep, dst, st.dep.model.kv_bytes(req.prompt_tokens, st.dep.kv_dtype), own_s)
         transfer = Estimate(tr_s * ft.point, tr_s * ft.bound)
@@ -307,15 +326,15 @@ class Predictor:
                            ttft_p)
 
     def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0,
-                    stall: Estimate = ZERO) -> DecodePart:
+                    hold: Estimate = ZERO) -> DecodePart:
         """TPOT parts on `st` for KV arriving `arrival_s` seconds from now. The newcomer starts at its
         arrival, or without a batch slot or KV room when enough running sequences have finished (less
         the time it spends in prefill anyway); it shares its (max_tokens - 1) steps with the sequences
         there for as long as they overlap it (DecodeState.sharing: running ones finish, incoming ones
         arrive), at the context of the midpoint of its output (exact mean: perf is linear in ctx).
         What the running sequences get with it (`running_tpot`, protected against their targets) is
-        the step at today's batch plus one. `stall`: seconds the newcomer holds them up once (a local
-        prefill)."""
+        the step at today's batch plus one. `hold`: seconds per step the newcomer adds to theirs beyond
+        that (its local prefill: a stall spread over their steps, or the chunk riding each step)."""
         steps = req.max_tokens - 1
         half = (steps - 1) / 2 if steps > 0 else 0.0
         b, full = st.batch, st.batch >= st.max_batch
@@ -337,10 +356,8 @@ class Predictor:
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
         with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
         protected_p, protected_b = with_s * f.point, with_s * f.bound
-        if stall.bound_s:
-            k = 1.0 / st.steps_left_mean()
-            protected_p, protected_b = protected_p + stall.point_s * k, protected_b + stall.bound_s * k
-        protects = b == 0 or (full and not stall.bound_s) or protected_b <= st.tightest_tpot_s
+        protected_p, protected_b = protected_p + hold.point_s, protected_b + hold.bound_s
+        protects = b == 0 or (full and not hold.bound_s) or protected_b <= st.tightest_tpot_s
         return DecodePart(st.worker_id, fits, own, Estimate(wait_p, wait_b),
                           Estimate(wait_p + own.point_s * steps, wait_b + own.bound_s * steps), before_s * f.point,
                           Estimate(protected_p, protected_b), protects)
@@ -348,17 +365,35 @@ class Predictor:
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
         is not `fits` unless its KV has room there now (its blocks are reserved at placement)."""
-        own_s = prefill_time(st.dep, [req.prompt_tokens])
         f = self.corrections.factors(st.worker_id, "decode")
         step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
-        wait = step_wait + self._scaled(st.worker_id, "local_prefill", st.local_busy_s)
-        prefill = self._scaled(st.worker_id, "local_prefill", own_s)
+        if st.chunk_tokens and st.batch > len(st.incoming):  # its chunks ride the steps of the sequences there,
+            # after those of the prompts placed before it
+            # while sequences decode there (those running, and those placed there once they join: the
+            # local prefills before it among them); what is left then runs whole
+            c, tokens = st.chunk_tokens, st.local_tokens + req.prompt_tokens
+            step = self._scaled(st.worker_id, "decode", st.token_step(min(st.batch, st.max_batch), st.ctx_sum)
+                                * st.slowdown) + self._scaled(st.worker_id, "local_prefill", st.chunk_s())
+            need = -(-tokens // c)
+            busy = max(max((r for r, _ in st.remaining), default=0),
+                       max((eta / step.point_s + n for eta, _, n, _ in st.incoming), default=0))
+            ride = min(need, math.ceil(busy)) if st.remaining or st.incoming else need
+            rest = tokens - ride * c
+            done = step.scale(ride) + (self._scaled(st.worker_id, "local_prefill", prefill_time(st.dep, [rest]))
+                                       if rest > 0 else ZERO)
+            prefill = done.scale(req.prompt_tokens / tokens)  # its share; the rest is the prompts before it
+            wait = step_wait + done + prefill.scale(-1.0)
+            hold = self._scaled(st.worker_id, "local_prefill", st.chunk_s())
+        else:  # whole, between two steps: every sequence there stalls once, spread over the steps it has left
+            wait = step_wait + self._scaled(st.worker_id, "local_prefill", st.local_busy_s)
+            prefill = self._scaled(st.worker_id, "local_prefill", prefill_time(st.dep, [req.prompt_tokens]))
+            hold = prefill.scale(1.0 / st.steps_left_mean())
         path = st.dep.hw.perf.request_path_s
         ttft = wait + prefill + Estimate(path, path)
         g = self.corrections.factors(ttft_key(st.worker_id, req.ttft_s), "ttft")
         pp = PrefillPart(st.worker_id, 0, wait, prefill, ZERO, Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound),
                          ZERO, ttft.point_s)
-        dp = self.decode_part(req, st, kv_arrival_s(pp), stall=prefill)
+        dp = self.decode_part(req, st, kv_arrival_s(pp), hold=hold)
         if not st.has_room_now(req.prompt_tokens + req.max_tokens):
             dp = replace(dp, fits=False)
         return pp, dp
@@ -377,6 +412,23 @@ class Predictor:
         """One pair, from the states (convenience; routers should use the parts)."""
         pp = self.prefill_part(req, p, d.dep, now)
         return self.combine(req, pp, self.decode_part(req, d, kv_arrival_s(pp)))
+
+
+def overtaken(wait: Estimate, arrivals: tuple[tuple[float, float], ...], ttft_s: float, point: float,
+              bound: float) -> Estimate:
+    """A queue wait lengthened by the prompts that will arrive during it with a tighter TTFT target and
+    so run first (earliest deadline first): a target tighter by d seconds overtakes for the first d
+    seconds of the wait. `arrivals`: (target, prefill seconds per second), the PrefillState's; `point`,
+    `bound`: the prefill correction's factors. One step of W = W0 + sum load x min(W, d), from
+    W = W0 / (1 - total load) (total load capped at 0.9: the bound stays finite)."""
+    out = []
+    for w0, k in ((wait.point_s, point), (wait.bound_s, bound)):
+        tighter = [(ttft_s - t, load * k) for t, load in arrivals if t < ttft_s]
+        if not tighter:
+            return wait
+        w = w0 / (1.0 - min(0.9, sum(x for _, x in tighter)))
+        out.append(w0 + sum(x * min(w, d) for d, x in tighter))
+    return Estimate(*out)
 
 
 def incoming_at(placed: Iterable[tuple[float, int, int, int]], now: float) -> tuple[tuple[float, int, int, int], ...]:

@@ -126,6 +126,7 @@ def run(exp: RouterComparison, on_run: Callable[[str], None] = lambda _: None) -
                      "bottleneck": cap.bottleneck},
         "quantile": exp.quantile,
         "local_prefill_max_tokens": exp.local_prefill_max_tokens,
+        "local_prefill_chunk_tokens": exp.local_prefill_chunk_tokens,
         "goodput": good,
         "prediction_error": _errors(sla_traces) if sla_traces else {},
         "rejected_would_miss": would_miss / rejected if rejected else float("nan"),
@@ -147,7 +148,8 @@ def labels(exp: RouterComparison) -> list[str]:
 def variants_of(exp: RouterComparison, base: SimConfig) -> dict[str, SimConfig]:
     """Label -> config of each run (`labels`): `sla` with the experiment's local prefill, every other off."""
     return {label: replace(base, router_policy="sla" if label == "sla_disaggregated" else label,
-                           local_prefill_max_tokens=exp.local_prefill_max_tokens if label == "sla" else 0)
+                           local_prefill_max_tokens=exp.local_prefill_max_tokens if label == "sla" else 0,
+                           local_prefill_chunk_tokens=exp.local_prefill_chunk_tokens if label == "sla" else 0)
             for label in labels(exp)}
 
 

@@ -62,6 +62,7 @@ class SimConfig:
     reject: bool = True  # False: the sla policy places what it would reject (on its best-effort pair)
     quantile: float = 0.9  # the predictor's confidence (Corrections.quantile)
     local_prefill_max_tokens: int = 0  # the router's conditional disaggregation (0: off; not with colocated)
+    local_prefill_chunk_tokens: int = 0  # a local prefill rides the decode steps, this many tokens a step (0: whole)
 
 
 @dataclass(slots=True)
@@ -156,7 +157,7 @@ class Simulator:
         for i in range(dc.replicas):
             alloc = BlockAllocator(cap // dc.block_tokens, dc.block_tokens)
             self.decode.append(DecodeUnit(i, dc.dep, alloc, Scheduler(alloc, dc.max_batch),
-                                          cfg.speculative, cfg.draft))
+                                          cfg.speculative, cfg.draft, chunk_tokens=cfg.local_prefill_chunk_tokens))
         self._prefill_by_id = {u.uid: u for u in self.prefill}
         self._decode_by_id = {u.uid: u for u in self.decode}
         # the simulator releases the first token when the prefill batch ends (report.py's TTFT)
@@ -232,10 +233,11 @@ class Simulator:
             unit.incoming_tokens += r.prompt_tokens
             unit.tpot_targets[run.sla[i].tpot_ms / 1e3] += 1
         if unit.seg is not None:
-            if unit.truncate(now, force=True):  # the prefill runs at the next step boundary, as live
+            # the prefill runs (or its chunks start riding) at the next step boundary, as live
+            if not unit.seg.chunk_s and unit.truncate(now, force=True):
                 self._push(unit.end_time(), SEG_END, d, unit.seg.version)
             return
-        self._start_local(now, d)
+        self._next_work(now, d)
 
     def _start_local(self, now: float, d: int) -> bool:
         """Start decode unit d's next local prefill if it is free; True when one started."""
@@ -245,15 +247,30 @@ class Simulator:
             return False
         i, dt = got
         self._run.trace.prefill_start[i], self._run.prefill_dt[i] = now, dt
-        model_s = prefill_time(unit.dep, [self.reqs[i].prompt_tokens])
+        model_s = prefill_time(unit.dep, [self.reqs[i].prompt_tokens - unit.head_done])
         self.predictor.corrections.observe(unit.uid, "local_prefill", dt, model_s)
         self._push(now + dt, LOCAL_DONE, d, i)
         return True
 
+    def _next_work(self, now: float, d: int) -> None:
+        """Decode unit d is free: its next local prefill, else its next segment; chunked local prefills
+        ride the segment instead, and run whole only when no sequence can step."""
+        if self.decode[d].chunk_tokens:
+            self._try_decode(now, d)
+            if self.decode[d].seg is None:
+                self._start_local(now, d)
+        elif not self._start_local(now, d):  # queued local prefills run back to back, as live
+            self._try_decode(now, d)
+
     def _local_done(self, now: float, d: int, i: int) -> None:
+        """Decode unit d's whole local prefill of request i ended."""
+        self.decode[d].end_local(now)
+        self._prefilled_locally(now, d, i)
+        self._next_work(now, d)
+
+    def _prefilled_locally(self, now: float, d: int, i: int) -> None:
         """Decode unit d prefilled request i: its first token is out, its sequence joins (no transfer)."""
         unit, run, r = self.decode[d], self._run, self.reqs[i]
-        unit.end_local(now)
         path = unit.dep.hw.perf.request_path_s
         run.trace.first_token[i] = now + path
         run.prefill_end[i] = run.trace.kv_ready[i] = now
@@ -266,8 +283,6 @@ class Simulator:
             del unit.incoming[i]
             unit.incoming_tokens -= r.prompt_tokens
             unit.sched.add(DecodeSeq(str(i), r.prompt_tokens, [0], r.output_tokens, priority=run.sla[i].priority))
-        if not self._start_local(now, d):  # queued local prefills run back to back, as live
-            self._try_decode(now, d)
 
     def _record(self, i: int, place: Placement) -> None:
         tr = self._run.trace
@@ -375,6 +390,10 @@ class Simulator:
         seg = unit.begin(now)
         if seg is None:
             return
+        if seg.chunk_s:  # its first chunk: the local prefill starts
+            head = unit.local[0][0]
+            if np.isnan(self._run.trace.prefill_start[head]):
+                self._run.trace.prefill_start[head] = seg.start
         admitted = self._run.trace.admitted
         for s in seg.plan.batch:
             i = self._run.index[s.request_id]
@@ -387,12 +406,17 @@ class Simulator:
         path = unit.dep.hw.perf.request_path_s  # the last token reaches the client the way the first did
         s = unit.seg
         model_s = token_step_time(unit.dep, s.batch, s.ctx0 + s.batch * (s.steps - 1) / 2, unit.spec, unit.draft)
-        self.predictor.corrections.observe(unit.uid, "decode", s.step_s, model_s)
-        for f in unit.finish_segment():
+        self.predictor.corrections.observe(unit.uid, "decode", s.step_s - s.chunk_s, model_s)
+        finished, prefilled = unit.finish_segment(now)
+        for f in finished:
             i = self._run.index[f.request_id]
             self._run.trace.finish[i] = now + path
             unit.tpot_targets[self._run.sla[i].tpot_ms / 1e3] -= 1
+        if prefilled is not None:
+            self._prefilled_locally(now, d, prefilled)
         self._retry_refused(now, unit)
+        if unit.chunk_tokens and unit.local:
+            return self._next_work(now, d)
         if self._start_local(now, d):
             return
         if self.cfg.colocated and len(self.prefill[d].batcher):

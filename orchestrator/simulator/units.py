@@ -14,7 +14,10 @@ blocks are freed.
 Local prefill (conditional disaggregation), as live DecodeWorker.prefill_local: the request's blocks
 are reserved when it is placed, its prefill runs on the unit between two segments (a running
 segment is cut at the next step), one prompt at a time in placement order, and the sequence joins
-the scheduler when it ends.
+the scheduler when it ends. With `chunk_tokens` (chunked local prefill) the prompt at the head
+instead rides the steps while sequences decode, that many tokens a step (each step takes
+perf.chunk_step_time longer), in segments that end when it is done; with none decoding it runs
+whole.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from dataclasses import dataclass, field
 
 from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
-from hardware.perf import Deployment, Speculative, prefill_time, token_step_time
+from hardware.perf import Deployment, Speculative, chunk_step_time, prefill_time, token_step_time
+from orchestrator.core.arrivals import ArrivalMeter, per_token_s
 from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, append_last, drop_first_batch, plan_queue
 from orchestrator.core.stall import StallMeter
@@ -51,6 +55,8 @@ class PrefillUnit:
     # up to date as prompts join at the end and batches leave the head: a view costs O(1), not O(queue)
     _queue: list[QueuedPrompt] = field(default_factory=list)
     _plan: QueuePlan | None = None
+    arrivals: ArrivalMeter = field(default_factory=ArrivalMeter)  # prefill work placed here lately, by target
+    _now: float = 0.0  # the last time its queue changed: its view's arrivals are as of then
 
     @property
     def uid(self) -> str:
@@ -59,6 +65,8 @@ class PrefillUnit:
     def add(self, item: PrefillItem) -> None:
         self.batcher.add(item)
         q, b = _queued(item), self.batcher
+        self._now = item.arrival_s
+        self.arrivals.add(item.arrival_s, item.ttft_s, item.n_tokens * per_token_s(self.dep, b.token_budget))
         self._plan = self._plan and append_last(self._plan, self.dep, q, b.token_budget, b.max_batch)
         if self._plan is not None:
             self._queue.append(q)
@@ -73,7 +81,8 @@ class PrefillUnit:
             if self._plan is None:
                 self._plan = plan_queue(self.dep, tuple(self._queue), b.token_budget, b.max_batch)
             st = PrefillState(self.uid, self.dep, b.token_budget, b.max_batch, tuple(self._queue),
-                              self.busy_until if self.busy else 0.0, plan=self._plan)
+                              self.busy_until if self.busy else 0.0, arrivals=self.arrivals.loads(self._now),
+                              plan=self._plan)
             self._view = PrefillView(st, self.running_tokens)
         return self._view
 
@@ -113,6 +122,7 @@ class Segment:
     steps: int
     step_s: float  # mean seconds per step over the segment
     version: int
+    chunk_s: float = 0.0  # seconds of each step spent on a local prefill's chunk (0: none rides it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +161,9 @@ class DecodeUnit:
     local: deque[tuple[int, int]] = field(default_factory=deque)  # (request, prompt tokens) to prefill here
     prefilling_until: float | None = None  # seconds: end of the local prefill in progress (None: none)
     local_busy_s: float = 0.0  # perf-model seconds of the local prefills queued or running here
+    chunk_tokens: int = 0  # prompt tokens of a local prefill per step it rides (0: whole, between segments)
+    local_tokens: int = 0  # prompt tokens of the local prefills here not yet prefilled
+    head_done: int = 0  # tokens of the first local prefill already prefilled by chunks
     stalls: StallMeter = field(default_factory=StallMeter)
     local_prefills: int = 0
 
@@ -177,10 +190,12 @@ class DecodeUnit:
         busy = self.local_busy_s
         if self.prefilling_until is not None:  # the one in progress counts what it has left
             busy -= self._running_local_s - max(0.0, self.prefilling_until - now)
+        chunked = done * self.chunk_tokens if s is not None and s.chunk_s else 0
         st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + len(incoming), ctx, sched.max_batch,
                          self.alloc.free_blocks * self.alloc.block_size, tightest, spec=self.spec, draft=self.draft,
                          remaining=remaining, incoming=incoming, local_busy_s=max(0.0, busy),
-                         stall_fraction=self.stalls.fraction(now))
+                         stall_fraction=self.stalls.fraction(now), chunk_tokens=self.chunk_tokens,
+                         local_tokens=max(0, self.local_tokens - chunked))
         return DecodeView(st, self.alloc.capacity_tokens, self.alloc.block_size)
 
     def add_local(self, request: int, prompt_tokens: int) -> None:
@@ -189,13 +204,14 @@ class DecodeUnit:
         assert ok, "the router places a local prefill only where its KV fits now"
         self.local.append((request, prompt_tokens))
         self.local_busy_s += prefill_time(self.dep, [prompt_tokens])
+        self.local_tokens += prompt_tokens
 
     def begin_local(self, now: float) -> tuple[int, float] | None:
         """Start the next local prefill if no segment or prefill runs: (request, seconds)."""
         if self.seg is not None or self.prefilling_until is not None or not self.local:
             return None
-        request, n = self.local.popleft()
-        dt = prefill_time(self.dep, [n])
+        request, n = self.local[0]
+        dt = prefill_time(self.dep, [n - self.head_done])  # what chunks left of it, whole
         self.prefilling_until, self._running_local_s = now + dt, dt
         return request, dt
 
@@ -203,25 +219,37 @@ class DecodeUnit:
         """The local prefill in progress ended at `now`."""
         dt = self._running_local_s
         self.prefilling_until = None
-        self.local_busy_s = max(0.0, self.local_busy_s - dt)
         self.stalls.add(now, dt)
         self.busy_s += dt
+        self._pop_local()
+
+    def _pop_local(self) -> int:
+        """The first local prefill is done: its request."""
+        request, n = self.local.popleft()
+        self.local_busy_s = max(0.0, self.local_busy_s - prefill_time(self.dep, [n]))
+        self.local_tokens -= n - self.head_done
+        self.head_done = 0
         self.local_prefills += 1
+        return request
 
     def begin(self, now: float) -> Segment | None:
         """Schedule a segment if idle with work: the policy picks the batch, we pick k."""
         if self.seg is not None or self.prefilling_until is not None or not self.sched.has_work:
             return None
-        plan = self.sched.schedule(SEGMENT_STEPS)
+        chunk = bool(self.chunk_tokens and self.local)
+        # a chunked local prefill rides the segment until it is done
+        left = -(-(self.local[0][1] - self.head_done) // self.chunk_tokens) if chunk else SEGMENT_STEPS
+        plan = self.sched.schedule(left)
         self.preemptions += len(plan.preempted)
         if plan.empty:
             return None
         extra = sum(prefill_time(self.dep, [s.context_len]) for s in plan.recompute)
         b, k = len(plan.batch), plan.steps
         ctx0 = sum(s.context_len for s in plan.batch)
-        step = self.step_seconds(b, ctx0 + b * (k - 1) / 2)
+        chunk_s = chunk_step_time(self.dep, self.chunk_tokens) * self.slowdown if chunk else 0.0
+        step = self.step_seconds(b, ctx0 + b * (k - 1) / 2) + chunk_s
         self.version += 1
-        self.seg = Segment(now + extra, plan, b, ctx0, k, step, self.version)
+        self.seg = Segment(now + extra, plan, b, ctx0, k, step, self.version, chunk_s)
         return self.seg
 
     def open(self, h: Handoff) -> bool:
@@ -257,8 +285,9 @@ class DecodeUnit:
         s.version = self.version
         return True
 
-    def finish_segment(self):
-        """Apply the segment's k steps; returns the scheduler's Finished list."""
+    def finish_segment(self, now: float) -> tuple[list, int | None]:
+        """Apply the segment's k steps at its end `now`: the scheduler's Finished list, and the request
+        whose chunked local prefill they completed (None: none)."""
         s = self.seg
         self.seg = None
         k = s.steps
@@ -266,4 +295,12 @@ class DecodeUnit:
         self.steps += k
         self.seq_steps += k * s.batch
         self.kv_used_s += k * s.step_s * self.alloc.used_blocks / self.alloc.n_blocks
-        return self.sched.on_steps_done([(0,) * k] * s.batch)
+        prefilled = None
+        if s.chunk_s:
+            self.stalls.add(now, k * s.chunk_s)
+            ran = min(k * self.chunk_tokens, self.local[0][1] - self.head_done)
+            self.head_done += ran
+            self.local_tokens -= ran
+            if self.head_done == self.local[0][1]:
+                prefilled = self._pop_local()
+        return self.sched.on_steps_done([(0,) * k] * s.batch), prefilled

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from hardware.perf import decode_step_time, kv_transfer_time, make_deployment, prefill_time
+from hardware.perf import chunk_step_time, decode_step_time, kv_transfer_time, make_deployment, prefill_time
 from hardware.profiles import get_profile
 from model.specs import get_spec
 from orchestrator.core.correction import Corrections, ttft_key
@@ -424,6 +424,50 @@ def test_local_prefill_needs_kv_room_now_and_protects_the_running_sequences():
     assert pred.decode_part(REQ, tight).protects  # without the stall the same worker takes it
     full = DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, 1e-9)
     assert pred.decode_part(REQ, full).protects and not pred.local_parts(REQ, full)[1].protects
+
+
+def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_ones_only():
+    pred, q = Predictor(), queue(6)
+    loose = PredictRequest(2000, 200, ttft_s=20.0, tpot_s=0.05)
+    calm, busy = pstate(q), PrefillState("p0", TRN, 4096, 8, tuple(q), 0.0, arrivals=((1.5, 0.5),))
+    base, got = pred.prefill_part(loose, calm, CS3, 0.0), pred.prefill_part(loose, busy, CS3, 0.0)
+    assert base.queue_wait.point_s > 0
+    assert got.queue_wait.point_s == pytest.approx(2 * base.queue_wait.point_s)  # W0 / (1 - 0.5), within 18.5 s
+    assert got.prefill == base.prefill and got.ttft.point_s > base.ttft.point_s
+    # a 2 s target is only 0.5 s looser: what arrives in the first 0.5 s of its wait overtakes it
+    assert pred.prefill_part(REQ, busy, CS3, 0.0).queue_wait.point_s == pytest.approx(
+        pred.prefill_part(REQ, calm, CS3, 0.0).queue_wait.point_s + 0.5 * 0.5)
+    # ... and only when it waits at all
+    assert pred.prefill_part(loose, PrefillState("p0", TRN, 4096, 8, (), 0.0, arrivals=((1.5, 0.5),)), CS3,
+                             0.0) == pred.prefill_part(loose, pstate(), CS3, 0.0)
+
+
+def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_them_by_one_chunk():
+    corr = Corrections()
+    for _ in range(corr.min_samples):  # observed exactly as predicted: factors 1 at every quantile
+        for phase in ("decode", "local_prefill"):
+            corr.observe("d0", phase, 1.0, 1.0)
+        corr.observe(ttft_key("d0", REQ.ttft_s), "ttft", 1.0, 1.0)
+    pred = Predictor(corr)
+    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=16, local_tokens=40)
+    pp, dp = pred.local_parts(REQ, st)
+    chunk = chunk_step_time(CS3, 16)
+    assert 0 < chunk < prefill_time(CS3, [16])  # the step already pays the pass's fixed latency
+    step = st.token_step(8, 8 * 3000) + chunk
+    # 40 tokens queued before it take 3 steps, its own 2000 take 125, each carrying a chunk
+    assert pp.ttft.point_s == pytest.approx(0.5 * st.step_now_s + 3 * step + 125 * step)
+    assert pp.transfer == pp.tail == Estimate(0.0, 0.0)
+    remote = pred.decode_part(REQ, st, kv_arrival_s(pp))
+    assert dp.running_tpot.point_s == pytest.approx(remote.running_tpot.point_s + chunk)  # not the whole prefill
+    assert dp.decode == remote.decode
+    tight = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, dp.running_tpot.bound_s * 0.999, chunk_tokens=16)
+    assert not pred.local_parts(REQ, tight)[1].protects and pred.decode_part(REQ, tight).protects
+    # nothing decoding there: nobody to hold up, so the prompt runs whole, as without chunks
+    idle = DecodeState("d0", CS3, 0, 0, 64, 10**6, chunk_tokens=16)
+    whole = DecodeState("d0", CS3, 0, 0, 64, 10**6)
+    assert pred.local_parts(REQ, idle) == pred.local_parts(REQ, whole)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=-1)
 
 
 def test_stall_fraction_stretches_every_step():

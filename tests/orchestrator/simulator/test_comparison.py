@@ -86,3 +86,11 @@ def test_local_prefill_runs_sla_beside_its_disaggregated_ablation(tmp_path):
     assert all(v.router_policy == "sla" for v in variants.values())
     with pytest.raises(ValueError, match="local_prefill_max_tokens"):
         _experiment(tmp_path, local_prefill_max_tokens=-1)
+
+
+def test_chunked_local_prefill_is_the_sla_runs_setting_only(tmp_path):
+    exp = _experiment(tmp_path, router_policy=["sla"], local_prefill_max_tokens=1024, local_prefill_chunk_tokens=16)
+    variants = comparison.variants_of(exp, comparison.SimConfig(*comparison.pools(exp), comparison.workload(exp)[0].sla))
+    assert {k: v.local_prefill_chunk_tokens for k, v in variants.items()} == {"sla": 16, "sla_disaggregated": 0}
+    with pytest.raises(ValueError, match="local_prefill_chunk_tokens"):
+        _experiment(tmp_path, local_prefill_chunk_tokens=-1)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hardware.perf import make_deployment
+from hardware.perf import chunk_step_time, make_deployment
 from hardware.profiles import get_profile
 from model.specs import get_spec
 from orchestrator.core.experiments import parse_experiments
@@ -16,6 +16,7 @@ from orchestrator.core.request import SLATarget
 from orchestrator.simulator.engine import PoolSetup, SimConfig, Simulator
 from orchestrator.simulator.report import summarize
 from orchestrator.simulator.search import goodput
+from orchestrator.simulator.units import DecodeUnit
 from orchestrator.simulator.workload import from_trace, poisson
 from tests.paths import REPO, shared_data
 
@@ -261,6 +262,38 @@ def test_local_prefill_takes_short_prompts_off_a_saturated_prefill_pool():
     assert off.local_prefills == 0 and on.local_prefills > 0
     assert on.local_prefills <= int((tr.prompt <= 512).sum())  # only prompts within the limit
     assert on.sla_attainment > off.sla_attainment and on.completed > off.completed
+
+
+def test_chunked_local_prefill_rides_the_steps_and_bounds_what_it_adds_to_them(monkeypatch):
+    """The same saturated pool with local prefills chunked 16 tokens a step: every admitted request
+    ends and nothing is held; no segment's step is longer than the perf model's longest step plus one
+    chunk; and the TPOT predictions are closer than with whole prefills stalling the batch."""
+    reqs = poisson(40.0, 300, [(200, 50), (1500, 200), (3000, 20), (100, 1)], seed=2)
+    longest, begin = [0.0], DecodeUnit.begin
+
+    def timed(unit, now):
+        seg = begin(unit, now)
+        if seg is not None:
+            longest[0] = max(longest[0], seg.step_s)
+        return seg
+    monkeypatch.setattr(DecodeUnit, "begin", timed)
+    runs = {}
+    for chunk in (0, 16):
+        sim = Simulator(_cfg(router_policy="sla", local_prefill_max_tokens=512, local_prefill_chunk_tokens=chunk))
+        longest[0] = 0.0
+        tr = sim.run(reqs)
+        for u in sim.decode:
+            u.alloc.check()
+            assert u.alloc.used_blocks == 0 and not u.local and u.local_tokens == 0 and u.prefilling_until is None
+        assert not np.isnan(tr.finish[~tr.rejected]).any()
+        done = ~np.isnan(tr.finish)
+        assert (tr.first_token[done] >= tr.prefill_start[done]).all()
+        runs[chunk] = (summarize(sim, tr), tr)
+    assert runs[16][0].local_prefills > 0
+    unit = sim.decode[0]
+    assert longest[0] <= unit.step_seconds(64, 64 * (3000 + 200)) + chunk_step_time(unit.dep, 16)
+    err = {k: np.nanmedian(np.abs(t.pred_tpot / t.tpot_s() - 1)) for k, (_, t) in runs.items()}
+    assert err[16] < err[0]
 
 
 def test_local_prefill_with_colocated_is_refused():
