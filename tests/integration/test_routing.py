@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 
 from model.finish import FinishReason
 from model.generation import NEAR_TIE_MARGIN, greedy_reference
@@ -56,9 +55,13 @@ def _saturate(stack, lm, n: int) -> list[str]:
     long = SamplingParams(max_tokens=1000, ignore_eos=True)
     actor = stack.dep.pools.actors["decode-0"]
     ids = [f"busy-{i}" for i in range(n)]
-    ray.get([actor.accept_kv.remote(rid, ks, vs, sample_one(logits, long, make_rng(long)), long, prompt, "other")
-             for rid in ids])
+    stack.ray_get(lambda: [actor.accept_kv.remote(rid, ks, vs, sample_one(logits, long, make_rng(long)), long, prompt,
+                                                  "other") for rid in ids])
     return ids
+
+
+def _load(stack, worker: str):
+    return stack.ray_get(lambda: [stack.dep.pools.actors[worker].load.remote()])[0]
 
 
 def test_interactive_requests_avoid_the_saturated_decode_worker(stack, client, lm):
@@ -66,15 +69,15 @@ def test_interactive_requests_avoid_the_saturated_decode_worker(stack, client, l
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the engine's view must show it full before the test means anything
-            if ray.get(stack.dep.pools.actors["decode-0"].load.remote()).active == 4:
+            if _load(stack, "decode-0").active == 4:
                 break
             time.sleep(0.05)
         time.sleep(0.2)  # a few load refreshes
         finals = [client.complete(messages=[("user", PROMPT)], max_tokens=8, sla_class="interactive").final
                   for _ in range(3)]
-        still = ray.get(stack.dep.pools.actors["decode-0"].load.remote())
+        still = _load(stack, "decode-0")
     finally:
-        ray.get([stack.dep.pools.actors["decode-0"].abort.remote(rid) for rid in busy])
+        stack.ray_get(lambda: [stack.dep.pools.actors["decode-0"].abort.remote(rid) for rid in busy])
     assert still.active == 4  # saturated the whole time
     assert [f.decode_worker for f in finals] == ["decode-1"] * 3
 

@@ -29,14 +29,19 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def stack(tmp_path_factory):
     tree = cluster_tree()
     tree["metadata"]["pools"]["decode"]["workers"] = 3
     tree["metadata"]["pools"]["prefill"]["workers"] = 2
     tree["metadata"]["pools"]["decode"]["kv_capacity_tokens"] = 4096
     tree["metadata"]["router"]["policy"] = "least_loaded"  # idle workers tie: the lowest id wins
     with running(config_of(tree, tmp_path_factory.mktemp("cfg"))) as run:
-        yield run.dep
+        yield run
+
+
+@pytest.fixture(scope="module")
+def deployment(stack):
+    return stack.dep
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def _greedy(lm, prompt: str, n: int):
     return greedy_reference(lm.model, ids, n, lm.tokenizer.stop_token_ids)
 
 
-def test_a_frozen_decode_worker_is_declared_lost_and_its_stale_output_never_arrives(deployment, lm):
+def test_a_frozen_decode_worker_is_declared_lost_and_its_stale_output_never_arrives(stack, deployment, lm):
     """SIGSTOP of the busy decode actor's process mid-stream: within the stall timeout (2 s) the
     request migrates and completes exactly; after SIGCONT the worker is healthy again, nothing more
     arrives on the finished stream, and the stale attempt's KV is freed (its abort ran on resume)."""
@@ -91,7 +96,7 @@ def test_a_frozen_decode_worker_is_declared_lost_and_its_stale_output_never_arri
         chunks = iter(stream)
         got = [t for _ in range(3) for t in next(chunks).token_ids]
         frozen = _busy_decode_worker(c)
-        _, pid = ray.get(deployment.pools.actors[frozen].process.remote())
+        _, pid = stack.ray_get(lambda: [deployment.pools.actors[frozen].process.remote()])[0]
         os.kill(pid, signal.SIGSTOP)
         try:
             got += [t for chunk in chunks for t in chunk.token_ids]
