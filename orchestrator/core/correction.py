@@ -7,7 +7,9 @@ the bound. Phases: "ttft" (a request's whole TTFT against the prediction from th
 `ttft_key`: prefill worker and TTFT-target class; it learns the queue's dynamics the parts do not
 model: later arrivals with earlier deadlines overtaking, later prompts joining its batch, the
 frontend), "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
-tail, keyed by the sending prefill worker) and "decode" (one decode step on a decode worker).
+tail, keyed by the sending prefill worker), "decode" (one decode step on a decode worker) and
+"tpot" (a request's whole TPOT against the prediction from the parts, keyed by its decode worker:
+what steps alone do not show, the time between them, the wait for outputs, a shared host).
 
 Prior (fewer than `min_samples` observations): the ratio is log-normal with median 1 and log
 standard deviation `prior_sigma` (0.1: the perf model is calibrated to ~10% of published trn2/CS-3
@@ -20,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
 
-PHASES = ("prefill", "transfer", "decode", "ttft", "local_prefill")  # local_prefill: on a decode worker
+PHASES = ("prefill", "transfer", "decode", "ttft", "tpot", "local_prefill")  # local_prefill: on a decode worker
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.
     corr = pred.corrections
 
     def terms() -> tuple[np.ndarray, np.ndarray]:  # ([D], [D]): floor = wait + steps x per step
-        f = np.where(pool.analytic, pool.bound(corr, "decode") * _SLACK, 0.0)
+        f = np.where(pool.analytic, pool.bound(corr, "decode") * pool.bound(corr, "tpot") * _SLACK, 0.0)
         return f * (corr.quantile * pool.step_now), f * pool.step_floor
 
     wait, step = pool.cached(corr, "decode_floor", terms)

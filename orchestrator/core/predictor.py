@@ -275,6 +275,7 @@ class DecodePart:
     running_before_s: float  # seconds per step the sequences there get without it (point, same horizon)
     running_tpot: Estimate  # seconds per step they get with it (the step, plus a local prefill's stall spread)
     protects: bool  # running_tpot.bound <= the tightest TPOT target there
+    decode_model_s: float  # seconds, the decode point before the "tpot" correction: what it observes against
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +287,7 @@ class PairPrediction:
     running_tpot: Estimate  # seconds, what the decode worker's sequences would get
     ok: bool  # fits, protects the running sequences, and both bounds meet the request's targets
     ttft_model_s: float  # PrefillPart.ttft_model_s
+    tpot_model_s: float  # seconds, the TPOT point before the "tpot" correction (0 for a one-token request)
 
 
 class Predictor:
@@ -356,11 +358,14 @@ class Predictor:
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
         with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
         protected_p, protected_b = with_s * f.point, with_s * f.bound
-        protected_p, protected_b = protected_p + hold.point_s, protected_b + hold.bound_s
+        g = self.corrections.factors(st.worker_id, "tpot")  # the whole TPOT as observed against these parts
+        protected_p, protected_b = (protected_p + hold.point_s) * g.point, (protected_b + hold.bound_s) * g.bound
         protects = b == 0 or (full and not hold.bound_s) or protected_b <= st.tightest_tpot_s
-        return DecodePart(st.worker_id, fits, own, Estimate(wait_p, wait_b),
-                          Estimate(wait_p + own.point_s * steps, wait_b + own.bound_s * steps), before_s * f.point,
-                          Estimate(protected_p, protected_b), protects)
+        decode_p = wait_p + own.point_s * steps
+        return DecodePart(st.worker_id, fits, Estimate(own.point_s * g.point, own.bound_s * g.bound),
+                          Estimate(wait_p * g.point, wait_b * g.bound),
+                          Estimate(decode_p * g.point, (wait_b + own.bound_s * steps) * g.bound),
+                          before_s * f.point * g.point, Estimate(protected_p, protected_b), protects, decode_p)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
@@ -406,7 +411,8 @@ class Predictor:
         tpot = Estimate((pp.tail.point_s + dp.decode.point_s) * k, (pp.tail.bound_s + dp.decode.bound_s) * k) if (
             steps) else ZERO
         ok = (dp.fits and dp.protects and pp.ttft.bound_s <= req.ttft_s and tpot.bound_s <= req.tpot_s)
-        return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok, pp.ttft_model_s)
+        return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok, pp.ttft_model_s,
+                              (pp.tail.point_s + dp.decode_model_s) * k)
 
     def predict(self, req: PredictRequest, p: PrefillState, d: DecodeState, now: float) -> PairPrediction:
         """One pair, from the states (convenience; routers should use the parts)."""

@@ -573,6 +573,10 @@ class Engine:
             mean_tpot_ms=((now - t_first) * 1e3 / (run.n_out - 1)) if run.n_out > 1 else 0.0)
         self._ended(req, reason, tokens=run.n_out, ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
         p, q = run.placed, self.router.predictor.corrections.quantile
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and run.n_out > 1 and p.tpot_model_ms > 0 and (
+                not run.migrations):  # the whole TPOT against the parts' prediction (the "tpot" correction)
+            self.router.predictor.corrections.observe(p.decode_worker, "tpot", timings.mean_tpot_ms / 1e3,
+                                                      p.tpot_model_ms / 1e3)
         prediction = Prediction(p.predicted_ttft_ms, p.predicted_tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, q)
         return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, p.prefill_worker, p.decode_worker, prediction,
                           run.migrations)

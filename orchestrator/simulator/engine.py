@@ -129,6 +129,7 @@ class _Run:
     prefill_end: np.ndarray  # (n,) when its prefill batch ended (NaN: not yet)
     opened: np.ndarray  # (n,) bool: its KV blocks are reserved (handoff admitted)
     ttft_model: np.ndarray  # (n,) seconds, Placement.ttft_model_ms: the "ttft" correction's prediction
+    tpot_model: np.ndarray  # (n,) seconds, Placement.tpot_model_ms: the "tpot" correction's
     heap: list = field(default_factory=list)  # (time, seq, kind, a, b) events
     n_events: int = 0
     end: float = 0.0
@@ -138,7 +139,7 @@ def _new_run(reqs: list[SimRequest], default: SLATarget) -> _Run:
     n = len(reqs)
     sla = [r.sla or default for r in reqs]
     return _Run(reqs, sla, _trace(reqs, sla), {str(i): i for i in range(n)}, np.full(n, -1),
-                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan))
+                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan), np.full(n, np.nan))
 
 
 class Simulator:
@@ -287,6 +288,7 @@ class Simulator:
     def _record(self, i: int, place: Placement) -> None:
         tr = self._run.trace
         self._run.ttft_model[i] = place.ttft_model_ms / 1e3
+        self._run.tpot_model[i] = place.tpot_model_ms / 1e3
         tr.pred_ttft[i], tr.pred_tpot[i] = place.predicted_ttft_ms / 1e3, place.predicted_tpot_ms / 1e3
         tr.bound_ttft[i], tr.bound_tpot[i] = place.ttft_bound_ms / 1e3, place.tpot_bound_ms / 1e3
 
@@ -408,10 +410,14 @@ class Simulator:
         model_s = token_step_time(unit.dep, s.batch, s.ctx0 + s.batch * (s.steps - 1) / 2, unit.spec, unit.draft)
         self.predictor.corrections.observe(unit.uid, "decode", s.step_s - s.chunk_s, model_s)
         finished, prefilled = unit.finish_segment(now)
+        run = self._run
         for f in finished:
-            i = self._run.index[f.request_id]
-            self._run.trace.finish[i] = now + path
-            unit.tpot_targets[self._run.sla[i].tpot_ms / 1e3] -= 1
+            i = run.index[f.request_id]
+            run.trace.finish[i] = now + path
+            unit.tpot_targets[run.sla[i].tpot_ms / 1e3] -= 1
+            if run.tpot_model[i] > 0:  # the request's whole TPOT against its parts' prediction
+                tpot = (now + path - run.trace.first_token[i]) / (self.reqs[i].output_tokens - 1)
+                self.predictor.corrections.observe(unit.uid, "tpot", tpot, run.tpot_model[i])
         if prefilled is not None:
             self._prefilled_locally(now, d, prefilled)
         self._retry_refused(now, unit)

@@ -259,9 +259,9 @@ def test_best_pair_counts_the_transfer_tail_and_the_decode_wait():
     req = PredictRequest(100, 11, 1.0, 0.0101)
     pp = [PrefillPart("pa", 0, e(0), e(0.2), e(0.05), e(0.2), e(0.05), 0.2),
           PrefillPart("pb", 0, e(0), e(0.21), e(0.001), e(0.21), e(0.001), 0.21)]
-    dp = [DecodePart("da", True, e(0.005), e(0.0), e(0.05), 0.004, e(0.005), True),
-          DecodePart("db", True, e(0.004), e(0.0), e(0.04), 0.003, e(0.004), False),  # would hurt its sequences
-          DecodePart("dc", False, e(0.001), e(0.0), e(0.01), 0.001, e(0.001), True)]  # no room
+    dp = [DecodePart("da", True, e(0.005), e(0.0), e(0.05), 0.004, e(0.005), True, 0.05),
+          DecodePart("db", True, e(0.004), e(0.0), e(0.04), 0.003, e(0.004), False, 0.04),  # would hurt its sequences
+          DecodePart("dc", False, e(0.001), e(0.0), e(0.01), 0.001, e(0.001), True, 0.01)]  # no room
     p, d = best_pair(req, pp, dp)
     assert (p.worker_id, d.worker_id) == ("pb", "da")  # pa's tail finishes it later, and da fits pa's TPOT too
     tight = PredictRequest(100, 11, 1.0, 0.0099)  # (0.05 + 0.05) / 10 > 0.0099: only pb's small tail fits
@@ -440,6 +440,22 @@ def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_o
     # ... and only when it waits at all
     assert pred.prefill_part(loose, PrefillState("p0", TRN, 4096, 8, (), 0.0, arrivals=((1.5, 0.5),)), CS3,
                              0.0) == pred.prefill_part(loose, pstate(), CS3, 0.0)
+
+
+def test_the_tpot_correction_scales_the_decode_side_and_is_observed_against_the_parts():
+    corr = Corrections()
+    base = Predictor(corr).decode_part(REQ, dstate(8))
+    for _ in range(corr.min_samples):  # TPOT seen at twice the parts' prediction on d0 (a shared host, say)
+        corr.observe("d0", "tpot", 2.0, 1.0)
+    got = Predictor(corr).decode_part(REQ, dstate(8))
+    assert got.decode.point_s == pytest.approx(2 * base.decode.point_s)
+    assert got.step.point_s == pytest.approx(2 * base.step.point_s)
+    assert got.running_tpot.point_s == pytest.approx(2 * base.running_tpot.point_s)
+    assert got.decode_model_s == pytest.approx(base.decode.point_s)  # what the correction observes against
+    pp = Predictor(corr).prefill_part(REQ, pstate(), CS3, 0.0)
+    pair = Predictor.combine(REQ, pp, got)
+    assert pair.tpot_model_s == pytest.approx((pp.tail.point_s + base.decode.point_s) / (REQ.max_tokens - 1))
+    assert Predictor(corr).decode_part(REQ, dstate(8, wid="d1")).decode == base.decode  # another worker: its own
 
 
 def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_them_by_one_chunk():
