@@ -18,9 +18,11 @@ from dataclasses import asdict, replace
 from bench.live import FILLER, Outcome, _one, auto_rate, prediction_error, prompt_ids
 
 POLICIES = ("least_loaded", "cost", "sla")
-# one at a time before each replay, so every policy starts with its predictor's corrections warm
-# (the sla policy places rather than rejects on a prior: Router docstring)
-WARMUP_PROMPTS = (16, 32, 64, 128, 256, 16, 64, 128)
+# before each replay, two at a time (idle workers tie: the second goes to the other decode worker), in
+# the replay's classes in turn, so every policy starts with its predictor's corrections warm on every
+# worker and class, "tpot" and each class's "ttft" included (the sla policy places rather than rejects
+# on a prior: Router docstring)
+WARMUP_PROMPTS = (16, 32, 64, 128, 256, 16, 64, 128, 32, 256, 16, 64)
 
 
 def workload(cfg, requests: int):
@@ -46,9 +48,11 @@ async def _replay(cfg, policy: str, rows, rate: float, tok, filler) -> dict:
     classes = [name for name, _ in rows]
     async with Deployment(replace(cfg, router_policy=policy), port=0, metrics_port=0, http_port=0) as dep:
         async with AsyncClient(dep.target) as client:
-            for i, n in enumerate(WARMUP_PROMPTS):  # a serving system is warm: the router rejects only on evidence
-                await _one(client, f"warmup-{i}", prompt_ids(tok, n, filler, i), 4,
-                           cfg.sla_classes[cfg.default_sla_class], 0.0, time.perf_counter())
+            names = list(dict.fromkeys(classes))
+            for k in range(0, len(WARMUP_PROMPTS), 2):  # a serving system is warm: the router rejects only on evidence
+                await asyncio.gather(*(
+                    _one(client, f"warmup-{i}", prompt_ids(tok, n, filler, i), 4, cfg.sla_classes[names[i % len(names)]],
+                         0.0, time.perf_counter()) for i, n in enumerate(WARMUP_PROMPTS[k:k + 2], k)))
             t0 = time.perf_counter()
             outcomes: list[Outcome] = await asyncio.gather(*(
                 _one(client, f"{policy}-{i}", prompt_ids(tok, r.prompt_tokens, filler, i), r.output_tokens,

@@ -22,6 +22,10 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
 
+# a request's TPOT is learned from ("tpot") only with at least this many gaps: a short output's one or
+# two gaps are mostly fixed per-request costs (the handoff to the decode worker, the output poll), a
+# ratio of which would inflate every longer request's prediction and bound
+TPOT_MIN_GAPS = 8
 PHASES = ("prefill", "transfer", "decode", "ttft", "tpot", "local_prefill")  # local_prefill: on a decode worker
 
 

@@ -334,9 +334,11 @@ class Predictor:
         the time it spends in prefill anyway); it shares its (max_tokens - 1) steps with the sequences
         there for as long as they overlap it (DecodeState.sharing: running ones finish, incoming ones
         arrive), at the context of the midpoint of its output (exact mean: perf is linear in ctx).
-        What the running sequences get with it (`running_tpot`, protected against their targets) is
-        the step at today's batch plus one. `hold`: seconds per step the newcomer adds to theirs beyond
-        that (its local prefill: a stall spread over their steps, or the chunk riding each step)."""
+        Local prefills queued there whole (`local_busy_s`) that are still to run when its KV arrives
+        hold up its first step. What the running sequences get with it (`running_tpot`, protected
+        against their targets) is the step at today's batch plus one. `hold`: seconds per step the
+        newcomer adds to theirs beyond that (its local prefill: a stall spread over their steps, or the
+        chunk riding each step)."""
         steps = req.max_tokens - 1
         half = (steps - 1) / 2 if steps > 0 else 0.0
         b, full = st.batch, st.batch >= st.max_batch
@@ -350,6 +352,10 @@ class Predictor:
         if fits and start > arrival_s:
             late = st.start_at_s(need, arrival_s, st.step_now_s * f.bound)
             wait_p, wait_b = wait_p + (start - arrival_s), wait_b + (late - arrival_s)
+        if st.local_busy_s and not st.chunk_tokens:  # whole local prefills still queued at its arrival run first
+            fl = self.corrections.factors(st.worker_id, "local_prefill")
+            wait_p += max(0.0, st.local_busy_s * fl.point - arrival_s)
+            wait_b += max(0.0, st.local_busy_s * fl.bound - arrival_s)
         others = st.sharing(start if fits else arrival_s, steps * (st.step_now_s or st.step_s(1, req.prompt_tokens)))
         own_ctx = (st.ctx_sum * others / b if b else 0.0) + req.prompt_tokens + (others + 1) * half
         own_s = st.step_s(others + 1, own_ctx)

@@ -58,7 +58,7 @@ from kvtransfer.sink import KVRefused
 from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step_time
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
-from orchestrator.core.correction import ttft_key
+from orchestrator.core.correction import TPOT_MIN_GAPS, ttft_key
 from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
@@ -573,8 +573,8 @@ class Engine:
             mean_tpot_ms=((now - t_first) * 1e3 / (run.n_out - 1)) if run.n_out > 1 else 0.0)
         self._ended(req, reason, tokens=run.n_out, ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
         p, q = run.placed, self.router.predictor.corrections.quantile
-        if reason in (FinishReason.STOP, FinishReason.LENGTH) and run.n_out > 1 and p.tpot_model_ms > 0 and (
-                not run.migrations):  # the whole TPOT against the parts' prediction (the "tpot" correction)
+        if (reason in (FinishReason.STOP, FinishReason.LENGTH) and run.n_out > TPOT_MIN_GAPS and p.tpot_model_ms > 0
+                and not run.migrations):  # the whole TPOT against the parts' prediction (the "tpot" correction)
             self.router.predictor.corrections.observe(p.decode_worker, "tpot", timings.mean_tpot_ms / 1e3,
                                                       p.tpot_model_ms / 1e3)
         prediction = Prediction(p.predicted_ttft_ms, p.predicted_tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, q)

@@ -29,7 +29,7 @@ import numpy as np
 from decode.allocator import BlockAllocator
 from decode.scheduler import DecodeSeq, Scheduler
 from hardware.perf import Deployment, Speculative, kv_token_capacity, kv_transfer_time, prefill_time, token_step_time
-from orchestrator.core.correction import Corrections, ttft_key
+from orchestrator.core.correction import TPOT_MIN_GAPS, Corrections, ttft_key
 from orchestrator.core.predictor import Predictor
 from orchestrator.core.request import SLATarget
 from orchestrator.core.router import Placement, Rejection, RouteRequest, Router
@@ -415,7 +415,7 @@ class Simulator:
             i = run.index[f.request_id]
             run.trace.finish[i] = now + path
             unit.tpot_targets[run.sla[i].tpot_ms / 1e3] -= 1
-            if run.tpot_model[i] > 0:  # the request's whole TPOT against its parts' prediction
+            if self.reqs[i].output_tokens > TPOT_MIN_GAPS:  # the request's whole TPOT against its parts' prediction
                 tpot = (now + path - run.trace.first_token[i]) / (self.reqs[i].output_tokens - 1)
                 self.predictor.corrections.observe(unit.uid, "tpot", tpot, run.tpot_model[i])
         if prefilled is not None:

@@ -458,6 +458,16 @@ def test_the_tpot_correction_scales_the_decode_side_and_is_observed_against_the_
     assert Predictor(corr).decode_part(REQ, dstate(8, wid="d1")).decode == base.decode  # another worker: its own
 
 
+def test_whole_local_prefills_queued_at_its_arrival_hold_up_a_newcomers_first_step():
+    pred, queued = Predictor(), DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, local_busy_s=0.3)
+    base = pred.decode_part(REQ, dstate(8), arrival_s=0.1)
+    got = pred.decode_part(REQ, queued, arrival_s=0.1)  # 0.2 s of them are left when its KV arrives
+    assert got.wait.point_s == pytest.approx(base.wait.point_s + 0.2)
+    assert pred.decode_part(REQ, queued, arrival_s=0.5).wait == pred.decode_part(REQ, dstate(8), arrival_s=0.5).wait
+    chunked = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, local_busy_s=0.3, chunk_tokens=16)
+    assert pred.decode_part(REQ, chunked, arrival_s=0.1).wait == base.wait  # chunks ride the steps instead
+
+
 def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_them_by_one_chunk():
     corr = Corrections()
     for _ in range(corr.min_samples):  # observed exactly as predicted: factors 1 at every quantile
