@@ -13,7 +13,8 @@ what steps alone do not show, the time between them, the wait for outputs, a sha
 
 Prior (fewer than `min_samples` observations): the ratio is log-normal with median 1 and log
 standard deviation `prior_sigma` (0.1: the perf model is calibrated to ~10% of published trn2/CS-3
-figures, hardware/profiles.py), so the bound factor is exp(z_q * prior_sigma), 1.137 at p90.
+figures, hardware/profiles.py), so the bound factor is exp(z_q * prior_sigma), 1.137 at p90. The
+"tpot" phase's prior is 1 for both: it scales parts whose bounds already carry their own prior.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class Factors:
 
     point: float  # median observed/predicted ratio
     bound: float  # q-quantile of the ratio
+
+
+NEUTRAL = Factors(1.0, 1.0)
 
 
 def _finite(name: str, value: float) -> float:
@@ -121,7 +125,7 @@ class Corrections:
             return got
         ratios = self._ratios.get(key)
         if ratios is None or len(ratios) < self.min_samples:
-            return self.prior
+            return NEUTRAL if phase == "tpot" else self.prior
         s = sorted(ratios)
         got = self._cache[key] = Factors(quantile(s, 0.5), quantile(s, self.quantile))
         return got

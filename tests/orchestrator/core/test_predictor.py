@@ -444,6 +444,8 @@ def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_o
 
 def test_the_tpot_correction_scales_the_decode_side_and_is_observed_against_the_parts():
     corr = Corrections()
+    cold = corr.factors("d0", "tpot")
+    assert (cold.point, cold.bound) == (1.0, 1.0)  # unlearned: neutral, the parts' bounds carry their own prior
     base = Predictor(corr).decode_part(REQ, dstate(8))
     for _ in range(corr.min_samples):  # TPOT seen at twice the parts' prediction on d0 (a shared host, say)
         corr.observe("d0", "tpot", 2.0, 1.0)
