@@ -20,8 +20,8 @@ from bench.live import FILLER, Outcome, _one, auto_rate, prediction_error, promp
 POLICIES = ("least_loaded", "cost", "sla")
 # before each replay, two at a time (idle workers tie: the second goes to the other decode worker), in
 # the replay's classes in turn, so every policy starts with its predictor's corrections warm on every
-# worker and class, "tpot" and each class's "ttft" included (the sla policy places rather than rejects
-# on a prior: Router docstring)
+# worker and each class's "ttft" (the sla policy places rather than rejects on a prior: Router
+# docstring); "tpot" learns from the replay's outputs of more than TPOT_MIN_GAPS gaps
 WARMUP_PROMPTS = (16, 32, 64, 128, 256, 16, 64, 128, 32, 256, 16, 64)
 
 
