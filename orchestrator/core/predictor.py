@@ -378,13 +378,14 @@ class Predictor:
         is not `fits` unless its KV has room there now (its blocks are reserved at placement)."""
         f = self.corrections.factors(st.worker_id, "decode")
         step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
-        if st.chunk_tokens and st.batch > len(st.incoming):  # its chunks ride the steps of the sequences there,
-            # after those of the prompts placed before it
-            # while sequences decode there (those running, and those placed there once they join: the
-            # local prefills before it among them); what is left then runs whole
+        if st.chunk_tokens and st.batch > len(st.incoming):
+            # its chunks ride the steps after those of the prompts placed before it, while sequences decode
+            # there (those running, and those placed there once they join: the local prefills before it
+            # among them); what is left then runs whole
             c, tokens = st.chunk_tokens, st.local_tokens + req.prompt_tokens
+            hold = self._scaled(st.worker_id, "local_prefill", st.chunk_s())
             step = self._scaled(st.worker_id, "decode", st.token_step(min(st.batch, st.max_batch), st.ctx_sum)
-                                * st.slowdown) + self._scaled(st.worker_id, "local_prefill", st.chunk_s())
+                                * st.slowdown) + hold
             need = -(-tokens // c)
             busy = max(max((r for r, _ in st.remaining), default=0),
                        max((eta / step.point_s + n for eta, _, n, _ in st.incoming), default=0))
@@ -394,7 +395,6 @@ class Predictor:
                                        if rest > 0 else ZERO)
             prefill = done.scale(req.prompt_tokens / tokens)  # its share; the rest is the prompts before it
             wait = step_wait + done + prefill.scale(-1.0)
-            hold = self._scaled(st.worker_id, "local_prefill", st.chunk_s())
         else:  # whole, between two steps: every sequence there stalls once, spread over the steps it has left
             wait = step_wait + self._scaled(st.worker_id, "local_prefill", st.local_busy_s)
             prefill = self._scaled(st.worker_id, "local_prefill", prefill_time(st.dep, [req.prompt_tokens]))

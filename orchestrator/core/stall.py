@@ -13,25 +13,41 @@ STALL_WINDOW_S = 10.0  # seconds of history: long enough to hold many prefills, 
 MAX_FRACTION = 0.9  # a reading is capped here: the stretch stays finite
 
 
-class StallMeter:
-    """Local prefill seconds of one decode worker over a sliding window."""
+class WindowSum:
+    """Seconds added over a sliding window of `window_s` seconds (also orchestrator/core/arrivals.py)."""
 
-    def __init__(self, window_s: float = STALL_WINDOW_S):
+    def __init__(self, window_s: float):
         if not window_s > 0:
             raise ValueError(f"window_s: must be > 0, got {window_s!r}")
         self.window_s = window_s
-        self._runs: deque[tuple[float, float]] = deque()  # (end time, seconds), ascending end time
+        self._runs: deque[tuple[float, float]] = deque()  # (time, seconds), ascending time
         self._sum = 0.0
 
     def add(self, end_s: float, seconds: float) -> None:
-        """A local prefill of `seconds` ended at `end_s` (the clock of `fraction`'s `now`)."""
+        """`seconds` of work counted at `end_s` (the clock of `total`'s `now`)."""
         self._runs.append((end_s, seconds))
         self._sum += seconds
 
-    def fraction(self, now: float) -> float:
-        """Share of (now - window, now] spent in local prefills, in [0, MAX_FRACTION]."""
+    def total(self, now: float) -> float:
+        """Seconds counted in (now - window, now]."""
         while self._runs and self._runs[0][0] <= now - self.window_s:
             self._sum -= self._runs.popleft()[1]
         if not self._runs:
             self._sum = 0.0  # no drift from float sums
-        return min(MAX_FRACTION, max(0.0, self._sum / self.window_s))
+        return self._sum
+
+    @property
+    def empty(self) -> bool:
+        """Nothing counted since the last `total` dropped what left the window."""
+        return not self._runs
+
+
+class StallMeter(WindowSum):
+    """Local prefill seconds of one decode worker over a sliding window (`add(end_s, seconds)` per prefill)."""
+
+    def __init__(self, window_s: float = STALL_WINDOW_S):
+        super().__init__(window_s)
+
+    def fraction(self, now: float) -> float:
+        """Share of (now - window, now] spent in local prefills, in [0, MAX_FRACTION]."""
+        return min(MAX_FRACTION, max(0.0, self.total(now) / self.window_s))

@@ -58,12 +58,12 @@ from kvtransfer.sink import KVRefused
 from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step_time
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
+from orchestrator.core.arrivals import ArrivalMeter, per_token_s
 from orchestrator.core.correction import TPOT_MIN_GAPS, ttft_key
 from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
-from orchestrator.core.arrivals import ArrivalMeter, per_token_s
 from orchestrator.core.stall import StallMeter
 from orchestrator.serving.decode_outputs import DecodeOutputs, WorkerLost
 from orchestrator.serving.workers import Pools, WorkerUnavailable
@@ -190,7 +190,8 @@ class Engine:
         self.decode_loads: dict[str, DecodeLoad] = {}
         self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
         self._queued: dict[str, dict[str, QueuedPrompt]] = {w: {} for w in pools.prefill}  # placed, not prefilled
-        self._arrivals = {w: ArrivalMeter() for w in pools.prefill}  # prefill work placed on each, by TTFT target
+        # prefill work placed on each, by TTFT target
+        self._arrivals = {w: ArrivalMeter(per_token_s(perf, prefill_token_budget)) for w in pools.prefill}
         self._pending_decode = {w: _DecodePending() for w in pools.decode}
         self._live: dict[str, _Run] = {}  # request id -> its run, while it is placed
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
@@ -488,8 +489,7 @@ class Engine:
         else:
             self._queued[placed.prefill_worker][run.key] = QueuedPrompt(ctx, req.arrival_s, sla.priority,
                                                                                sla.ttft_ms / 1e3)
-            self._arrivals[placed.prefill_worker].add(now, sla.ttft_ms / 1e3,
-                                                      ctx * per_token_s(self.perf, self.prefill_token_budget))
+            self._arrivals[placed.prefill_worker].add(now, sla.ttft_ms / 1e3, ctx)
         pend.incoming[run.key] = (now + placed.predicted_ttft_ms / 1e3, ctx + 1, n - 1, ctx + n)
         pend.prompt_tokens += ctx
         if n > 1:

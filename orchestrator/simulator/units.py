@@ -55,8 +55,11 @@ class PrefillUnit:
     # up to date as prompts join at the end and batches leave the head: a view costs O(1), not O(queue)
     _queue: list[QueuedPrompt] = field(default_factory=list)
     _plan: QueuePlan | None = None
-    arrivals: ArrivalMeter = field(default_factory=ArrivalMeter)  # prefill work placed here lately, by target
+    arrivals: ArrivalMeter = field(init=False)  # prefill work placed here lately, by target
     _now: float = 0.0  # the last time its queue changed: its view's arrivals are as of then
+
+    def __post_init__(self) -> None:
+        self.arrivals = ArrivalMeter(per_token_s(self.dep, self.batcher.token_budget))
 
     @property
     def uid(self) -> str:
@@ -66,7 +69,7 @@ class PrefillUnit:
         self.batcher.add(item)
         q, b = _queued(item), self.batcher
         self._now = item.arrival_s
-        self.arrivals.add(item.arrival_s, item.ttft_s, item.n_tokens * per_token_s(self.dep, b.token_budget))
+        self.arrivals.add(item.arrival_s, item.ttft_s, item.n_tokens)
         self._plan = self._plan and append_last(self._plan, self.dep, q, b.token_budget, b.max_batch)
         if self._plan is not None:
             self._queue.append(q)

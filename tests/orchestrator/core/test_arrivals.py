@@ -6,7 +6,7 @@ from orchestrator.core.predictor import Estimate, overtaken
 
 
 def test_loads_per_target_over_the_window():
-    m = ArrivalMeter(window_s=10.0)
+    m = ArrivalMeter(seconds_per_token=1.0, window_s=10.0)  # a token's prefill: a second
     m.add(0.0, 1.5, 2.0)
     m.add(5.0, 1.5, 1.0)
     m.add(6.0, 20.0, 4.0)
@@ -14,7 +14,7 @@ def test_loads_per_target_over_the_window():
     assert m.loads(12.0) == ((1.5, pytest.approx(0.1)), (20.0, pytest.approx(0.4)))  # the first left
     assert m.loads(16.5) == ()  # all gone, targets too
     with pytest.raises(ValueError, match="window_s"):
-        ArrivalMeter(window_s=0.0)
+        ArrivalMeter(1.0, window_s=0.0)
 
 
 def test_only_tighter_targets_overtake_and_only_for_their_head_start():
