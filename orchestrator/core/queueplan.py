@@ -130,7 +130,7 @@ def drop_first_batch(plan: QueuePlan, taken: int) -> QueuePlan | None:
                      tuple(x - k for x in plan.starts[1:]), tuple(accumulate(times)), times)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, for speed: see predictor.Estimate
 class Slot:
     """Where a newcomer lands: its batch and the perf-model time before that batch starts."""
 

@@ -101,7 +101,7 @@ class DecodeView:
         return -(-(self.total_kv_tokens - self.state.free_kv_tokens) // self.block_tokens)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, for speed: see predictor.Estimate
 class Placement:
     prefill_worker: str
     decode_worker: str
