@@ -2,10 +2,12 @@
 
 Pure (times are arguments). The simulator and the live engine add each prompt they place on a
 prefill worker, counted as perf-model seconds of prefill (`per_token_s`: a full batch's time per token);
-`loads(now)` gives, for each TTFT target seen in the last `window_s` seconds, the prefill seconds
-per second that arrived with it (PrefillState.arrivals). The batcher runs the earliest deadline
-(arrival + target) first, so a prompt that arrives later with a target tighter by d seconds runs
-first if it comes within d seconds: the predictor lengthens a newcomer's queue wait by that work.
+`loads(now)` gives, for each TTFT target seen lately, the prefill seconds per second that arrived with
+it over two windows (PrefillState.arrivals): the last `window_s` seconds, which forecast the first
+`window_s` seconds of a wait, and the last `long_window_s`, which forecast the rest (a burst passes:
+over a long wait the load reverts to its mean). The batcher runs the earliest deadline (arrival +
+target) first, so a prompt that arrives later with a target tighter by d seconds runs first if it
+comes within d seconds: the predictor lengthens a newcomer's queue wait by that work (`overtaken`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from hardware.perf import Deployment, prefill_time
 from orchestrator.core.stall import WindowSum
 
 ARRIVAL_WINDOW_S = 10.0  # seconds of history: many arrivals, and it still follows a burst
+LONG_WINDOW_S = 240.0  # seconds of history for the load beyond the first ARRIVAL_WINDOW_S of a wait
 
 
 def per_token_s(dep: Deployment, token_budget: int) -> float:
@@ -21,29 +24,42 @@ def per_token_s(dep: Deployment, token_budget: int) -> float:
 
 
 class ArrivalMeter:
-    """Prefill seconds placed on one worker over a sliding window, per TTFT target."""
+    """Prefill seconds placed on one worker over two sliding windows, per TTFT target."""
 
-    def __init__(self, seconds_per_token: float, window_s: float = ARRIVAL_WINDOW_S):
+    def __init__(self, seconds_per_token: float, window_s: float = ARRIVAL_WINDOW_S,
+                 long_window_s: float = LONG_WINDOW_S):
         """`seconds_per_token`: the worker's prefill time per prompt token (`per_token_s`)."""
         if not window_s > 0:
             raise ValueError(f"window_s: must be > 0, got {window_s!r}")
-        self.seconds_per_token, self.window_s = seconds_per_token, window_s
-        self._by_target: dict[float, WindowSum] = {}  # TTFT target -> its prompts' prefill seconds
+        if not long_window_s >= window_s:
+            raise ValueError(f"long_window_s: must be >= window_s ({window_s!r}), got {long_window_s!r}")
+        self.seconds_per_token, self.window_s, self.long_window_s = seconds_per_token, window_s, long_window_s
+        self._by_target: dict[float, tuple[WindowSum, WindowSum]] = {}  # TTFT target -> (recent, long) windows
+        self._first_s: float | None = None  # when the first prompt was added
 
     def add(self, now: float, ttft_s: float, tokens: int) -> None:
         """A prompt of `tokens` tokens with TTFT target `ttft_s` was placed at `now`."""
-        window = self._by_target.get(ttft_s)
-        if window is None:
-            window = self._by_target[ttft_s] = WindowSum(self.window_s)
-        window.add(now, tokens * self.seconds_per_token)
+        windows = self._by_target.get(ttft_s)
+        if windows is None:
+            windows = self._by_target[ttft_s] = (WindowSum(self.window_s), WindowSum(self.long_window_s))
+        if self._first_s is None:
+            self._first_s = now
+        seconds = tokens * self.seconds_per_token
+        for window in windows:
+            window.add(now, seconds)
 
-    def loads(self, now: float) -> tuple[tuple[float, float], ...]:
-        """(TTFT target, prefill seconds per second) of the last window, ascending target."""
+    def loads(self, now: float) -> tuple[tuple[float, float, float], ...]:
+        """(TTFT target, prefill seconds per second over the last window_s, over the last long_window_s)
+        ascending target. The long load is over the time since the first prompt when that is shorter
+        (but at least window_s): a meter younger than its long window does not dilute its load."""
+        if self._first_s is None:
+            return ()
+        span = min(self.long_window_s, max(self.window_s, now - self._first_s))
         out = []
-        for target, window in list(self._by_target.items()):
-            seconds = window.total(now)
-            if window.empty:
-                del self._by_target[target]  # gone from the window
+        for target, (recent, long) in list(self._by_target.items()):
+            near, far = recent.total(now), long.total(now)
+            if long.empty:
+                del self._by_target[target]  # gone from both windows
             else:
-                out.append((target, seconds / self.window_s))
+                out.append((target, near / self.window_s, far / span))
         return tuple(sorted(out))

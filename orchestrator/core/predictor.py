@@ -22,11 +22,13 @@ and every sequence decoding there stalls once by the prefill's time, spread over
 left (the mean of `remaining`), which must not push it past its TPOT target. The local prefills a
 worker keeps running stretch all its steps: `stall_fraction`, measured (orchestrator/core/stall.py).
 Chunked (`DecodeState.chunk_tokens`, the simulator's): the local prompts ride the steps of the
-sequences decoding there, that many tokens a step, each step longer by perf.chunk_step_time (what
-the running sequences are held up by); what is left once no sequence decodes runs whole.
+sequences decoding there (and of those that will: the local prompts queued before it join once
+prefilled), that many tokens a step, each step longer by perf.chunk_step_time (what the running
+sequences are held up by); what is left once no sequence decodes runs whole.
 
 The queue wait counts the prompts that will arrive during it with a tighter TTFT target and so run
-first (`overtaken`, from the worker's measured arrivals, orchestrator/core/arrivals.py).
+first (`overtaken`, from the worker's measured arrivals, orchestrator/core/arrivals.py: the recent
+load for the first seconds of the wait, the long-run load beyond them, as a burst passes).
 
 The transfer tail sits in TTFT when `first_token_after_transfer` (live: PrefillWorker.prefill
 returns once the KV is committed) and in TPOT otherwise (the simulator releases the first token when
@@ -48,6 +50,7 @@ from typing import Iterable, Sequence
 
 from hardware.perf import (Deployment, Speculative, TokenStep, chunk_step_time, kv_transfer_time, prefill_time,
                            token_step)
+from orchestrator.core.arrivals import ARRIVAL_WINDOW_S
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -97,8 +100,9 @@ class PrefillState:
     queue: tuple[QueuedPrompt, ...] = ()  # waiting prompts, in the order they were added
     busy_until_s: float = 0.0  # seconds (epoch of now): predicted end of the batch in progress; <= now: idle
     slowdown: float = 1.0  # factor on batch times (PerfParams.corun_slowdown_prefill on a shared host)
-    # (TTFT target, perf-model prefill seconds per second) arriving here lately (orchestrator/core/arrivals.py)
-    arrivals: tuple[tuple[float, float], ...] = ()
+    # (TTFT target, perf-model prefill seconds per second arriving here lately: recent, long-run)
+    # (orchestrator/core/arrivals.py)
+    arrivals: tuple[tuple[float, float, float], ...] = ()
     # the queue's batches: plan_queue(dep, queue, token_budget, max_batch, slowdown), computed here unless a
     # caller that keeps it up to date as the queue changes passes it (the simulator: queueplan.append_last)
     plan: QueuePlan | None = field(default=None, repr=False, compare=False)
@@ -381,10 +385,11 @@ class Predictor:
         is not `fits` unless its KV has room there now (its blocks are reserved at placement)."""
         f = self.corrections.factors(st.worker_id, "decode")
         step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
-        if st.chunk_tokens and st.batch > len(st.incoming):
+        if st.chunk_tokens and (st.batch > len(st.incoming) or st.local_tokens and st.incoming):
             # its chunks ride the steps after those of the prompts placed before it, while sequences decode
             # there (those running, and those placed there once they join: the local prefills before it
-            # among them); what is left then runs whole
+            # among them, so with one of those queued it rides even though nothing decodes yet); what is
+            # left then runs whole
             c, tokens = st.chunk_tokens, st.local_tokens + req.prompt_tokens
             hold = self._scaled(st.worker_id, "local_prefill", st.chunk_s())
             step = self._scaled(st.worker_id, "decode", st.token_step(min(st.batch, st.max_batch), st.ctx_sum)
@@ -429,20 +434,25 @@ class Predictor:
         return self.combine(req, pp, self.decode_part(req, d, kv_arrival_s(pp)))
 
 
-def overtaken(wait: Estimate, arrivals: tuple[tuple[float, float], ...], ttft_s: float, point: float,
-              bound: float) -> Estimate:
+def overtaken(wait: Estimate, arrivals: tuple[tuple[float, float, float], ...], ttft_s: float, point: float,
+              bound: float, horizon_s: float = ARRIVAL_WINDOW_S) -> Estimate:
     """A queue wait lengthened by the prompts that will arrive during it with a tighter TTFT target and
     so run first (earliest deadline first): a target tighter by d seconds overtakes for the first d
-    seconds of the wait. `arrivals`: (target, prefill seconds per second), the PrefillState's; `point`,
-    `bound`: the prefill correction's factors. One step of W = W0 + sum load x min(W, d), from
-    W = W0 / (1 - total load) (total load capped at 0.9: the bound stays finite)."""
+    seconds of the wait. `arrivals`: (target, recent load, long-run load), the PrefillState's, in
+    prefill seconds per second: the recent load for the first `horizon_s` seconds of the wait (the
+    meter's recent window), the long-run load beyond; `point`, `bound`: the prefill correction's
+    factors. One step of W = W0 + the work they bring in min(W, d), from W* = the wait under the
+    total loads (each capped at 0.9: the bound stays finite)."""
     out = []
     for w0, k in ((wait.point_s, point), (wait.bound_s, bound)):
-        tighter = [(ttft_s - t, load * k) for t, load in arrivals if t < ttft_s]
+        tighter = [(ttft_s - t, near * k, far * k) for t, near, far in arrivals if t < ttft_s]
         if not tighter:
             return wait
-        w = w0 / (1.0 - min(0.9, sum(x for _, x in tighter)))
-        out.append(w0 + sum(x * min(w, d) for d, x in tighter))
+        near, far = min(0.9, sum(x for _, x, _ in tighter)), min(0.9, sum(y for _, _, y in tighter))
+        w = w0 / (1.0 - near)
+        if w > horizon_s:  # W* = W0 + near x horizon + far x (W* - horizon)
+            w = (w0 + (near - far) * horizon_s) / (1.0 - far)
+        out.append(w0 + sum(x * min(w, d, horizon_s) + y * max(0.0, min(w, d) - horizon_s) for d, x, y in tighter))
     return Estimate(*out)
 
 

@@ -429,7 +429,7 @@ def test_local_prefill_needs_kv_room_now_and_protects_the_running_sequences():
 def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_ones_only():
     pred, q = Predictor(), queue(6)
     loose = PredictRequest(2000, 200, ttft_s=20.0, tpot_s=0.05)
-    calm, busy = pstate(q), PrefillState("p0", TRN, 4096, 8, tuple(q), 0.0, arrivals=((1.5, 0.5),))
+    calm, busy = pstate(q), PrefillState("p0", TRN, 4096, 8, tuple(q), 0.0, arrivals=((1.5, 0.5, 0.5),))
     base, got = pred.prefill_part(loose, calm, CS3, 0.0), pred.prefill_part(loose, busy, CS3, 0.0)
     assert base.queue_wait.point_s > 0
     assert got.queue_wait.point_s == pytest.approx(2 * base.queue_wait.point_s)  # W0 / (1 - 0.5), within 18.5 s
@@ -438,7 +438,7 @@ def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_o
     assert pred.prefill_part(REQ, busy, CS3, 0.0).queue_wait.point_s == pytest.approx(
         pred.prefill_part(REQ, calm, CS3, 0.0).queue_wait.point_s + 0.5 * 0.5)
     # ... and only when it waits at all
-    assert pred.prefill_part(loose, PrefillState("p0", TRN, 4096, 8, (), 0.0, arrivals=((1.5, 0.5),)), CS3,
+    assert pred.prefill_part(loose, PrefillState("p0", TRN, 4096, 8, (), 0.0, arrivals=((1.5, 0.5, 0.5),)), CS3,
                              0.0) == pred.prefill_part(loose, pstate(), CS3, 0.0)
 
 
@@ -494,6 +494,15 @@ def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_t
     idle = DecodeState("d0", CS3, 0, 0, 64, 10**6, chunk_tokens=16)
     whole = DecodeState("d0", CS3, 0, 0, 64, 10**6)
     assert pred.local_parts(REQ, idle) == pred.local_parts(REQ, whole)
+    # nothing decoding yet, but a local prompt placed before it (its sequence incoming, 300 steps): that
+    # one's sequence joins once prefilled, and this prompt's chunks ride its steps
+    ahead = ((0.004, 0, 300, 3000),)
+    queued = DecodeState("d0", CS3, 1, 1000, 64, 10**6, incoming=ahead, chunk_tokens=16, local_tokens=1000,
+                         local_busy_s=prefill_time(CS3, [1000]))
+    unchunked = DecodeState("d0", CS3, 1, 1000, 64, 10**6, incoming=ahead, local_tokens=1000,
+                            local_busy_s=prefill_time(CS3, [1000]))
+    rides, runs_whole = pred.local_parts(REQ, queued)[0], pred.local_parts(REQ, unchunked)[0]
+    assert rides.ttft.point_s > runs_whole.ttft.point_s  # 16 tokens a step is slower than one whole pass
     with pytest.raises(ValueError, match="chunk_tokens"):
         DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=-1)
 
