@@ -385,7 +385,7 @@ class Predictor:
         is not `fits` unless its KV has room there now (its blocks are reserved at placement)."""
         f = self.corrections.factors(st.worker_id, "decode")
         step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
-        if st.chunk_tokens and (st.batch > len(st.incoming) or st.local_tokens and st.incoming):
+        if st.chunk_tokens and (st.batch > len(st.incoming) or (st.local_tokens and st.incoming)):
             # its chunks ride the steps after those of the prompts placed before it, while sequences decode
             # there (those running, and those placed there once they join: the local prefills before it
             # among them, so with one of those queued it rides even though nothing decodes yet); what is
