@@ -36,6 +36,8 @@ def deployment(tmp_path_factory):
     # the frontend's contract, not admission: a default class loose enough that a loaded machine admits
     # every request here (admission: the below-floor test here, test_routing.py, the router's unit tests)
     meta["sla_classes"]["standard"].update(ttft_ms=30000, tpot_ms=2000)
+    # and an interactive class a slower host still admits when idle (this host predicts ~180 ms of its 200)
+    meta["sla_classes"]["interactive"].update(ttft_ms=20000, tpot_ms=1500)
     with running(config_of(tree, tmp_path_factory.mktemp("cfg"))) as run:
         yield run.dep
 
