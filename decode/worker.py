@@ -13,6 +13,10 @@ Local prefill (conditional disaggregation): `prefill_local(request_id, prompt_id
 prefills a short prompt here, between two steps, writing its KV straight into this pool (no
 transfer), samples the first token as the prefill side would, and joins the batch at once. The
 running sequences wait for it: that stall is the router's to weigh (orchestrator/core/predictor.py).
+With `local_chunk_tokens` (chunked local prefill, Sarathi-style) the prompt at the head instead runs
+that many tokens after each step while sequences decode (each chunk its own forward pass, attending
+to the chunks before it: Transformer.prefill_chunk), so a step waits for one chunk, not a whole
+prompt; with nothing to step, the rest of it runs whole.
 
 Streaming: poll `next_tokens(request_id)`; it blocks until new tokens exist or the request ends
 and returns a TokenChunk (finished=True on the last one). A caller with many requests here (the
@@ -25,7 +29,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -94,6 +98,10 @@ class _LocalJob:
     enqueued: float  # perf_counter
     done: asyncio.Future  # -> LocalPrefill
     drawn: int = 0  # random draws its earlier tokens took (a migrated request's)
+    prefilled: int = 0  # prompt tokens whose K/V exist (chunked local prefill)
+    started: float = 0.0  # perf_counter of its first chunk
+    ks: list = field(default_factory=list)  # per layer (prefilled, Hkv, Dh): the chunks' K/V so far
+    vs: list = field(default_factory=list)
 
 
 class DecodeWorker:
@@ -101,7 +109,11 @@ class DecodeWorker:
 
     def __init__(self, *, capacity_tokens: int | None = None, capacity_bytes: int | None = None,
                  block_size: int = 64, max_batch: int = 64, blas_threads: int = 1,
-                 loaded: LoadedModel | None = None):
+                 loaded: LoadedModel | None = None, local_chunk_tokens: int = 0):
+        """`local_chunk_tokens`: prompt tokens of a local prefill run after each step (0: whole)."""
+        if not isinstance(local_chunk_tokens, int) or local_chunk_tokens < 0:
+            raise ValueError(f"local_chunk_tokens: must be an integer >= 0, got {local_chunk_tokens!r}")
+        self.local_chunk_tokens = local_chunk_tokens
         self.blas_threads = blas_threads
         threadpool_limits(limits=blas_threads)  # process-wide: this actor owns its process
         self.loaded = loaded if loaded is not None else load_model()
@@ -213,36 +225,54 @@ class DecodeWorker:
         self._wake.set()
         return await job.done
 
-    async def _run_local(self, loop: asyncio.AbstractEventLoop, job: _LocalJob) -> None:
-        """Step loop, between steps: one local prefill, then the request joins the batch (no transfer)."""
-        rid, result = job.request_id, LocalPrefill()
+    async def _run_local(self, loop: asyncio.AbstractEventLoop, job: _LocalJob, tokens: int | None = None) -> None:
+        """Step loop, between steps: the next `tokens` of the local prefill at the head (None: all it has
+        left); once its prompt is done the request joins the batch (no transfer) and leaves the queue."""
+        rid, result = job.request_id, None
         stream = self._streams.get(rid)
         if stream is not None and not stream.finished and self.pool.state(rid) is TransferState.TRANSFERRING:
             t0 = time.perf_counter()
+            job.started = job.started or t0
+            n = len(job.prompt_ids) - job.prefilled if tokens is None else min(tokens, len(job.prompt_ids) - job.prefilled)
             try:
-                first = await loop.run_in_executor(self._executor, self._local_compute, job)
-                self.pool.commit(rid)
+                first = await loop.run_in_executor(self._executor, self._local_compute, job, n)
+                if first >= 0:
+                    self.pool.commit(rid)
             except KVRefused:  # aborted while it ran: the abort released its blocks and ended its stream
-                first = -1
+                first = -2
             except Exception:  # a bug in the prefill: fail this request, keep the worker alive
                 log.exception("local prefill failed", request_id=rid)
-                first = -1
+                first = -2
                 self._fail(stream, Failure("INTERNAL", "local prefill failed"))
                 if self.pool.state(rid) is not None:
                     self._release_unscheduled(rid)
             t1 = time.perf_counter()
+            self._recent_local.append((n, t1 - t0))
+            if first == -1:  # more chunks to come
+                return
+            result = LocalPrefill()
             if first >= 0:
                 stream.first_token_id = first
                 self._join(rid)  # now, not when the commit callback runs: the next step includes it
-                result = LocalPrefill(first, (t0 - job.enqueued) * 1e3, (t1 - t0) * 1e3)
-            self._recent_local.append((len(job.prompt_ids), t1 - t0))
+                result = LocalPrefill(first, (job.started - job.enqueued) * 1e3, (t1 - job.started) * 1e3)
+        if self._local and self._local[0] is job:
+            self._local.popleft()
         if not job.done.done():
-            job.done.set_result(result)
+            job.done.set_result(result or LocalPrefill())
 
-    def _local_compute(self, job: _LocalJob) -> int:
-        """Executor thread: prefill into this pool's blocks layer by layer, sample the first token."""
-        write = lambda layer, k, v: self.pool.write(job.request_id, layer, 0, k, v)  # noqa: E731
-        logits, _, _ = self.loaded.model.prefill(job.prompt_ids, on_layer=write)  # logits: (V,)
+    def _local_compute(self, job: _LocalJob, n: int) -> int:
+        """Executor thread: the next `n` prompt tokens into this pool's blocks layer by layer; the first
+        token sampled once the prompt is done (-1 until then)."""
+        at = job.prefilled
+        write = lambda layer, k, v: self.pool.write(job.request_id, layer, at, k, v)  # noqa: E731
+        ids = job.prompt_ids[at:at + n]
+        logits, ks, vs = self.loaded.model.prefill_chunk(ids, job.ks, job.vs, on_layer=write)  # logits: (V,)
+        job.prefilled += n
+        if job.prefilled < len(job.prompt_ids):  # the next chunk attends to these
+            job.ks = [np.concatenate([a, b]) for a, b in zip(job.ks, ks)] if job.ks else ks
+            job.vs = [np.concatenate([a, b]) for a, b in zip(job.vs, vs)] if job.vs else vs
+            return -1
+        job.ks = job.vs = []
         return sample_one(logits, job.params, make_rng(job.params, job.drawn))
 
     async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
@@ -429,12 +459,15 @@ class DecodeWorker:
         loop = asyncio.get_running_loop()
         while True:
             self._release_orphans()
-            while self._local:  # between steps: the stall the router counted
-                await self._run_local(loop, self._local.popleft())
+            while self._local and not self.local_chunk_tokens:  # between steps: the stall the router counted
+                await self._run_local(loop, self._local[0])
             with self.pool.lock:
                 plan = self.scheduler.schedule()
             for rid in plan.preempted:
                 log.info("preempted", request_id=rid)
+            if plan.empty and self._local:  # chunked, with nothing to step: the rest of the head runs whole
+                await self._run_local(loop, self._local[0])
+                continue
             if plan.empty:
                 self._wake.clear()
                 try:  # idle: wake for work, or to look for orphaned KV again
@@ -464,6 +497,8 @@ class DecodeWorker:
             self._apply(plan, tokens)
             await asyncio.sleep(0)  # the calls that came during the step run here: part of its cost
             self._recent_steps.append((len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0))
+            if self._local and self.local_chunk_tokens:  # the head's next chunk rides this step
+                await self._run_local(loop, self._local[0], self.local_chunk_tokens)
 
     def _recompute_jobs(self, plan: StepPlan) -> list[tuple[str, list[int]]]:
         jobs = []

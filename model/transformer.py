@@ -108,25 +108,27 @@ class Transformer:
 
     # -- prefill ---------------------------------------------------------------------------
 
-    def _causal_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """q: (T, H, Dh), k, v: (T, Hkv, Dh) -> (T, H*Dh), causal, grouped-query."""
+    def _causal_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, past: int = 0) -> np.ndarray:
+        """q: (T, H, Dh), k, v: (past + T, Hkv, Dh) -> (T, H*Dh), causal, grouped-query: query i sits at
+        position past + i and sees keys 0..past + i."""
         c = self.cfg
         t = q.shape[0]
         g = c.group_size
-        kt = k.transpose(1, 2, 0)  # (Hkv, Dh, T)
-        vh = v.transpose(1, 0, 2)  # (Hkv, T, Dh)
+        kt = k.transpose(1, 2, 0)  # (Hkv, Dh, past + T)
+        vh = v.transpose(1, 0, 2)  # (Hkv, past + T, Dh)
         out = np.empty((t, c.n_heads, c.head_dim), dtype=np.float32)
         for start in range(0, t, PREFILL_QUERY_CHUNK):
             stop = min(t, start + PREFILL_QUERY_CHUNK)
+            seen = past + stop  # keys these queries may see
             # (Hkv, G*n, Dh): query heads of one KV group stacked along rows
             qc = q[start:stop].reshape(stop - start, c.n_kv_heads, g, c.head_dim)
             qc = qc.transpose(1, 2, 0, 3).reshape(c.n_kv_heads, g * (stop - start), c.head_dim)
-            scores = (qc * self._scale) @ kt[:, :, :stop]  # (Hkv, G*n, stop)
-            scores = scores.reshape(c.n_kv_heads, g, stop - start, stop)
-            mask = np.arange(stop)[None, :] > np.arange(start, stop)[:, None]  # (n, stop)
+            scores = (qc * self._scale) @ kt[:, :, :seen]  # (Hkv, G*n, seen)
+            scores = scores.reshape(c.n_kv_heads, g, stop - start, seen)
+            mask = np.arange(seen)[None, :] > np.arange(past + start, past + stop)[:, None]  # (n, seen)
             scores[:, :, mask] = -np.inf
-            probs = softmax_inplace(scores).reshape(c.n_kv_heads, g * (stop - start), stop)
-            ctx = probs @ vh[:, :stop]  # (Hkv, G*n, Dh)
+            probs = softmax_inplace(scores).reshape(c.n_kv_heads, g * (stop - start), seen)
+            ctx = probs @ vh[:, :seen]  # (Hkv, G*n, Dh)
             out[start:stop] = ctx.reshape(c.n_kv_heads, g, stop - start, c.head_dim).transpose(2, 0, 1, 3).reshape(
                 stop - start, c.n_heads, c.head_dim)
         return out.reshape(t, c.n_heads * c.head_dim)
@@ -166,6 +168,31 @@ class Transformer:
         x, ks, vs = self._forward_prompts(ids, on_layer)
         ends = np.cumsum([p.size for p in ids]) - 1
         return self.logits(x[ends]), ks, vs
+
+    def prefill_chunk(self, token_ids, past_ks: list[np.ndarray], past_vs: list[np.ndarray],
+                      on_layer: LayerKVCallback | None = None):
+        """Continue a prompt (chunked prefill): `token_ids` follow the P tokens whose K/V are past_ks,
+        past_vs (per layer (P, Hkv, Dh); empty lists: P = 0). Returns (logits (V,) at the chunk's last
+        position, ks, vs: per layer the chunk's own (n, Hkv, Dh)); chunk after chunk gives what
+        `prefill` of the whole prompt gives. `on_layer(layer, k, v)` gets the chunk's K/V per layer."""
+        ids = self._check_ids(token_ids)
+        past = int(past_ks[0].shape[0]) if past_ks else 0
+        if past + ids.size > self.cfg.context_length:
+            raise ValueError(f"token_ids: {past} + {ids.size} tokens exceed the context window "
+                             f"{self.cfg.context_length}")
+        positions = np.arange(past, past + ids.size)  # (n,)
+        x = self.weights.token_embedding[ids].astype(np.float32)  # (n, D)
+        ks, vs = [], []
+        for layer in range(self.cfg.n_layers):
+            q, k, v = self._qkv(layer, x, positions)
+            ks.append(k)
+            vs.append(v)
+            if on_layer is not None:
+                on_layer(layer, k, v)
+            if past:
+                k, v = np.concatenate([past_ks[layer], k]), np.concatenate([past_vs[layer], v])
+            x = self._finish_layer(layer, x, self._causal_attention(q, k, v, past))
+        return self.logits(x[-1:])[0], ks, vs
 
     def _forward_prompts(self, ids: list[np.ndarray], on_layer):
         """Hidden states (sum T, D) after the last layer, and per-prompt per-layer K/V."""

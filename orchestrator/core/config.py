@@ -78,6 +78,7 @@ class Config:
     router_policy: str
     router_quantile: float  # the predictor's confidence: a request is admitted when its bounds at it meet the SLA
     router_local_prefill_max_tokens: int  # longest prompt a decode worker may prefill itself (0: never)
+    router_local_prefill_chunk_tokens: int  # a local prefill runs this many tokens after each step (0: whole)
     router_max_migrations: int  # placements a request may get after its first when workers die under it
     router_stall_timeout_s: float  # a decode worker with requests on it, silent this long, is lost
     sla_classes: dict[str, SLATarget]  # name -> its targets (SLATarget.sla_class is the name)
@@ -267,6 +268,7 @@ def parse_config(tree: Any, path: Path) -> Config:
     if not 0.0 < quantile < 1.0:
         raise router.error("quantile", f"must be in (0, 1), got {quantile}")
     local_prefill = router.get("local_prefill_max_tokens", int, 0, minimum=0)
+    local_chunk = router.get("local_prefill_chunk_tokens", int, 0, minimum=0)
     max_migrations = router.get("max_migrations", int, 3, minimum=0)
     stall_timeout = router.get("stall_timeout_s", float, 2.0)
     if not 0.5 <= stall_timeout < math.inf:  # NaN fails too; a live worker answers its output poll every 0.5 s
@@ -300,6 +302,7 @@ def parse_config(tree: Any, path: Path) -> Config:
         router_policy=policy,
         router_quantile=quantile,
         router_local_prefill_max_tokens=local_prefill,
+        router_local_prefill_chunk_tokens=local_chunk,
         router_max_migrations=max_migrations,
         router_stall_timeout_s=stall_timeout,
         sla_classes=slas,

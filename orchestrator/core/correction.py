@@ -130,6 +130,25 @@ class Corrections:
         got = self._cache[key] = Factors(quantile(s, 0.5), quantile(s, self.quantile))
         return got
 
+    def remaining(self, worker: str, phase: str, model_s: float, elapsed_s: float) -> tuple[float, float]:
+        """Seconds left (point, bound) of a phase's work in progress, `elapsed_s` into it, whose perf-model
+        time is `model_s`: its ratio is one that exceeds elapsed_s / model_s, so the point and bound are
+        the median and q-quantile of the window's ratios above that. When it has overrun every ratio
+        seen (or the window is not warm and it has overrun the prior's point), it is taken to be as far
+        again beyond its ratio so far as the window's bound is beyond its point, the bound once more."""
+        f, so_far = self.factors(worker, phase), elapsed_s / model_s
+        ratios = self._ratios.get((worker, phase)) if self.warm(worker, phase) else None
+        above = sorted(r for r in ratios if r > so_far) if ratios else []
+        if above:
+            point, bound = quantile(above, 0.5), quantile(above, self.quantile)
+        elif so_far < f.point:  # not warm, not overrun: the prior
+            point, bound = f.point, f.bound
+        else:
+            spread = f.bound / f.point
+            point = so_far * spread
+            bound = point * spread
+        return max(0.0, point * model_s - elapsed_s), max(0.0, bound * model_s - elapsed_s)
+
     def forget(self, worker: str) -> None:
         """Drop a worker's windows, its "ttft" ones included (it was replaced or restarted)."""
         for key in [k for k in self._ratios if k[0] == worker or k[0].startswith(f"{worker}|ttft<=")]:

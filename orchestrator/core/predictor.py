@@ -103,6 +103,7 @@ class PrefillState:
     # (TTFT target, perf-model prefill seconds per second arriving here lately: recent, long-run)
     # (orchestrator/core/arrivals.py)
     arrivals: tuple[tuple[float, float, float], ...] = ()
+    busy_bound_s: float | None = None  # seconds: that end at the corrections' quantile (None: busy_until_s)
     # the queue's batches: plan_queue(dep, queue, token_budget, max_batch, slowdown), computed here unless a
     # caller that keeps it up to date as the queue changes passes it (the simulator: queueplan.append_last)
     plan: QueuePlan | None = field(default=None, repr=False, compare=False)
@@ -112,6 +113,10 @@ class PrefillState:
         _count("max_batch", self.max_batch, 1)
         if not math.isfinite(self.busy_until_s):
             raise ValueError(f"busy_until_s: must be finite, got {self.busy_until_s!r}")
+        if self.busy_bound_s is None:
+            object.__setattr__(self, "busy_bound_s", self.busy_until_s)
+        elif not (self.busy_until_s <= self.busy_bound_s < math.inf):
+            raise ValueError(f"busy_bound_s: must be finite and >= busy_until_s, got {self.busy_bound_s!r}")
         _positive("slowdown", self.slowdown)
         if self.plan is None:
             object.__setattr__(self, "plan", plan_queue(self.dep, self.queue, self.token_budget, self.max_batch,
@@ -140,6 +145,7 @@ class DecodeState:
     local_busy_s: float = 0.0  # perf-model seconds of the local prefills placed here and not yet done
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
+    chunk_pass: bool = False  # each chunk runs as its own forward pass after a step (live), not inside it
     local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
@@ -234,8 +240,10 @@ class DecodeState:
             1.0 - self.stall_fraction)
 
     def chunk_s(self) -> float:
-        """Perf-model seconds a local prefill's chunk adds to each step it rides (hardware/perf.py)."""
-        return chunk_step_time(self.dep, self.chunk_tokens) * self.slowdown
+        """Perf-model seconds a local prefill's chunk adds to each step it rides (hardware/perf.py): its
+        share of a fused forward pass, or with `chunk_pass` a pass of its own."""
+        own = prefill_time(self.dep, [self.chunk_tokens]) if self.chunk_pass else chunk_step_time(self.dep, self.chunk_tokens)
+        return own * self.slowdown
 
 
 # The per-decision records below (and queueplan.Slot, router.Placement) are slotted but not frozen: a
@@ -315,11 +323,11 @@ class Predictor:
         slot = locate(st.plan, st.dep, req.prompt_tokens, req.priority, now, st.token_budget, st.max_batch, st.slowdown,
                       req.ttft_s)
         own_s = prefill_time(st.dep, slot.lengths) * st.slowdown
-        busy = max(0.0, st.busy_until_s - now)
+        busy, busy_b = max(0.0, st.busy_until_s - now), max(0.0, st.busy_bound_s - now)
         corr, w = self.corrections, st.worker_id
         f, ft = corr.factors(w, "prefill"), corr.factors(w, "transfer")
         # plain floats, in the order the Estimate sums would add them (bit-identical, fewer objects)
-        wait = Estimate(busy + slot.before_s * f.point, busy + slot.before_s * f.bound)
+        wait = Estimate(busy + slot.before_s * f.point, busy_b + slot.before_s * f.bound)
         if st.arrivals and wait.bound_s:
             wait = overtaken(wait, st.arrivals, req.ttft_s, f.point, f.bound)
         prefill = Estimate(own_s * f.point, own_s * f.bound)

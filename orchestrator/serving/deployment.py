@@ -42,7 +42,8 @@ class Deployment:
                         local_prefill_max_tokens=self.cfg.router_local_prefill_max_tokens)
         self.engine = Engine(self.pools, router, perf, self.cfg.decode.max_batch, self.cfg.prefill.token_budget,
                              self.cfg.prefill.max_batch, max_migrations=self.cfg.router_max_migrations,
-                             stall_timeout_s=self.cfg.router_stall_timeout_s)
+                             stall_timeout_s=self.cfg.router_stall_timeout_s,
+                             local_chunk_tokens=self.cfg.router_local_prefill_chunk_tokens)
         await self.engine.start()
         cfg_model = lm.weights.config
         try:

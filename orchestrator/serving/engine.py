@@ -165,19 +165,21 @@ class _DecodePending:
     incoming: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
     prompt_tokens: int = 0  # of those
     tpot_targets: dict[str, float] = field(default_factory=dict)  # request id -> seconds, while it is live there
-    local: dict[str, float] = field(default_factory=dict)  # request id -> perf-model seconds of its local prefill,
-    # until it returns
+    local: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> perf-model seconds and
+    # prompt tokens of its local prefill, until it returns
     stalls: StallMeter = field(default_factory=StallMeter)  # its local prefills' share of its time
 
 
 class Engine:
     def __init__(self, pools: Pools, router: Router, perf: Deployment, decode_max_batch: int,
                  prefill_token_budget: int = 4096, prefill_max_batch: int = 8, kv_deadline_s: float = 30.0,
-                 max_migrations: int = 3, stall_timeout_s: float = 2.0):
+                 max_migrations: int = 3, stall_timeout_s: float = 2.0, local_chunk_tokens: int = 0):
         """`perf`: the live model on the cpu profile (orchestrator/serving/perfmodel.py); the batch
         settings are the workers' (cluster.yaml pools.*); `max_migrations`: placements a request may
         get after its first when workers die under it; `stall_timeout_s`: how long a decode worker with
-        work may leave its output poll unanswered before it is declared lost (module docstring)."""
+        work may leave its output poll unanswered before it is declared lost (module docstring);
+        `local_chunk_tokens`: the decode workers' (DecodeWorker: a local prefill runs that many tokens after
+        each step)."""
         self.pools = pools
         self.perf = perf
         self.decode_max_batch = decode_max_batch
@@ -186,6 +188,7 @@ class Engine:
         self.kv_deadline_s = kv_deadline_s
         self.max_migrations = max_migrations
         self.stall_timeout_s = stall_timeout_s
+        self.local_chunk_tokens = local_chunk_tokens
         self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
         self.decode_loads: dict[str, DecodeLoad] = {}
         self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
@@ -329,8 +332,10 @@ class Engine:
             state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming),
                                 l.context_tokens + pend.prompt_tokens,
                                 self.decode_max_batch, l.free_tokens, min(pend.tpot_targets.values(), default=math.inf),
-                                remaining=l.remaining, incoming=incoming, local_busy_s=sum(pend.local.values()),
-                                stall_fraction=pend.stalls.fraction(now))
+                                remaining=l.remaining, incoming=incoming,
+                                local_busy_s=sum(s for s, _ in pend.local.values()),
+                                stall_fraction=pend.stalls.fraction(now), chunk_tokens=self.local_chunk_tokens,
+                                local_tokens=sum(n for _, n in pend.local.values()), chunk_pass=True)
             dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
         return pf, dc
 
@@ -339,14 +344,15 @@ class Engine:
         (still running while one of its prompts has not come back)."""
         queued = self._queued[w]
         running = {rid for rid in load.running if rid in queued}
-        busy_until = 0.0
-        if running:
-            f = self.router.predictor.corrections.factors(w, "prefill").point
-            started = self._load_at[w] - load.running_elapsed_s
-            busy_until = max(now, started + prefill_time(self.perf, load.running_lengths) * f)
+        busy_until = busy_bound = 0.0
+        if running:  # what it has left, given how long it has run (Corrections.remaining)
+            elapsed = now - (self._load_at[w] - load.running_elapsed_s)
+            left, left_b = self.router.predictor.corrections.remaining(
+                w, "prefill", prefill_time(self.perf, load.running_lengths), elapsed)
+            busy_until, busy_bound = now + left, now + left_b
         queue = tuple(q for rid, q in queued.items() if rid not in running)
         state = PrefillState(w, self.perf, self.prefill_token_budget, self.prefill_max_batch, queue, busy_until,
-                             arrivals=self._arrivals[w].loads(now))
+                             arrivals=self._arrivals[w].loads(now), busy_bound_s=busy_bound)
         return PrefillView(state, sum(load.running_lengths) if running else 0, w not in self.unhealthy)
 
     # -- one request ---------------------------------------------------------------------
@@ -483,7 +489,7 @@ class Engine:
         pend, n, ctx = self._pending_decode[placed.decode_worker], req.sampling.max_tokens - run.n_out, run.context_tokens
         now = time.monotonic()
         if placed.local:
-            pend.local[run.key] = prefill_time(self.perf, [ctx])
+            pend.local[run.key] = (prefill_time(self.perf, [ctx]), ctx)
         elif run.n_out:  # mid-stream (a migration), the next token is due within a TPOT
             self._queued[placed.prefill_worker][run.key] = QueuedPrompt(ctx, now, sla.priority, sla.tpot_ms / 1e3)
         else:

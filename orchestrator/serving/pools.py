@@ -120,7 +120,8 @@ async def build_pools(cfg: Config) -> Pools:
             name=f"pdorch.{wid}.{tag}", num_cpus=d.num_cpus, resources=dict(d.ray_resources), max_concurrency=1000,
             max_restarts=WORKER_MAX_RESTARTS).remote(
             capacity_tokens=d.kv_capacity_tokens, block_size=d.block_tokens, max_batch=d.max_batch,
-            blas_threads=d.blas_threads, kv_host=d.kv_host, kv_security=security)
+            blas_threads=d.blas_threads, kv_host=d.kv_host, kv_security=security,
+            local_chunk_tokens=cfg.router_local_prefill_chunk_tokens)
         pools.decode[wid], pools.actors[wid] = DecodeHandle(wid, ray_calls(wid, actor)), actor
         pools.hardware[wid] = d.hardware
     for i in range(p.workers):

@@ -292,7 +292,8 @@ def test_next_outputs_multiplexes_one_owners_requests_and_forgets_finished_ones(
     run(lm, body)
 
 
-def test_local_prefill_streams_what_a_handoff_would_and_holds_nothing_after(lm, book):
+@pytest.mark.parametrize("chunk", [0, 7])  # whole; chunked, but with nothing to step it runs whole
+def test_local_prefill_streams_what_a_handoff_would_and_holds_nothing_after(lm, book, chunk):
     async def body(w: DecodeWorker):
         ref = book.get(3)
         greedy = SamplingParams(max_tokens=10)
@@ -306,12 +307,54 @@ def test_local_prefill_streams_what_a_handoff_would_and_holds_nothing_after(lm, 
         ids, _, _ = await drain(w, "seeded")
         assert ids == [t.token_id for t in generate(lm.model, lm.tokenizer, ref.prompt, seeded)]  # first included
         load = await w.load()
-        assert [n for n, _ in load.local_prefills] == [len(ref.prompt)] * 2
+        ran = [n for n, _ in load.local_prefills]
+        assert ran == [len(ref.prompt)] * 2 if not chunk else sum(ran) == 2 * len(ref.prompt)
         assert_all_blocks_free(w)
-    run(lm, body)
+    run(lm, body, local_chunk_tokens=chunk)
 
 
-def test_local_prefill_refuses_bad_input_and_no_room_and_an_abort_frees_it(lm, book):
+def test_a_chunked_local_prefill_rides_the_steps_and_streams_exact_tokens(lm, book):
+    """With a sequence decoding, the local prompt runs 5 tokens after each step: both stream what
+    in-process generation gives, the steps go on meanwhile, and the chunks are reported."""
+    async def body(w: DecodeWorker):
+        running, local = book.get(2), book.get(4)
+        first = await started(w, "running", running, max_tokens=40)
+        steps_before = w.steps
+        got = await w.prefill_local("local", local.prompt, SamplingParams(max_tokens=10))
+        assert got.ran and got.first_token == local.tokens[0]
+        assert w.steps - steps_before >= len(local.prompt) // 5  # a step between any two chunks
+        ids, _, _ = await drain(w, "local")
+        assert judge(tuple(ids), local, True, 10)[0]
+        ids, _, _ = await drain(w, "running", start=len(first.token_ids))
+        assert judge(tuple(first.token_ids) + tuple(ids), running, True, 40)[0]
+        chunks = [n for n, _ in (await w.load()).local_prefills]
+        assert sum(chunks) == len(local.prompt) and max(chunks) == 5 and len(chunks) >= len(local.prompt) // 5
+        assert_all_blocks_free(w)
+    run(lm, body, local_chunk_tokens=5)
+
+
+def test_an_abort_between_chunks_frees_the_local_prefill(lm, book):
+    async def body(w: DecodeWorker):
+        running, local = book.get(2), book.get(5)
+        await started(w, "running", running, max_tokens=60)
+        pending = asyncio.ensure_future(w.prefill_local("local", local.prompt, SamplingParams(max_tokens=4)))
+        while not (await w.load()).local_prefills:  # at least one chunk ran
+            await asyncio.sleep(0.005)
+        await w.abort("local")
+        assert not (await pending).ran
+        await w.abort("running")
+        await asyncio.sleep(0.05)
+        assert_all_blocks_free(w)
+    run(lm, body, local_chunk_tokens=3)
+
+
+def test_local_chunk_tokens_must_be_a_count(lm):
+    with pytest.raises(ValueError, match="local_chunk_tokens"):
+        worker(lm, local_chunk_tokens=-1)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_local_prefill_refuses_bad_input_and_no_room_and_an_abort_frees_it(lm, book, chunk):
     async def body(w: DecodeWorker):
         ref = book.get(1)
         params = SamplingParams(max_tokens=4)
@@ -330,7 +373,7 @@ def test_local_prefill_refuses_bad_input_and_no_room_and_an_abort_frees_it(lm, b
         assert_all_blocks_free(w)
         _, _, last = await drain(w, "queued")
         assert last.finish_reason is FinishReason.ABORT
-    run(lm, body)
+    run(lm, body, local_chunk_tokens=chunk)
 
 
 def test_a_request_continued_after_its_first_tokens_streams_what_the_uninterrupted_run_would(lm, book):

@@ -176,3 +176,30 @@ def test_a_subnormal_temperature_samples_the_argmax_and_a_negative_seed_is_refus
         assert sample_one(logits, SamplingParams(temperature=temperature), rng) == 1
     with pytest.raises(ValueError, match="seed: must be >= 0"):
         SamplingParams(seed=-1).validate()
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (16, 16, 3), (5, 40), (64,)])
+def test_chunked_prefill_equals_whole_prefill(lm, sizes):
+    """Chunk after chunk (each attending to the K/V of those before it) gives the whole prompt's last
+    logits and per-layer K/V, to float32 rounding."""
+    ids = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog, then naps in the sun " * 3)
+    ids = ids[:sum(sizes)]
+    whole_logits, whole_ks, whole_vs = lm.model.prefill(ids)
+    ks, vs, at, seen = [], [], 0, []
+    for n in sizes:
+        logits, k, v = lm.model.prefill_chunk(ids[at:at + n], ks, vs, on_layer=lambda layer, k, v: seen.append(layer))
+        ks = [np.concatenate([a, b]) for a, b in zip(ks, k)] if ks else k
+        vs = [np.concatenate([a, b]) for a, b in zip(vs, v)] if vs else v
+        at += n
+    assert seen == list(range(lm.model.cfg.n_layers)) * len(sizes)
+    np.testing.assert_allclose(logits, whole_logits, rtol=1e-4, atol=1e-3)
+    assert int(logits.argmax()) == int(whole_logits.argmax())
+    for a, b in zip(ks + vs, list(whole_ks) + list(whole_vs)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_chunk_refuses_what_would_pass_the_context_window(lm):
+    ctx = lm.model.cfg.context_length
+    past = [np.zeros((ctx, lm.model.cfg.n_kv_heads, lm.model.cfg.head_dim), np.float32)] * lm.model.cfg.n_layers
+    with pytest.raises(ValueError, match="context window"):
+        lm.model.prefill_chunk([1], past, past)

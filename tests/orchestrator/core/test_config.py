@@ -79,6 +79,8 @@ def _tree():
     (lambda t: t["metadata"]["frontend"].update(port=-1), "metadata.frontend.port"),
     (lambda t: t["metadata"]["frontend"].update(shutdown_grace_s=-1), "metadata.frontend.shutdown_grace_s"),
     (lambda t: t["metadata"]["router"].update(quantile=1.0), "metadata.router.quantile"),
+    (lambda t: t["metadata"]["router"].update(local_prefill_chunk_tokens=-1),
+     "metadata.router.local_prefill_chunk_tokens"),
     (lambda t: t["metadata"]["sla_classes"]["batch"].update(priority="low"), "metadata.sla_classes.batch.priority"),
     (lambda t: t["metadata"]["workload"].update(target_rate="fast"), "metadata.workload.target_rate"),
     (lambda t: t["metadata"]["workload"].update(target_rate=0), "metadata.workload.target_rate"),

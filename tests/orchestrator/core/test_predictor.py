@@ -185,6 +185,35 @@ def test_prior_spread_is_the_documented_lognormal():
     assert corr.factors("d0", "decode") == f
 
 
+def test_a_batch_in_progress_has_left_what_its_ratio_above_the_time_so_far_gives():
+    corr = Corrections(0.9, window=8)
+    # cold, on time: the prior; cold and overrun: as far again beyond as the prior's spread
+    assert corr.remaining("p0", "prefill", 2.0, 0.5) == pytest.approx((1.5, 2.0 * corr.prior.bound - 0.5))
+    spread = corr.prior.bound
+    assert corr.remaining("p0", "prefill", 2.0, 3.0) == pytest.approx((3.0 * spread - 3.0, 3.0 * spread ** 2 - 3.0))
+    for r in (1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 3.0):
+        corr.observe("p0", "prefill", r, 1.0)
+    # just started: the whole window
+    assert corr.remaining("p0", "prefill", 1.0, 0.0) == pytest.approx((1.4, 2.3))
+    # 1.4 s into a 1 s batch: its ratio is one of 1.5, 1.8, 2.0, 3.0
+    assert corr.remaining("p0", "prefill", 1.0, 1.4) == pytest.approx((1.9 - 1.4, 2.7 - 1.4))
+    # past every ratio seen: still some left, never a batch predicted to end now
+    point, bound = corr.remaining("p0", "prefill", 1.0, 3.5)
+    f = corr.factors("p0", "prefill")
+    assert point == pytest.approx(3.5 * f.bound / f.point - 3.5) and bound > point > 0
+
+
+def test_the_batch_in_progress_end_bounds_the_wait_at_its_own_quantile():
+    pred = Predictor()
+    same = PrefillState("p0", TRN, 4096, 8, (), 1.0)
+    later = PrefillState("p0", TRN, 4096, 8, (), 1.0, busy_bound_s=1.5)
+    a, b = pred.prefill_part(REQ, same, CS3, 0.0), pred.prefill_part(REQ, later, CS3, 0.0)
+    assert same.busy_bound_s == 1.0 and b.queue_wait.point_s == a.queue_wait.point_s
+    assert b.queue_wait.bound_s == pytest.approx(a.queue_wait.bound_s + 0.5)
+    with pytest.raises(ValueError, match="busy_bound_s"):
+        PrefillState("p0", TRN, 4096, 8, (), 1.0, busy_bound_s=0.5)
+
+
 def test_transfer_goes_into_tpot_when_the_first_token_leaves_before_it():
     live, sim = Predictor(), Predictor(first_token_after_transfer=False)
     a, b = live.predict(REQ, pstate(), dstate(8), 0.0), sim.predict(REQ, pstate(), dstate(8), 0.0)
@@ -505,6 +534,11 @@ def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_t
     assert rides.ttft.point_s > runs_whole.ttft.point_s  # 16 tokens a step is slower than one whole pass
     with pytest.raises(ValueError, match="chunk_tokens"):
         DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=-1)
+    # live, each chunk is a forward pass of its own after the step: it costs the whole pass, fixed latency and all
+    own = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=16, local_tokens=40, chunk_pass=True)
+    assert own.chunk_s() == pytest.approx(prefill_time(CS3, [16]))
+    assert pred.local_parts(REQ, own)[1].running_tpot.point_s == pytest.approx(
+        remote.running_tpot.point_s + prefill_time(CS3, [16]))
 
 
 def test_stall_fraction_stretches_every_step():

@@ -40,16 +40,17 @@ def _warm_router(local_prefill_max_tokens: int = 0, prefill_ratio: float = 1.0) 
     return Router("sla", Predictor(corr), local_prefill_max_tokens=local_prefill_max_tokens)
 
 
-def _stack(lm, router: Router):
+def _stack(lm, router: Router, local_chunk_tokens: int = 0):
     """(decode workers by id, the engine) over one prefill worker; start the workers and the engine."""
-    decode = {w: DecodeWorker(capacity_tokens=4096, block_size=16, max_batch=4, blas_threads=1, loaded=lm)
-              for w in ("decode-0", "decode-1")}
+    decode = {w: DecodeWorker(capacity_tokens=4096, block_size=16, max_batch=4, blas_threads=1, loaded=lm,
+                              local_chunk_tokens=local_chunk_tokens) for w in ("decode-0", "decode-1")}
     backend = InProcessBackend({w: KVReceiver(d.kv_sink, expected_layout=d.layout) for w, d in decode.items()})
     prefill = PrefillWorker("prefill-0", blas_threads=1, transfer_backend=backend, loaded=lm)
     pools = Pools(prefill={"prefill-0": PrefillHandle("prefill-0", LocalCalls(prefill))},
                   decode={w: DecodeHandle(w, LocalCalls(d)) for w, d in decode.items()},
                   kv_targets={w: w for w in decode})
-    return decode, Engine(pools, router, live_deployment("smollm2-135m")[0], decode_max_batch=4)
+    return decode, Engine(pools, router, live_deployment("smollm2-135m")[0], decode_max_batch=4,
+                          local_chunk_tokens=local_chunk_tokens)
 
 
 async def _serve(engine: Engine, prompt: list[int], n: int, max_tokens: int = 8):
@@ -92,15 +93,18 @@ def test_interactive_requests_avoid_the_saturated_decode_worker(lm):
     assert all(f.prediction is not None and f.prediction.tpot_bound_ms <= INTERACTIVE.tpot_ms for f in finals)
 
 
-def test_a_short_prompt_is_prefilled_on_the_decode_worker_with_the_same_tokens(lm):
+@pytest.mark.parametrize("chunk", [0, 5])  # whole, or chunked (run whole too: nothing else decodes there)
+def test_a_short_prompt_is_prefilled_on_the_decode_worker_with_the_same_tokens(lm, chunk):
     """The prefill worker has been seen running ten times slower than its model (a contended host): the
     decode workers' own prefill (same model, no transfer) is predicted to finish sooner, for prompts
     short enough for it, even once their own corrections learn how slow this machine is."""
     prompt = lm.tokenizer.chat_ids([ChatMessage("user", "Name a colour.")])
 
     async def main(local: int):
-        decode, engine = _stack(lm, _warm_router(local, prefill_ratio=10.0))
+        decode, engine = _stack(lm, _warm_router(local, prefill_ratio=10.0), chunk)
         await engine.start()
+        states = [v.state for v in engine.views()[1]]  # the router predicts the chunking the workers do
+        assert all(st.chunk_tokens == chunk and st.chunk_pass for st in states)
         try:
             outs, finals = await _serve(engine, prompt, 3)
             await asyncio.sleep(0.3)  # load refreshes: the local prefills reach the corrections
