@@ -9,11 +9,16 @@ cos/sin are gathered once per step and applied to q and k together; norms, SiLU 
 run in place in preallocated buffers. Attention is decode/attention.py. Elementwise math is the
 reference's, op for op; GEMM and reduction sums run in another order (~1e-6 relative), which the
 exactness tests' near-tie rule covers.
+
+A step can carry a chunk of a prompt being prefilled on this worker (`ChunkInput`: chunked local
+prefill, Sarathi-style): its tokens are extra columns of every projection, so the weights are read
+once for both; its attention is the prompt's causal attention over the chunks before it
+(Transformer.causal_attention), and it gets logits only for its last position, on its last chunk.
 """
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +49,21 @@ class LayerProjections:
 
 
 _projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(slots=True)
+class ChunkInput:
+    """A chunk of a prompt riding a step: its tokens at positions start.., after the K/V of the prompt's
+    tokens before it (per layer (start, Hkv, Dh); empty lists: start = 0). The step fills the rest."""
+
+    token_ids: np.ndarray  # (c,)
+    start: int
+    past_ks: list[np.ndarray] = field(default_factory=list)
+    past_vs: list[np.ndarray] = field(default_factory=list)
+    last: bool = False  # the prompt's last chunk: logits for its last position
+    ks: list[np.ndarray] = field(default_factory=list)  # out: per layer the chunk's own K/V, (c, Hkv, Dh)
+    vs: list[np.ndarray] = field(default_factory=list)
+    logits: np.ndarray | None = None  # out, when last: (V,)
 
 
 def model_projections(model: Transformer) -> tuple[list[LayerProjections], Projection]:
@@ -101,32 +121,42 @@ class DecodeCore:
         assert all(len(alloc.block_table(r)) * alloc.block_size > p for r, p in zip(request_ids, positions))
         return BatchInput(np.asarray(token_ids, dtype=np.int64), pos, tables)
 
-    def forward(self, batch: BatchInput) -> np.ndarray:
-        """One step: store each fed token's KV, return logits (B, V)."""
+    def forward(self, batch: BatchInput, chunk: ChunkInput | None = None) -> np.ndarray:
+        """One step: store each fed token's KV, return logits (B, V); `chunk` rides it (module docstring)."""
         cache = PagedBatchAttention(self.pool, batch, self.ws, self._scale, gemv=self.vectors)
-        split = self.ws.split if 2 <= len(batch.token_ids) <= self.small_max_batch else None
+        cols = len(batch.token_ids) + (0 if chunk is None else len(chunk.token_ids))
+        split = self.ws.split if 2 <= cols <= self.small_max_batch else None
         if self.threads < 2:
-            return self._forward(batch, cache, split)
+            return self._forward(batch, cache, split, chunk)
         # see decode/blas.py: idle BLAS threads must not spin over the helper thread's work
         blas.set_spin(blas.SHORT_TIMEOUT_LOG2 if cache.splits or split else blas.DEFAULT_TIMEOUT_LOG2)
         if split is None:
-            return self._forward(batch, cache, split)
+            return self._forward(batch, cache, split, chunk)
         blas.set_threads(1)  # row blocks: the caller and the helper thread run the single-threaded kernel
         try:
-            return self._forward(batch, cache, split)
+            return self._forward(batch, cache, split, chunk)
         finally:
             blas.set_threads(self.threads)
 
-    def _forward(self, batch: BatchInput, cache: PagedBatchAttention, split: Split | None) -> np.ndarray:
-        """The step; split: run projections as small-kernel row blocks (decode/projection.py)."""
+    def _forward(self, batch: BatchInput, cache: PagedBatchAttention, split: Split | None,
+                 chunk: ChunkInput | None = None) -> np.ndarray:
+        """The step; split: run projections as small-kernel row blocks (decode/projection.py). The
+        chunk's n tokens are columns B.. of every activation (B + n columns)."""
         m, c, ws = self.model, self.model.cfg, self.ws
-        b, dh, hq, hkv = len(batch.token_ids), c.head_dim, c.n_heads, c.n_kv_heads
+        b0, dh, hq, hkv = len(batch.token_ids), c.head_dim, c.n_heads, c.n_kv_heads
         half, f, eps = dh // 2, c.d_ff, np.float32(c.rms_eps)
-        cos, sin = m.rope.cos[batch.positions].T, m.rope.sin[batch.positions].T  # (Dh/2, B)
+        ids, positions = batch.token_ids, batch.positions
+        if chunk is not None:
+            n = len(chunk.token_ids)
+            ids = np.concatenate([ids, chunk.token_ids])
+            positions = np.concatenate([positions, np.arange(chunk.start, chunk.start + n)])
+            chunk.ks, chunk.vs = [], []
+        b = len(ids)  # columns: the batch's tokens, then the chunk's
+        cos, sin = m.rope.cos[positions].T, m.rope.sin[positions].T  # (Dh/2, B)
         cos2 = np.concatenate([cos, cos])[None]  # (1, Dh, B)
         sin2 = np.concatenate([-sin, sin])[None]  # rotate-half signs folded in
         n_qk = hq + hkv
-        h = np.ascontiguousarray(m.weights.token_embedding[batch.token_ids].T, dtype=np.float32)  # (D, B)
+        h = np.ascontiguousarray(m.weights.token_embedding[ids].T, dtype=np.float32)  # (D, B)
         hn = ws.get("hn", h.shape)  # (D, B) normed
         ms = ws.get("ms", (b,))
         qkv = ws.get("qkv", (n_qk + hkv, dh, b))  # (H + 2Hkv, Dh, B)
@@ -143,9 +173,11 @@ class DecodeCore:
             np.multiply(qk[:, half:], sin2[:, :half], out=sw[:, :half])
             np.multiply(qk[:, :half], sin2[:, half:], out=sw[:, half:])
             rot += sw
-            attn = cache.attend(layer, rot[:hq].transpose(2, 0, 1), rot[hq:].transpose(2, 0, 1),
-                                qkv[n_qk:].transpose(2, 0, 1))  # (B, H, Dh)
-            p.wo.apply(attn.reshape(b, -1).T, proj, split, self.vectors)
+            attn = cache.attend(layer, rot[:hq, :, :b0].transpose(2, 0, 1), rot[hq:, :, :b0].transpose(2, 0, 1),
+                                qkv[n_qk:, :, :b0].transpose(2, 0, 1)).reshape(b0, -1)  # (B0, H*Dh)
+            if chunk is not None:
+                attn = np.concatenate([attn, self._chunk_attention(chunk, layer, rot, qkv, b0, hq, n_qk)])
+            p.wo.apply(attn.T, proj, split, self.vectors)
             h += proj
             _rms_norm_fm(h, w.ffn_norm, eps, hn, ms)
             p.gate_up.apply(hn, gu, split, self.vectors)
@@ -158,9 +190,26 @@ class DecodeCore:
             p.down.apply(act, proj, split, self.vectors)
             h += proj
         _rms_norm_fm(h, m.weights.final_norm, eps, hn, ms)
+        if chunk is not None:  # logits for the batch, and for the chunk's last position on its last chunk
+            rows = np.concatenate([hn[:, :b0], hn[:, -1:]], axis=1) if chunk.last else hn[:, :b0]
+            logits = rows.T @ self.lm_head.w.T  # (B0 (+1), V)
+            chunk.logits = logits[b0] if chunk.last else None
+            return logits[:b0]
         if split is None:
             return hn.T @ self.lm_head.w.T  # (B, V)
         return np.ascontiguousarray(self.lm_head.apply(hn, ws.get("logits", (c.vocab_size, b)), split, self.vectors).T)
+
+    def _chunk_attention(self, chunk: ChunkInput, layer: int, rot: np.ndarray, qkv: np.ndarray, b0: int, hq: int,
+                         n_qk: int) -> np.ndarray:
+        """The chunk's columns of rot / qkv: keep its K/V, attend over the prompt so far -> (n, H*Dh)."""
+        q = rot[:hq, :, b0:].transpose(2, 0, 1)  # (n, H, Dh)
+        k = np.ascontiguousarray(rot[hq:, :, b0:].transpose(2, 0, 1))  # (n, Hkv, Dh)
+        v = np.ascontiguousarray(qkv[n_qk:, :, b0:].transpose(2, 0, 1))
+        chunk.ks.append(k)
+        chunk.vs.append(v)
+        if chunk.past_ks:
+            k, v = np.concatenate([chunk.past_ks[layer], k]), np.concatenate([chunk.past_vs[layer], v])
+        return self.model.causal_attention(q, k, v, chunk.start)
 
     @staticmethod
     def sample(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:

@@ -13,10 +13,10 @@ Local prefill (conditional disaggregation): `prefill_local(request_id, prompt_id
 prefills a short prompt here, between two steps, writing its KV straight into this pool (no
 transfer), samples the first token as the prefill side would, and joins the batch at once. The
 running sequences wait for it: that stall is the router's to weigh (orchestrator/core/predictor.py).
-With `local_chunk_tokens` (chunked local prefill, Sarathi-style) the prompt at the head instead runs
-that many tokens after each step while sequences decode (each chunk its own forward pass, attending
-to the chunks before it: Transformer.prefill_chunk), so a step waits for one chunk, not a whole
-prompt; with nothing to step, the rest of it runs whole.
+With `local_chunk_tokens` (chunked local prefill, Sarathi-style) the prompt at the head instead rides
+the steps while sequences decode, that many tokens a step, inside the step's own forward pass
+(decode/core.py ChunkInput), so a step takes one chunk longer rather than waiting for a whole
+prompt; with nothing to step, the rest of it runs whole (Transformer.prefill_chunk).
 
 Streaming: poll `next_tokens(request_id)`; it blocks until new tokens exist or the request ends
 and returns a TokenChunk (finished=True on the last one). A caller with many requests here (the
@@ -35,7 +35,7 @@ import numpy as np
 import structlog
 from threadpoolctl import threadpool_limits
 
-from decode.core import DecodeCore, model_layout
+from decode.core import ChunkInput, DecodeCore, model_layout
 from decode.pool import PagedKVPool
 from decode.scheduler import DecodeSeq, Finished, Scheduler, StepPlan
 from decode.stream import RequestStream, TokenChunk
@@ -66,8 +66,9 @@ class DecodeLoad:
     remaining: tuple[tuple[int, int], ...] = ()  # (tokens it may still generate, context tokens it holds) of
     # each running sequence, ascending (Scheduler.running_remaining)
     kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
-    steps: tuple[tuple[int, int, float], ...] = ()  # (batch, context tokens, seconds) of the steps since the
-    # last load(): each is one busy loop iteration (schedule, forward, sample, stream), what a token costs
+    steps: tuple[tuple[int, int, float, int], ...] = ()  # (batch, context tokens, seconds, chunk tokens) of the
+    # steps since the last load(): each is one busy loop iteration (schedule, forward, sample, stream), what
+    # a token costs; chunk tokens: of a local prefill that rode the step (0: none)
     local_prefills: tuple[tuple[int, float], ...] = ()  # (prompt tokens, seconds) of the local prefills since
     # the last load(): each held up the batch for its seconds
     orphans_released: int = 0  # committed KV never submitted, released by the ORPHAN_KV_S backstop (ever)
@@ -122,7 +123,7 @@ class DecodeWorker:
                                 capacity_bytes=capacity_bytes, max_context=model.cfg.context_length)
         self.scheduler = Scheduler(self.pool.allocator, max_batch)
         self.core = DecodeCore(model, self.pool, threads=blas_threads)
-        self._recent_steps: deque[tuple[int, int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
+        self._recent_steps: deque[tuple[int, int, float, int]] = deque(maxlen=RECENT_STEPS_KEPT)
         self._recent_local: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
         self._streams: dict[str, RequestStream] = {}
         self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
@@ -225,55 +226,86 @@ class DecodeWorker:
         self._wake.set()
         return await job.done
 
-    async def _run_local(self, loop: asyncio.AbstractEventLoop, job: _LocalJob, tokens: int | None = None) -> None:
-        """Step loop, between steps: the next `tokens` of the local prefill at the head (None: all it has
-        left); once its prompt is done the request joins the batch (no transfer) and leaves the queue."""
-        rid, result = job.request_id, None
-        stream = self._streams.get(rid)
-        if stream is not None and not stream.finished and self.pool.state(rid) is TransferState.TRANSFERRING:
-            t0 = time.perf_counter()
-            job.started = job.started or t0
-            n = len(job.prompt_ids) - job.prefilled if tokens is None else min(tokens, len(job.prompt_ids) - job.prefilled)
+    def _local_live(self, job: _LocalJob) -> bool:
+        """The local prefill's request still wants it (not aborted, not ended)."""
+        stream = self._streams.get(job.request_id)
+        return (stream is not None and not stream.finished
+                and self.pool.state(job.request_id) is TransferState.TRANSFERRING)
+
+    async def _run_local(self, loop: asyncio.AbstractEventLoop, job: _LocalJob) -> None:
+        """Step loop, between steps: what the local prefill at the head has left, whole; then the request
+        joins the batch (no transfer) and leaves the queue."""
+        first, t0 = -1, time.perf_counter()
+        if self._local_live(job):
+            n = len(job.prompt_ids) - job.prefilled
             try:
-                first = await loop.run_in_executor(self._executor, self._local_compute, job, n)
-                if first >= 0:
-                    self.pool.commit(rid)
+                first = await loop.run_in_executor(self._executor, self._local_compute, job)
             except KVRefused:  # aborted while it ran: the abort released its blocks and ended its stream
-                first = -2
+                first = -1
             except Exception:  # a bug in the prefill: fail this request, keep the worker alive
-                log.exception("local prefill failed", request_id=rid)
-                first = -2
-                self._fail(stream, Failure("INTERNAL", "local prefill failed"))
-                if self.pool.state(rid) is not None:
-                    self._release_unscheduled(rid)
-            t1 = time.perf_counter()
-            self._recent_local.append((n, t1 - t0))
-            if first == -1:  # more chunks to come
-                return
-            result = LocalPrefill()
-            if first >= 0:
-                stream.first_token_id = first
-                self._join(rid)  # now, not when the commit callback runs: the next step includes it
-                result = LocalPrefill(first, (job.started - job.enqueued) * 1e3, (t1 - job.started) * 1e3)
+                log.exception("local prefill failed", request_id=job.request_id)
+                self._fail_local(job)
+            self._recent_local.append((n, time.perf_counter() - t0))
+        self._end_local(job, first, t0)
+
+    def _end_local(self, job: _LocalJob, first: int, t0: float) -> None:
+        """The head local prefill is done (`first`: its first token) or ended (-1): it joins the batch, or
+        not, and leaves the queue. t0: perf_counter when its last part started."""
+        if first >= 0:
+            try:
+                self.pool.commit(job.request_id)
+            except KVRefused:  # aborted just now
+                first = -1
+        result = LocalPrefill()
+        if first >= 0:
+            self._streams[job.request_id].first_token_id = first
+            self._join(job.request_id)  # now, not when the commit callback runs: the next step includes it
+            started = job.started or t0
+            result = LocalPrefill(first, (started - job.enqueued) * 1e3, (time.perf_counter() - started) * 1e3)
         if self._local and self._local[0] is job:
             self._local.popleft()
+        job.ks = job.vs = []
         if not job.done.done():
-            job.done.set_result(result or LocalPrefill())
+            job.done.set_result(result)
 
-    def _local_compute(self, job: _LocalJob, n: int) -> int:
-        """Executor thread: the next `n` prompt tokens into this pool's blocks layer by layer; the first
-        token sampled once the prompt is done (-1 until then)."""
+    def _fail_local(self, job: _LocalJob) -> None:
+        stream = self._streams.get(job.request_id)
+        if stream is not None:
+            self._fail(stream, Failure("INTERNAL", "local prefill failed"))
+        if self.pool.state(job.request_id) is not None:
+            self._release_unscheduled(job.request_id)
+
+    def _local_compute(self, job: _LocalJob) -> int:
+        """Executor thread: the prompt tokens not yet prefilled, into this pool's blocks layer by layer
+        (attending to the chunks before them); the first token, sampled."""
         at = job.prefilled
         write = lambda layer, k, v: self.pool.write(job.request_id, layer, at, k, v)  # noqa: E731
-        ids = job.prompt_ids[at:at + n]
-        logits, ks, vs = self.loaded.model.prefill_chunk(ids, job.ks, job.vs, on_layer=write)  # logits: (V,)
-        job.prefilled += n
-        if job.prefilled < len(job.prompt_ids):  # the next chunk attends to these
-            job.ks = [np.concatenate([a, b]) for a, b in zip(job.ks, ks)] if job.ks else ks
-            job.vs = [np.concatenate([a, b]) for a, b in zip(job.vs, vs)] if job.vs else vs
-            return -1
-        job.ks = job.vs = []
+        logits, _, _ = self.loaded.model.prefill_chunk(job.prompt_ids[at:], job.ks, job.vs, on_layer=write)  # (V,)
+        job.prefilled = len(job.prompt_ids)
         return sample_one(logits, job.params, make_rng(job.params, job.drawn))
+
+    def _riding_chunk(self) -> ChunkInput | None:
+        """The next chunk of the local prefill at the head, to ride this step (None: nothing to ride)."""
+        if not (self.local_chunk_tokens and self._local and self._local_live(self._local[0])):
+            return None
+        job = self._local[0]
+        ids = job.prompt_ids[job.prefilled:job.prefilled + self.local_chunk_tokens]
+        job.started = job.started or time.perf_counter()
+        return ChunkInput(np.asarray(ids, dtype=np.int64), job.prefilled, job.ks, job.vs,
+                          last=job.prefilled + len(ids) == len(job.prompt_ids))
+
+    def _chunk_rode(self, chunk: ChunkInput, written: bool, t0: float) -> None:
+        """After the step it rode: the head local prefill has its chunk's K/V (in the pool if `written`,
+        else it was aborted meanwhile); on its last chunk it is done."""
+        job = self._local[0]
+        if not written:
+            return self._end_local(job, -1, t0)
+        job.prefilled += len(chunk.token_ids)
+        if not chunk.last:
+            job.ks = [np.concatenate([a, b]) for a, b in zip(job.ks, chunk.ks)] if job.ks else chunk.ks
+            job.vs = [np.concatenate([a, b]) for a, b in zip(job.vs, chunk.vs)] if job.vs else chunk.vs
+            return None
+        self._end_local(job, sample_one(chunk.logits, job.params, make_rng(job.params, job.drawn)), t0)
 
     async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
                         params: SamplingParams, prompt_ids: list[int] | None = None, owner: str = "") -> None:
@@ -459,7 +491,8 @@ class DecodeWorker:
         loop = asyncio.get_running_loop()
         while True:
             self._release_orphans()
-            while self._local and not self.local_chunk_tokens:  # between steps: the stall the router counted
+            # between steps, whole: the stall the router counted (chunked: only ended ones, dropped)
+            while self._local and (not self.local_chunk_tokens or not self._local_live(self._local[0])):
                 await self._run_local(loop, self._local[0])
             with self.pool.lock:
                 plan = self.scheduler.schedule()
@@ -483,8 +516,11 @@ class DecodeWorker:
             streams = [self._streams.get(s.request_id) for s in plan.batch]
             params = [st.params if st else SamplingParams() for st in streams]
             rngs = [st.rng if st else None for st in streams]
+            chunk = self._riding_chunk()
+            written = False
             try:
-                tokens = await loop.run_in_executor(self._executor, self._compute, recompute, batch, params, rngs)
+                tokens, written = await loop.run_in_executor(self._executor, self._compute, recompute, batch, params,
+                                                             rngs, chunk)
             except Exception:  # a bug in the step: fail the batch, keep the worker alive
                 log.exception("decode step failed", request_ids=[s.request_id for s in plan.batch])
                 tokens = np.zeros(len(plan.batch), dtype=np.int64)
@@ -493,12 +529,15 @@ class DecodeWorker:
                         self._fail(self._streams[s.request_id], Failure("INTERNAL", "decode step failed"))
                     with self.pool.lock:
                         self.scheduler.abort(s.request_id)  # deferred to on_step_done
+                if chunk is not None:  # the local prefill riding it fails with it
+                    self._fail_local(self._local[0])
             self.steps += 1
             self._apply(plan, tokens)
             await asyncio.sleep(0)  # the calls that came during the step run here: part of its cost
-            self._recent_steps.append((len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0))
-            if self._local and self.local_chunk_tokens:  # the head's next chunk rides this step
-                await self._run_local(loop, self._local[0], self.local_chunk_tokens)
+            self._recent_steps.append((len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0,
+                                       0 if chunk is None else len(chunk.token_ids)))
+            if chunk is not None:
+                self._chunk_rode(chunk, written, t0)
 
     def _recompute_jobs(self, plan: StepPlan) -> list[tuple[str, list[int]]]:
         jobs = []
@@ -513,12 +552,22 @@ class DecodeWorker:
             jobs.append((seq.request_id, stream.prompt_ids + seq.generated[:-1]))
         return jobs
 
-    def _compute(self, recompute, batch, params, rngs) -> np.ndarray:
-        """Executor thread: rebuild preempted KV, run the step, sample. (B,) token ids."""
+    def _compute(self, recompute, batch, params, rngs, chunk: ChunkInput | None = None) -> tuple[np.ndarray, bool]:
+        """Executor thread: rebuild preempted KV, run the step (with `chunk` riding it), sample: (B,) token
+        ids, and whether the chunk's K/V went into the pool (False: none, or its request was aborted)."""
         for rid, history in recompute:
             self.core.recompute(rid, history)
-        logits = self.core.forward(batch)  # (B, V)
-        return self.core.sample(logits, params, rngs)
+        logits = self.core.forward(batch, chunk)  # (B, V)
+        written = False
+        if chunk is not None:
+            rid = self._local[0].request_id
+            try:
+                for layer, (k, v) in enumerate(zip(chunk.ks, chunk.vs)):
+                    self.pool.write(rid, layer, chunk.start, k, v)
+                written = True
+            except KVRefused:  # aborted during the step: its blocks are gone
+                pass
+        return self.core.sample(logits, params, rngs), written
 
     def _apply(self, plan: StepPlan, tokens: np.ndarray) -> None:
         """Stream the step's tokens, then end what finished (stop token, length, stop string, abort)."""

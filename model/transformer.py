@@ -108,7 +108,7 @@ class Transformer:
 
     # -- prefill ---------------------------------------------------------------------------
 
-    def _causal_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, past: int = 0) -> np.ndarray:
+    def causal_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, past: int = 0) -> np.ndarray:
         """q: (T, H, Dh), k, v: (past + T, Hkv, Dh) -> (T, H*Dh), causal, grouped-query: query i sits at
         position past + i and sees keys 0..past + i."""
         c = self.cfg
@@ -191,7 +191,7 @@ class Transformer:
                 on_layer(layer, k, v)
             if past:
                 k, v = np.concatenate([past_ks[layer], k]), np.concatenate([past_vs[layer], v])
-            x = self._finish_layer(layer, x, self._causal_attention(q, k, v, past))
+            x = self._finish_layer(layer, x, self.causal_attention(q, k, v, past))
         return self.logits(x[-1:])[0], ks, vs
 
     def _forward_prompts(self, ids: list[np.ndarray], on_layer):
@@ -210,7 +210,7 @@ class Transformer:
                 vs[i].append(v[s:e])
                 if on_layer is not None:
                     on_layer(layer, i, k[s:e], v[s:e])
-                attn[s:e] = self._causal_attention(q[s:e], k[s:e], v[s:e])
+                attn[s:e] = self.causal_attention(q[s:e], k[s:e], v[s:e])
             x = self._finish_layer(layer, x, attn)
         return x, ks, vs
 

@@ -145,7 +145,6 @@ class DecodeState:
     local_busy_s: float = 0.0  # perf-model seconds of the local prefills placed here and not yet done
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
-    chunk_pass: bool = False  # each chunk runs as its own forward pass after a step (live), not inside it
     local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
@@ -240,10 +239,8 @@ class DecodeState:
             1.0 - self.stall_fraction)
 
     def chunk_s(self) -> float:
-        """Perf-model seconds a local prefill's chunk adds to each step it rides (hardware/perf.py): its
-        share of a fused forward pass, or with `chunk_pass` a pass of its own."""
-        own = prefill_time(self.dep, [self.chunk_tokens]) if self.chunk_pass else chunk_step_time(self.dep, self.chunk_tokens)
-        return own * self.slowdown
+        """Perf-model seconds a local prefill's chunk adds to each step it rides (hardware/perf.py)."""
+        return chunk_step_time(self.dep, self.chunk_tokens) * self.slowdown
 
 
 # The per-decision records below (and queueplan.Slot, router.Placement) are slotted but not frozen: a

@@ -55,7 +55,7 @@ import structlog
 
 from decode.worker import DecodeLoad
 from kvtransfer.sink import KVRefused
-from hardware.perf import Deployment, kv_transfer_time, prefill_time, token_step_time
+from hardware.perf import Deployment, chunk_step_time, kv_transfer_time, prefill_time, token_step_time
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
 from orchestrator.core.arrivals import ArrivalMeter, per_token_s
@@ -178,8 +178,8 @@ class Engine:
         settings are the workers' (cluster.yaml pools.*); `max_migrations`: placements a request may
         get after its first when workers die under it; `stall_timeout_s`: how long a decode worker with
         work may leave its output poll unanswered before it is declared lost (module docstring);
-        `local_chunk_tokens`: the decode workers' (DecodeWorker: a local prefill runs that many tokens after
-        each step)."""
+        `local_chunk_tokens`: the decode workers' (DecodeWorker: a local prefill rides the steps, that many
+        tokens a step)."""
         self.pools = pools
         self.perf = perf
         self.decode_max_batch = decode_max_batch
@@ -240,9 +240,12 @@ class Engine:
         if answer.kv_target:
             self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
         corr = self.router.predictor.corrections
-        for batch, ctx, seconds in answer.steps:
-            corr.observe(worker, "decode", seconds, token_step_time(self.perf, batch, ctx))
         now = time.monotonic()
+        for batch, ctx, seconds, chunk in answer.steps:  # a step a local prefill's chunk rode: both, fused
+            step_s, chunk_s = token_step_time(self.perf, batch, ctx), chunk_step_time(self.perf, chunk)
+            corr.observe(worker, "decode", seconds, step_s + chunk_s)
+            if chunk:  # the chunk's share of the step: time the local prefill took from the sequences there
+                self._pending_decode[worker].stalls.add(now, seconds * chunk_s / (step_s + chunk_s))
         for tokens, seconds in answer.local_prefills:
             corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
             self._pending_decode[worker].stalls.add(now, seconds)
@@ -335,7 +338,7 @@ class Engine:
                                 remaining=l.remaining, incoming=incoming,
                                 local_busy_s=sum(s for s, _ in pend.local.values()),
                                 stall_fraction=pend.stalls.fraction(now), chunk_tokens=self.local_chunk_tokens,
-                                local_tokens=sum(n for _, n in pend.local.values()), chunk_pass=True)
+                                local_tokens=sum(n for _, n in pend.local.values()))
             dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
         return pf, dc
 

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 
+from decode.core import ChunkInput, DecodeCore, model_layout
+from decode.pool import PagedKVPool
+from decode.scheduler import DecodeSeq, Scheduler
 from model.finish import FinishReason
 from tests.decode.driver import REF_TOKENS, Join, judge, run
 
@@ -74,3 +79,45 @@ def test_random_join_leave_abort_schedules(lm, book, joins, capacity_blocks, blo
     check_outcome(out, book, joins, lambda *a: None)
     pool.allocator.check()
     assert pool.allocator.free_blocks == pool.allocator.n_blocks, "leaked blocks"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_chunk_riding_the_steps_is_the_prompts_prefill_and_leaves_the_batch_exact(lm, book, threads):
+    """Three sequences step while a 17-token prompt rides their steps 5 tokens at a time: the steps'
+    logits are what steps without the chunk give, and the chunks' K/V and last logits are the
+    prompt's own prefill (to float32 rounding of a different summation order)."""
+    prompt = book.get(4).prompt
+
+    def steps(with_chunk: bool):
+        pool = PagedKVPool(model_layout(lm.model), 16, capacity_tokens=4096)
+        sched, core = Scheduler(pool.allocator, 8), DecodeCore(lm.model, pool, threads=threads)
+        for i in (1, 2, 3):
+            ref = book.get(i)
+            pool.load_sequence(f"s{i}", ref.ks, ref.vs)
+            sched.add(DecodeSeq(f"s{i}", pool.claim(f"s{i}"), [ref.tokens[0]], 12, ()))
+        out, ks, vs, at, chunk = [], [], [], 0, None
+        while at < len(prompt):
+            plan = sched.schedule()
+            batch = core.batch_input([s.request_id for s in plan.batch], [s.next_token for s in plan.batch],
+                                     [s.context_len for s in plan.batch])
+            if with_chunk:
+                ids = np.asarray(prompt[at:at + 5])
+                chunk = ChunkInput(ids, at, ks, vs, last=at + len(ids) == len(prompt))
+            logits = core.forward(batch, chunk)
+            out.append(logits)
+            sched.on_step_done(np.argmax(logits, axis=1))
+            if with_chunk:
+                ks = [np.concatenate([a, b]) for a, b in zip(ks, chunk.ks)] if ks else chunk.ks
+                vs = [np.concatenate([a, b]) for a, b in zip(vs, chunk.vs)] if vs else chunk.vs
+            at += 5
+        return out, ks, vs, chunk
+
+    plain, _, _, _ = steps(False)
+    riding, ks, vs, last = steps(True)
+    for a, b in zip(riding, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+        assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
+    whole_logits, whole_ks, whole_vs = lm.model.prefill(prompt)
+    np.testing.assert_allclose(last.logits, whole_logits, rtol=1e-4, atol=1e-3)
+    for a, b in zip(ks + vs, list(whole_ks) + list(whole_vs)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

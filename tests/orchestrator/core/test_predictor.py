@@ -534,11 +534,6 @@ def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_t
     assert rides.ttft.point_s > runs_whole.ttft.point_s  # 16 tokens a step is slower than one whole pass
     with pytest.raises(ValueError, match="chunk_tokens"):
         DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=-1)
-    # live, each chunk is a forward pass of its own after the step: it costs the whole pass, fixed latency and all
-    own = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=16, local_tokens=40, chunk_pass=True)
-    assert own.chunk_s() == pytest.approx(prefill_time(CS3, [16]))
-    assert pred.local_parts(REQ, own)[1].running_tpot.point_s == pytest.approx(
-        remote.running_tpot.point_s + prefill_time(CS3, [16]))
 
 
 def test_stall_fraction_stretches_every_step():
