@@ -69,8 +69,8 @@ class DecodeLoad:
     steps: tuple[tuple[int, int, float, int], ...] = ()  # (batch, context tokens, seconds, chunk tokens) of the
     # steps since the last load(): each is one busy loop iteration (schedule, forward, sample, stream), what
     # a token costs; chunk tokens: of a local prefill that rode the step (0: none)
-    local_prefills: tuple[tuple[int, float], ...] = ()  # (prompt tokens, seconds) of the local prefills since
-    # the last load(): each held up the batch for its seconds
+    local_prefills: tuple[tuple[int, float], ...] = ()  # (prompt tokens, seconds) of the local prefills run
+    # whole since the last load() (chunked: what was left of one when nothing stepped); each held up the batch
     orphans_released: int = 0  # committed KV never submitted, released by the ORPHAN_KV_S backstop (ever)
 
     @property
@@ -111,7 +111,7 @@ class DecodeWorker:
     def __init__(self, *, capacity_tokens: int | None = None, capacity_bytes: int | None = None,
                  block_size: int = 64, max_batch: int = 64, blas_threads: int = 1,
                  loaded: LoadedModel | None = None, local_chunk_tokens: int = 0):
-        """`local_chunk_tokens`: prompt tokens of a local prefill run after each step (0: whole)."""
+        """`local_chunk_tokens`: prompt tokens of a local prefill that ride each step (0: whole, between steps)."""
         if not isinstance(local_chunk_tokens, int) or local_chunk_tokens < 0:
             raise ValueError(f"local_chunk_tokens: must be an integer >= 0, got {local_chunk_tokens!r}")
         self.local_chunk_tokens = local_chunk_tokens
@@ -299,13 +299,14 @@ class DecodeWorker:
         else it was aborted meanwhile); on its last chunk it is done."""
         job = self._local[0]
         if not written:
-            return self._end_local(job, -1, t0)
-        job.prefilled += len(chunk.token_ids)
-        if not chunk.last:
+            self._end_local(job, -1, t0)
+        elif not chunk.last:
+            job.prefilled += len(chunk.token_ids)
             job.ks = [np.concatenate([a, b]) for a, b in zip(job.ks, chunk.ks)] if job.ks else chunk.ks
             job.vs = [np.concatenate([a, b]) for a, b in zip(job.vs, chunk.vs)] if job.vs else chunk.vs
-            return None
-        self._end_local(job, sample_one(chunk.logits, job.params, make_rng(job.params, job.drawn)), t0)
+        else:
+            job.prefilled += len(chunk.token_ids)
+            self._end_local(job, sample_one(chunk.logits, job.params, make_rng(job.params, job.drawn)), t0)
 
     async def accept_kv(self, request_id: str, ks: list[np.ndarray], vs: list[np.ndarray], first_token_id: int,
                         params: SamplingParams, prompt_ids: list[int] | None = None, owner: str = "") -> None:
