@@ -68,7 +68,8 @@ def scenario(n_prefill: int, n_decode: int, seed: int = 0) -> tuple[Predictor, l
         ctx = batch * rng.randint(200, 16000)
         used = min(KV_TOKENS, ctx + rng.randint(0, 400_000))
         tightest = rng.choice((math.inf, rng.uniform(0.004, 0.04))) if batch else math.inf
-        st = DecodeState(f"d{i}", CS3, batch, ctx, 64, KV_TOKENS - used, tightest)
+        targets = ((tightest, 256),) if tightest < math.inf else ()  # (TPOT target, fewest steps there)
+        st = DecodeState(f"d{i}", CS3, batch, ctx, 64, KV_TOKENS - used, targets)
         decode.append(DecodeView(st, KV_TOKENS, 64, healthy=rng.random() > 0.05))
     return Predictor(corr), prefill, decode
 

@@ -18,8 +18,11 @@ itself between two steps, writing its KV straight into its own pool; no transfer
     TTFT = (wait for the step in flight + local prefills placed there before it + own prefill
             + request path) x the "ttft" correction (keyed by the decode worker)
 
-and every sequence decoding there stalls once by the prefill's time, spread over the steps it has
-left (the mean of `remaining`), which must not push it past its TPOT target. The local prefills a
+and every sequence decoding there stalls once by the prefill's time, after those of the local
+prefills queued before it: a stall of S seconds adds S / n to the TPOT of a sequence of n steps, so
+the two together must not push the shortest sequence of each TPOT
+target there (`DecodeState.tpot_targets`) past that target (a short output has few steps to spread
+it over; the mean of `remaining` spreads it in the TPOT reported for them). The local prefills a
 worker keeps running stretch all its steps: `stall_fraction`, measured (orchestrator/core/stall.py).
 Chunked (`DecodeState.chunk_tokens`, the simulator's): the local prompts ride the steps of the
 sequences decoding there (and of those that will: the local prompts queued before it join once
@@ -133,7 +136,8 @@ class DecodeState:
     ctx_sum: int  # tokens, total cached context of those sequences
     max_batch: int  # sequences per step (Scheduler.max_batch)
     free_kv_tokens: int  # tokens of free KV blocks
-    tightest_tpot_s: float = math.inf  # seconds, smallest TPOT target among those sequences (inf: none)
+    tpot_targets: tuple[tuple[float, int], ...] = ()  # (TPOT target seconds, fewest steps, max_tokens - 1,
+    # of the sequences there with that target) per target among those sequences (none: no target)
     slowdown: float = 1.0  # factor on step times (PerfParams.corun_slowdown_decode on a shared host)
     spec: Speculative | None = None  # speculative decoding, as the simulator's DecodeUnit
     draft: Deployment | None = None
@@ -147,6 +151,7 @@ class DecodeState:
     chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
     local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
+    tightest_tpot_s: float = field(init=False, repr=False, compare=False)  # seconds, the smallest target (inf: none)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
     token_step: TokenStep = field(init=False, repr=False, compare=False)  # its perf-model step (step_s)
 
@@ -158,8 +163,11 @@ class DecodeState:
         _count("free_kv_tokens", self.free_kv_tokens, 0)
         _count("chunk_tokens", self.chunk_tokens, 0)
         _count("local_tokens", self.local_tokens, 0)
-        if not (self.tightest_tpot_s > 0):  # NaN fails too; inf allowed
-            raise ValueError(f"tightest_tpot_s: must be > 0 (inf: no target), got {self.tightest_tpot_s!r}")
+        for target, steps in self.tpot_targets:
+            if not (target > 0) or steps < 1:  # NaN fails too; inf allowed (no constraint)
+                raise ValueError(f"tpot_targets: each (target seconds > 0, steps >= 1), got "
+                                 f"{(target, steps)!r}")
+        object.__setattr__(self, "tightest_tpot_s", min((t for t, _ in self.tpot_targets), default=math.inf))
         _positive("slowdown", self.slowdown)
         if not (0.0 <= self.local_busy_s < math.inf):
             raise ValueError(f"local_busy_s: must be finite and >= 0, got {self.local_busy_s!r}")
@@ -286,7 +294,7 @@ class DecodePart:
     decode: Estimate  # seconds, wait + (max_tokens - 1) steps
     running_before_s: float  # seconds per step the sequences there get without it (point, same horizon)
     running_tpot: Estimate  # seconds per step they get with it (the step, plus a local prefill's stall spread)
-    protects: bool  # running_tpot.bound <= the tightest TPOT target there
+    protects: bool  # no sequence there is pushed past its TPOT target (the shortest of each target: its stall)
     decode_model_s: float  # seconds, the decode point before the "tpot" correction: what it observes against
 
 
@@ -340,7 +348,7 @@ class Predictor:
                            ttft_p)
 
     def decode_part(self, req: PredictRequest, st: DecodeState, arrival_s: float = 0.0,
-                    hold: Estimate = ZERO) -> DecodePart:
+                    hold: Estimate = ZERO, stall: Estimate = ZERO) -> DecodePart:
         """TPOT parts on `st` for KV arriving `arrival_s` seconds from now. The newcomer starts at its
         arrival, or without a batch slot or KV room when enough running sequences have finished (less
         the time it spends in prefill anyway); it shares its (max_tokens - 1) steps with the sequences
@@ -349,8 +357,10 @@ class Predictor:
         Local prefills queued there whole (`local_busy_s`) that are still to run when its KV arrives
         hold up its first step. What the running sequences get with it (`running_tpot`, protected
         against their targets) is the step at today's batch plus one. `hold`: seconds per step the
-        newcomer adds to theirs beyond that (its local prefill: a stall spread over their steps, or the
-        chunk riding each step)."""
+        newcomer adds to theirs beyond that (its local prefill's chunk riding each step); `stall`:
+        seconds it holds them up once (its local prefill run whole), which the shortest sequence of
+        each target must absorb over its own steps, and the TPOT reported spreads over the mean steps
+        left."""
         steps = req.max_tokens - 1
         half = (steps - 1) / 2 if steps > 0 else 0.0
         b, full = st.batch, st.batch >= st.max_batch
@@ -377,8 +387,12 @@ class Predictor:
         with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
         protected_p, protected_b = with_s * f.point, with_s * f.bound
         g = self.corrections.factors(st.worker_id, "tpot")  # the whole TPOT as observed against these parts
-        protected_p, protected_b = (protected_p + hold.point_s) * g.point, (protected_b + hold.bound_s) * g.bound
-        protects = b == 0 or (full and not hold.bound_s) or protected_b <= st.tightest_tpot_s
+        per_step_b = protected_b + hold.bound_s  # what each of them gets, before the stall
+        spread = 1.0 / st.steps_left_mean()
+        protected_p = (protected_p + hold.point_s + stall.point_s * spread) * g.point
+        protected_b = (per_step_b + stall.bound_s * spread) * g.bound
+        protects = b == 0 or (full and not hold.bound_s and not stall.bound_s) or all(
+            (per_step_b + stall.bound_s / steps) * g.bound <= target for target, steps in st.tpot_targets)
         decode_p = wait_p + own.point_s * steps
         return DecodePart(st.worker_id, fits, Estimate(own.point_s * g.point, own.bound_s * g.bound),
                           Estimate(wait_p * g.point, wait_b * g.bound),
@@ -408,16 +422,19 @@ class Predictor:
                                        if rest > 0 else ZERO)
             prefill = done.scale(req.prompt_tokens / tokens)  # its share; the rest is the prompts before it
             wait = step_wait + done + prefill.scale(-1.0)
-        else:  # whole, between two steps: every sequence there stalls once, spread over the steps it has left
-            wait = step_wait + self._scaled(st.worker_id, "local_prefill", st.local_busy_s)
+            stall = ZERO
+        else:  # whole, between two steps: every sequence there stalls once, by the local prefills queued
+            # before it and its own (what they must absorb with it), spread over the steps it has left
+            queued = self._scaled(st.worker_id, "local_prefill", st.local_busy_s)
+            wait = step_wait + queued
             prefill = self._scaled(st.worker_id, "local_prefill", prefill_time(st.dep, [req.prompt_tokens]))
-            hold = prefill.scale(1.0 / st.steps_left_mean())
+            hold, stall = ZERO, queued + prefill
         path = st.dep.hw.perf.request_path_s
         ttft = wait + prefill + Estimate(path, path)
         g = self.corrections.factors(ttft_key(st.worker_id, req.ttft_s), "ttft")
         pp = PrefillPart(st.worker_id, 0, wait, prefill, ZERO, Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound),
                          ZERO, ttft.point_s)
-        dp = self.decode_part(req, st, kv_arrival_s(pp), hold=hold)
+        dp = self.decode_part(req, st, kv_arrival_s(pp), hold=hold, stall=stall)
         if not st.has_room_now(req.prompt_tokens + req.max_tokens):
             dp = replace(dp, fits=False)
         return pp, dp
@@ -459,6 +476,16 @@ def overtaken(wait: Estimate, arrivals: tuple[tuple[float, float, float], ...], 
             w = (w0 + (near - far) * horizon_s) / (1.0 - far)
         out.append(w0 + sum(x * min(w, d, horizon_s) + y * max(0.0, min(w, d) - horizon_s) for d, x, y in tighter))
     return Estimate(*out)
+
+
+def fewest_steps(sequences: Iterable[tuple[float, int]]) -> tuple[tuple[float, int], ...]:
+    """DecodeState.tpot_targets from each sequence's (TPOT target seconds, steps): the fewest steps per
+    target, ascending by target."""
+    fewest: dict[float, int] = {}
+    for target, steps in sequences:
+        if steps < fewest.get(target, steps + 1):
+            fewest[target] = steps
+    return tuple(sorted(fewest.items()))
 
 
 def incoming_at(placed: Iterable[tuple[float, int, int, int]], now: float) -> tuple[tuple[float, int, int, int], ...]:

@@ -2,11 +2,13 @@
 
 Pure (times are arguments). The live engine and the simulator add each local prefill a decode
 worker ran (conditional disaggregation: it prefills between two steps, holding up its batch) and
-read `fraction(now)`, the share of the last `window_s` seconds spent so; the predictor stretches that
-worker's steps by 1 / (1 - fraction) (DecodeState.stall_fraction).
+read `fraction(now)`, the share of the last `window_s` seconds spent so (of the time since the meter
+started, while that is shorter: a young meter does not dilute its first prefills over time it never
+saw); the predictor stretches that worker's steps by 1 / (1 - fraction) (DecodeState.stall_fraction).
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 STALL_WINDOW_S = 10.0  # seconds of history: long enough to hold many prefills, short enough to follow load
@@ -43,11 +45,16 @@ class WindowSum:
 
 
 class StallMeter(WindowSum):
-    """Local prefill seconds of one decode worker over a sliding window (`add(end_s, seconds)` per prefill)."""
+    """Local prefill seconds of one decode worker over a sliding window (`add(end_s, seconds)` per prefill),
+    watching since `start_s` (the clock of `now`; -inf: as if for ever)."""
 
-    def __init__(self, window_s: float = STALL_WINDOW_S):
+    def __init__(self, window_s: float = STALL_WINDOW_S, start_s: float = -math.inf):
         super().__init__(window_s)
+        self.start_s = start_s
 
     def fraction(self, now: float) -> float:
-        """Share of (now - window, now] spent in local prefills, in [0, MAX_FRACTION]."""
-        return min(MAX_FRACTION, max(0.0, self.total(now) / self.window_s))
+        """Share of (max(now - window, start), now] spent in local prefills, in [0, MAX_FRACTION]."""
+        span = min(self.window_s, now - self.start_s)
+        if not span > 0:
+            return 0.0
+        return min(MAX_FRACTION, max(0.0, self.total(now) / span))

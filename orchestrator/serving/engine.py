@@ -9,8 +9,8 @@ The router decides on the predictor's worker states (orchestrator/core/predictor
 from the workers' last load reports plus what this engine has sent them since: the prompts it
 placed on a prefill worker and not yet seen finish are that worker's queue (the batch in progress
 as the worker reported it), the requests it placed on a decode worker and not yet seen there are
-counted in its batch, and the tightest TPOT target among its requests on a decode worker is the
-one a placement must not break. Each load report's batches and steps, and each request's KV
+counted in its batch, and the TPOT targets of its requests on a decode worker (with the fewest
+steps each, over which a local prefill's stall spreads) are what a placement must not break. Each load report's batches and steps, and each request's KV
 transfer tail, feed the predictor's corrections.
 
 Failover. A request is placed again (the router, rejection off) when
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
 from orchestrator.core.arrivals import ArrivalMeter, per_token_s
 from orchestrator.core.correction import TPOT_MIN_GAPS, ttft_key
-from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
+from orchestrator.core.predictor import DecodeState, PrefillState, fewest_steps, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
 from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
@@ -164,7 +163,8 @@ class _DecodePending:
     # will run; KV tokens it then holds), until the decode worker has it (DecodeState.incoming)
     incoming: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
     prompt_tokens: int = 0  # of those
-    tpot_targets: dict[str, float] = field(default_factory=dict)  # request id -> seconds, while it is live there
+    tpot_targets: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> (TPOT target
+    # seconds, steps: max_tokens - 1), while it is live there
     local: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> perf-model seconds and
     # prompt tokens of its local prefill, until it returns
     stalls: StallMeter = field(default_factory=StallMeter)  # its local prefills' share of its time
@@ -195,7 +195,8 @@ class Engine:
         self._queued: dict[str, dict[str, QueuedPrompt]] = {w: {} for w in pools.prefill}  # placed, not prefilled
         # prefill work placed on each, by TTFT target
         self._arrivals = {w: ArrivalMeter(per_token_s(perf, prefill_token_budget)) for w in pools.prefill}
-        self._pending_decode = {w: _DecodePending() for w in pools.decode}
+        started = time.monotonic()
+        self._pending_decode = {w: _DecodePending(stalls=StallMeter(start_s=started)) for w in pools.decode}
         self._live: dict[str, _Run] = {}  # request id -> its run, while it is placed
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
@@ -334,7 +335,7 @@ class Engine:
             incoming = incoming_at(pend.incoming.values(), now)
             state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming),
                                 l.context_tokens + pend.prompt_tokens,
-                                self.decode_max_batch, l.free_tokens, min(pend.tpot_targets.values(), default=math.inf),
+                                self.decode_max_batch, l.free_tokens, fewest_steps(pend.tpot_targets.values()),
                                 remaining=l.remaining, incoming=incoming,
                                 local_busy_s=sum(s for s, _ in pend.local.values()),
                                 stall_fraction=pend.stalls.fraction(now), chunk_tokens=self.local_chunk_tokens,
@@ -502,7 +503,7 @@ class Engine:
         pend.incoming[run.key] = (now + placed.predicted_ttft_ms / 1e3, ctx + 1, n - 1, ctx + n)
         pend.prompt_tokens += ctx
         if n > 1:
-            pend.tpot_targets[run.key] = sla.tpot_ms / 1e3
+            pend.tpot_targets[run.key] = (sla.tpot_ms / 1e3, n - 1)
 
     async def _prefill(self, run: _Run) -> PrefillResult:
         """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""

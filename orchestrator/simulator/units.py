@@ -21,7 +21,6 @@ whole.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, chunk_step_time, prefill_time, token_step_time
 from orchestrator.core.arrivals import ArrivalMeter, per_token_s
-from orchestrator.core.predictor import DecodeState, PrefillState, incoming_at
+from orchestrator.core.predictor import DecodeState, PrefillState, fewest_steps, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, append_last, drop_first_batch, plan_queue
 from orchestrator.core.stall import StallMeter
 from orchestrator.core.router import DecodeView, PrefillView
@@ -160,14 +159,15 @@ class DecodeUnit:
     # open; steps it will run; prompt + output tokens it holds at the end)
     incoming: dict[int, tuple[float, int, int, int]] = field(default_factory=dict)
     incoming_tokens: int = 0  # their prompt tokens
-    tpot_targets: Counter = field(default_factory=Counter)  # seconds -> sequences here or incoming with it
+    tpot_targets: Counter = field(default_factory=Counter)  # (TPOT target seconds, steps) -> sequences here or
+    # incoming with it
     local: deque[tuple[int, int]] = field(default_factory=deque)  # (request, prompt tokens) to prefill here
     prefilling_until: float | None = None  # seconds: end of the local prefill in progress (None: none)
     local_busy_s: float = 0.0  # perf-model seconds of the local prefills queued or running here
     chunk_tokens: int = 0  # prompt tokens of a local prefill per step it rides (0: whole, between segments)
     local_tokens: int = 0  # prompt tokens of the local prefills here not yet prefilled
     head_done: int = 0  # tokens of the first local prefill already prefilled by chunks
-    stalls: StallMeter = field(default_factory=StallMeter)
+    stalls: StallMeter = field(default_factory=lambda: StallMeter(start_s=0.0))  # the simulated clock starts at 0
     local_prefills: int = 0
 
     @property
@@ -186,7 +186,6 @@ class DecodeUnit:
         if s is not None:
             done = min(s.steps, max(0, int((now - s.start) / s.step_s)))
             ctx += s.batch * done
-        tightest = min((t for t, n in self.tpot_targets.items() if n), default=math.inf)
         incoming = incoming_at(self.incoming.values(), now)
         remaining = tuple((max(0, r - done), c + done) for r, c in sched.running_remaining())
         # slowdown 1: the predictor's corrections learn the co-run slowdown from observed steps, as live
@@ -195,11 +194,23 @@ class DecodeUnit:
             busy -= self._running_local_s - max(0.0, self.prefilling_until - now)
         chunked = done * self.chunk_tokens if s is not None and s.chunk_s else 0
         st = DecodeState(self.uid, self.dep, sched.n_running + sched.n_waiting + len(incoming), ctx, sched.max_batch,
-                         self.alloc.free_blocks * self.alloc.block_size, tightest, spec=self.spec, draft=self.draft,
+                         self.alloc.free_blocks * self.alloc.block_size, fewest_steps(self.tpot_targets),
+                         spec=self.spec, draft=self.draft,
                          remaining=remaining, incoming=incoming, local_busy_s=max(0.0, busy),
                          stall_fraction=self.stalls.fraction(now), chunk_tokens=self.chunk_tokens,
                          local_tokens=max(0, self.local_tokens - chunked))
         return DecodeView(st, self.alloc.capacity_tokens, self.alloc.block_size)
+
+    def add_target(self, tpot_s: float, steps: int) -> None:
+        """A sequence with that TPOT target and that many steps is placed here."""
+        self.tpot_targets[(tpot_s, steps)] += 1
+
+    def drop_target(self, tpot_s: float, steps: int) -> None:
+        """That sequence is done here."""
+        key = (tpot_s, steps)
+        self.tpot_targets[key] -= 1
+        if not self.tpot_targets[key]:
+            del self.tpot_targets[key]
 
     def add_local(self, request: int, prompt_tokens: int) -> None:
         """Queue a local prefill; its blocks are reserved now (the router saw room for them)."""

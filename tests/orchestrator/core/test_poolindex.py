@@ -1,6 +1,5 @@
 """The pools' arrays (orchestrator/core/poolindex.py): their floors are lower bounds of the exact parts,
 the pruned search over them finds `best_pair`'s answer, and the Router rebuilds them when its views change."""
-import math
 import random
 
 import numpy as np
@@ -62,7 +61,7 @@ def _decode(rng, i, dep=CS3):
                             for _ in range(min(b - running, rng.randint(0, 3)))))
     remaining = tuple(sorted((rng.randint(0, 800), rng.randint(100, 8000)) for _ in range(running)))
     return DecodeState(f"d{i}", dep, b, b * rng.randint(100, 8000), 64, rng.randint(0, 400_000),
-                       rng.choice([math.inf, rng.uniform(0.002, 0.02)]), rng.choice((1.0, 1.2)),
+                       rng.choice([(), ((rng.uniform(0.002, 0.02), rng.randint(1, 500)),)]), rng.choice((1.0, 1.2)),
                        remaining=remaining, incoming=incoming, stall_fraction=rng.choice((0.0, 0.3)))
 
 

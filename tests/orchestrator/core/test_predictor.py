@@ -9,7 +9,8 @@ from hardware.profiles import get_profile
 from model.specs import get_spec
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
-                                         PrefillState, best_pair, completion_key, earliest_prefill, kv_arrival_s)
+                                         PrefillState, best_pair, completion_key, earliest_prefill, fewest_steps,
+                                         kv_arrival_s)
 from orchestrator.core.pairsearch import best_effort_pair, search_best_pair
 from orchestrator.core.poolindex import DecodeIndex, PrefillIndex
 from orchestrator.core.queueplan import QueuedPrompt, append_last, drop_first_batch, locate, plan_queue
@@ -26,8 +27,13 @@ def pstate(queue=(), busy_until=0.0, wid="p0", budget=4096, max_batch=8):
     return PrefillState(wid, TRN, budget, max_batch, tuple(queue), busy_until)
 
 
+def targets(tightest, steps=1):
+    """DecodeState.tpot_targets of sequences all with `tightest` (inf: none) and `steps` steps."""
+    return () if tightest == math.inf else ((tightest, steps),)
+
+
 def dstate(batch=8, ctx_per_seq=3000, wid="d0", free=10**6, tightest=math.inf, max_batch=64):
-    return DecodeState(wid, CS3, batch, batch * ctx_per_seq, max_batch, free, tightest)
+    return DecodeState(wid, CS3, batch, batch * ctx_per_seq, max_batch, free, targets(tightest))
 
 
 def queue(n, tokens=1500):
@@ -239,7 +245,8 @@ def test_transfer_goes_into_tpot_when_the_first_token_leaves_before_it():
     (lambda: pstate(budget=0), "token_budget"),
     (lambda: PrefillState("p0", TRN, 4096, 8, (), float("nan")), "busy_until_s"),
     (lambda: DecodeState("d0", CS3, -1, 0, 64, 100), "batch"),
-    (lambda: DecodeState("d0", CS3, 1, 10, 64, 100, float("nan")), "tightest_tpot_s"),
+    (lambda: DecodeState("d0", CS3, 1, 10, 64, 100, ((float("nan"), 5),)), "tpot_targets"),
+    (lambda: DecodeState("d0", CS3, 1, 10, 64, 100, ((0.02, 0),)), "tpot_targets"),
     (lambda: Predictor().prefill_part(REQ, pstate(), CS3, float("nan")), "now"),
 ])
 def test_bad_inputs_raise_value_error_naming_the_field(make, field):
@@ -266,7 +273,7 @@ def test_a_full_decode_worker_predicts_the_wait_for_a_slot_less_the_time_in_pref
     pred, step = Predictor(), dstate(64).step_now_s
     running = tuple((100 + 10 * i, 3000) for i in range(64))  # the first finishes in 100 steps
     free = pred.decode_part(REQ, dstate(63, tightest=1e-9))
-    full = pred.decode_part(REQ, DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, 1e-9, remaining=running))
+    full = pred.decode_part(REQ, DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, targets(1e-9), remaining=running))
     assert full.fits and full.protects  # a full batch does not grow: its sequences keep their TPOT
     assert full.wait.point_s == pytest.approx(0.5 * step + 100 * step, rel=1e-9)
     later = pred.decode_part(REQ, DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, remaining=running), 0.1)
@@ -311,7 +318,8 @@ def _random_pools(rng, n_prefill, n_decode):
                                                      for _ in range(rng.randint(0, 8))), rng.uniform(-0.1, 0.3))
           for i in range(n_prefill)]
     ds = [DecodeState(f"d{i}", CS3, (b := rng.randint(0, 70)), b * rng.randint(100, 8000), 64,
-                      rng.randint(0, 300_000), rng.choice([math.inf, rng.uniform(0.002, 0.006)]),
+                      rng.randint(0, 300_000), targets(rng.choice([math.inf, rng.uniform(0.002, 0.006)]),
+                                                                rng.randint(1, 500)),
                       remaining=tuple(sorted((rng.randint(0, 800), rng.randint(100, 8000)) for _ in range(min(b, 64)))))
           for i in range(n_decode)]  # some full (batch > 64 or little KV): they wait for running sequences
     return corr, ps, ds
@@ -433,8 +441,9 @@ def test_local_prefill_ttft_is_the_step_in_flight_the_local_queue_and_the_prompt
     assert pp.ttft.bound_s == pytest.approx(q * st.step_now_s + 0.004 + own)
     assert dp.fits and dp.protects
     remote = pred.decode_part(REQ, st, kv_arrival_s(pp))
-    # the running sequences stall once by the prompt's prefill, spread over their steps left (1 here: none known)
-    assert dp.running_tpot.point_s == pytest.approx(remote.running_tpot.point_s + own)
+    # the running sequences stall once by the local prefills queued before it and its own, spread over their
+    # steps left (1 here: none known)
+    assert dp.running_tpot.point_s == pytest.approx(remote.running_tpot.point_s + 0.004 + own)
     assert dp.decode == remote.decode  # the newcomer's own decode is the same as if its KV had arrived then
 
 
@@ -448,11 +457,42 @@ def test_local_prefill_needs_kv_room_now_and_protects_the_running_sequences():
     _, dp = pred.local_parts(REQ, st)
     spread = prefill_time(CS3, [REQ.prompt_tokens]) / 100
     assert dp.running_tpot.point_s == pytest.approx(pred.decode_part(REQ, st).running_tpot.point_s + spread)
-    tight = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, dp.running_tpot.bound_s * 0.999, remaining=remaining)
+    bound = dp.running_tpot.bound_s
+    tight = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, targets(bound * 0.999, 100), remaining=remaining)
     assert not pred.local_parts(REQ, tight)[1].protects
     assert pred.decode_part(REQ, tight).protects  # without the stall the same worker takes it
-    full = DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, 1e-9)
+    full = DecodeState("d0", CS3, 64, 64 * 3000, 64, 10**6, targets(1e-9))
     assert pred.decode_part(REQ, full).protects and not pred.local_parts(REQ, full)[1].protects
+
+
+def test_a_local_prefills_stall_must_fit_the_shortest_sequence_of_each_target():
+    """A stall of S seconds adds S / n to the TPOT of a sequence of n steps: a short output cannot take
+    what a long one can, and each target is checked against its own shortest sequence."""
+    pred = Predictor()
+    remaining = tuple((100, 3000) for _ in range(8))
+    base = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, remaining=remaining)
+    _, dp = pred.local_parts(REQ, base)
+    per_100 = dp.running_tpot.bound_s * 1.001  # just absorbs the stall over 100 steps
+    def local_protects(tpot_targets):
+        st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, tpot_targets, remaining=remaining)
+        return pred.local_parts(REQ, st)[1].protects
+    assert local_protects(((per_100, 100),))
+    assert not local_protects(((per_100, 4),))  # a 5-token output with the same target
+    assert local_protects(((per_100, 100), (1.0, 4)))  # the short one has a loose target
+    assert not local_protects(((per_100 * 0.999, 100), (1.0, 4)))
+    # the TPOT reported for them still spreads the stall over their mean steps left
+    short = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, ((per_100, 4),), remaining=remaining)
+    assert pred.local_parts(REQ, short)[1].running_tpot == dp.running_tpot
+    assert pred.decode_part(REQ, short).protects  # a remote prefill stalls nobody
+    # the local prefills queued before it stall them too: together they must fit
+    own = prefill_time(CS3, [REQ.prompt_tokens])
+    queued = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, ((per_100, 100),), remaining=remaining, local_busy_s=own)
+    assert not pred.local_parts(REQ, queued)[1].protects
+
+
+def test_fewest_steps_keeps_the_shortest_sequence_of_each_target():
+    assert fewest_steps([]) == ()
+    assert fewest_steps([(0.05, 30), (0.02, 100), (0.05, 4), (0.02, 7), (0.05, 9)]) == ((0.02, 7), (0.05, 4))
 
 
 def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_ones_only():
@@ -517,7 +557,8 @@ def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_t
     remote = pred.decode_part(REQ, st, kv_arrival_s(pp))
     assert dp.running_tpot.point_s == pytest.approx(remote.running_tpot.point_s + chunk)  # not the whole prefill
     assert dp.decode == remote.decode
-    tight = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, dp.running_tpot.bound_s * 0.999, chunk_tokens=16)
+    tight = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, targets(dp.running_tpot.bound_s * 0.999),
+                        chunk_tokens=16)
     assert not pred.local_parts(REQ, tight)[1].protects and pred.decode_part(REQ, tight).protects
     # nothing decoding there: nobody to hold up, so the prompt runs whole, as without chunks
     idle = DecodeState("d0", CS3, 0, 0, 64, 10**6, chunk_tokens=16)

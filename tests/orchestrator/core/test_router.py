@@ -26,8 +26,13 @@ def pf(wid, queued=0, tokens=2000, healthy=True, busy_until=0.0):
     return PrefillView(PrefillState(wid, TRN, 8192, 8, queue, busy_until), healthy=healthy)
 
 
+def targets(tightest, steps=1):
+    """DecodeState.tpot_targets of sequences all with `tightest` (inf: none) and `steps` steps."""
+    return () if tightest == math.inf else ((tightest, steps),)
+
+
 def dc(wid, batch=4, ctx=3000, free=KV, tightest=math.inf, healthy=True, total=KV):
-    return DecodeView(DecodeState(wid, CS3, batch, batch * ctx, 64, free, tightest), total, 64, healthy)
+    return DecodeView(DecodeState(wid, CS3, batch, batch * ctx, 64, free, targets(tightest)), total, 64, healthy)
 
 
 def req(prompt=2000, out=200, sla=SLA):

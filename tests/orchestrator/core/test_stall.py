@@ -20,3 +20,15 @@ def test_fraction_is_capped_and_bad_windows_are_refused():
     assert m.fraction(0.5) == MAX_FRACTION < 1.0
     with pytest.raises(ValueError, match="window_s"):
         StallMeter(window_s=0.0)
+
+
+def test_a_young_meter_divides_by_the_time_it_has_watched():
+    """2 s after it started, 0.5 s of prefills is a quarter of its time, not a twentieth of a window."""
+    m = StallMeter(window_s=10.0, start_s=100.0)
+    assert m.fraction(100.0) == 0.0  # nothing watched yet
+    m.add(101.0, 0.5)
+    assert m.fraction(102.0) == pytest.approx(0.25)
+    assert m.fraction(106.0) == pytest.approx(0.5 / 6.0)
+    assert m.fraction(115.0) == pytest.approx(0.0)  # the window has moved past it
+    m.add(115.0, 2.0)
+    assert m.fraction(116.0) == pytest.approx(0.2)  # a full window now
