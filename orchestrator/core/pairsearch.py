@@ -137,7 +137,8 @@ def best_local(pred: Predictor, req: PredictRequest, decode: DecodeIndex, mask: 
     corr = pred.corrections
     alone = decode.alone(req.prompt_tokens)[decode.dep_of]  # [D] seconds
     ttft = (alone * decode.bound(corr, "local_prefill") + decode.path) * decode.ttft_bound(corr, req.ttft_s)
-    cands = mask & (decode.room_now >= req.prompt_tokens + req.max_tokens) & (ttft * _SLACK <= req.ttft_s)
+    # free KV bounds the room it can have (DecodeState.has_room_until counts the reservations due by its end)
+    cands = mask & (decode.free_kv >= req.prompt_tokens + req.max_tokens) & (ttft * _SLACK <= req.ttft_s)
     best: tuple[PrefillPart, DecodePart] | None = None
     best_key = (beat_s, "")
     for lb, wid, i in _walk((ttft + decode_floor(pred, req, decode)) * _SLACK, decode, cands):

@@ -191,7 +191,7 @@ class DecodeIndex(_Pool):
         self.views, self.states = tuple(views), tuple(states)
         self.total_kv = np.array(total_kv_tokens, dtype=np.int64)  # [D] tokens
         self.least_total_kv = int(self.total_kv.min()) if len(states) else 0
-        self.room_now = np.array([s.free_kv_tokens - s.reserving for s in states], dtype=np.int64)  # [D] tokens
+        self.free_kv = np.array([s.free_kv_tokens for s in states], dtype=np.int64)  # [D] tokens
         self.step_now = np.array([s.step_now_s for s in states])  # [D] seconds
         # analytic: perf-model steps grow with batch and context (no measured tables, no explicit draft)
         self.analytic = np.array([s.spec is None and s.dep.hw.perf.measured is None for s in states], dtype=bool)

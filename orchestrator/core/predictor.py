@@ -208,9 +208,21 @@ class DecodeState:
         return None
 
     def has_room_now(self, need_tokens: int) -> bool:
-        """KV room for `need_tokens` now, even once every request placed here has reserved its own
-        (a local prefill reserves its blocks when it is placed)."""
+        """KV room for `need_tokens` now, even once every request placed here has reserved its own."""
         return self.free_kv_tokens - self.reserving >= need_tokens
+
+    def has_room_until(self, need_tokens: int, until_s: float) -> bool:
+        """KV room for `need_tokens` held from now until `until_s` seconds from now, once the requests
+        placed here whose KV is predicted to arrive by then have reserved their own; those arriving
+        later find it given back. A local prefill holds its blocks from its placement to its last token.
+        Left out: requests whose predicted arrival has passed (`incoming` eta 0). When they come is not
+        known (they are held up in a prefill queue), and reserving for them shut the local path for as
+        long as they were late, which sent every prompt to the prefill pool and made them later still:
+        in the simulator, a burst became a jam. One that comes while this request holds the room waits
+        for it there (the simulator's refused handoff) or fails over to another pair (live)."""
+        lo = bisect.bisect_right(self.incoming, 0.0, key=itemgetter(0))  # ascending: O(log n) + the cut
+        hi = bisect.bisect_right(self.incoming, until_s, key=itemgetter(0))
+        return self.free_kv_tokens - sum(x[1] for x in self.incoming[lo:hi]) >= need_tokens
 
     def sharing(self, start_s: float, window_s: float) -> float:
         """Mean number of the sequences counted here that share the steps of a newcomer decoding over
@@ -401,7 +413,8 @@ class Predictor:
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
-        is not `fits` unless its KV has room there now (its blocks are reserved at placement)."""
+        is not `fits` unless its KV has room there from now to its last token (its blocks are reserved
+        at placement; DecodeState.has_room_until)."""
         f = self.corrections.factors(st.worker_id, "decode")
         step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
         if st.chunk_tokens and (st.batch > len(st.incoming) or (st.local_tokens and st.incoming)):
@@ -435,7 +448,7 @@ class Predictor:
         pp = PrefillPart(st.worker_id, 0, wait, prefill, ZERO, Estimate(ttft.point_s * g.point, ttft.bound_s * g.bound),
                          ZERO, ttft.point_s)
         dp = self.decode_part(req, st, kv_arrival_s(pp), hold=hold, stall=stall)
-        if not st.has_room_now(req.prompt_tokens + req.max_tokens):
+        if not st.has_room_until(req.prompt_tokens + req.max_tokens, completion_key(req, pp, dp)):
             dp = replace(dp, fits=False)
         return pp, dp
 

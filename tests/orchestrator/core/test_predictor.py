@@ -465,6 +465,28 @@ def test_local_prefill_needs_kv_room_now_and_protects_the_running_sequences():
     assert pred.decode_part(REQ, full).protects and not pred.local_parts(REQ, full)[1].protects
 
 
+def test_local_room_counts_the_kv_due_before_its_last_token_and_not_what_comes_later_or_is_overdue():
+    """A local prefill holds prompt + max_tokens of KV from its placement to its last token. A remote
+    request placed there reserves its own when its KV arrives: before that end it competes, after it
+    finds the room given back; one already overdue (eta 0) is held up elsewhere, when is not known."""
+    pred = Predictor()
+    need = REQ.prompt_tokens + REQ.max_tokens
+    pp, dp = pred.local_parts(REQ, dstate(0, free=need))
+    end = completion_key(REQ, pp, dp)
+    def fits(*incoming):  # each (seconds until its KV arrives, KV tokens it will reserve)
+        st = DecodeState("d0", CS3, len(incoming), 0, 64, need + 100,
+                         incoming=tuple(sorted((eta, kv, 10, kv + 10) for eta, kv in incoming)))
+        return pred.local_parts(REQ, st)[1].fits
+    assert fits() and fits((end * 0.5, 100))  # what is left after its own reservation still fits
+    assert not fits((end * 0.5, 101))  # arrives while it holds its blocks: no room for both
+    assert fits((end * 2, 5000))  # arrives once it is done
+    assert fits((0.0, 5000))  # overdue: not held for
+    assert not fits((0.0, 5000), (end * 0.5, 101))
+    st = DecodeState("d0", CS3, 1, 0, 64, need, incoming=((end * 2, 5000, 10, 5010),))
+    assert st.has_room_until(need, end) and not st.has_room_until(need, end * 3)
+    assert not st.has_room_now(need)  # the remote path's own check still counts every reservation
+
+
 def test_a_local_prefills_stall_must_fit_the_shortest_sequence_of_each_target():
     """A stall of S seconds adds S / n to the TPOT of a sequence of n steps: a short output cannot take
     what a long one can, and each target is checked against its own shortest sequence."""

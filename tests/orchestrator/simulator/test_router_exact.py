@@ -30,7 +30,7 @@ def _exhaustive_local(pred, req, didx, dmask, beat=math.inf):
     best, best_key = None, (beat, "")
     for i in np.flatnonzero(dmask):
         st = didx.states[i]
-        if st.has_room_now(req.prompt_tokens + req.max_tokens):
+        if st.free_kv_tokens >= req.prompt_tokens + req.max_tokens:
             pp, dp = pred.local_parts(req, st)
             if pred.combine(req, pp, dp).ok and (completion_key(req, pp, dp), st.worker_id) < best_key:
                 best, best_key = (pp, dp), (completion_key(req, pp, dp), st.worker_id)
