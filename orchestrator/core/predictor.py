@@ -136,8 +136,8 @@ class DecodeState:
     ctx_sum: int  # tokens, total cached context of those sequences
     max_batch: int  # sequences per step (Scheduler.max_batch)
     free_kv_tokens: int  # tokens of free KV blocks
-    tpot_targets: tuple[tuple[float, int], ...] = ()  # (TPOT target seconds, fewest steps, max_tokens - 1,
-    # of the sequences there with that target) per target among those sequences (none: no target)
+    tpot_targets: tuple[tuple[float, int], ...] = ()  # per TPOT target among those sequences, ascending:
+    # (target seconds, the fewest steps, max_tokens - 1, of a sequence there with it); () when none has one
     slowdown: float = 1.0  # factor on step times (PerfParams.corun_slowdown_decode on a shared host)
     spec: Speculative | None = None  # speculative decoding, as the simulator's DecodeUnit
     draft: Deployment | None = None

@@ -9,9 +9,10 @@ The router decides on the predictor's worker states (orchestrator/core/predictor
 from the workers' last load reports plus what this engine has sent them since: the prompts it
 placed on a prefill worker and not yet seen finish are that worker's queue (the batch in progress
 as the worker reported it), the requests it placed on a decode worker and not yet seen there are
-counted in its batch, and the TPOT targets of its requests on a decode worker (with the fewest
-steps each, over which a local prefill's stall spreads) are what a placement must not break. Each load report's batches and steps, and each request's KV
-transfer tail, feed the predictor's corrections.
+counted in its batch, and the TPOT targets of its requests on a decode worker (each with the fewest
+steps a request there has, over which a local prefill's stall spreads) are what a placement must not
+break. Each load report's batches and steps, and each request's KV transfer tail, feed the
+predictor's corrections.
 
 Failover. A request is placed again (the router, rejection off) when
 - a worker of its pair dies: its calls fail (WorkerUnavailable), or the decode output poll ends with
