@@ -151,7 +151,6 @@ class DecodeState:
     chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
     local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
-    tightest_tpot_s: float = field(init=False, repr=False, compare=False)  # seconds, the smallest target (inf: none)
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
     token_step: TokenStep = field(init=False, repr=False, compare=False)  # its perf-model step (step_s)
 
@@ -167,7 +166,6 @@ class DecodeState:
             if not (target > 0) or steps < 1:  # NaN fails too; inf allowed (no constraint)
                 raise ValueError(f"tpot_targets: each (target seconds > 0, steps >= 1), got "
                                  f"{(target, steps)!r}")
-        object.__setattr__(self, "tightest_tpot_s", min((t for t, _ in self.tpot_targets), default=math.inf))
         _positive("slowdown", self.slowdown)
         if not (0.0 <= self.local_busy_s < math.inf):
             raise ValueError(f"local_busy_s: must be finite and >= 0, got {self.local_busy_s!r}")

@@ -13,6 +13,7 @@ from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.router import (POLICIES, REJECTION_KINDS, DecodeView, Placement, PrefillView, Rejection,
                                       RouteRequest, Router)
 from orchestrator.core.sla import SLATarget
+from tests.orchestrator.core.test_predictor import targets
 
 MODEL = get_spec("llama-3.1-70b")
 TRN = make_deployment(MODEL, get_profile("trn2.48xlarge"), tp=64)
@@ -24,11 +25,6 @@ KV = 2_000_000  # tokens of KV per decode worker
 def pf(wid, queued=0, tokens=2000, healthy=True, busy_until=0.0):
     queue = tuple(QueuedPrompt(tokens, -1.0 - i, 0, 1.0) for i in range(queued))
     return PrefillView(PrefillState(wid, TRN, 8192, 8, queue, busy_until), healthy=healthy)
-
-
-def targets(tightest, steps=1):
-    """DecodeState.tpot_targets of sequences all with `tightest` (inf: none) and `steps` steps."""
-    return () if tightest == math.inf else ((tightest, steps),)
 
 
 def dc(wid, batch=4, ctx=3000, free=KV, tightest=math.inf, healthy=True, total=KV):
