@@ -8,7 +8,8 @@ work adds FLOPs of the active parameters / dense compute (MoE: SRAM holds all ex
 needed count total parameters, while compute counts the routed ones). The profile's software generation
 (hardware/generations.py) sets the per-layer latency, the hop cost and whether it decodes speculatively.
 Speculative decoding: an explicit option (`Speculative` plus a draft deployment), or the generation's own
-(`speculation_plan`), both costing k draft steps plus one target pass over k+1 tokens per step.
+(`speculation_plan`), both costing k draft steps (k + 1 with NxDI's KV-fill pass) plus one target pass over
+k+1 tokens per step.
 The host CPU profile (`cpu`) carries tables measured on the live engine (PerfParams.measured):
 prefill and decode-step times are interpolated from them instead of the roofline (single chip only).
 """
@@ -32,8 +33,18 @@ class Speculative:
     """Draft-and-verify decoding: k draft tokens per step, each accepted with probability `acceptance`."""
 
     acceptance: float = 0.8  # assumption: typical for a same-family 8B draft on chat text
-    draft_tokens: int = 3
+    draft_tokens: int = 3  # drafts the target verifies per step (it scores them plus the previous token)
     draft_model: str = "llama-3.1-8b"
+    # the draft also runs on its last draft each step, only to cache that token's KV (NxDI fused
+    # speculation: its `speculation_length` k is draft_tokens k - 1 with this pass; neuronx-distributed-
+    # inference models/model_base.py _token_gen_forward, "k iterations of the draft model ... extra run
+    # is for populating the kv cache")
+    kv_fill_pass: bool = False
+
+    @property
+    def draft_passes(self) -> int:
+        """Draft forward passes per step."""
+        return self.draft_tokens + self.kv_fill_pass
 
     def tokens_per_step(self) -> float:
         """Expected tokens emitted per verification step (accepted drafts + the target's own)."""
@@ -301,21 +312,22 @@ def decode_step_time(dep: Deployment, batch: int, ctx_sum: float, q_tokens: int 
 
 
 def _speculative_time(dep: Deployment, batch: int, ctx_sum: float, spec: Speculative, draft: Deployment) -> float:
-    """Seconds per emitted token: k draft steps (contexts growing), one target pass over k+1 tokens, over the
-    expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
+    """Seconds per emitted token: the draft passes (contexts growing), one target pass over k+1 tokens, over
+    the expected tokens per step. Linear in ctx_sum for a fixed batch, like decode_step_time."""
     k = spec.draft_tokens
-    drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(k))
+    drafting = sum(decode_step_time(draft, batch, ctx_sum + batch * i) for i in range(spec.draft_passes))
     verify = decode_step_time(dep, batch, ctx_sum, q_tokens=k + 1)
     return (drafting + verify) / spec.tokens_per_step()
 
 
-def _wafer_speculative(wt: _Wafer, dep: Deployment, wd: _Wafer, draft: Deployment, k: int, batch: float,
+def _wafer_speculative(wt: _Wafer, dep: Deployment, wd: _Wafer, draft: Deployment, spec: Speculative, batch: float,
                        ctx_sum: float) -> float:
-    """_speculative_time's k draft passes plus the verify pass on a wafer target (constants `wt`) with a
+    """_speculative_time's draft passes plus the verify pass on a wafer target (constants `wt`) with a
     wafer draft (`wd`), batch > 0: decode_step_time's passes, the constants looked up once."""
+    k = spec.draft_tokens
     hop = _wafer_latency(wd, batch)  # the same for every draft pass
     drafting = 0
-    for i in range(k):
+    for i in range(spec.draft_passes):
         drafting += hop + _wafer_work(wd, draft, batch, ctx_sum + batch * i, 1)
     tokens = batch * (k + 1)
     return drafting + (_wafer_latency(wt, tokens) + _wafer_work(wt, dep, tokens, ctx_sum, k + 1))
@@ -371,7 +383,7 @@ class TokenStep:
             return decode_step_time(self.dep, batch, ctx_sum)
         if self.wafers is None or batch <= 0:
             return _speculative_time(self.dep, batch, ctx_sum, self.spec, self.draft)
-        return _wafer_speculative(self.wafers[0], self.dep, self.wafers[1], self.draft, self.spec.draft_tokens, batch,
+        return _wafer_speculative(self.wafers[0], self.dep, self.wafers[1], self.draft, self.spec, batch,
                                   ctx_sum) / self.per_step
 
 

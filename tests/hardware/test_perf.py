@@ -7,7 +7,7 @@ import pytest
 
 from bench.calibration import calibration_table, fit_latency_speedup
 from hardware.perf import (Speculative, decode_step_time, kv_token_capacity, kv_transfer_time, make_deployment,
-                           prefill_time)
+                           prefill_time, token_step_time)
 from hardware.profiles import HARDWARE_NAMES, PROFILES, get_profile
 from model.specs import get_spec
 
@@ -66,6 +66,22 @@ def test_monotone_in_batch_and_context():
 def test_speculative_tokens_per_step():
     assert Speculative(acceptance=0.0).tokens_per_step() == 1.0
     assert Speculative(acceptance=1.0, draft_tokens=3).tokens_per_step() == 4.0
+
+
+def test_kv_fill_pass_adds_one_draft_pass_and_no_token():
+    """NxDI fused speculation runs the draft once more per step, only to cache its last draft's KV: the
+    step costs one more draft pass over the same tokens, on HBM devices and on the wafer alike."""
+    for hw, model, draft_model in (("trn2.48xlarge", "llama-3.3-70b", "llama-3.2-1b"), ("cs3", "llama-3.1-70b",
+                                                                                      "llama-3.2-1b")):
+        target = make_deployment(get_spec(model), get_profile(hw))
+        draft = make_deployment(get_spec(draft_model), get_profile(hw))
+        plain = Speculative(0.9, 6, draft_model)
+        fused = dataclasses.replace(plain, kv_fill_pass=True)
+        assert (fused.draft_passes, fused.tokens_per_step()) == (7, plain.tokens_per_step())
+        batch, ctx = 2, 2 * 3000
+        extra = decode_step_time(draft, batch, ctx + batch * 6) / plain.tokens_per_step()
+        assert (token_step_time(target, batch, ctx, fused, draft) - token_step_time(target, batch, ctx, plain, draft)
+                == pytest.approx(extra, rel=1e-9))
 
 
 def test_layerwise_overlap_hides_transfer():
