@@ -150,7 +150,8 @@ class DecodeState:
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
     local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
-    step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, the step in flight (0: idle)
+    step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, a step of all the sequences
+    # counted in `batch` (those a newcomer decoding here will share with); 0: none
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
     token_step: TokenStep = field(init=False, repr=False, compare=False)  # its perf-model step (step_s)
 
@@ -222,22 +223,31 @@ class DecodeState:
         hi = bisect.bisect_right(self.incoming, until_s, key=itemgetter(0))
         return self.free_kv_tokens - sum(x[1] for x in self.incoming[lo:hi]) >= need_tokens
 
-    def sharing(self, start_s: float, window_s: float) -> float:
+    def sharing(self, start_s: float, window_s: float, overdue: bool = True) -> float:
         """Mean number of the sequences counted here that share the steps of a newcomer decoding over
         [start_s, start_s + window_s) seconds from now (at most max_batch - 1): each running one until
-        it finishes (`remaining`, at the step in flight's pace), each incoming one from its arrival for
-        its steps, the rest (waiting) throughout. window_s = 0: the count at start_s."""
+        it finishes (`remaining`, at step_now_s's pace), each incoming one from its arrival for its
+        steps, the rest (waiting) throughout. window_s = 0: the count at start_s. overdue=False leaves
+        out the incoming ones whose predicted arrival has passed (eta 0: held up, when is not known),
+        for a window too short to expect them in."""
         step, end = self.step_now_s, start_s + window_s
         # incoming ones arriving after the window share none of it (ascending: cut them off, O(log n))
         cut = bisect.bisect_right(self.incoming, end if window_s > 0 else start_s, key=itemgetter(0))
+        lo = 0 if overdue else bisect.bisect_right(self.incoming, 0.0, key=itemgetter(0))
         spans = [(0.0, r * step) for r, _ in self.remaining] + [(eta, eta + n * step)
-                                                                 for eta, _, n, _ in self.incoming[:cut]]
+                                                                 for eta, _, n, _ in self.incoming[lo:cut]]
         rest = max(0, self.batch - len(self.remaining) - len(self.incoming))
         if window_s <= 0:
             n = rest + sum(1 for a, z in spans if a <= start_s < z)
         else:
             n = rest + sum(max(0.0, min(z, end) - max(a, start_s)) for a, z in spans) / window_s
         return min(float(n), self.max_batch - 1.0)
+
+    def step_in_flight_s(self) -> float:
+        """Perf-model seconds of the step running now: the running sequences only (0: none run)."""
+        if not self.remaining:
+            return 0.0
+        return self.step_s(min(len(self.remaining), self.max_batch), sum(held for _, held in self.remaining))
 
     def steps_left_mean(self) -> float:
         """Mean steps the running sequences have left (>= 1; 1 when none run)."""
@@ -414,17 +424,23 @@ class Predictor:
         is not `fits` unless its KV has room there from now to its last token (its blocks are reserved
         at placement; DecodeState.has_room_until)."""
         f = self.corrections.factors(st.worker_id, "decode")
-        step_wait = Estimate(0.5 * st.step_now_s * f.point, self.corrections.quantile * st.step_now_s * f.bound)
+        # it starts at the end of the step running now (a uniformly random phase of it), which is the
+        # running sequences' alone: the incoming ones have not joined it
+        in_flight = st.step_in_flight_s()
+        step_wait = Estimate(0.5 * in_flight * f.point, self.corrections.quantile * in_flight * f.bound)
         if st.chunk_tokens and (st.batch > len(st.incoming) or (st.local_tokens and st.incoming)):
             # its chunks ride the steps after those of the prompts placed before it, while sequences decode
             # there (those running, and those placed there once they join: the local prefills before it
             # among them, so with one of those queued it rides even though nothing decodes yet); what is
-            # left then runs whole
+            # left then runs whole. The steps it rides are those of the sequences there during its chunks
+            # (DecodeState.sharing over that window), not of every one counted there: an incoming one held
+            # up in a prefill queue is not in them
             c, tokens = st.chunk_tokens, st.local_tokens + req.prompt_tokens
             hold = self._scaled(st.worker_id, "local_prefill", st.chunk_s())
-            step = self._scaled(st.worker_id, "decode", st.token_step(min(st.batch, st.max_batch), st.ctx_sum)
-                                * st.slowdown) + hold
             need = -(-tokens // c)
+            riding = max(1.0, st.sharing(0.0, need * (st.step_now_s + hold.point_s), overdue=False))
+            step = self._scaled(st.worker_id, "decode", st.token_step(riding, st.ctx_sum * riding / st.batch)
+                                * st.slowdown) + hold
             busy = max(max((r for r, _ in st.remaining), default=0),
                        max((eta / step.point_s + n for eta, _, n, _ in st.incoming), default=0))
             ride = min(need, math.ceil(busy)) if st.remaining or st.incoming else need

@@ -432,7 +432,9 @@ def test_local_prefill_ttft_is_the_step_in_flight_the_local_queue_and_the_prompt
         corr.observe("d0", "local_prefill", 1.0, 1.0)
         corr.observe(ttft_key("d0", REQ.ttft_s), "ttft", 1.0, 1.0)
     pred = Predictor(corr)
-    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, local_busy_s=0.004)
+    running = tuple((1, 3000) for _ in range(8))  # 8 sequences running, one step left each
+    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, local_busy_s=0.004, remaining=running)
+    assert st.step_in_flight_s() == st.step_now_s > 0  # every sequence counted there is running
     pp, dp = pred.local_parts(REQ, st)
     q = pred.corrections.quantile
     own = prefill_time(CS3, [REQ.prompt_tokens])
@@ -442,9 +444,34 @@ def test_local_prefill_ttft_is_the_step_in_flight_the_local_queue_and_the_prompt
     assert dp.fits and dp.protects
     remote = pred.decode_part(REQ, st, kv_arrival_s(pp))
     # the running sequences stall once by the local prefills queued before it and its own, spread over their
-    # steps left (1 here: none known)
+    # steps left (1 here)
     assert dp.running_tpot.point_s == pytest.approx(remote.running_tpot.point_s + 0.004 + own)
     assert dp.decode == remote.decode  # the newcomer's own decode is the same as if its KV had arrived then
+
+
+def test_local_prefill_waits_for_the_step_of_the_running_sequences_not_of_those_still_to_come():
+    """The step in flight is the running sequences' alone: requests placed there whose KV has not
+    arrived (a batch prompt held up in a prefill queue) are not in it, and with none running there is
+    none to wait for. Chunked, the prompt rides the steps of the sequences there during its chunks: an
+    overdue incoming one is not expected in that short a window, one due within it is."""
+    corr = Corrections()
+    for _ in range(corr.min_samples):
+        corr.observe("d0", "decode", 1.0, 1.0)
+        corr.observe("d0", "local_prefill", 1.0, 1.0)
+        corr.observe(ttft_key("d0", REQ.ttft_s), "ttft", 1.0, 1.0)
+    pred = Predictor(corr)
+    running = tuple((500, 3000) for _ in range(4))
+    overdue = tuple((0.0, 3000, 200, 3000) for _ in range(40))  # predicted to have arrived: held up
+    alone = DecodeState("d0", CS3, 4, 4 * 3000, 64, 10**6, remaining=running, chunk_tokens=16)
+    crowded = DecodeState("d0", CS3, 44, 44 * 3000, 64, 10**6, remaining=running, incoming=overdue,
+                          chunk_tokens=16)
+    assert crowded.step_in_flight_s() == alone.step_in_flight_s() < crowded.step_now_s
+    assert pred.local_parts(REQ, crowded)[0].ttft.point_s == pytest.approx(pred.local_parts(REQ, alone)[0].ttft.point_s)
+    due = tuple((1e-4, 3000, 200, 3000) for _ in range(40))  # arriving within its first chunk's step
+    soon = DecodeState("d0", CS3, 44, 44 * 3000, 64, 10**6, remaining=running, incoming=due, chunk_tokens=16)
+    assert pred.local_parts(REQ, soon)[0].ttft.point_s > pred.local_parts(REQ, alone)[0].ttft.point_s
+    idle = DecodeState("d0", CS3, 40, 40 * 3000, 64, 10**6, incoming=overdue)
+    assert idle.step_in_flight_s() == 0.0 < idle.step_now_s
 
 
 def test_local_prefill_needs_kv_room_now_and_protects_the_running_sequences():
@@ -568,7 +595,8 @@ def test_chunked_local_prefill_rides_the_steps_after_the_local_queue_and_holds_t
             corr.observe("d0", phase, 1.0, 1.0)
         corr.observe(ttft_key("d0", REQ.ttft_s), "ttft", 1.0, 1.0)
     pred = Predictor(corr)
-    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=16, local_tokens=40)
+    running = tuple((1000, 3000) for _ in range(8))  # decoding past its chunks
+    st = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, chunk_tokens=16, local_tokens=40, remaining=running)
     pp, dp = pred.local_parts(REQ, st)
     chunk = chunk_step_time(CS3, 16)
     assert 0 < chunk < prefill_time(CS3, [16])  # the step already pays the pass's fixed latency
