@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rates", help="comma-separated requests/s or 'native', e.g. native,10,20")
     g.add_argument("--prefill-replicas", help="comma-separated prefill pool sizes, e.g. 1,2,4")
     g.add_argument("--decode-replicas", help="comma-separated decode pool sizes, e.g. 1,2")
+    g.add_argument("--quantile", type=float, help="router-comparison: the sla policy's confidence, in (0, 1)")
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -57,6 +58,17 @@ def apply_overrides(exp, args):
     return exp
 
 
+def comparison_overrides(exp, args):
+    """A router comparison with `--quantile` applied (UserError naming the flag)."""
+    from dataclasses import replace
+    q = getattr(args, "quantile", None)
+    if q is None:
+        return exp
+    if not 0.0 < q < 1.0:
+        raise UserError(f"--quantile: must be in (0, 1), got {q}")
+    return replace(exp, quantile=q)
+
+
 def load_experiments(path: Path):
     from orchestrator.core.config import read_yaml
     from orchestrator.core.experiments import parse_experiments
@@ -89,7 +101,7 @@ def run(args) -> int:
         ensure_measured()  # the `cpu` profile is this host's measurement: an explicit, announced step
     for exp in chosen:
         if isinstance(exp, RouterComparison):
-            run_comparison(exp, Path(args.results))
+            run_comparison(comparison_overrides(exp, args), Path(args.results))
             continue
         exp = apply_overrides(exp, args)
         try:

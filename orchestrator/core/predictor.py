@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 
 from hardware.perf import (Deployment, Speculative, TokenStep, chunk_step_time, kv_transfer_time, prefill_time,
                            token_step)
-from orchestrator.core.arrivals import ARRIVAL_WINDOW_S
+from orchestrator.core.arrivals import OVERTAKE_HORIZON_S
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -484,12 +484,12 @@ class Predictor:
 
 
 def overtaken(wait: Estimate, arrivals: tuple[tuple[float, float, float], ...], ttft_s: float, point: float,
-              bound: float, horizon_s: float = ARRIVAL_WINDOW_S) -> Estimate:
+              bound: float, horizon_s: float = OVERTAKE_HORIZON_S) -> Estimate:
     """A queue wait lengthened by the prompts that will arrive during it with a tighter TTFT target and
     so run first (earliest deadline first): a target tighter by d seconds overtakes for the first d
     seconds of the wait. `arrivals`: (target, recent load, long-run load), the PrefillState's, in
-    prefill seconds per second: the recent load for the first `horizon_s` seconds of the wait (the
-    meter's recent window), the long-run load beyond; `point`, `bound`: the prefill correction's
+    prefill seconds per second: the recent load for the first `horizon_s` seconds of the wait
+    (arrivals.OVERTAKE_HORIZON_S), the long-run load beyond; `point`, `bound`: the prefill correction's
     factors. One step of W = W0 + the work they bring in min(W, d), from W* = the wait under the
     total loads (each capped at 0.9: the bound stays finite)."""
     out = []

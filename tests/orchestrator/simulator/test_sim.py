@@ -200,6 +200,17 @@ def test_simulate_writes_results_with_goodput_baseline_and_attribution(tmp_path)
     assert r.returncode == 2 and "--rates" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_quantile_override_sets_the_router_comparisons_confidence():
+    from orchestrator.cli import UserError
+    from orchestrator.cli.simulate import comparison_overrides, load_experiments
+    exp = load_experiments(REPO / "cluster.yaml")["router-comparison"]
+    assert comparison_overrides(exp, SimpleNamespace(quantile=None)) is exp
+    assert comparison_overrides(exp, SimpleNamespace(quantile=0.6)).quantile == 0.6
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(UserError, match="--quantile: must be in \\(0, 1\\)"):
+            comparison_overrides(exp, SimpleNamespace(quantile=bad))
+
+
 def test_plan_explains_choice(tmp_path):
     root = REPO
     trace = _tiny_trace(tmp_path / "trace.csv")
