@@ -219,9 +219,13 @@ class DecodeState:
         long as they were late, which sent every prompt to the prefill pool and made them later still:
         in the simulator, a burst became a jam. One that comes while this request holds the room waits
         for it there (the simulator's refused handoff) or fails over to another pair (live)."""
-        lo = bisect.bisect_right(self.incoming, 0.0, key=itemgetter(0))  # ascending: O(log n) + the cut
         hi = bisect.bisect_right(self.incoming, until_s, key=itemgetter(0))
-        return self.free_kv_tokens - sum(x[1] for x in self.incoming[lo:hi]) >= need_tokens
+        return self.free_kv_tokens - sum(x[1] for x in self.incoming[self._first_due():hi]) >= need_tokens
+
+    def _first_due(self) -> int:
+        """Index in `incoming` (ascending) of the first request whose predicted arrival is still to
+        come: those before it are overdue (eta 0). O(log n)."""
+        return bisect.bisect_right(self.incoming, 0.0, key=itemgetter(0))
 
     def sharing(self, start_s: float, window_s: float, overdue: bool = True) -> float:
         """Mean number of the sequences counted here that share the steps of a newcomer decoding over
@@ -233,7 +237,7 @@ class DecodeState:
         step, end = self.step_now_s, start_s + window_s
         # incoming ones arriving after the window share none of it (ascending: cut them off, O(log n))
         cut = bisect.bisect_right(self.incoming, end if window_s > 0 else start_s, key=itemgetter(0))
-        lo = 0 if overdue else bisect.bisect_right(self.incoming, 0.0, key=itemgetter(0))
+        lo = 0 if overdue else self._first_due()
         spans = [(0.0, r * step) for r, _ in self.remaining] + [(eta, eta + n * step)
                                                                  for eta, _, n, _ in self.incoming[lo:cut]]
         rest = max(0, self.batch - len(self.remaining) - len(self.incoming))
