@@ -37,6 +37,8 @@ class Outcome:
     predicted_tpot_ms: float | None = None
     bound_ttft_ms: float | None = None  # and its bounds at its quantile
     bound_tpot_ms: float | None = None
+    prefill_worker: str = ""  # where it ran (equal to decode_worker: prefilled locally by the decode worker)
+    decode_worker: str = ""
 
 
 def prompt_ids(tokenizer, n_tokens: int, filler_ids: list[int], index: int) -> list[int]:
@@ -72,7 +74,8 @@ async def _one(client, rid: str, ids: list[int], max_tokens: int, sla, arrival: 
     return Outcome(rid, len(ids), timing.tokens, ttft, tpot, _ms(timing.e2e_s), sla_met(sla, ttft, tpot),
                    queued_ms=t.queued_ms, prefill_ms=t.prefill_ms, transfer_ms=t.transfer_ms,
                    predicted_ttft_ms=p.ttft_ms if p else None, predicted_tpot_ms=p.tpot_ms if p else None,
-                   bound_ttft_ms=p.ttft_bound_ms if p else None, bound_tpot_ms=p.tpot_bound_ms if p else None)
+                   bound_ttft_ms=p.ttft_bound_ms if p else None, bound_tpot_ms=p.tpot_bound_ms if p else None,
+                   prefill_worker=timing.final.prefill_worker, decode_worker=timing.final.decode_worker)
 
 
 def auto_rate(cfg, rows, fraction: float | None = None) -> float:
