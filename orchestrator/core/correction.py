@@ -135,7 +135,8 @@ class Corrections:
         time is `model_s`: its ratio is one that exceeds elapsed_s / model_s, so the point and bound are
         the median and q-quantile of the window's ratios above that. When it has overrun every ratio
         seen (or the window is not warm and it has overrun the prior's point), it is taken to be as far
-        again beyond its ratio so far as the window's bound is beyond its point, the bound once more."""
+        again beyond its ratio so far as the window's bound is from its point (also for a quantile below
+        0.5), the bound once more (below 0.5: between now and the point, in log, at q / 0.5 of the way)."""
         f, so_far = self.factors(worker, phase), elapsed_s / model_s
         ratios = self._ratios.get((worker, phase)) if self.warm(worker, phase) else None
         above = sorted(r for r in ratios if r > so_far) if ratios else []
@@ -143,10 +144,11 @@ class Corrections:
             point, bound = quantile(above, 0.5), quantile(above, self.quantile)
         elif so_far < f.point:  # not warm, not overrun: the prior
             point, bound = f.point, f.bound
-        else:
-            spread = f.bound / f.point
+        else:  # run on by the window's spread (bound over point, or point over bound below the median)
+            spread = (f.bound / f.point if self.quantile >= 0.5 else f.point / f.bound) if f.point > 0 < f.bound else 1.0
             point = so_far * spread
-            bound = point * spread
+            # the bound: as far again above the point, or below the median that share of the way from now
+            bound = point * spread if self.quantile >= 0.5 else so_far * spread ** (self.quantile / 0.5)
         return max(0.0, point * model_s - elapsed_s), max(0.0, bound * model_s - elapsed_s)
 
     def forget(self, worker: str) -> None:

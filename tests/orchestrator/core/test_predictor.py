@@ -208,6 +208,14 @@ def test_a_batch_in_progress_has_left_what_its_ratio_above_the_time_so_far_gives
     f = corr.factors("p0", "prefill")
     assert point == pytest.approx(3.5 * f.bound / f.point - 3.5) and bound > point > 0
 
+    # a quantile below the median (bound under point): an overrun batch still has time left
+    low = Corrections(0.2, window=8)
+    for r in (1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 3.0):
+        low.observe("p0", "prefill", r, 1.0)
+    g = low.factors("p0", "prefill")
+    point, bound = low.remaining("p0", "prefill", 1.0, 3.5)
+    assert point == pytest.approx(3.5 * g.point / g.bound - 3.5) and point > bound > 0
+    assert bound == pytest.approx(3.5 * (g.point / g.bound) ** 0.4 - 3.5)
 
 def test_the_batch_in_progress_end_bounds_the_wait_at_its_own_quantile():
     pred = Predictor()
