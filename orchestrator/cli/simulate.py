@@ -61,12 +61,15 @@ def apply_overrides(exp, args):
 def comparison_overrides(exp, args):
     """A router comparison with `--quantile` applied (UserError naming the flag)."""
     from dataclasses import replace
+
+    from orchestrator.core.correction import check_quantile
     q = getattr(args, "quantile", None)
     if q is None:
         return exp
-    if not 0.0 < q < 1.0:
-        raise UserError(f"--quantile: must be in (0, 1), got {q}")
-    return replace(exp, quantile=q)
+    try:
+        return replace(exp, quantile=check_quantile(q))
+    except ValueError:
+        raise UserError(f"--quantile: must be in (0, 1), got {q}") from None
 
 
 def load_experiments(path: Path):

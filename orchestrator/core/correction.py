@@ -144,11 +144,14 @@ class Corrections:
             point, bound = quantile(above, 0.5), quantile(above, self.quantile)
         elif so_far < f.point:  # not warm, not overrun: the prior
             point, bound = f.point, f.bound
-        else:  # run on by the window's spread (bound over point, or point over bound below the median)
-            spread = (f.bound / f.point if self.quantile >= 0.5 else f.point / f.bound) if f.point > 0 < f.bound else 1.0
-            point = so_far * spread
-            # the bound: as far again above the point, or below the median that share of the way from now
-            bound = point * spread if self.quantile >= 0.5 else so_far * spread ** (self.quantile / 0.5)
+        else:  # overrun: it runs on by the window's spread, the distance of its bound from its point
+            ratio = f.bound / f.point if f.point > 0 < f.bound else 1.0
+            if self.quantile >= 0.5:  # the bound as far again above the point
+                point = so_far * ratio
+                bound = point * ratio
+            else:  # the bound between now and the point, in log, q / 0.5 of the way
+                point = so_far / ratio
+                bound = so_far * (1.0 / ratio) ** (self.quantile / 0.5)
         return max(0.0, point * model_s - elapsed_s), max(0.0, bound * model_s - elapsed_s)
 
     def forget(self, worker: str) -> None:

@@ -217,6 +217,7 @@ def test_a_batch_in_progress_has_left_what_its_ratio_above_the_time_so_far_gives
     assert point == pytest.approx(3.5 * g.point / g.bound - 3.5) and point > bound > 0
     assert bound == pytest.approx(3.5 * (g.point / g.bound) ** 0.4 - 3.5)
 
+
 def test_the_batch_in_progress_end_bounds_the_wait_at_its_own_quantile():
     pred = Predictor()
     same = PrefillState("p0", TRN, 4096, 8, (), 1.0)
