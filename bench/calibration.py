@@ -126,6 +126,10 @@ CS3_VALIDATION = (
     ("gpt-oss-120b", 3000, "2026", "Cerebras '~3000 tok/sec', quoted by docs.getpatter.com and hivebook.wiki [C]"),
     ("gpt-oss-120b", 1844, "2026", "Artificial Analysis, gpt-oss-120B (low) providers page [B+]"),
     ("llama-3.1-8b", 2200, "May 2026", "Cerebras API '~2,200 tok/s', quoted by hivebook.wiki [C]"),
+    ("deepseek-r1-distill-llama-70b", 1500, "Feb 2025", "Cerebras blog 'cerebras-launches-worlds-fastest-deepseek-"
+                                                        "r1-llama-70b-inference', quoted on r/mlscaling [B]"),
+    ("gpt-oss-120b", 2059, "May 2026", "Artificial Analysis' Cerebras provider page, quoted by SemiAnalysis "
+                                       "tokenomics.info/cerebras [B+/C]"),
 )
 
 

@@ -333,18 +333,26 @@ def _wafer_speculative(wt: _Wafer, dep: Deployment, wd: _Wafer, draft: Deploymen
     return drafting + (_wafer_latency(wt, tokens) + _wafer_work(wt, dep, tokens, ctx_sum, k + 1))
 
 
+def draft_room_bytes(dep: Deployment) -> float:
+    """SRAM a draft model may use on a wafer replica: one system's share of what the target's weights leave
+    free. Pipelined layers are balanced across the systems (the pipeline runs at its slowest stage's pace),
+    so the free SRAM is spread evenly over them, and the draft runs on one of them, as a model that fits
+    one wafer does (split across systems, every draft pass would cross the pipeline's hops as well)."""
+    return (dep.chips * dep.hw.mem_bytes * dep.hw.perf.mem_usable - dep.model.weight_bytes(dep.dtype)) / dep.chips
+
+
 @lru_cache(maxsize=256)
 def speculation_plan(dep: Deployment) -> tuple[Speculative, Deployment] | None:
     """The generation's speculative decoding for this replica, or None (it does not speculate, or no draft helps).
 
     The (draft model, draft length) with the fastest single-user token at PLAN_CONTEXT, among registered
-    drafts (hardware/speculation.py) whose weights fit the SRAM the target leaves free: the draft runs on
-    the target's own wafers, one pipeline system when it fits one.
+    drafts (hardware/speculation.py) whose weights fit one system's share of the SRAM the target leaves
+    free (draft_room_bytes): the draft runs on one of the target's own wafers.
     """
     gen = dep.hw.generation
     if gen is None or not gen.speculative:
         return None
-    free = dep.chips * dep.hw.mem_bytes * dep.hw.perf.mem_usable - dep.model.weight_bytes(dep.dtype)
+    free = draft_room_bytes(dep)
     best, best_s = None, decode_step_time(dep, 1, PLAN_CONTEXT)
     for model in draft_candidates(dep.model):
         if model.weight_bytes(dep.dtype) > free:

@@ -178,6 +178,8 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     _llama("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256),  # meta-llama/Llama-3.1-8B
     _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.1-70B
     _llama("llama-3.3-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.3-70B-Instruct
+    # deepseek-ai/DeepSeek-R1-Distill-Llama-70B: Llama-3.3-70B-Instruct fine-tuned on R1's reasoning traces
+    _llama("deepseek-r1-distill-llama-70b", 80, 8192, 64, 8, 28672, 128256),
     _llama("llama-3.1-405b", 126, 16384, 128, 8, 53248, 128256),  # meta-llama/Llama-3.1-405B
     # meta-llama/Llama-4-Maverick-17B-128E: 128 routed + 1 shared expert, top-1, MoE on every 2nd
     # layer (interleave_moe_layer_step 2), dense layers 16384 wide; chunked attention (8192) on
@@ -209,6 +211,7 @@ PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
     "llama-3.1-8b": (8.03e9, None),
     "llama-3.1-70b": (70.6e9, None),
     "llama-3.3-70b": (70.6e9, None),
+    "deepseek-r1-distill-llama-70b": (70.6e9, None),  # its base's (Llama 3.3 70B) architecture and size
     "llama-3.1-405b": (405.9e9, None),
     "llama-4-maverick": (400e9, 17e9),  # Meta: 17B active, 400B total
     "gpt-oss-120b": (116.8e9, 5.13e9),  # OpenAI model card: 116.8B total, 5.13B active

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from hardware.generations import CS3_LAUNCH
-from hardware.perf import (Speculative, decode_step_time, kv_token_capacity, make_deployment,
+from hardware.perf import (Speculative, decode_step_time, draft_room_bytes, kv_token_capacity, make_deployment,
                            speculation_plan, token_step_time, wafer_work_s)
 from hardware.profiles import get_profile
 from hardware.speculation import LEVIATHAN_LAMDA, acceptance_rate, draft_candidates, expected_tokens
@@ -86,6 +86,17 @@ def test_drafts_share_the_tokenizer_and_occupy_sram():
     spec = make_deployment(M70, get_profile("cs3"), systems=4)
     launch = make_deployment(M70, get_profile("cs3@2024-08"), systems=4)
     assert 0 < kv_token_capacity(spec) < kv_token_capacity(launch)  # the draft's weights and KV take SRAM
+
+
+def test_a_draft_needs_one_systems_share_of_the_free_sram():
+    """Llama 3.1 405B on the 21 systems its weights need leaves about 1 GB free per system: Llama 3.2 1B
+    (2.5 GB) fits the 21 systems' free SRAM in total but no one system, so there is no draft; on 22 it fits."""
+    cs3, m405, draft = get_profile("cs3"), get_spec("llama-3.1-405b"), get_spec("llama-3.2-1b")
+    tight, roomy = make_deployment(m405, cs3, systems=21), make_deployment(m405, cs3, systems=22)
+    assert draft_room_bytes(tight) < draft.weight_bytes() < draft_room_bytes(tight) * tight.chips
+    assert speculation_plan(tight) is None
+    assert speculation_plan(roomy)[0].draft_model == "llama-3.2-1b"
+    assert token_step_time(tight, 1, 1000) == decode_step_time(tight, 1, 1000)  # one pass per token
 
 
 def test_speculative_step_is_linear_in_context_and_monotone_in_batch():
