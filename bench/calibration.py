@@ -130,6 +130,8 @@ CS3_VALIDATION = (
                                                         "r1-llama-70b-inference', quoted on r/mlscaling [B]"),
     ("gpt-oss-120b", 2059, "May 2026", "Artificial Analysis' Cerebras provider page, quoted by SemiAnalysis "
                                        "tokenomics.info/cerebras [B+/C]"),
+    ("glm-4.7", 1201, "May 2026", "Artificial Analysis' Cerebras provider page, quoted by SemiAnalysis "
+                                  "tokenomics.info/cerebras [B+/C]"),
 )
 
 

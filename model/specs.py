@@ -38,7 +38,8 @@ class ModelSpec:
     experts_active: int = 0  # routed experts per token
     n_shared_experts: int = 0
     d_ff_expert: int = 0  # width of one expert's FFN
-    moe_every: int = 1  # every k-th layer is MoE (layer i is MoE when (i + 1) % moe_every == 0)
+    moe_every: int = 1  # every k-th layer is MoE (layer i is MoE when (i - first_dense + 1) % moe_every == 0)
+    first_dense: int = 0  # the first layers are dense before the MoE pattern starts (GLM-4.5: 3)
     attn_window: int = 0  # sliding/chunked attention window (0: none)
     window_every: int = 0  # layers with a window: all except every window_every-th (0: no windows)
     # parameter counts the perf model reads on every step, computed once (the predictor's hot path)
@@ -61,7 +62,7 @@ class ModelSpec:
 
     @property
     def n_moe_layers(self) -> int:
-        return self.n_layers // self.moe_every if self.is_moe else 0
+        return (self.n_layers - self.first_dense) // self.moe_every if self.is_moe else 0
 
     @property
     def n_dense_layers(self) -> int:
@@ -77,7 +78,8 @@ class ModelSpec:
         """Indices of the MoE layers."""
         if not self.is_moe:
             return ()
-        return tuple(i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0)
+        start = self.first_dense
+        return tuple(i for i in range(start, self.n_layers) if (i - start + 1) % self.moe_every == 0)
 
     # ---- parameters ------------------------------------------------------------------------
     @property
@@ -196,11 +198,23 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("gpt-oss-20b", 24, 2880, 64, 8, 64, 2880, 201088, False,
               n_experts=32, experts_active=4, d_ff_expert=2880, moe_every=1,
               attn_window=128, window_every=2),
+    # meta-llama/Llama-4-Scout-17B-16E: 16 routed + 1 shared expert, top-1, MoE on every layer; attention as
+    # Maverick's. Text model only.
+    ModelSpec("llama-4-scout", 48, 5120, 40, 8, 128, 16384, 202048, False,
+              n_experts=16, experts_active=1, n_shared_experts=1, d_ff_expert=8192, moe_every=1,
+              attn_window=8192, window_every=4),
     _llama("qwen3-0.6b", 28, 1024, 16, 8, 3072, 151936, tied=True),  # Qwen/Qwen3-0.6B
     _llama("qwen3-32b", 64, 5120, 64, 8, 25600, 151936),  # Qwen/Qwen3-32B
     # Qwen/Qwen3-235B-A22B: 94 layers all MoE, 128 experts top-8 of width 1536, no shared expert.
     ModelSpec("qwen3-235b-a22b", 94, 4096, 64, 4, 128, 12288, 151936, False,
               n_experts=128, experts_active=8, d_ff_expert=1536, moe_every=1),
+    # Qwen/Qwen3-Coder-480B-A35B-Instruct: 62 layers all MoE, 160 experts top-8 of width 2560, 96 query heads.
+    ModelSpec("qwen3-coder-480b-a35b", 62, 6144, 96, 8, 128, 8192, 151936, False,
+              n_experts=160, experts_active=8, d_ff_expert=2560, moe_every=1),
+    # zai-org/GLM-4.5 (GLM-4.6 and 4.7 keep its 355B-A32B architecture): 3 dense layers 12288 wide, then 89
+    # MoE, 160 routed experts top-8 of width 1536 plus 1 shared, 96 query heads of 128 on a 5120 residual.
+    ModelSpec("glm-4.7", 92, 5120, 96, 8, 128, 12288, 151552, False,
+              n_experts=160, experts_active=8, n_shared_experts=1, d_ff_expert=1536, first_dense=3),
 )}
 
 # Published totals (and active counts for MoE), in parameters.
@@ -219,6 +233,9 @@ PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
     "qwen3-0.6b": (0.6e9, None),  # Qwen model card: 0.6B (0.44B non-embedding)
     "qwen3-32b": (32.8e9, None),
     "qwen3-235b-a22b": (235e9, 22e9),  # Qwen model card: 235B total, 22B activated
+    "llama-4-scout": (109e9, 17e9),  # Meta: 17B active, 109B total
+    "qwen3-coder-480b-a35b": (480e9, 35e9),  # Qwen model card: 480B total, 35B activated
+    "glm-4.7": (355e9, 32e9),  # Z.ai (GLM-4.5 model card): 355B total, 32B active
 }
 
 

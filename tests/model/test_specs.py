@@ -15,6 +15,9 @@ def test_moe_active_params():
     # OpenAI counts the unembedding but not the input embedding
     assert abs(get_spec("gpt-oss-120b").params_active(count_input_embedding=False) / 5.13e9 - 1) < 0.03
     assert get_spec("llama-4-maverick").moe_layers()[:2] == (1, 3)
+    glm = get_spec("glm-4.7")  # 3 dense layers, then MoE on every layer
+    assert glm.moe_layers()[:2] == (3, 4) and glm.n_moe_layers == len(glm.moe_layers()) == 89
+    assert abs(glm.params_active(count_input_embedding=False) / 32e9 - 1) < 0.05
 
 
 def test_kv_bytes_and_weight_bytes():
