@@ -15,6 +15,8 @@ import asyncio
 import time
 from dataclasses import asdict, replace
 
+import numpy as np
+
 from bench.live import FILLER, Outcome, _one, auto_rate, prediction_error, prompt_ids
 
 POLICIES = ("least_loaded", "cost", "sla")
@@ -53,14 +55,21 @@ async def _replay(cfg, policy: str, rows, rate: float, tok, filler) -> dict:
                 await asyncio.gather(*(
                     _one(client, f"warmup-{i}", prompt_ids(tok, n, filler, i), 4, cfg.sla_classes[names[i % len(names)]],
                          0.0, time.perf_counter()) for i, n in enumerate(WARMUP_PROMPTS[k:k + 2], k)))
+            for shares in dep.engine.cpu_shares.values():  # the replay's, not the warm-up's
+                shares.clear()
             t0 = time.perf_counter()
             outcomes: list[Outcome] = await asyncio.gather(*(
                 _one(client, f"{policy}-{i}", prompt_ids(tok, r.prompt_tokens, filler, i), r.output_tokens,
                      cfg.sla_classes[c], r.arrival_s, t0, c) for i, (c, r) in enumerate(zip(classes, fitted))))
             wall = time.perf_counter() - t0
+            cpu_share = {pool: _percentiles([x for w in workers for x in dep.engine.cpu_shares[w]])
+                         for pool, workers in (("prefill", dep.pools.prefill), ("decode", dep.pools.decode))}
     out = {"policy": policy, "wall_s": wall, "goodput_rps": sum(o.met_sla for o in outcomes) / wall,
            "failed": sum(bool(o.error and not o.rejected) for o in outcomes),
-           "prediction_error": prediction_error([o for o in outcomes if not o.error]), "classes": {}}
+           "prediction_error": prediction_error([o for o in outcomes if not o.error]), "classes": {},
+           # the share of a core the workers' compute got (decode steps, prefill batches): below 1, it waited
+           # for a core other processes held, time the perf model's tables (measured alone) do not contain
+           "cpu_share": cpu_share}
     for name in dict.fromkeys(classes):
         mine = [o for o, c in zip(outcomes, classes) if c == name]
         admitted = [o for o in mine if not o.rejected]
@@ -93,16 +102,23 @@ async def compare(cfg, requests: int = 60, factor: float = 1.5, policies=POLICIE
     return result
 
 
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p10": None, "p50": None, "p90": None}
+    return {f"p{q}": float(np.percentile(values, q)) for q in (10, 50, 90)}
+
+
 def table(result: dict) -> str:
     names = list(result["classes"])
     head = "| policy | goodput (req/s) | " + " | ".join(f"{n}: admitted met, rejected" for n in names) + \
-        " | TTFT error p50/p90 | TPOT error p50/p90 |"
-    lines = [head, "|---|---:|" + "---|" * len(names) + "---|---|"]
+        " | TTFT error p50/p90 | TPOT error p50/p90 | CPU share p50 (p10): prefill, decode |"
+    lines = [head, "|---|---:|" + "---|" * len(names) + "---|---|---|"]
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     for r in result["runs"]:
         cells = " | ".join(f"{pct(r['classes'][n]['admitted_attainment'])}, {r['classes'][n]['rejected']}"
                            for n in names)
         e = r["prediction_error"]
+        share = ", ".join(f"{pct(c['p50'])} ({pct(c['p10'])})" for c in map(r["cpu_share"].get, ("prefill", "decode")))
         lines.append(f"| {r['policy']} | {r['goodput_rps']:.2f} | {cells} | {pct(e['ttft_p50'])} / {pct(e['ttft_p90'])}"
-                     f" | {pct(e['tpot_p50'])} / {pct(e['tpot_p90'])} |")
+                     f" | {pct(e['tpot_p50'])} / {pct(e['tpot_p90'])} | {share} |")
     return "\n".join(lines)

@@ -54,6 +54,19 @@ RECENT_STEPS_KEPT = 64  # steps reported by load() since the last call (the olde
 
 
 @dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One busy loop iteration of the step loop (schedule, forward, sample, stream): what a token costs."""
+
+    batch: int  # sequences stepped
+    context_tokens: int  # their cached context
+    seconds: float  # wall time of the iteration
+    chunk_tokens: int = 0  # of a local prefill that rode the step (0: none)
+    cpu_share: float = 1.0  # CPU time of its forward and sample over their wall time x the step's threads: the
+    # share of its cores the compute got (1: never descheduled; below 1 on a host whose cores other processes
+    # share, the rest it waited; with blas_threads > 1 the process's CPU time, which counts its other threads)
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeLoad:
     """What the router needs to place a request here."""
 
@@ -66,9 +79,7 @@ class DecodeLoad:
     remaining: tuple[tuple[int, int], ...] = ()  # (tokens it may still generate, context tokens it holds) of
     # each running sequence, ascending (Scheduler.running_remaining)
     kv_target: str = ""  # host:port of the KV receiver feeding this worker ("" = in-process only)
-    steps: tuple[tuple[int, int, float, int], ...] = ()  # (batch, context tokens, seconds, chunk tokens) of the
-    # steps since the last load(): each is one busy loop iteration (schedule, forward, sample, stream), what
-    # a token costs; chunk tokens: of a local prefill that rode the step (0: none)
+    steps: tuple[StepRecord, ...] = ()  # the steps since the last load()
     local_prefills: tuple[tuple[int, float], ...] = ()  # (prompt tokens, seconds) of the local prefills run
     # whole since the last load() (chunked: what was left of one when nothing stepped); each held up the batch
     orphans_released: int = 0  # committed KV never submitted, released by the ORPHAN_KV_S backstop (ever)
@@ -123,7 +134,7 @@ class DecodeWorker:
                                 capacity_bytes=capacity_bytes, max_context=model.cfg.context_length)
         self.scheduler = Scheduler(self.pool.allocator, max_batch)
         self.core = DecodeCore(model, self.pool, threads=blas_threads)
-        self._recent_steps: deque[tuple[int, int, float, int]] = deque(maxlen=RECENT_STEPS_KEPT)
+        self._recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS_KEPT)
         self._recent_local: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS_KEPT)
         self._streams: dict[str, RequestStream] = {}
         self._outputs = asyncio.Event()  # set when any stream changes; next_outputs renews it
@@ -518,10 +529,10 @@ class DecodeWorker:
             params = [st.params if st else SamplingParams() for st in streams]
             rngs = [st.rng if st else None for st in streams]
             chunk = self._riding_chunk()
-            written = False
+            written, share = False, 1.0
             try:
-                tokens, written = await loop.run_in_executor(self._executor, self._compute, recompute, batch, params,
-                                                             rngs, chunk)
+                tokens, written, share = await loop.run_in_executor(self._executor, self._compute, recompute, batch,
+                                                                    params, rngs, chunk)
             except Exception:  # a bug in the step: fail the batch, keep the worker alive
                 log.exception("decode step failed", request_ids=[s.request_id for s in plan.batch])
                 tokens = np.zeros(len(plan.batch), dtype=np.int64)
@@ -535,8 +546,8 @@ class DecodeWorker:
             self.steps += 1
             self._apply(plan, tokens)
             await asyncio.sleep(0)  # the calls that came during the step run here: part of its cost
-            self._recent_steps.append((len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0,
-                                       0 if chunk is None else len(chunk.token_ids)))
+            self._recent_steps.append(StepRecord(len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0,
+                                                 0 if chunk is None else len(chunk.token_ids), share))
             if chunk is not None:
                 self._chunk_rode(chunk, written, t0)
 
@@ -553,9 +564,13 @@ class DecodeWorker:
             jobs.append((seq.request_id, stream.prompt_ids + seq.generated[:-1]))
         return jobs
 
-    def _compute(self, recompute, batch, params, rngs, chunk: ChunkInput | None = None) -> tuple[np.ndarray, bool]:
+    def _compute(self, recompute, batch, params, rngs, chunk: ChunkInput | None = None
+                 ) -> tuple[np.ndarray, bool, float]:
         """Executor thread: rebuild preempted KV, run the step (with `chunk` riding it), sample: (B,) token
-        ids, and whether the chunk's K/V went into the pool (False: none, or its request was aborted)."""
+        ids, whether the chunk's K/V went into the pool (False: none, or its request was aborted), and the
+        share of a core it got (StepRecord.cpu_share)."""
+        clock = time.thread_time if self.core.threads == 1 else time.process_time  # BLAS and helper threads too
+        wall, cpu = time.perf_counter(), clock()
         for rid, history in recompute:
             self.core.recompute(rid, history)
         logits = self.core.forward(batch, chunk)  # (B, V)
@@ -568,7 +583,9 @@ class DecodeWorker:
                 written = True
             except KVRefused:  # aborted during the step: its blocks are gone
                 pass
-        return self.core.sample(logits, params, rngs), written
+        tokens = self.core.sample(logits, params, rngs)
+        used, took = clock() - cpu, (time.perf_counter() - wall) * self.core.threads
+        return tokens, written, min(1.0, used / took) if used > 0 and took > 0 else 1.0
 
     def _apply(self, plan: StepPlan, tokens: np.ndarray) -> None:
         """Stream the step's tokens, then end what finished (stop token, length, stop string, abort)."""

@@ -54,6 +54,8 @@ class PrefillResult:
     first_in_batch: bool = False  # the batch's first result: who reports the batch's time once
     error: Failure | None = None
     kv_failed: bool = False  # the error is the KV transfer's (the prefill itself ran): worth another try
+    cpu_share: float = 1.0  # the batch thread's CPU time over its compute's wall time, in (0, 1]: the share of a
+    # core it got (1: never descheduled; the rest it waited for a core other processes held)
 
     @property
     def ok(self) -> bool:
@@ -191,6 +193,8 @@ class PrefillWorker:
         computed = time.perf_counter()
         cpu_ms = (time.thread_time() - cpu_start) * 1e3
         lengths = tuple(len(j.prompt_ids) for j in jobs)
+        wall_ms = (computed - start) * 1e3
+        share = min(1.0, cpu_ms / wall_ms) if cpu_ms > 0 and wall_ms > 0 else 1.0  # the share of a core it got
         results = []
         for n, ((job, enqueued), t, row) in enumerate(zip(batch, transfers, logits)):
             first = sample_one(row, job.sampling, make_rng(job.sampling, job.sampled_before))
@@ -200,7 +204,7 @@ class PrefillWorker:
                           transfer_tail_ms=(done - computed) * 1e3)
             error = None if outcome.ok else Failure(outcome.error_code or "INTERNAL", outcome.error)
             results.append(PrefillResult(job.request_id, first, batch_lengths=lengths, first_in_batch=n == 0,
-                                         error=error, kv_failed=error is not None, **common))
+                                         error=error, kv_failed=error is not None, cpu_share=share, **common))
             log.info("prefilled", request_id=job.request_id, worker=self.worker_id, tokens=len(job.prompt_ids),
                      ok=outcome.ok, cpu_ms=round(cpu_ms, 2), **{k: round(v, 2) for k, v in common.items()})
         return results

@@ -48,6 +48,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -71,6 +72,7 @@ from prefill.worker import PrefillJob, PrefillLoad, PrefillResult
 
 log = structlog.get_logger("engine")
 
+CPU_SHARES_KEPT = 4096  # per worker, the newest (Engine.cpu_shares)
 VIEW_REFRESH_S = 0.05
 LOAD_TIMEOUT_S = 2.0  # a worker whose load() takes longer (hung, or restarting) counts as unhealthy
 ABORT_WAIT_S = 1.0  # the longest an abort waits for its workers' answers
@@ -198,6 +200,9 @@ class Engine:
         self._arrivals = {w: ArrivalMeter(per_token_s(perf, prefill_token_budget)) for w in pools.prefill}
         started = time.monotonic()
         self._pending_decode = {w: _DecodePending(stalls=StallMeter(start_s=started)) for w in pools.decode}
+        # worker id -> the share of a core its recent compute got (decode steps, prefill batches): how much
+        # of what they took was waiting for a core others held (StepRecord.cpu_share); read by bench
+        self.cpu_shares = {w: deque(maxlen=CPU_SHARES_KEPT) for w in (*pools.prefill, *pools.decode)}
         self._live: dict[str, _Run] = {}  # request id -> its run, while it is placed
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
         self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
@@ -243,11 +248,13 @@ class Engine:
             self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
         corr = self.router.predictor.corrections
         now = time.monotonic()
-        for batch, ctx, seconds, chunk in answer.steps:  # a step a local prefill's chunk rode: both, fused
-            step_s, chunk_s = token_step_time(self.perf, batch, ctx), chunk_step_time(self.perf, chunk)
-            corr.observe(worker, "decode", seconds, step_s + chunk_s)
-            if chunk:  # the chunk's share of the step: time the local prefill took from the sequences there
-                self._pending_decode[worker].stalls.add(now, seconds * chunk_s / (step_s + chunk_s))
+        for step in answer.steps:  # a step a local prefill's chunk rode: both, fused
+            step_s = token_step_time(self.perf, step.batch, step.context_tokens)
+            chunk_s = chunk_step_time(self.perf, step.chunk_tokens)
+            corr.observe(worker, "decode", step.seconds, step_s + chunk_s)
+            self.cpu_shares[worker].append(step.cpu_share)
+            if step.chunk_tokens:  # the chunk's share of the step: time the local prefill took from the sequences
+                self._pending_decode[worker].stalls.add(now, step.seconds * chunk_s / (step_s + chunk_s))
         for tokens, seconds in answer.local_prefills:
             corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
             self._pending_decode[worker].stalls.add(now, seconds)
@@ -560,6 +567,7 @@ class Engine:
         model_s = prefill_time(dep, res.batch_lengths)
         if res.first_in_batch:
             corr.observe(worker, "prefill", res.prefill_ms / 1e3, model_s)
+            self.cpu_shares[worker].append(res.cpu_share)
         kv = dep.model.kv_bytes(prompt_tokens, dep.kv_dtype)
         corr.observe(worker, "transfer", res.transfer_tail_ms / 1e3, kv_transfer_time(dep, dep, kv, model_s))
 

@@ -20,9 +20,11 @@ def test_the_table_shows_each_policys_goodput_and_classes():
     run = {"policy": "sla", "goodput_rps": 1.25, "prediction_error": {"ttft_p50": 0.1, "ttft_p90": None,
                                                                       "tpot_p50": 0.05, "tpot_p90": 0.2},
            "classes": {"interactive": {"admitted_attainment": 1.0, "rejected": 2},
-                       "batch": {"admitted_attainment": None, "rejected": 5}}}
+                       "batch": {"admitted_attainment": None, "rejected": 5}},
+           "cpu_share": {"prefill": {"p10": 0.5, "p50": 0.9, "p90": 1.0},
+                         "decode": {"p10": None, "p50": None, "p90": None}}}
     text = table({"classes": {"interactive": {}, "batch": {}}, "runs": [run]})
-    assert "| sla | 1.25 | 100%, 2 | -, 5 | 10% / - | 5% / 20% |" in text
+    assert "| sla | 1.25 | 100%, 2 | -, 5 | 10% / - | 5% / 20% | 90% (50%), - (-) |" in text
 
 
 def test_a_class_without_live_targets_is_named():

@@ -230,8 +230,9 @@ def test_load_reports_batch_and_blocks(lm, book):
         while not load.steps:  # it is decoding: the steps it ran reach the next load, once
             await asyncio.sleep(0.01)
             load = await w.load()
-        batch, ctx, seconds, chunk = load.steps[-1]
-        assert batch == 1 and ctx >= len(ref.prompt) and seconds > 0 and chunk == 0
+        step = load.steps[-1]
+        assert step.batch == 1 and step.context_tokens >= len(ref.prompt) and step.seconds > 0
+        assert step.chunk_tokens == 0 and 0 < step.cpu_share <= 1
         later = (await w.load()).steps
         assert not set(load.steps) & set(later)
         await w.abort("x")
@@ -328,7 +329,7 @@ def test_a_chunked_local_prefill_rides_the_steps_and_streams_exact_tokens(lm, bo
         ids, _, _ = await drain(w, "running", start=len(first.token_ids))
         assert judge(tuple(first.token_ids) + tuple(ids), running, True, 40)[0]
         load = await w.load()
-        chunks = [c for *_, c in load.steps if c]
+        chunks = [s.chunk_tokens for s in load.steps if s.chunk_tokens]
         assert chunks == [5] * (len(local.prompt) // 5) + [len(local.prompt) % 5] and not load.local_prefills
         assert_all_blocks_free(w)
     run(lm, body, local_chunk_tokens=5)
@@ -340,7 +341,7 @@ def test_an_abort_between_chunks_frees_the_local_prefill(lm, book):
         await started(w, "running", running, max_tokens=60)
         pending = asyncio.ensure_future(w.prefill_local("local", local.prompt, SamplingParams(max_tokens=4)))
         for _ in range(2000):  # until a step carried one of its chunks (bounded: 10 s)
-            if any(c for *_, c in (await w.load()).steps):
+            if any(s.chunk_tokens for s in (await w.load()).steps):
                 break
             await asyncio.sleep(0.005)
         else:

@@ -145,6 +145,20 @@ def test_greedy_request_streams_the_reference_text(lm, prompt):
     assert s.decode_calls.calls["abort"] == 0 and s.prefill_calls.calls["abort"] == 0
 
 
+def test_the_engine_records_the_share_of_a_core_each_workers_compute_got(lm, prompt):
+    async def main():
+        async with running(lm) as s:
+            await collect(s.engine.generate(request("c", prompt, max_tokens=8)))
+            for _ in range(200):  # the decode steps arrive with the worker's next load (every 50 ms; bounded)
+                if all(s.engine.cpu_shares.values()):
+                    break
+                await asyncio.sleep(0.01)
+            return {w: list(v) for w, v in s.engine.cpu_shares.items()}
+
+    shares = asyncio.run(main())
+    assert shares and all(v and all(0 < x <= 1 for x in v) for v in shares.values())
+
+
 def _split_stop(lm, prompt) -> tuple[str, str, int]:
     """A stop string made of the end of one token's text and the start of the next one's; the text
     before it, and how many tokens it takes to complete it."""
