@@ -55,7 +55,8 @@ class PrefillResult:
     error: Failure | None = None
     kv_failed: bool = False  # the error is the KV transfer's (the prefill itself ran): worth another try
     cpu_share: float = 1.0  # the batch thread's CPU time over its compute's wall time, in (0, 1]: the share of a
-    # core it got (1: never descheduled; the rest it waited for a core other processes held)
+    # core it got (1: never descheduled; the rest it waited for a core other processes held). With blas_threads
+    # > 1 BLAS's own threads are not counted, so it reads low
 
     @property
     def ok(self) -> bool:
