@@ -113,6 +113,40 @@ def _trainium_rows() -> list[CalibrationRow]:
     ]
 
 
+# trn1.32xlarge, Transformers NeuronX (Neuron 2.18), TP32, batch 1: every decoder row of the Neuron benchmark
+# table for a model with a spec here, (published name, spec, weight dtype, input, output, TTFT ms, TPOT ms).
+# Llama 3 8B/70B have Llama 3.1's architecture; the 8B rows store int8 weights and multiply in BF16 (trn1's FP8
+# rate is its BF16 rate, so dtype int8 is both). None of these is fitted: TRN_PERF is fitted to trn2 NxDI rows.
+NEURON_TRN1 = ("aws-neuron-sdk about-neuron/benchmarks/trn1/latency_data_decoder.csv (Transformers NeuronX, "
+               "Neuron 2.18, TP32, batch 1, p50) [A]")
+TRN1_ROWS = (
+    ("llama-3-8b", "llama-3.1-8b", "int8", 128, 8064, 17.09, 7.03),
+    ("llama-3-8b", "llama-3.1-8b", "int8", 4096, 4096, 153.02, 7.04),
+    ("llama-3-8b", "llama-3.1-8b", "int8", 128, 3968, 14.75, 5.86),
+    ("llama-3-70b", "llama-3.1-70b", "bf16", 2048, 2048, 547.0, 26.2),
+    ("llama-3-70b", "llama-3.1-70b", "bf16", 128, 1024, 53.2, 24.48),
+    ("llama-3-70b", "llama-3.1-70b", "bf16", 128, 128, 52.53, 26.48),
+    ("llama-2-70b", "llama-2-70b", "bf16", 128, 128, 53.91, 25.18),
+    ("llama-2-70b", "llama-2-70b", "bf16", 256, 256, 81.88, 25.27),
+    ("llama-2-70b", "llama-2-70b", "bf16", 128, 1024, 57.75, 25.45),
+    ("llama-2-70b", "llama-2-70b", "bf16", 1024, 1024, 232.48, 26.04),
+    ("llama-2-70b", "llama-2-70b", "bf16", 1024, 2048, 236.78, 26.62),
+    ("llama-2-70b", "llama-2-70b", "bf16", 2048, 2048, 690.96, 26.85),
+)
+
+
+def _trn1_rows() -> list[CalibrationRow]:
+    """TTFT (one prompt of `input` tokens) and TPOT (the step at the output's mean context) of each TRN1_ROWS."""
+    hw, rows = get_profile("trn1.32xlarge"), []
+    for name, spec, dtype, n_in, n_out, ttft_ms, tpot_ms in TRN1_ROWS:
+        dep = make_deployment(get_spec(spec), hw, tp=32, dtype=dtype)
+        setup = f"trn1.32xlarge TP32 {name} {dtype} weights, {n_in} in / {n_out} out"
+        rows += [CalibrationRow(setup, "TTFT ms", ttft_ms, prefill_time(dep, [n_in]) * 1e3, False, NEURON_TRN1),
+                 CalibrationRow(setup, "TPOT ms", tpot_ms, decode_step_time(dep, 1, n_in + n_out / 2) * 1e3, False,
+                                NEURON_TRN1)]
+    return rows
+
+
 # Published per-user figures of the speculative generation that no coefficient was fitted to:
 # (model, published tok/s/user, when, source). Weights assumed 16-bit (the only precision Cerebras published).
 CS3_VALIDATION = (
@@ -153,7 +187,7 @@ def _cs3_rows() -> list[CalibrationRow]:
 
 def calibration_table() -> list[CalibrationRow]:
     """Model predictions against every published figure we have, fitted rows first per hardware."""
-    return _trainium_rows() + _cs3_rows()
+    return _trainium_rows() + _trn1_rows() + _cs3_rows()
 
 
 def format_table(rows: list[CalibrationRow]) -> str:
