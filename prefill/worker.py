@@ -194,14 +194,14 @@ class PrefillWorker:
         computed = time.perf_counter()
         cpu_ms = (time.thread_time() - cpu_start) * 1e3
         lengths = tuple(len(j.prompt_ids) for j in jobs)
-        wall_ms = (computed - start) * 1e3
-        share = min(1.0, cpu_ms / wall_ms) if cpu_ms > 0 and wall_ms > 0 else 1.0  # the share of a core it got
+        prefill_ms = (computed - start) * 1e3
+        share = min(1.0, cpu_ms / prefill_ms) if cpu_ms > 0 and prefill_ms > 0 else 1.0  # the share of a core it got
         results = []
         for n, ((job, enqueued), t, row) in enumerate(zip(batch, transfers, logits)):
             first = sample_one(row, job.sampling, make_rng(job.sampling, job.sampled_before))
             outcome = t.commit()
             done = time.perf_counter()
-            common = dict(queued_ms=(start - enqueued) * 1e3, prefill_ms=(computed - start) * 1e3,
+            common = dict(queued_ms=(start - enqueued) * 1e3, prefill_ms=prefill_ms,
                           transfer_tail_ms=(done - computed) * 1e3)
             error = None if outcome.ok else Failure(outcome.error_code or "INTERNAL", outcome.error)
             results.append(PrefillResult(job.request_id, first, batch_lengths=lengths, first_in_batch=n == 0,

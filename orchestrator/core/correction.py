@@ -145,7 +145,7 @@ class Corrections:
         elif so_far < f.point:  # not warm, not overrun: the prior
             point, bound = f.point, f.bound
         else:  # overrun: it runs on by the window's spread, the distance of its bound from its point
-            ratio = f.bound / f.point if f.point > 0 < f.bound else 1.0
+            ratio = f.bound / f.point if f.point > 0 and f.bound > 0 else 1.0
             if self.quantile >= 0.5:  # the bound as far again above the point
                 point = so_far * ratio
                 bound = point * ratio
