@@ -12,6 +12,12 @@ draft sizes at a fixed target we found, and no figure in the calibration table i
 Limits: chat text at temperature 0; MoE targets are compared by total parameters; task and sampling
 temperature move real acceptance by +-0.1 (not modelled), except for the one task named below.
 
+Domain: the sweep's drafts were trained on the target's own data, so the line says nothing about a pair
+tuned on different data. A target fine-tuned on another model's outputs (`ModelSpec.tuned_on`: the
+DeepSeek-R1 distills) gets drafts tuned on the same outputs only; no registered model is, so it decodes
+without a draft. (Found looking at R1 Distill Llama 70B's +40% miss against Cerebras's 1,500 tok/s/user,
+bench/calibration.py: its Llama 3.3 base is published at 2,100-2,314 on the same systems with a draft.)
+
 Copy tasks: LLMPerf's token benchmark (the AWS Neuron tutorials' figures) asks the model to "randomly
 stream lines" of a sonnet given in the prompt, so the output is text already in the context, which a
 same-family draft reproduces as the target does. The assumption is the upper bound, every draft token
@@ -47,7 +53,8 @@ def expected_tokens(acceptance: float, draft_tokens: int) -> float:
 
 def draft_candidates(target: ModelSpec) -> tuple[ModelSpec, ...]:
     """Registered models that can draft for `target`: smaller, with the same tokenizer (equal vocabulary
-    size stands in for it; true of every pair in model/specs.py), smallest first."""
-    same = [s for s in SPECS.values() if s.vocab_size == target.vocab_size
+    size stands in for it; true of every pair in model/specs.py) and tuned on the same data (module
+    docstring: Domain), smallest first."""
+    same = [s for s in SPECS.values() if s.vocab_size == target.vocab_size and s.tuned_on == target.tuned_on
             and s.params_total() < target.params_total()]
     return tuple(sorted(same, key=lambda s: s.params_total()))

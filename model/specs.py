@@ -42,6 +42,9 @@ class ModelSpec:
     first_dense: int = 0  # the first layers are dense before the MoE pattern starts (GLM-4.5: 3)
     attn_window: int = 0  # sliding/chunked attention window (0: none)
     window_every: int = 0  # layers with a window: all except every window_every-th (0: no windows)
+    # fine-tuning data other than its vendor family's own ("" for those): a DeepSeek-R1 distill is tuned on
+    # R1's outputs. Speculative drafts must match it (hardware/speculation.py draft_candidates).
+    tuned_on: str = ""
     # parameter counts the perf model reads on every step, computed once (the predictor's hot path)
     _matmul_params: int = field(init=False, repr=False, compare=False)
     _params_total: int = field(init=False, repr=False, compare=False)
@@ -168,8 +171,8 @@ class ModelSpec:
         return 2 * self.matmul_params_per_token() + self._attn_flops(1, context)
 
 
-def _llama(name, layers, d, heads, kv, ff, vocab, tied=False, head_dim=128) -> ModelSpec:
-    return ModelSpec(name, layers, d, heads, kv, head_dim, ff, vocab, tied)
+def _llama(name, layers, d, heads, kv, ff, vocab, tied=False, head_dim=128, tuned_on="") -> ModelSpec:
+    return ModelSpec(name, layers, d, heads, kv, head_dim, ff, vocab, tied, tuned_on=tuned_on)
 
 
 SPECS: dict[str, ModelSpec] = {s.name: s for s in (
@@ -181,7 +184,7 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.1-70B
     _llama("llama-3.3-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.3-70B-Instruct
     # deepseek-ai/DeepSeek-R1-Distill-Llama-70B: Llama-3.3-70B-Instruct fine-tuned on R1's reasoning traces
-    _llama("deepseek-r1-distill-llama-70b", 80, 8192, 64, 8, 28672, 128256),
+    _llama("deepseek-r1-distill-llama-70b", 80, 8192, 64, 8, 28672, 128256, tuned_on="deepseek-r1 outputs"),
     _llama("llama-3.1-405b", 126, 16384, 128, 8, 53248, 128256),  # meta-llama/Llama-3.1-405B
     # meta-llama/Llama-4-Maverick-17B-128E: 128 routed + 1 shared expert, top-1, MoE on every 2nd
     # layer (interleave_moe_layer_step 2), dense layers 16384 wide; chunked attention (8192) on

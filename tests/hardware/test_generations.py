@@ -91,6 +91,17 @@ def test_drafts_share_the_tokenizer_and_occupy_sram():
     assert 0 < kv_token_capacity(spec) < kv_token_capacity(launch)  # the draft's weights and KV take SRAM
 
 
+def test_a_target_tuned_on_other_outputs_gets_no_draft_from_its_base_family():
+    """DeepSeek R1 Distill Llama 70B has Llama 3.3 70B's architecture and tokenizer but is tuned on R1's
+    outputs, outside the acceptance line's domain: no registered draft, so it decodes plainly, while its
+    base keeps the Llama 3.2 1B draft on the same systems."""
+    cs3, distill, base = get_profile("cs3"), get_spec("deepseek-r1-distill-llama-70b"), get_spec("llama-3.3-70b")
+    assert distill.vocab_size == base.vocab_size and distill.params_total() == base.params_total()
+    assert draft_candidates(distill) == ()
+    assert speculation_plan(make_deployment(distill, cs3, systems=4)) is None
+    assert speculation_plan(make_deployment(base, cs3, systems=4))[1].model.name == "llama-3.2-1b"
+
+
 def test_a_draft_needs_one_systems_share_of_the_free_sram():
     """Llama 3.1 405B on the 21 systems its weights need leaves about 1 GB free per system: Llama 3.2 1B
     (2.5 GB) fits the 21 systems' free SRAM in total but no one system, so there is no draft; on 22 it fits."""
