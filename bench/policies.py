@@ -55,14 +55,14 @@ async def _replay(cfg, policy: str, rows, rate: float, tok, filler) -> dict:
                 await asyncio.gather(*(
                     _one(client, f"warmup-{i}", prompt_ids(tok, n, filler, i), 4, cfg.sla_classes[names[i % len(names)]],
                          0.0, time.perf_counter()) for i, n in enumerate(WARMUP_PROMPTS[k:k + 2], k)))
-            for shares in dep.engine.cpu_shares.values():  # the replay's, not the warm-up's
+            for shares in dep.engine.workers.cpu_shares.values():  # the replay's, not the warm-up's
                 shares.clear()
             t0 = time.perf_counter()
             outcomes: list[Outcome] = await asyncio.gather(*(
                 _one(client, f"{policy}-{i}", prompt_ids(tok, r.prompt_tokens, filler, i), r.output_tokens,
                      cfg.sla_classes[c], r.arrival_s, t0, c) for i, (c, r) in enumerate(zip(classes, fitted))))
             wall = time.perf_counter() - t0
-            cpu_share = {pool: _percentiles([x for w in workers for x in dep.engine.cpu_shares[w]])
+            cpu_share = {pool: _percentiles([x for w in workers for x in dep.engine.workers.cpu_shares[w]])
                          for pool, workers in (("prefill", dep.pools.prefill), ("decode", dep.pools.decode))}
     out = {"policy": policy, "wall_s": wall, "goodput_rps": sum(o.met_sla for o in outcomes) / wall,
            "failed": sum(bool(o.error and not o.rejected) for o in outcomes),

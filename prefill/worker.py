@@ -143,6 +143,12 @@ class PrefillWorker:
         faults = self.transfer.faults
         return list(faults.hits), faults.armed
 
+    async def close(self) -> None:
+        """Stop the batch loop (a batch in its thread runs to its end); requests still queued get no result."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+
     # -- batch loop ----------------------------------------------------------------------
 
     def _ensure_loop(self) -> None:

@@ -89,7 +89,7 @@ class Injector:
     def _busiest(self, pool: str) -> str | None:
         engine = self.dep.engine
         workers = [w for w in (engine.pools.decode if pool == "decode" else engine.pools.prefill)
-                   if w not in engine.unhealthy]
+                   if w not in engine.workers.unhealthy]
         if not workers:
             return None
         at = 1 if pool == "decode" else 0

@@ -141,10 +141,10 @@ def _cancel_one(inflight: dict, rng: random.Random):
 async def _all_healthy(dep, timeout_s: float) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if not dep.engine.unhealthy:
+        if not dep.engine.workers.unhealthy:
             return True
         await asyncio.sleep(0.2)
-    return not dep.engine.unhealthy
+    return not dep.engine.workers.unhealthy
 
 
 async def _settle(dep, timeout_s: float) -> tuple[int, int, int]:

@@ -5,14 +5,9 @@ the gRPC frontend and tests consume the event stream `Engine.generate` yields. T
 decode worker, which detokenizes every token (the first included) and stops on stop strings: a
 first token that ends the request ends it there, at its submit, with no call of its own.
 
-The router decides on the predictor's worker states (orchestrator/core/predictor.py), built here
-from the workers' last load reports plus what this engine has sent them since: the prompts it
-placed on a prefill worker and not yet seen finish are that worker's queue (the batch in progress
-as the worker reported it), the requests it placed on a decode worker and not yet seen there are
-counted in its batch, and the TPOT targets of its requests on a decode worker (each with the fewest
-steps a request there has, over which a local prefill's stall spreads) are what a placement must not
-break. Each load report's batches and steps, and each request's KV transfer tail, feed the
-predictor's corrections.
+The router decides on the views of the engine's `WorkerLedger` (orchestrator/serving/ledger.py): the
+workers' last load reports plus what this engine has placed on them since, and their health. The
+engine counts each attempt there from its placement until the workers report it or it is given up.
 
 Failover. A request is placed again (the router, rejection off) when
 - a worker of its pair dies: its calls fail (WorkerUnavailable), or the decode output poll ends with
@@ -40,7 +35,7 @@ one TPOT target (its batcher deadline), since the client is already mid-stream.
 A request the router places with `local` (conditional disaggregation) is prefilled by its decode
 worker itself (DecodeWorker.prefill_local): no prefill worker, no transfer. Until it returns it is
 counted in that worker's local queue (DecodeState.local_busy_s); the local prefills each worker
-reports feed the "local_prefill" correction and the worker's stall meter (orchestrator/core/stall.py).
+reports feed the "local_prefill" correction and the worker's stall meter (the ledger's).
 """
 from __future__ import annotations
 
@@ -48,33 +43,26 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import structlog
 
-from decode.worker import DecodeLoad
 from kvtransfer.sink import KVRefused
-from hardware.perf import Deployment, chunk_step_time, kv_transfer_time, prefill_time, token_step_time
+from hardware.perf import Deployment
 from model.finish import Failure, FinishReason
 from orchestrator.client.types import Prediction, Timings
-from orchestrator.core.arrivals import ArrivalMeter, per_token_s
 from orchestrator.core.correction import TPOT_MIN_GAPS, ttft_key
-from orchestrator.core.predictor import DecodeState, PrefillState, fewest_steps, incoming_at
-from orchestrator.core.queueplan import QueuedPrompt
 from orchestrator.core.request import Request, RequestState
-from orchestrator.core.router import DecodeView, Placement, PrefillView, Rejection, RouteRequest, Router
-from orchestrator.core.stall import StallMeter
+from orchestrator.core.router import Placement, Rejection, RouteRequest, Router
 from orchestrator.serving.decode_outputs import DecodeOutputs, WorkerLost
+from orchestrator.serving.ledger import WorkerLedger
 from orchestrator.serving.workers import Pools, WorkerUnavailable
-from prefill.worker import PrefillJob, PrefillLoad, PrefillResult
+from prefill.worker import PrefillJob, PrefillResult
 
 log = structlog.get_logger("engine")
 
-CPU_SHARES_KEPT = 4096  # per worker, the newest (Engine.cpu_shares)
 VIEW_REFRESH_S = 0.05
-LOAD_TIMEOUT_S = 2.0  # a worker whose load() takes longer (hung, or restarting) counts as unhealthy
 ABORT_WAIT_S = 1.0  # the longest an abort waits for its workers' answers
 MIGRATE_WAIT_S = 3.0  # the longest a migration waits for a healthy worker to place the request on
 
@@ -127,8 +115,8 @@ class _Run:
 
     req: Request
     placed: Placement
-    prefill_pending: bool = True  # in its prefill worker's queue (_queued) until the prefill returns
-    decode_pending: bool = True  # counted in _pending_decode until the decode worker has it
+    prefill_pending: bool = True  # in its prefill worker's queue (the ledger's) until the prefill returns
+    decode_pending: bool = True  # counted on its decode worker (the ledger's) until the decode worker has it
     result: PrefillResult | None = None
     tokens: list[int] = field(default_factory=list)  # every token id streamed to the client, all attempts
     t_first: float | None = None  # monotonic time of its first chunk from the decode worker
@@ -158,21 +146,6 @@ class _Run:
         return self.req.prompt_tokens + len(self.tokens)
 
 
-@dataclass(slots=True)
-class _DecodePending:
-    """What this engine placed on a decode worker that its load report may not show yet."""
-
-    # request id -> (predicted KV arrival, monotonic s; KV tokens it has yet to reserve there; steps it
-    # will run; KV tokens it then holds), until the decode worker has it (DecodeState.incoming)
-    incoming: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
-    prompt_tokens: int = 0  # of those
-    tpot_targets: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> (TPOT target
-    # seconds, steps: max_tokens - 1), while it is live there
-    local: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> perf-model seconds and
-    # prompt tokens of its local prefill, until it returns
-    stalls: StallMeter = field(default_factory=StallMeter)  # its local prefills' share of its time
-
-
 class Engine:
     def __init__(self, pools: Pools, router: Router, perf: Deployment, decode_max_batch: int,
                  prefill_token_budget: int = 4096, prefill_max_batch: int = 8, kv_deadline_s: float = 30.0,
@@ -184,28 +157,14 @@ class Engine:
         `local_chunk_tokens`: the decode workers' (DecodeWorker: a local prefill rides the steps, that many
         tokens a step)."""
         self.pools = pools
-        self.perf = perf
-        self.decode_max_batch = decode_max_batch
-        self.prefill_token_budget, self.prefill_max_batch = prefill_token_budget, prefill_max_batch
         self.router = router
         self.kv_deadline_s = kv_deadline_s
         self.max_migrations = max_migrations
         self.stall_timeout_s = stall_timeout_s
-        self.local_chunk_tokens = local_chunk_tokens
-        self.prefill_loads: dict[str, PrefillLoad] = {}  # worker id -> last reported load
-        self.decode_loads: dict[str, DecodeLoad] = {}
-        self._load_at: dict[str, float] = {}  # worker id -> monotonic time its last load arrived
-        self._queued: dict[str, dict[str, QueuedPrompt]] = {w: {} for w in pools.prefill}  # placed, not prefilled
-        # prefill work placed on each, by TTFT target
-        self._arrivals = {w: ArrivalMeter(per_token_s(perf, prefill_token_budget)) for w in pools.prefill}
-        started = time.monotonic()
-        self._pending_decode = {w: _DecodePending(stalls=StallMeter(start_s=started)) for w in pools.decode}
-        # worker id -> the share of a core its recent compute got (decode steps, prefill batches): how much
-        # of what they took was waiting for a core others held (StepRecord.cpu_share); read by bench
-        self.cpu_shares = {w: deque(maxlen=CPU_SHARES_KEPT) for w in (*pools.prefill, *pools.decode)}
+        self.workers = WorkerLedger(pools, router.predictor.corrections, perf, decode_max_batch,
+                                    prefill_token_budget, prefill_max_batch, local_chunk_tokens)
         self._live: dict[str, _Run] = {}  # request id -> its run, while it is placed
         self._aborted: set[str] = set()  # live requests an Abort RPC ended
-        self.unhealthy: set[str] = set()  # workers whose last call failed: reported, never routed to
         self._refreshers: list[asyncio.Task] = []  # one load refresh per worker, and the stall watch
         owner = f"engine-{uuid.uuid4().hex[:12]}"  # this engine's requests on the decode workers
         self._outputs = {w: DecodeOutputs(handle, owner) for w, handle in pools.decode.items()}
@@ -213,7 +172,7 @@ class Engine:
         self._attempts = itertools.count(1)  # _Run.attempt
 
     async def start(self) -> None:
-        await self._refresh_views()
+        await self.workers.refresh_all()
         loop = asyncio.get_running_loop()
         self._refreshers = [loop.create_task(self._refresh_forever(w, h))
                             for w, h in {**self.pools.prefill, **self.pools.decode}.items()]
@@ -225,57 +184,7 @@ class Engine:
         await asyncio.gather(*self._refreshers, return_exceptions=True)  # ended, not left pending at exit
         await asyncio.gather(*(outputs.stop() for outputs in self._outputs.values()))
 
-    # -- views for the router ------------------------------------------------------------
-
-    async def _refresh_views(self) -> None:
-        """Every worker's load once, together (at start, so the first request has views)."""
-        workers = {**self.pools.prefill, **self.pools.decode}
-        await asyncio.gather(*(self._refresh_one(w, h) for w, h in workers.items()))
-
-    async def _refresh_one(self, worker: str, handle) -> None:
-        """Ask one worker for its load (LOAD_TIMEOUT_S) and take in what it reports."""
-        try:
-            async with asyncio.timeout(LOAD_TIMEOUT_S):  # not wait_for: it can swallow a cancel (stop())
-                answer = await handle.load()
-        except Exception as e:  # a dead, hung or restarting actor
-            answer = e
-        if worker in self.pools.prefill:
-            self._record(self.prefill_loads, worker, answer)
-            return
-        if not self._record(self.decode_loads, worker, answer):
-            return
-        if answer.kv_target:
-            self.pools.kv_targets[worker] = answer.kv_target  # a restarted actor listens on a new port
-        corr = self.router.predictor.corrections
-        now = time.monotonic()
-        for step in answer.steps:  # a step a local prefill's chunk rode: both, fused
-            step_s = token_step_time(self.perf, step.batch, step.context_tokens)
-            chunk_s = chunk_step_time(self.perf, step.chunk_tokens)
-            corr.observe(worker, "decode", step.seconds, step_s + chunk_s)
-            self.cpu_shares[worker].append(step.cpu_share)
-            if step.chunk_tokens:  # the chunk's share of the step: time the local prefill took from the sequences
-                self._pending_decode[worker].stalls.add(now, step.seconds * chunk_s / (step_s + chunk_s))
-        for tokens, seconds in answer.local_prefills:
-            corr.observe(worker, "local_prefill", seconds, prefill_time(self.perf, [tokens]))
-            self._pending_decode[worker].stalls.add(now, seconds)
-
-    def _record(self, loads: dict, worker: str, answer) -> bool:
-        """Keep a worker's load report; a failed call marks it unhealthy (it keeps its last load for
-        GetServerInfo). True when the worker answered."""
-        if isinstance(answer, BaseException):
-            self._mark_unhealthy(worker, answer)
-            return False
-        loads[worker] = answer
-        self._load_at[worker] = time.monotonic()
-        if worker in self.unhealthy:
-            self.unhealthy.discard(worker)
-            log.info("worker healthy again", worker=worker)
-        return True
-
-    def _mark_unhealthy(self, worker: str, error: BaseException) -> None:
-        if worker not in self.unhealthy:
-            self.unhealthy.add(worker)
-            log.warning("worker unhealthy: no new requests go to it", worker=worker, error=repr(error))
+    # -- watching the workers ------------------------------------------------------------
 
     async def _refresh_forever(self, worker: str, handle) -> None:
         """One worker's load, every VIEW_REFRESH_S after its last answer: a frozen worker delays only
@@ -283,7 +192,7 @@ class Engine:
         while True:
             await asyncio.sleep(VIEW_REFRESH_S)
             try:
-                await self._refresh_one(worker, handle)
+                await self.workers.refresh(worker, handle)
             except Exception:  # a bug here must not stop the refresh
                 log.warning("load refresh failed", worker=worker, exc_info=True)
 
@@ -310,7 +219,7 @@ class Engine:
         """Every attempt on this decode worker migrates: streaming ones through their chunk queues,
         prefilling ones through their fence. Whatever the worker sends for them later is dropped."""
         lost = WorkerUnavailable(worker, cause)
-        self._mark_unhealthy(worker, lost)
+        self.workers.mark_unhealthy(worker, lost)
         streaming = self._outputs[worker].lose(cause)
         prefilling = 0
         for run in self._live.values():
@@ -329,43 +238,8 @@ class Engine:
     def queue_depths(self) -> dict[str, int]:
         """Live requests, prompts this engine has queued at prefill workers, and sequences the decode
         workers last reported waiting: what must stay bounded under overload."""
-        return {"live": len(self._live), "prefill_queued": sum(len(q) for q in self._queued.values()),
-                "decode_waiting": sum(l.waiting for l in self.decode_loads.values())}
-
-    def views(self, now: float | None = None) -> tuple[list[PrefillView], list[DecodeView]]:
-        """The router's views at `now` (monotonic seconds): the workers' last reported loads plus what
-        this engine has sent them since."""
-        now = time.monotonic() if now is None else now
-        pf = [self._prefill_view(w, l, now) for w, l in self.prefill_loads.items()]
-        dc = []
-        for w, l in self.decode_loads.items():
-            pend = self._pending_decode[w]
-            incoming = incoming_at(pend.incoming.values(), now)
-            state = DecodeState(w, self.perf, l.active + l.waiting + len(incoming),
-                                l.context_tokens + pend.prompt_tokens,
-                                self.decode_max_batch, l.free_tokens, fewest_steps(pend.tpot_targets.values()),
-                                remaining=l.remaining, incoming=incoming,
-                                local_busy_s=sum(s for s, _ in pend.local.values()),
-                                stall_fraction=pend.stalls.fraction(now), chunk_tokens=self.local_chunk_tokens,
-                                local_tokens=sum(n for _, n in pend.local.values()))
-            dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
-        return pf, dc
-
-    def _prefill_view(self, w: str, load: PrefillLoad, now: float) -> PrefillView:
-        """Queue: the prompts placed there and not prefilled, but the batch in progress as reported
-        (still running while one of its prompts has not come back)."""
-        queued = self._queued[w]
-        running = {rid for rid in load.running if rid in queued}
-        busy_until = busy_bound = 0.0
-        if running:  # what it has left, given how long it has run (Corrections.remaining)
-            elapsed = now - (self._load_at[w] - load.running_elapsed_s)
-            left, left_b = self.router.predictor.corrections.remaining(
-                w, "prefill", prefill_time(self.perf, load.running_lengths), elapsed)
-            busy_until, busy_bound = now + left, now + left_b
-        queue = tuple(q for rid, q in queued.items() if rid not in running)
-        state = PrefillState(w, self.perf, self.prefill_token_budget, self.prefill_max_batch, queue, busy_until,
-                             arrivals=self._arrivals[w].loads(now), busy_bound_s=busy_bound)
-        return PrefillView(state, sum(load.running_lengths) if running else 0, w not in self.unhealthy)
+        return {"live": len(self._live), "prefill_queued": self.workers.queued_prompts(),
+                "decode_waiting": sum(l.waiting for l in self.workers.decode_loads.values())}
 
     # -- one request ---------------------------------------------------------------------
 
@@ -447,7 +321,7 @@ class Engine:
         when another can take the request; the worker itself stays routable."""
         req = run.req
         if isinstance(lost, WorkerUnavailable):
-            self._mark_unhealthy(lost.worker_id, lost)
+            self.workers.mark_unhealthy(lost.worker_id, lost)
         await self._abort_everywhere(run.key, run.placed)  # the survivor of the pair holds nothing of it
         self._forget_placement(run)
         run.lost.append(lost.worker_id if isinstance(lost, WorkerUnavailable) else f"{lost.worker_id} (kv transfer)")
@@ -460,7 +334,7 @@ class Engine:
         give_up = time.monotonic() + MIGRATE_WAIT_S
         while True:  # no healthy worker now (a restarting actor, a worker lost at the same moment): wait a little
             now = time.monotonic()
-            pf_views, dc_views = self.views(now)
+            pf_views, dc_views = self.workers.views(now)
             if isinstance(lost, KVTransferFailed) and any(v.healthy and v.worker_id != lost.worker_id
                                                           for v in dc_views):
                 dc_views = [v for v in dc_views if v.worker_id != lost.worker_id]
@@ -481,7 +355,7 @@ class Engine:
 
     def _route(self, req: Request) -> Placement | Rejection:
         now = time.monotonic()
-        pf_views, dc_views = self.views(now)
+        pf_views, dc_views = self.workers.views(now)
         return self.router.place(RouteRequest(req.request_id, req.prompt_tokens, req.sampling.max_tokens, req.sla),
                                  pf_views, dc_views, now)
 
@@ -492,26 +366,14 @@ class Engine:
 
     def _place(self, run: _Run, placed: Placement) -> None:
         """Count `run`'s attempt on `placed` against its workers until they report it."""
-        req, sla = run.req, run.req.sla
+        req = run.req
         run.placed, run.result, run.chunks = placed, None, None
         run.attempt = next(self._attempts)
         run.fence = asyncio.get_running_loop().create_future()
         run.prefill_pending, run.decode_pending = not placed.local, True
         self._live[req.request_id] = run
-        pend, n, ctx = self._pending_decode[placed.decode_worker], req.sampling.max_tokens - run.n_out, run.context_tokens
-        now = time.monotonic()
-        if placed.local:
-            pend.local[run.key] = (prefill_time(self.perf, [ctx]), ctx)
-        elif run.n_out:  # mid-stream (a migration), the next token is due within a TPOT
-            self._queued[placed.prefill_worker][run.key] = QueuedPrompt(ctx, now, sla.priority, sla.tpot_ms / 1e3)
-        else:
-            self._queued[placed.prefill_worker][run.key] = QueuedPrompt(ctx, req.arrival_s, sla.priority,
-                                                                               sla.ttft_ms / 1e3)
-            self._arrivals[placed.prefill_worker].add(now, sla.ttft_ms / 1e3, ctx)
-        pend.incoming[run.key] = (now + placed.predicted_ttft_ms / 1e3, ctx + 1, n - 1, ctx + n)
-        pend.prompt_tokens += ctx
-        if n > 1:
-            pend.tpot_targets[run.key] = (sla.tpot_ms / 1e3, n - 1)
+        self.workers.count(run.key, placed, run.context_tokens, req.sampling.max_tokens - run.n_out, req.sla,
+                           req.arrival_s, mid_stream=run.n_out > 0)
 
     async def _prefill(self, run: _Run) -> PrefillResult:
         """Prefill and KV transfer: resolves once the KV is committed on the decode worker, or failed."""
@@ -521,14 +383,10 @@ class Engine:
         run.result = res = await self.pools.prefill[placed.prefill_worker].prefill(PrefillJob(
             run.key, run.context_ids, req.sampling, self.pools.kv_targets[placed.decode_worker],
             self.kv_deadline_s, req.sla.priority, deadline_ms / 1e3, run.n_out))
-        self._queued[placed.prefill_worker].pop(run.key, None)
+        self.workers.prefilled(run.key, placed, committed=res.ok)
         run.prefill_pending = False
-        if res.ok:
-            pend = self._pending_decode[placed.decode_worker]
-            eta, _, steps, held = pend.incoming[run.key]
-            pend.incoming[run.key] = (eta, 0, steps, held)  # its KV is committed in the pool's blocks
-            if res.batch_lengths:
-                self._observe_prefill(placed.prefill_worker, run.context_tokens, res)
+        if res.ok and res.batch_lengths:
+            self.workers.observe_prefill(placed.prefill_worker, run.context_tokens, res)
         return res
 
     async def _prefill_here(self, run: _Run) -> PrefillResult:
@@ -544,7 +402,7 @@ class Engine:
             run.result = PrefillResult(run.key, error=Failure(e.code, str(e)))
             return run.result
         finally:
-            self._pending_decode[w].local.pop(run.key, None)
+            self.workers.local_done(run.key, w)
         error = None
         if got.ran:
             self._decode_seen(run)
@@ -560,16 +418,6 @@ class Engine:
         req, placed = run.req, run.placed
         self.router.predictor.corrections.observe(ttft_key(placed.prefill_worker, req.sla.ttft_ms / 1e3), "ttft",
                                                   run.t_first - req.arrival_s, placed.ttft_model_ms / 1e3)
-
-    def _observe_prefill(self, worker: str, prompt_tokens: int, res: PrefillResult) -> None:
-        """The batch's compute (once per batch: by its first prompt's result) and this prompt's KV tail."""
-        corr, dep = self.router.predictor.corrections, self.perf
-        model_s = prefill_time(dep, res.batch_lengths)
-        if res.first_in_batch:
-            corr.observe(worker, "prefill", res.prefill_ms / 1e3, model_s)
-            self.cpu_shares[worker].append(res.cpu_share)
-        kv = dep.model.kv_bytes(prompt_tokens, dep.kv_dtype)
-        corr.observe(worker, "transfer", res.transfer_tail_ms / 1e3, kv_transfer_time(dep, dep, kv, model_s))
 
     async def _submit(self, run: _Run) -> asyncio.Queue:
         """Hand the first token to the decode worker holding the KV; returns the request's chunk queue."""
@@ -616,22 +464,16 @@ class Engine:
 
     def _decode_seen(self, run: _Run) -> None:
         """The decode worker has the request (its load reports count it from now)."""
-        pend = self._pending_decode[run.placed.decode_worker]
-        del pend.incoming[run.key]
-        pend.prompt_tokens -= run.context_tokens
+        self.workers.seen(run.key, run.placed.decode_worker, run.context_tokens)
         run.decode_pending = False
 
     def _forget_placement(self, run: _Run) -> None:
         """Stop counting the current attempt against its workers."""
-        req, placed = run.req, run.placed
-        if run.prefill_pending:
-            self._queued[placed.prefill_worker].pop(run.key, None)
-            run.prefill_pending = False
+        placed = run.placed
         if run.decode_pending:
             self._decode_seen(run)
-        pend = self._pending_decode[placed.decode_worker]
-        pend.tpot_targets.pop(run.key, None)
-        pend.local.pop(run.key, None)
+        self.workers.forget(run.key, placed, run.prefill_pending)
+        run.prefill_pending = False
         self._outputs[placed.decode_worker].unsubscribe(run.key)
 
     def _release(self, run: _Run) -> None:

@@ -183,15 +183,15 @@ class InferenceService:
         prefill = pb.PoolInfo(name="prefill", kind=pb.WORKER_KIND_PREFILL, hardware=self.cfg.prefill.hardware, workers=[
             pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_PREFILL, hardware=hw.get(w, ""),
                           load=min(1.0, l.queued_tokens / budget), active_requests=len(l.running),
-                          queued_requests=l.waiting, healthy=w not in self.engine.unhealthy)
-            for w, l in self.engine.prefill_loads.items()])
-        occupancy = {v.worker_id: v.occupancy for v in self.engine.views()[1]}
+                          queued_requests=l.waiting, healthy=w not in self.engine.workers.unhealthy)
+            for w, l in self.engine.workers.prefill_loads.items()])
+        occupancy = {v.worker_id: v.occupancy for v in self.engine.workers.views()[1]}
         decode = pb.PoolInfo(name="decode", kind=pb.WORKER_KIND_DECODE, hardware=self.cfg.decode.hardware, workers=[
             pb.WorkerInfo(worker_id=w, kind=pb.WORKER_KIND_DECODE, hardware=hw.get(w, ""),
                           load=occupancy[w],
                           active_requests=l.active, queued_requests=l.waiting, kv_blocks_free=l.free_blocks,
-                          kv_blocks_total=l.total_blocks, healthy=w not in self.engine.unhealthy)
-            for w, l in self.engine.decode_loads.items()])
+                          kv_blocks_total=l.total_blocks, healthy=w not in self.engine.workers.unhealthy)
+            for w, l in self.engine.workers.decode_loads.items()])
         return [prefill, decode]
 
     async def server_info(self, msg, context) -> pb.ServerInfo:

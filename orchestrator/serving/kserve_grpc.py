@@ -41,8 +41,8 @@ class KServeService:
 
     def _ready(self) -> bool:
         e = self.service.engine
-        healthy = [w for w in (*e.prefill_loads, *e.decode_loads) if w not in e.unhealthy]
-        return not self.service.draining and any(w in e.decode_loads for w in healthy)
+        healthy = [w for w in (*e.workers.prefill_loads, *e.workers.decode_loads) if w not in e.workers.unhealthy]
+        return not self.service.draining and any(w in e.workers.decode_loads for w in healthy)
 
     async def _known(self, name: str, version: str, context) -> None:
         if name != self.model:

@@ -150,10 +150,10 @@ def test_the_engine_records_the_share_of_a_core_each_workers_compute_got(lm, pro
         async with running(lm) as s:
             await collect(s.engine.generate(request("c", prompt, max_tokens=8)))
             for _ in range(200):  # the decode steps arrive with the worker's next load (every 50 ms; bounded)
-                if all(s.engine.cpu_shares.values()):
+                if all(s.engine.workers.cpu_shares.values()):
                     break
                 await asyncio.sleep(0.01)
-            return {w: list(v) for w, v in s.engine.cpu_shares.items()}
+            return {w: list(v) for w, v in s.engine.workers.cpu_shares.items()}
 
     shares = asyncio.run(main())
     assert shares and all(v and all(0 < x <= 1 for x in v) for v in shares.values())
@@ -307,7 +307,7 @@ def test_a_worker_failure_with_no_other_worker_gives_unavailable_naming_both(lm,
     req, events, s = asyncio.run(main())
     assert events == [ErrorEvent(Failure("UNAVAILABLE", "worker decode-0 is unavailable (RayActorError); no worker "
                                                         "to migrate to (no healthy decode worker)"))]
-    assert "decode-0" in s.engine.unhealthy and not s.engine.views()[1][0].healthy
+    assert "decode-0" in s.engine.workers.unhealthy and not s.engine.workers.views()[1][0].healthy
     assert (req.state, req.failure) == (RequestState.FAILED, events[0].failure)
 
 
@@ -352,7 +352,7 @@ def test_a_stalled_decode_worker_is_declared_lost_and_its_request_migrates_fence
                 events.append(ev)
                 if isinstance(ev, TokenEvent) and s.decode_calls.thawed.is_set():
                     s.decode_calls.thawed.clear()  # frozen mid-stream
-            assert "decode-0" in s.engine.unhealthy
+            assert "decode-0" in s.engine.workers.unhealthy
             s.decode_calls.thawed.set()
             assert await s.kv_freed(s.decodes[0]) and await s.kv_freed(s.decodes[1])
             return events
@@ -385,7 +385,7 @@ def test_a_failed_kv_transfer_is_retried_on_another_decode_worker(lm, prompt, ki
     final = events[-1]
     assert isinstance(final, FinalEvent), final
     assert (final.migrations, final.decode_worker) == (1, "decode-1") and ids_of(events) == ref_ids
-    assert s.prefill.transfer.faults.fired == {kind: 1} and not s.engine.unhealthy
+    assert s.prefill.transfer.faults.fired == {kind: 1} and not s.engine.workers.unhealthy
 
 
 def test_no_placement_is_a_rejection(lm, prompt):

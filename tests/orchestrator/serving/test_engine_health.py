@@ -7,6 +7,7 @@ import asyncio
 
 from decode.worker import DecodeLoad
 from orchestrator.serving import engine as engine_mod
+from orchestrator.serving import ledger as ledger_mod
 from orchestrator.core.router import Router
 from orchestrator.serving.perfmodel import live_deployment
 from orchestrator.serving.engine import Engine
@@ -43,25 +44,25 @@ def _engine() -> tuple[Engine, Pools, tuple[_Load, _Load, _Load]]:
 
 
 def test_failed_and_hung_workers_leave_routing_and_come_back(monkeypatch):
-    monkeypatch.setattr(engine_mod, "LOAD_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(ledger_mod, "LOAD_TIMEOUT_S", 0.05)
     eng, pools, (p0, d0, d1) = _engine()
 
     async def main():
-        await eng._refresh_views()
-        healthy_before = {v.worker_id: v.healthy for v in eng.views()[1]}
+        await eng.workers.refresh_all()
+        healthy_before = {v.worker_id: v.healthy for v in eng.workers.views()[1]}
         d0.answer, d1.answer = WorkerUnavailable("d0", "RayActorError"), "hang"
-        await eng._refresh_views()
-        views_down = eng.views()
+        await eng.workers.refresh_all()
+        views_down = eng.workers.views()
         d0.answer, d1.answer = _decode_load(7), _decode_load(2)  # d0 restarted on a new port
-        await eng._refresh_views()
-        return healthy_before, views_down, eng.views()
+        await eng.workers.refresh_all()
+        return healthy_before, views_down, eng.workers.views()
 
     # without the load timeout the hung worker would stall the refresh: bounded here, so that fails
     healthy_before, (pf_down, dc_down), (pf_up, dc_up) = asyncio.run(asyncio.wait_for(main(), 10))
     assert healthy_before == {"d0": True, "d1": True}
     assert {v.worker_id: v.healthy for v in dc_down} == {"d0": False, "d1": False}  # kept, marked
     assert all(v.healthy for v in pf_down)  # the prefill worker kept answering
-    assert {v.worker_id: v.healthy for v in dc_up} == {"d0": True, "d1": True} and not eng.unhealthy
+    assert {v.worker_id: v.healthy for v in dc_up} == {"d0": True, "d1": True} and not eng.workers.unhealthy
     assert pools.kv_targets == {"d0": "127.0.0.1:7", "d1": "127.0.0.1:2"}
 
 
@@ -77,9 +78,10 @@ def test_a_hung_worker_does_not_delay_the_other_workers_views():
             d1.answer = "hang"
             await asyncio.sleep(4 * engine_mod.VIEW_REFRESH_S)  # d1's refresh is now waiting on the hang
             d0.answer, p0.answer = _decode_load(7), PrefillLoad("p0", 3, 0)
-            while (eng.decode_loads["d0"].kv_target, eng.prefill_loads["p0"].queued_tokens) != ("127.0.0.1:7", 3):
+            loads = eng.workers
+            while (loads.decode_loads["d0"].kv_target, loads.prefill_loads["p0"].queued_tokens) != ("127.0.0.1:7", 3):
                 await asyncio.sleep(0.01)
-            return set(eng.unhealthy)
+            return set(eng.workers.unhealthy)
         finally:
             await eng.stop()
 

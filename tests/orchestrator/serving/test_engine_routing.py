@@ -103,7 +103,7 @@ def test_a_short_prompt_is_prefilled_on_the_decode_worker_with_the_same_tokens(l
     async def main(local: int):
         decode, engine = _stack(lm, _warm_router(local, prefill_ratio=10.0), chunk)
         await engine.start()
-        states = [v.state for v in engine.views()[1]]  # the router predicts the chunking the workers do
+        states = [v.state for v in engine.workers.views()[1]]  # the router predicts the chunking the workers do
         assert all(st.chunk_tokens == chunk for st in states)
         try:
             outs, finals = await _serve(engine, prompt, 3)

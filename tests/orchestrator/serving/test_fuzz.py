@@ -149,7 +149,7 @@ class Served:
     async def _start(self, lm, cfg):
         self.decode = DecodeWorker(capacity_tokens=2048, block_size=16, max_batch=8, blas_threads=1, loaded=lm)
         backend = InProcessBackend({"decode-0": KVReceiver(self.decode.kv_sink, expected_layout=self.decode.layout)})
-        prefill = PrefillWorker("prefill-0", blas_threads=1, transfer_backend=backend, loaded=lm)
+        self.prefill = prefill = PrefillWorker("prefill-0", blas_threads=1, transfer_backend=backend, loaded=lm)
         pools = Pools(prefill={"prefill-0": PrefillHandle("prefill-0", LocalCalls(prefill))},
                       decode={"decode-0": DecodeHandle("decode-0", LocalCalls(self.decode))},
                       kv_targets={"decode-0": "decode-0"})
@@ -165,6 +165,7 @@ class Served:
         for fe in (self.open, self.keyed):
             await fe.stop(0)
         await self.engine.stop()
+        await self.prefill.close()
         await self.decode.close()
 
     def call(self, method: str, raw: bytes, frontend: str = "open") -> tuple[grpc.StatusCode, str, list]:
