@@ -132,8 +132,6 @@ def test_abort_rpc_ends_the_stream_and_unknown_ids_are_not_found(client):
 
 def test_abort_during_prefill_ends_with_an_abort_final_not_an_error(client):
     """Aborted while its prompt is prefilled or its KV in transfer: a clean final, like an abort mid-decode."""
-    import threading
-
     for delay in (0.05, 0.4):
         rid = f"abort-in-prefill-{delay}"
         # a target no loaded 2-core host can make the router refuse: this test is about the abort

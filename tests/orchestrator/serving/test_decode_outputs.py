@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from decode.stream import TokenChunk
-from model.finish import Failure, FinishReason
+from model.finish import FinishReason
 from orchestrator.serving.decode_outputs import DecodeOutputs, WorkerLost
 from orchestrator.serving.workers import DecodeHandle, WorkerUnavailable
 
