@@ -320,6 +320,9 @@ class DecodePart:
     running_tpot: Estimate  # seconds per step they get with it (the step, plus a local prefill's stall spread)
     protects: bool  # no sequence there is pushed past its TPOT target (the shortest of each target: its stall)
     decode_model_s: float  # seconds, the decode point before the "tpot" correction: what it observes against
+    # (predicted TPOT bound, its target), seconds, of the sequence there nearest its target with the newcomer
+    # (the shortest of its target); None when none is protected (an empty worker, or a full one it cannot reach)
+    tightest: tuple[float, float] | None = None
 
 
 @dataclass(slots=True)
@@ -415,13 +418,19 @@ class Predictor:
         spread = 1.0 / st.steps_left_mean()
         protected_p = (protected_p + hold.point_s + stall.point_s * spread) * g.point
         protected_b = (per_step_b + stall.bound_s * spread) * g.bound
-        protects = b == 0 or (full and not hold.bound_s and not stall.bound_s) or all(
-            (per_step_b + stall.bound_s / steps) * g.bound <= target for target, steps in st.tpot_targets)
+        tightest = None
+        if not (b == 0 or (full and not hold.bound_s and not stall.bound_s)):
+            for target, n in st.tpot_targets:
+                got = (per_step_b + stall.bound_s / n) * g.bound
+                if tightest is None or got / target > tightest[0] / tightest[1]:
+                    tightest = (got, target)
+        protects = tightest is None or tightest[0] <= tightest[1]
         decode_p = wait_p + own.point_s * steps
         return DecodePart(st.worker_id, fits, Estimate(own.point_s * g.point, own.bound_s * g.bound),
                           Estimate(wait_p * g.point, wait_b * g.bound),
                           Estimate(decode_p * g.point, (wait_b + own.bound_s * steps) * g.bound),
-                          before_s * f.point * g.point, Estimate(protected_p, protected_b), protects, decode_p)
+                          before_s * f.point * g.point, Estimate(protected_p, protected_b), protects, decode_p,
+                          tightest)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part

@@ -240,8 +240,11 @@ class Router:
         if pp.ttft.bound_s > req.ttft_s:
             return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="ttft")
         if not fit.protects or protect is None:
-            return pp, dp, Rejection(f"admitting it would push sequences already decoding past their TPOT target; "
-                                     f"{against}", kind="running_tpot")
+            worst = "" if fit.tightest is None else (
+                f" (the shortest sequence of the {fit.tightest[1] * 1e3:.4g} ms target there would get "
+                f"{fit.tightest[0] * 1e3:.4g} ms, p{q})")
+            return pp, dp, Rejection(f"admitting it would push sequences already decoding past their TPOT target"
+                                     f"{worst}; {against}", kind="running_tpot")
         return pp, dp, Rejection(f"no pair is predicted to meet the SLA: {against}", kind="tpot")
 
     def _ttft_floor(self, req: PredictRequest, pidx: PrefillIndex, pmask: np.ndarray, didx: DecodeIndex,

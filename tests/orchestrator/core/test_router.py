@@ -103,6 +103,11 @@ def test_sla_protects_the_tpot_of_sequences_already_decoding():
     assert r.place(req(), [pf("p0")], [tight, loose], 0.0).decode_worker == "d1"
     alone = r.place(req(), [pf("p0")], [tight], 0.0)
     assert isinstance(alone, Rejection) and alone.kind == "running_tpot"
+    # it names the sequence it protects: its target and what it would get (the bound just over it)
+    target_ms = with_it.running_tpot.bound_s * 0.999 * 1e3
+    assert f"the shortest sequence of the {target_ms:.4g} ms target there would get " in alone.reason
+    got_ms = float(alone.reason.split(" would get ")[1].split(" ms")[0])
+    assert target_ms < got_ms <= target_ms * 1.01  # printed to 4 digits
     assert isinstance(r.place(req(), [pf("p0")], [dc("d0", batch=20, tightest=with_it.running_tpot.bound_s)], 0.0),
                       Placement)
 
