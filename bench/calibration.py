@@ -166,6 +166,11 @@ CS3_VALIDATION = (
                                        "tokenomics.info/cerebras [B+/C]"),
     ("glm-4.7", 1201, "May 2026", "Artificial Analysis' Cerebras provider page, quoted by SemiAnalysis "
                                   "tokenomics.info/cerebras [B+/C]"),
+    # Sonar's decode on Cerebras as Perplexity announced it. Left out: ~121 tok/s in model directories
+    # (aitoolsfi.com, mindstudio.ai: "using Cerebras"), of the order of Artificial Analysis' measurements of
+    # Perplexity's own API (82 tok/s), which Perplexity does not say Cerebras serves [C]
+    ("perplexity-sonar", 1200, "Feb 2025", "Perplexity Sonar on Cerebras, '1,200 tokens per second', quoted by "
+                                           "1950.ai (2025-02-13) [C]"),
 )
 
 

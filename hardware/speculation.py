@@ -13,10 +13,11 @@ Limits: chat text at temperature 0; MoE targets are compared by total parameters
 temperature move real acceptance by +-0.1 (not modelled), except for the one task named below.
 
 Domain: the sweep's drafts were trained on the target's own data, so the line says nothing about a pair
-tuned on different data. A target fine-tuned on another model's outputs (`ModelSpec.tuned_on`: the
-DeepSeek-R1 distills) gets drafts tuned on the same outputs only; no registered model is, so it decodes
-without a draft. (Found looking at R1 Distill Llama 70B's +40% miss against Cerebras's 1,500 tok/s/user,
-bench/calibration.py: its Llama 3.3 base is published at 2,100-2,314 on the same systems with a draft.)
+tuned on different data. A target fine-tuned on data other than its family's (`ModelSpec.tuned_on`: the
+DeepSeek-R1 distills on R1's outputs, Perplexity's Sonar on its search answers) gets drafts tuned on the
+same data only; no registered model is, so it decodes without a draft. (Found looking at R1 Distill Llama
+70B's +40% miss against Cerebras's 1,500 tok/s/user, bench/calibration.py: its Llama 3.3 base is published
+at 2,100-2,314 on the same systems with a draft. Sonar's 1,200 was found after the rule, and checks it.)
 
 Copy tasks: LLMPerf's token benchmark (the AWS Neuron tutorials' figures) asks the model to "randomly
 stream lines" of a sonnet given in the prompt, so the output is text already in the context, which a

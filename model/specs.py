@@ -43,7 +43,8 @@ class ModelSpec:
     attn_window: int = 0  # sliding/chunked attention window (0: none)
     window_every: int = 0  # layers with a window: all except every window_every-th (0: no windows)
     # fine-tuning data other than its vendor family's own ("" for those): a DeepSeek-R1 distill is tuned on
-    # R1's outputs. Speculative drafts must match it (hardware/speculation.py draft_candidates).
+    # R1's outputs, Perplexity's Sonar on its search answers. Speculative drafts must match it
+    # (hardware/speculation.py draft_candidates).
     tuned_on: str = ""
     # parameter counts the perf model reads on every step, computed once (the predictor's hot path)
     _matmul_params: int = field(init=False, repr=False, compare=False)
@@ -185,6 +186,9 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     _llama("llama-3.3-70b", 80, 8192, 64, 8, 28672, 128256),  # meta-llama/Llama-3.3-70B-Instruct
     # deepseek-ai/DeepSeek-R1-Distill-Llama-70B: Llama-3.3-70B-Instruct fine-tuned on R1's reasoning traces
     _llama("deepseek-r1-distill-llama-70b", 80, 8192, 64, 8, 28672, 128256, tuned_on="deepseek-r1 outputs"),
+    # Perplexity Sonar (Jan 2025): Llama 3.3 70B post-trained by Perplexity for search-grounded answers (closed
+    # weights; the architecture is its base's)
+    _llama("perplexity-sonar", 80, 8192, 64, 8, 28672, 128256, tuned_on="perplexity search answers"),
     _llama("llama-3.1-405b", 126, 16384, 128, 8, 53248, 128256),  # meta-llama/Llama-3.1-405B
     # meta-llama/Llama-4-Maverick-17B-128E: 128 routed + 1 shared expert, top-1, MoE on every 2nd
     # layer (interleave_moe_layer_step 2), dense layers 16384 wide; chunked attention (8192) on
@@ -229,6 +233,7 @@ PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
     "llama-3.1-70b": (70.6e9, None),
     "llama-3.3-70b": (70.6e9, None),
     "deepseek-r1-distill-llama-70b": (70.6e9, None),  # its base's (Llama 3.3 70B) architecture and size
+    "perplexity-sonar": (70.6e9, None),  # its base's (Llama 3.3 70B)
     "llama-3.1-405b": (405.9e9, None),
     "llama-4-maverick": (400e9, 17e9),  # Meta: 17B active, 400B total
     "gpt-oss-120b": (116.8e9, 5.13e9),  # OpenAI model card: 116.8B total, 5.13B active

@@ -97,7 +97,7 @@ def test_a_target_tuned_on_other_outputs_gets_no_draft_from_its_base_family():
     base keeps the Llama 3.2 1B draft on the same systems."""
     cs3, distill, base = get_profile("cs3"), get_spec("deepseek-r1-distill-llama-70b"), get_spec("llama-3.3-70b")
     assert distill.vocab_size == base.vocab_size and distill.params_total() == base.params_total()
-    assert draft_candidates(distill) == ()
+    assert draft_candidates(distill) == () and draft_candidates(get_spec("perplexity-sonar")) == ()
     assert speculation_plan(make_deployment(distill, cs3, systems=4)) is None
     assert speculation_plan(make_deployment(base, cs3, systems=4))[1].model.name == "llama-3.2-1b"
 
