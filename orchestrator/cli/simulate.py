@@ -68,8 +68,8 @@ def comparison_overrides(exp, args):
         return exp
     try:
         return replace(exp, quantile=check_quantile(q))
-    except ValueError:
-        raise UserError(f"--quantile: must be in (0, 1), got {q}") from None
+    except ValueError as e:  # check_quantile's message, named as the flag
+        raise UserError(f"--{e}") from None
 
 
 def load_experiments(path: Path):
