@@ -3,18 +3,22 @@
 Pure data structure (no clock, no I/O): callers report what happened with `observe(worker, phase,
 observed_s, predicted_s)`; `factors(worker, phase)` returns the multipliers the predictor applies to
 that phase's perf-model time: the window's median for the point estimate and its q-quantile for
-the bound. Phases: "ttft" (a request's whole TTFT against the prediction from the parts, keyed by
+the bound. The "tpot" phase learns differences instead (`offsets`): see below. Phases: "ttft" (a request's whole TTFT against the prediction from the parts, keyed by
 `ttft_key`: prefill worker and TTFT-target class; it learns the queue's dynamics the parts do not
 model: later arrivals with earlier deadlines overtaking, later prompts joining its batch, the
 frontend), "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
 tail, keyed by the sending prefill worker), "decode" (one decode step on a decode worker) and
 "tpot" (a request's whole TPOT against the prediction from the parts, keyed by its decode worker:
-what steps alone do not show, the time between them, the wait for outputs, a shared host).
+what steps alone do not show, the time between them, the wait for outputs). The steps' own speed,
+a shared host's included, is the "decode" factor's; what "tpot" adds is time between steps (a local
+prefill's stall, the output poll), which does not grow with the step, so it is learned as seconds
+per step, observed - predicted, and added (`offsets`): a ratio learned while a batch was small and
+its steps short would multiply a later, larger batch's long steps by the stalls of the short ones.
 
 Prior (fewer than `min_samples` observations): the ratio is log-normal with median 1 and log
 standard deviation `prior_sigma` (0.1: the perf model is calibrated to ~10% of published trn2/CS-3
 figures, hardware/profiles.py), so the bound factor is exp(z_q * prior_sigma), 1.137 at p90. The
-"tpot" phase's prior is 1 for both: it scales parts whose bounds already carry their own prior.
+"tpot" phase's prior is an offset of 0 for both: it adds to parts whose bounds carry their own prior.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from statistics import NormalDist
 # ratio of which would inflate every longer request's prediction and bound
 TPOT_MIN_GAPS = 8
 PHASES = ("prefill", "transfer", "decode", "ttft", "tpot", "local_prefill")  # local_prefill: on a decode worker
+ADDITIVE = frozenset({"tpot"})  # phases learned as observed - predicted seconds (`offsets`), not ratios
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +43,15 @@ class Factors:
     bound: float  # q-quantile of the ratio
 
 
-NEUTRAL = Factors(1.0, 1.0)
+@dataclass(frozen=True, slots=True)
+class Offsets:
+    """Seconds added to an additive phase's prediction."""
+
+    point_s: float  # median observed - predicted
+    bound_s: float  # q-quantile of it
+
+
+NO_OFFSET = Offsets(0.0, 0.0)
 
 
 def _finite(name: str, value: float) -> float:
@@ -76,7 +89,7 @@ def check_quantile(q: float) -> float:
 
 
 class Corrections:
-    """Bounded windows of observed/predicted ratios, one per (worker, phase)."""
+    """Bounded windows of observed/predicted ratios (differences for ADDITIVE phases), one per (worker, phase)."""
 
     def __init__(self, quantile: float = 0.9, window: int = 64, min_samples: int = 5,
                  prior_sigma: float = 0.1):
@@ -89,8 +102,8 @@ class Corrections:
             raise ValueError(f"prior_sigma: must be >= 0, got {prior_sigma!r}")
         self.window, self.min_samples = window, min_samples
         self.prior = Factors(1.0, math.exp(NormalDist().inv_cdf(self.quantile) * prior_sigma))
-        self._ratios: dict[tuple[str, str], deque[float]] = {}
-        self._cache: dict[tuple[str, str], Factors] = {}
+        self._ratios: dict[tuple[str, str], deque[float]] = {}  # ADDITIVE phases: differences, seconds
+        self._cache: dict[tuple[str, str], Factors | Offsets] = {}
         self.version = 0  # bumped by every observe() and forget(): callers cache factor vectors on it
 
     def observe(self, worker: str, phase: str, observed_s: float, predicted_s: float) -> None:
@@ -105,7 +118,7 @@ class Corrections:
         ratios = self._ratios.get(key)
         if ratios is None:
             ratios = self._ratios[key] = deque(maxlen=self.window)
-        ratios.append(observed_s / predicted_s)
+        ratios.append(observed_s - predicted_s if phase in ADDITIVE else observed_s / predicted_s)
         self._cache.pop(key, None)
         self.version += 1
 
@@ -119,15 +132,27 @@ class Corrections:
 
     def factors(self, worker: str, phase: str) -> Factors:
         """Point and bound multipliers for a phase on a worker (the prior until min_samples)."""
+        if phase in ADDITIVE:
+            raise ValueError(f"phase: {phase!r} is learned as an offset; use offsets()")
+        return self._learned(worker, phase, Factors) or self.prior
+
+    def offsets(self, worker: str, phase: str) -> Offsets:
+        """Point and bound seconds added to an ADDITIVE phase on a worker (0 until min_samples)."""
+        if phase not in ADDITIVE:
+            raise ValueError(f"phase: {phase!r} is learned as a ratio; use factors()")
+        return self._learned(worker, phase, Offsets) or NO_OFFSET
+
+    def _learned(self, worker: str, phase: str, kind: type) -> Factors | Offsets | None:
+        """The window's (median, q-quantile) as `kind`; None until min_samples."""
         key = (worker, phase)
         got = self._cache.get(key)
         if got is not None:
             return got
         ratios = self._ratios.get(key)
         if ratios is None or len(ratios) < self.min_samples:
-            return NEUTRAL if phase == "tpot" else self.prior
+            return None
         s = sorted(ratios)
-        got = self._cache[key] = Factors(quantile(s, 0.5), quantile(s, self.quantile))
+        got = self._cache[key] = kind(quantile(s, 0.5), quantile(s, self.quantile))
         return got
 
     def remaining(self, worker: str, phase: str, model_s: float, elapsed_s: float) -> tuple[float, float]:

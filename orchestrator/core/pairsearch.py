@@ -5,10 +5,11 @@ by, and exact parts are computed only while a bound can still beat the best foun
 whole pool are one vector expression over its `PrefillIndex` / `DecodeIndex` (orchestrator/core/
 poolindex.py), candidates come out of `ascending` lazily:
 
-- decode: decode.bound >= f_bound x (q x step in flight + (n - 1) x `DecodeIndex.step_floor`): the
-  arrival's wait is at least q steps in flight, and no step the newcomer gets is faster than the
-  floor (true of the analytic roofline and wafer models, the generation's own speculation included;
-  profiles with measured tables and states with an explicit draft get the bound 0: always computed);
+- decode: decode.bound >= f_bound x q x step in flight + (n - 1) x (f_bound x `DecodeIndex.step_floor`
+  + the "tpot" offset bound, clipped at 0 as the step is): the arrival's wait is at least q steps in
+  flight, and no step the newcomer gets is faster than the floor (true of the analytic roofline and
+  wafer models, the generation's own speculation included; profiles with measured tables and states
+  with an explicit draft get the bound 0: always computed);
 - prefill: ttft.bound >= the batch in progress + f_bound x (the queue's batches that end before the
   newcomer's batch can start, `PrefillIndex.before_rows` + the prompt alone) + request path (the
   prompt-alone term only on analytic profiles, where adding prompts to a batch never makes it
@@ -39,8 +40,9 @@ def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.
     corr = pred.corrections
 
     def terms() -> tuple[np.ndarray, np.ndarray]:  # ([D], [D]): floor = wait + steps x per step
-        f = np.where(pool.analytic, pool.bound(corr, "decode") * pool.bound(corr, "tpot") * _SLACK, 0.0)
-        return f * (corr.quantile * pool.step_now), f * pool.step_floor
+        f = pool.bound(corr, "decode") * _SLACK
+        step = np.maximum(0.0, f * pool.step_floor + pool.offset_bound(corr, "tpot"))  # as decode_part clips it
+        return np.where(pool.analytic, f * (corr.quantile * pool.step_now), 0.0), np.where(pool.analytic, step, 0.0)
 
     wait, step = pool.cached(corr, "decode_floor", terms)
     return wait + (req.max_tokens - 1) * step

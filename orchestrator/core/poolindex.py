@@ -99,6 +99,11 @@ class _Pool:
         """[n] the phase's bound factor on each worker."""
         return self.cached(corr, phase, lambda: np.array([corr.factors(w, phase).bound for w in self.ids]))
 
+    def offset_bound(self, corr: Corrections, phase: str) -> np.ndarray:
+        """[n] seconds, an additive phase's bound offset on each worker (Corrections.offsets)."""
+        return self.cached(corr, ("offset", phase),
+                           lambda: np.array([corr.offsets(w, phase).bound_s for w in self.ids]))
+
     def ttft_bound(self, corr: Corrections, ttft_s: float) -> np.ndarray:
         """[n] the "ttft" bound factor of each worker for a request of target `ttft_s` (its ttft_key class)."""
         bucket = 2.0 ** math.ceil(math.log2(ttft_s))

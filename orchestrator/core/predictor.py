@@ -2,7 +2,8 @@
 
 Pure: state and `now` are arguments; times come from hardware/perf.py, scaled by online corrections
 (orchestrator/core/correction.py): point = perf-model seconds x the median observed/predicted ratio,
-bound = x its q-quantile. A bound of a sum is the sum of the parts' bounds (conservative).
+bound = x its q-quantile (the "tpot" correction instead adds the median / q-quantile of observed -
+predicted seconds per step). A bound of a sum is the sum of the parts' bounds (conservative).
 
 What is predicted is what the project measures (orchestrator/simulator/report.py, serving/engine.py):
 TTFT = arrival -> the first token, which the *prefill* worker samples; TPOT = (last token - first
@@ -10,7 +11,7 @@ token) / (n - 1). So the decode-side wait and steps belong to TPOT, not TTFT:
 
     TTFT = (queue wait + own batch [+ KV transfer tail] + request path) x the "ttft" correction
     TPOT = ([KV transfer tail] + wait for the next step boundary [+ wait for a batch slot or KV room
-            beyond the KV's arrival] + (n - 1) steps) / (n - 1)
+            beyond the KV's arrival] + (n - 1) steps) / (n - 1) + the "tpot" offset
 
 Local prefill (conditional disaggregation, `local_parts`): the decode worker prefills the prompt
 itself between two steps, writing its KV straight into its own pool; no transfer, no prefill queue:
@@ -412,25 +413,24 @@ class Predictor:
         before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
         with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
-        protected_p, protected_b = with_s * f.point, with_s * f.bound
-        g = self.corrections.factors(st.worker_id, "tpot")  # the whole TPOT as observed against these parts
-        per_step_b = protected_b + hold.bound_s  # what each of them gets, before the stall
+        # the whole TPOT as observed against these parts: seconds added per step (Corrections.offsets)
+        g = self.corrections.offsets(st.worker_id, "tpot")
+        per_step_b = with_s * f.bound + hold.bound_s + g.bound_s  # what each of them gets, before the stall
         spread = 1.0 / st.steps_left_mean()
-        protected_p = (protected_p + hold.point_s + stall.point_s * spread) * g.point
-        protected_b = (per_step_b + stall.bound_s * spread) * g.bound
+        protected = Estimate(max(0.0, with_s * f.point + hold.point_s + g.point_s + stall.point_s * spread),
+                             max(0.0, per_step_b + stall.bound_s * spread))
         tightest = None
         if not (b == 0 or (full and not hold.bound_s and not stall.bound_s)):
             for target, n in st.tpot_targets:
-                got = (per_step_b + stall.bound_s / n) * g.bound
+                got = max(0.0, per_step_b + stall.bound_s / n)
                 if tightest is None or got / target > tightest[0] / tightest[1]:
                     tightest = (got, target)
         protects = tightest is None or tightest[0] <= tightest[1]
+        step = Estimate(max(0.0, own.point_s + g.point_s), max(0.0, own.bound_s + g.bound_s))
         decode_p = wait_p + own.point_s * steps
-        return DecodePart(st.worker_id, fits, Estimate(own.point_s * g.point, own.bound_s * g.bound),
-                          Estimate(wait_p * g.point, wait_b * g.bound),
-                          Estimate(decode_p * g.point, (wait_b + own.bound_s * steps) * g.bound),
-                          before_s * f.point * g.point, Estimate(protected_p, protected_b), protects, decode_p,
-                          tightest)
+        return DecodePart(st.worker_id, fits, step, Estimate(wait_p, wait_b),
+                          Estimate(wait_p + step.point_s * steps, wait_b + step.bound_s * steps),
+                          max(0.0, before_s * f.point + g.point_s), protected, protects, decode_p, tightest)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part

@@ -43,6 +43,9 @@ def _corrections(rng, n_prefill, n_decode):
     for i in range(0, n_decode, 2):
         for _ in range(3):
             corr.observe(f"d{i}", "decode", rng.uniform(0.8, 1.4), 1.0)
+    for i in range(0, n_decode, 3):  # "tpot" offsets of either sign, seconds per step, some larger than a step
+        for _ in range(3):
+            corr.observe(f"d{i}", "tpot", rng.uniform(0.0, 0.03), rng.choice((0.01, 0.05)))
     return corr
 
 

@@ -569,22 +569,51 @@ def test_work_arriving_with_tighter_targets_lengthens_the_queue_wait_of_looser_o
                              0.0) == pred.prefill_part(loose, pstate(), CS3, 0.0)
 
 
-def test_the_tpot_correction_scales_the_decode_side_and_is_observed_against_the_parts():
+def test_the_tpot_correction_adds_seconds_per_step_to_the_decode_side_and_is_observed_against_the_parts():
     corr = Corrections()
-    cold = corr.factors("d0", "tpot")
-    assert (cold.point, cold.bound) == (1.0, 1.0)  # unlearned: neutral, the parts' bounds carry their own prior
+    cold = corr.offsets("d0", "tpot")
+    assert (cold.point_s, cold.bound_s) == (0.0, 0.0)  # unlearned: none, the parts' bounds carry their own prior
+    with pytest.raises(ValueError, match="offset"):
+        corr.factors("d0", "tpot")
     base = Predictor(corr).decode_part(REQ, dstate(8))
-    for _ in range(corr.min_samples):  # TPOT seen at twice the parts' prediction on d0 (a shared host, say)
-        corr.observe("d0", "tpot", 2.0, 1.0)
+    steps = REQ.max_tokens - 1
+    for extra in (0.01, 0.02, 0.02, 0.02, 0.03):  # TPOTs seen 10-30 ms a step above the parts (stalls between steps)
+        corr.observe("d0", "tpot", 0.1 + extra, 0.1)
     got = Predictor(corr).decode_part(REQ, dstate(8))
-    assert got.decode.point_s == pytest.approx(2 * base.decode.point_s)
-    assert got.step.point_s == pytest.approx(2 * base.step.point_s)
-    assert got.running_tpot.point_s == pytest.approx(2 * base.running_tpot.point_s)
+    assert got.step.point_s == pytest.approx(base.step.point_s + 0.02)  # the median difference
+    assert got.step.bound_s == pytest.approx(base.step.bound_s + 0.026)  # its 0.9-quantile
+    assert got.decode.point_s == pytest.approx(base.decode.point_s + steps * 0.02)
+    assert got.running_tpot.point_s == pytest.approx(base.running_tpot.point_s + 0.02)
+    assert got.wait == base.wait  # once per request: not per step
     assert got.decode_model_s == pytest.approx(base.decode.point_s)  # what the correction observes against
     pp = Predictor(corr).prefill_part(REQ, pstate(), CS3, 0.0)
     pair = Predictor.combine(REQ, pp, got)
-    assert pair.tpot_model_s == pytest.approx((pp.tail.point_s + base.decode.point_s) / (REQ.max_tokens - 1))
+    assert pair.tpot_model_s == pytest.approx((pp.tail.point_s + base.decode.point_s) / steps)
+    assert pair.tpot.point_s == pytest.approx(pair.tpot_model_s + 0.02)  # the model it was observed against, plus
     assert Predictor(corr).decode_part(REQ, dstate(8, wid="d1")).decode == base.decode  # another worker: its own
+
+
+def test_a_stall_learned_on_short_steps_does_not_multiply_longer_ones():
+    # the first requests on a worker saw TPOT 3x their parts: 20 ms steps, 40 ms of stalls between them. A
+    # batch 8 times larger has longer steps, but the stalls between them are the same seconds
+    corr = Corrections()
+    for _ in range(corr.min_samples):
+        corr.observe("d0", "tpot", 0.06, 0.02)
+    small, large = dstate(2), dstate(64)
+    base = Predictor(Corrections()).decode_part(REQ, large)
+    got = Predictor(corr).decode_part(REQ, large)
+    assert got.step.point_s == pytest.approx(base.step.point_s + 0.04)
+    assert got.running_tpot.bound_s == pytest.approx(base.running_tpot.bound_s + 0.04)
+    assert Predictor(corr).decode_part(REQ, small).step.point_s == pytest.approx(
+        Predictor(Corrections()).decode_part(REQ, small).step.point_s + 0.04)
+
+
+def test_a_negative_tpot_offset_never_makes_a_step_negative():
+    corr = Corrections()
+    for _ in range(corr.min_samples):  # observed far faster than predicted, on much longer parts than today's
+        corr.observe("d0", "tpot", 0.0, 10.0)
+    got = Predictor(corr).decode_part(REQ, dstate(8))
+    assert got.step.point_s == 0.0 and got.step.bound_s == 0.0 and got.running_tpot.point_s >= 0.0
 
 
 def test_whole_local_prefills_queued_at_its_arrival_hold_up_a_newcomers_first_step():
