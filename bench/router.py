@@ -48,6 +48,7 @@ TARGETS = {"64x64": {"p50_us": 50.0, "p99_us": 500.0}, "1000x1000": {"p99_us": 2
 def scenario(n_prefill: int, n_decode: int, seed: int = 0) -> tuple[Predictor, list[PrefillView], list[DecodeView]]:
     """A predictor with per-worker corrections and the two pools' views (about 5% unhealthy)."""
     rng = random.Random(seed)
+    flow = random.Random(seed + 1)  # time between steps and sequences still to come: their own stream
     corr = Corrections(0.9, window=16, min_samples=3)  # every worker warm: the router rejects on its predictions
     for i in range(n_prefill):
         for _ in range(3):
@@ -56,6 +57,7 @@ def scenario(n_prefill: int, n_decode: int, seed: int = 0) -> tuple[Predictor, l
     for i in range(n_decode):
         for _ in range(3):
             corr.observe(f"d{i}", "decode", rng.uniform(0.8, 1.3), 1.0)
+            corr.observe(f"d{i}", "tpot", 0.01 + flow.uniform(-0.0002, 0.0005), 0.01)  # seconds between steps
     prefill = []
     for i in range(n_prefill):
         queue = tuple(QueuedPrompt(rng.randint(50, 8000), NOW - rng.uniform(0.0, 1.5), rng.choice((0, 0, 1)),
@@ -69,7 +71,8 @@ def scenario(n_prefill: int, n_decode: int, seed: int = 0) -> tuple[Predictor, l
         used = min(KV_TOKENS, ctx + rng.randint(0, 400_000))
         tightest = rng.choice((math.inf, rng.uniform(0.004, 0.04))) if batch else math.inf
         targets = ((tightest, 256),) if tightest < math.inf else ()  # (TPOT target, fewest steps there)
-        st = DecodeState(f"d{i}", CS3, batch, ctx, 64, KV_TOKENS - used, targets)
+        arriving = (flow.uniform(0.0, 20.0), flow.uniform(50, 500))  # sequences still to be placed: per s, steps
+        st = DecodeState(f"d{i}", CS3, batch, ctx, 64, KV_TOKENS - used, targets, arriving=arriving)
         decode.append(DecodeView(st, KV_TOKENS, 64, healthy=rng.random() > 0.05))
     return Predictor(corr), prefill, decode
 

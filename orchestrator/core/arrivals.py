@@ -1,4 +1,6 @@
-"""Prefill work arriving at a prefill worker, by TTFT target: what will overtake a prompt it queues.
+"""Work arriving at a worker: prefill work by TTFT target (what will overtake a prompt a prefill worker
+queues, `ArrivalMeter`) and sequences placed on a decode worker (who will join a newcomer's steps,
+`DecodeArrivals`).
 
 Pure (times are arguments). The simulator and the live engine add each prompt they place on a
 prefill worker, counted as perf-model seconds of prefill (`per_token_s`: a full batch's time per token);
@@ -23,6 +25,9 @@ LONG_WINDOW_S = 240.0  # seconds of history for the load beyond the first OVERTA
 # when a burst has just filled the queue, and the burst passes within a few seconds. With 10 s (the
 # window's length, before) long waits were over-predicted by a median 11-18%.
 OVERTAKE_HORIZON_S = 2.5
+# A decode meter younger than its window divides by its age, but by at least this: its first placements
+# are not read as a burst
+MIN_SPAN_S = 1.0
 
 
 def per_token_s(dep: Deployment, token_budget: int) -> float:
@@ -70,3 +75,47 @@ class ArrivalMeter:
             else:
                 out.append((target, near / self.window_s, far / span))
         return tuple(sorted(out))
+
+
+class DecodeArrivals:
+    """Sequences placed on one decode worker over a sliding window: the rate at which more will join its
+    steps and how many steps they run (DecodeState.arriving). A newcomer's steps are shared by those
+    running now until they finish, and by those placed after it while they last: without the second, a
+    prediction made as a batch fills is short by all who come, and one made in a steady state by those
+    who replace the ones that finish."""
+
+    def __init__(self, window_s: float = ARRIVAL_WINDOW_S):
+        self._count, self._steps = WindowSum(window_s), WindowSum(window_s)
+        self._first_s: float | None = None
+
+    def add(self, now: float, steps: int) -> None:
+        """A sequence of `steps` decode steps was placed at `now`."""
+        if self._first_s is None:
+            self._first_s = now
+        self._count.add(now, 1.0)
+        self._steps.add(now, float(steps))
+
+    def rate(self, now: float) -> tuple[float, float]:
+        """(sequences per second over the window, or over the meter's age when shorter but at least
+        MIN_SPAN_S; their mean steps); (0, 0) when none is in the window."""
+        n = self._count.total(now)
+        if self._first_s is None or n <= 0:
+            return 0.0, 0.0
+        span = max(MIN_SPAN_S, min(self._count.window_s, now - self._first_s))
+        return n / span, self._steps.total(now) / n
+
+
+def joined(rate: float, life_s: float, start_s: float, end_s: float) -> float:
+    """Mean number of sequences placed from now on at `rate` per second, each lasting `life_s` seconds,
+    that are running over [start_s, end_s] seconds from now (at start_s when end_s == start_s): at time t,
+    rate x min(t, life_s)."""
+    if rate <= 0 or life_s <= 0:
+        return 0.0
+    if end_s <= start_s:
+        return rate * min(start_s, life_s)
+    return rate * (_ramp_area(end_s, life_s) - _ramp_area(start_s, life_s)) / (end_s - start_s)
+
+
+def _ramp_area(t: float, life_s: float) -> float:
+    """Integral of min(u, life_s) du over [0, t]."""
+    return t * t / 2 if t <= life_s else life_s * (t - life_s / 2)

@@ -54,7 +54,7 @@ from typing import Iterable, Sequence
 
 from hardware.perf import (Deployment, Speculative, TokenStep, chunk_step_time, kv_transfer_time, prefill_time,
                            token_step)
-from orchestrator.core.arrivals import OVERTAKE_HORIZON_S
+from orchestrator.core.arrivals import OVERTAKE_HORIZON_S, joined
 from orchestrator.core.correction import Corrections, ttft_key
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, locate, plan_queue
 from orchestrator.core.request import SLATarget
@@ -151,6 +151,8 @@ class DecodeState:
     stall_fraction: float = 0.0  # share of its recent time spent in local prefills (orchestrator/core/stall.py)
     chunk_tokens: int = 0  # local prefills ride its steps, this many prompt tokens a step (0: whole, between steps)
     local_tokens: int = 0  # prompt tokens of the local prefills placed here and not yet prefilled
+    arriving: tuple[float, float] = (0.0, 0.0)  # (sequences placed here per second lately, their mean steps):
+    # those still to be placed will join the steps too (orchestrator/core/arrivals.py DecodeArrivals)
     step_now_s: float = field(init=False, repr=False, compare=False)  # seconds, a step of all the sequences
     # counted in `batch` (those a newcomer decoding here will share with); 0: none
     reserving: int = field(init=False, repr=False, compare=False)  # tokens the incoming requests have yet to reserve
@@ -171,6 +173,8 @@ class DecodeState:
         _positive("slowdown", self.slowdown)
         if not (0.0 <= self.local_busy_s < math.inf):
             raise ValueError(f"local_busy_s: must be finite and >= 0, got {self.local_busy_s!r}")
+        if len(self.arriving) != 2 or not all(0.0 <= x < math.inf for x in self.arriving):
+            raise ValueError(f"arriving: must be (rate >= 0, mean steps >= 0), finite, got {self.arriving!r}")
         if not (0.0 <= self.stall_fraction < 1.0):
             raise ValueError(f"stall_fraction: must be in [0, 1), got {self.stall_fraction!r}")
         object.__setattr__(self, "token_step", token_step(self.dep, self.spec, self.draft))
@@ -229,13 +233,16 @@ class DecodeState:
         return bisect.bisect_right(self.incoming, 0.0, key=itemgetter(0))
 
     def sharing(self, start_s: float, window_s: float, overdue: bool = True) -> float:
-        """Mean number of the sequences counted here that share the steps of a newcomer decoding over
-        [start_s, start_s + window_s) seconds from now (at most max_batch - 1): each running one until
+        """Mean number of sequences that share the steps of a newcomer decoding over [start_s, start_s +
+        window_s) seconds from now (at most max_batch - 1): of those counted here, each running one until
         it finishes (`remaining`, at step_now_s's pace), each incoming one from its arrival for its
-        steps, the rest (waiting) throughout. window_s = 0: the count at start_s. overdue=False leaves
-        out the incoming ones whose predicted arrival has passed (eta 0: held up, when is not known),
-        for a window too short to expect them in."""
+        steps, the rest (waiting) throughout; and those still to be placed here (`arriving`, from now,
+        each for its mean steps). window_s = 0: the count at start_s. overdue=False leaves out the
+        incoming ones whose predicted arrival has passed (eta 0: held up, when is not known), for a
+        window too short to expect them in."""
         step, end = self.step_now_s, start_s + window_s
+        rate, steps = self.arriving
+        future = joined(rate, steps * (step or self.step_s(1, 0)), start_s, end) if rate else 0.0
         # incoming ones arriving after the window share none of it (ascending: cut them off, O(log n))
         cut = bisect.bisect_right(self.incoming, end if window_s > 0 else start_s, key=itemgetter(0))
         lo = 0 if overdue else self._first_due()
@@ -243,9 +250,9 @@ class DecodeState:
                                                                  for eta, _, n, _ in self.incoming[lo:cut]]
         rest = max(0, self.batch - len(self.remaining) - len(self.incoming))
         if window_s <= 0:
-            n = rest + sum(1 for a, z in spans if a <= start_s < z)
+            n = rest + future + sum(1 for a, z in spans if a <= start_s < z)
         else:
-            n = rest + sum(max(0.0, min(z, end) - max(a, start_s)) for a, z in spans) / window_s
+            n = rest + future + sum(max(0.0, min(z, end) - max(a, start_s)) for a, z in spans) / window_s
         return min(float(n), self.max_batch - 1.0)
 
     def step_in_flight_s(self) -> float:

@@ -21,7 +21,7 @@ import structlog
 
 from decode.worker import DecodeLoad
 from hardware.perf import Deployment, chunk_step_time, kv_transfer_time, prefill_time, token_step_time
-from orchestrator.core.arrivals import ArrivalMeter, per_token_s
+from orchestrator.core.arrivals import ArrivalMeter, DecodeArrivals, per_token_s
 from orchestrator.core.correction import Corrections
 from orchestrator.core.predictor import DecodeState, PrefillState, fewest_steps, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt
@@ -50,6 +50,7 @@ class DecodePending:
     local: dict[str, tuple[float, int]] = field(default_factory=dict)  # attempt id -> perf-model seconds and
     # prompt tokens of its local prefill, until it returns
     stalls: StallMeter = field(default_factory=StallMeter)  # its local prefills' share of its time
+    arrivals: DecodeArrivals = field(default_factory=DecodeArrivals)  # the sequences placed on it lately
 
 
 class WorkerLedger:
@@ -157,6 +158,7 @@ class WorkerLedger:
         pend.prompt_tokens += ctx
         if n > 1:
             pend.tpot_targets[key] = (sla.tpot_ms / 1e3, n - 1)
+            pend.arrivals.add(now, n - 1)
 
     def prefilled(self, key: str, placed: Placement, committed: bool) -> None:
         """Its prefill worker is done with it; `committed`: its KV is in the decode worker's blocks."""
@@ -204,7 +206,8 @@ class WorkerLedger:
                                 remaining=l.remaining, incoming=incoming,
                                 local_busy_s=sum(s for s, _ in pend.local.values()),
                                 stall_fraction=pend.stalls.fraction(now), chunk_tokens=self.local_chunk_tokens,
-                                local_tokens=sum(n for _, n in pend.local.values()))
+                                local_tokens=sum(n for _, n in pend.local.values()),
+                                arriving=pend.arrivals.rate(now))
             dc.append(DecodeView(state, l.total_blocks * l.block_size, l.block_size, w not in self.unhealthy))
         return pf, dc
 

@@ -219,7 +219,7 @@ class Simulator:
             unit.incoming[i] = (now + place.predicted_ttft_ms / 1e3, r.prompt_tokens + 1, r.output_tokens - 1,
                                 r.prompt_tokens + r.output_tokens)
             unit.incoming_tokens += r.prompt_tokens
-            unit.add_target(sla.tpot_ms / 1e3, r.output_tokens - 1)
+            unit.add_target(now, sla.tpot_ms / 1e3, r.output_tokens - 1)
         self.prefill[p].add(PrefillItem(str(i), r.prompt_tokens, now, sla.priority, sla.ttft_ms / 1e3))
         self._try_prefill(now, p)
 
@@ -232,7 +232,7 @@ class Simulator:
         if r.output_tokens > 1:
             unit.incoming[i] = (now + run.trace.pred_ttft[i], 0, r.output_tokens - 1, r.prompt_tokens + r.output_tokens)
             unit.incoming_tokens += r.prompt_tokens
-            unit.add_target(run.sla[i].tpot_ms / 1e3, r.output_tokens - 1)
+            unit.add_target(now, run.sla[i].tpot_ms / 1e3, r.output_tokens - 1)
         if unit.seg is not None:
             # the prefill runs (or its chunks start riding) at the next step boundary, as live
             if not unit.seg.chunk_s and unit.truncate(now, force=True):

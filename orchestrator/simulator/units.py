@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from decode.allocator import BlockAllocator
 from decode.scheduler import Scheduler, StepPlan
 from hardware.perf import Deployment, Speculative, chunk_step_time, prefill_time, token_step_time
-from orchestrator.core.arrivals import ArrivalMeter, per_token_s
+from orchestrator.core.arrivals import ArrivalMeter, DecodeArrivals, per_token_s
 from orchestrator.core.predictor import DecodeState, PrefillState, fewest_steps, incoming_at
 from orchestrator.core.queueplan import QueuedPrompt, QueuePlan, append_last, drop_first_batch, plan_queue
 from orchestrator.core.stall import StallMeter
@@ -168,6 +168,7 @@ class DecodeUnit:
     local_tokens: int = 0  # prompt tokens of the local prefills here not yet prefilled
     head_done: int = 0  # tokens of the first local prefill already prefilled by chunks
     stalls: StallMeter = field(default_factory=lambda: StallMeter(start_s=0.0))  # the simulated clock starts at 0
+    arrivals: DecodeArrivals = field(default_factory=DecodeArrivals)  # sequences placed here lately
     local_prefills: int = 0
 
     @property
@@ -198,12 +199,13 @@ class DecodeUnit:
                          spec=self.spec, draft=self.draft,
                          remaining=remaining, incoming=incoming, local_busy_s=max(0.0, busy),
                          stall_fraction=self.stalls.fraction(now), chunk_tokens=self.chunk_tokens,
-                         local_tokens=max(0, self.local_tokens - chunked))
+                         local_tokens=max(0, self.local_tokens - chunked), arriving=self.arrivals.rate(now))
         return DecodeView(st, self.alloc.capacity_tokens, self.alloc.block_size)
 
-    def add_target(self, tpot_s: float, steps: int) -> None:
-        """A sequence with that TPOT target and that many steps is placed here."""
+    def add_target(self, now: float, tpot_s: float, steps: int) -> None:
+        """A sequence with that TPOT target and that many steps is placed here at `now`."""
         self.tpot_targets[(tpot_s, steps)] += 1
+        self.arrivals.add(now, steps)
 
     def drop_target(self, tpot_s: float, steps: int) -> None:
         """That sequence is done here."""

@@ -1,7 +1,8 @@
-"""ArrivalMeter and the predictor's overtaking term: later prompts with tighter TTFT targets run first."""
+"""ArrivalMeter and the predictor's overtaking term: later prompts with tighter TTFT targets run first;
+DecodeArrivals and `joined`: the sequences still to be placed on a decode worker that will share its steps."""
 import pytest
 
-from orchestrator.core.arrivals import ArrivalMeter
+from orchestrator.core.arrivals import MIN_SPAN_S, ArrivalMeter, DecodeArrivals, joined
 from orchestrator.core.predictor import Estimate, overtaken
 
 
@@ -58,3 +59,23 @@ def test_the_recent_load_forecasts_the_first_seconds_of_a_wait_and_the_long_run_
     at = [overtaken(Estimate(w0, w0), ((1.5, 0.5, 0.1),), 20.0, 1.0, 1.0, horizon_s=10.0).point_s
           for w0 in (5.0 - 1e-9, 5.0 + 1e-9)]
     assert at[0] == pytest.approx(at[1])
+
+
+def test_decode_arrivals_rate_over_the_window_or_the_meters_age_and_their_mean_steps():
+    m = DecodeArrivals(window_s=10.0)
+    assert m.rate(0.0) == (0.0, 0.0)
+    m.add(100.0, 10)
+    assert m.rate(100.0) == (pytest.approx(1.0 / MIN_SPAN_S), 10.0)  # a young meter: at least MIN_SPAN_S
+    m.add(102.0, 30)
+    assert m.rate(104.0) == (pytest.approx(2.0 / 4.0), pytest.approx(20.0))  # over its 4 s of age
+    m.add(111.0, 50)
+    assert m.rate(111.0) == (pytest.approx(2.0 / 10.0), pytest.approx(40.0))  # the first left the window
+    assert m.rate(122.0) == (0.0, 0.0)  # none left
+
+
+def test_joined_counts_who_arrives_at_a_rate_and_lasts_a_life():
+    assert joined(2.0, 3.0, 1.0, 1.0) == pytest.approx(2.0)  # at 1 s: those placed in the last second
+    assert joined(2.0, 3.0, 5.0, 5.0) == pytest.approx(6.0)  # past a life: the steady state, rate x life
+    assert joined(2.0, 3.0, 0.0, 2.0) == pytest.approx(2.0)  # mean of 2t over [0, 2]
+    assert joined(2.0, 3.0, 0.0, 6.0) == pytest.approx(2.0 * (4.5 + 9.0) / 6.0)  # the ramp, then steady
+    assert joined(0.0, 3.0, 0.0, 6.0) == 0.0 and joined(2.0, 0.0, 0.0, 6.0) == 0.0

@@ -593,6 +593,24 @@ def test_the_tpot_correction_adds_seconds_per_step_to_the_decode_side_and_is_obs
     assert Predictor(corr).decode_part(REQ, dstate(8, wid="d1")).decode == base.decode  # another worker: its own
 
 
+def test_sequences_still_to_be_placed_join_a_newcomers_steps():
+    pred, base = Predictor(), dstate(8)
+    # 40 sequences a second of 99 steps each: past one life (99 steps at today's pace) 40 x life run beside it
+    busy = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=(40.0, 99.0))
+    life = 99 * base.step_now_s
+    assert busy.sharing(0.0, 1.0) > base.sharing(0.0, 1.0)
+    assert busy.sharing(0.0, 0.0) == base.sharing(0.0, 0.0) == 8  # none has joined yet at the start
+    assert busy.sharing(life, 0.0) == pytest.approx(8 + 40 * life)
+    assert busy.sharing(0.0, 2 * life) == pytest.approx(8 + 40 * life * 0.75)  # the ramp, then steady
+    assert DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=(10**4, 99.0)).sharing(life, 0.0) == 63.0  # max_batch - 1
+    assert pred.decode_part(REQ, busy).step.point_s > pred.decode_part(REQ, base).step.point_s
+    assert pred.decode_part(REQ, DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=(0.0, 0.0))) == (
+        pred.decode_part(REQ, base))
+    for bad in ((-1.0, 10.0), (1.0, math.inf), (1.0, math.nan), (1.0,)):
+        with pytest.raises(ValueError, match="arriving"):
+            DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=bad)
+
+
 def test_a_stall_learned_on_short_steps_does_not_multiply_longer_ones():
     # the first requests on a worker saw TPOT 3x their parts: 20 ms steps, 40 ms of stalls between them. A
     # batch 8 times larger has longer steps, but the stalls between them are the same seconds

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from decode.worker import DecodeLoad, StepRecord
+from orchestrator.core.arrivals import MIN_SPAN_S
 from orchestrator.core.correction import Corrections
 from orchestrator.core.router import Placement
 from orchestrator.core.sla import SLATarget
@@ -64,6 +65,16 @@ def test_a_remote_attempt_counts_in_both_views_until_each_worker_has_it():
     assert dc.batch == 0 and dc.ctx_sum == 0 and dc.tpot_targets == ((0.2, 10),)  # still protected there
     ledger.forget("r~1", REMOTE, prefill_pending=False)
     assert _states(ledger)[1].tpot_targets == ()
+
+
+def test_what_is_placed_on_a_decode_worker_is_the_rate_its_view_expects_more_at():
+    ledger, _, _ = _ledger()
+    assert _states(ledger)[1].arriving == (0.0, 0.0)
+    ledger.count("r~1", REMOTE, 40, 11, SLA, time.monotonic(), mid_stream=False)
+    ledger.count("r~2", LOCAL, 30, 21, SLA, time.monotonic(), mid_stream=False)
+    ledger.count("r~3", REMOTE, 30, 1, SLA, time.monotonic(), mid_stream=False)  # one token: never decodes there
+    rate, steps = _states(ledger)[1].arriving
+    assert rate == pytest.approx(2.0 / MIN_SPAN_S, rel=0.01) and steps == pytest.approx(15.0)
 
 
 def test_a_migrated_attempt_is_due_within_a_tpot_and_a_local_one_queues_on_the_decode_worker():

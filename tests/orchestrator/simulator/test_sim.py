@@ -310,3 +310,19 @@ def test_chunked_local_prefill_rides_the_steps_and_bounds_what_it_adds_to_them(m
 def test_local_prefill_with_colocated_is_refused():
     with pytest.raises(ValueError, match="local_prefill_max_tokens"):
         Simulator(_cfg(colocated=True, local_prefill_max_tokens=256))
+
+
+def test_the_decode_view_expects_sequences_at_the_rate_they_are_placed(monkeypatch):
+    """With one decode unit every multi-token request is placed on it: 3 of the 4 length classes at 5 req/s."""
+    seen, view = [], DecodeUnit.view
+
+    def spy(unit, now):
+        got = view(unit, now)
+        if now > 20.0:  # past the meter's first window
+            seen.append(got.state.arriving)
+        return got
+    monkeypatch.setattr(DecodeUnit, "view", spy)
+    Simulator(_cfg()).run(_reqs())
+    rates, steps = np.array(seen).T
+    assert 0.75 * 3.75 < np.median(rates) < 1.25 * 3.75
+    assert 20 < np.median(steps) < 200  # the mean of 49, 199 and 19 steps over a window's placements
