@@ -3,10 +3,10 @@
 Pure data structure (no clock, no I/O): callers report what happened with `observe(worker, phase,
 observed_s, predicted_s)`; `factors(worker, phase)` returns the multipliers the predictor applies to
 that phase's perf-model time: the window's median for the point estimate and its q-quantile for
-the bound. The "tpot" phase learns differences instead (`offsets`): see below. Phases: "ttft" (a request's whole TTFT against the prediction from the parts, keyed by
-`ttft_key`: prefill worker and TTFT-target class; it learns the queue's dynamics the parts do not
-model: later arrivals with earlier deadlines overtaking, later prompts joining its batch, the
-frontend), "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
+the bound. The "tpot" phase learns differences instead (`offsets`): see below. Phases: "ttft" (a
+request's whole TTFT against the prediction from the parts, keyed by `ttft_key`: prefill worker and
+TTFT-target class; it learns the queue's dynamics the parts do not model: later arrivals with
+earlier deadlines overtaking, later prompts joining its batch, the frontend), "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
 tail, keyed by the sending prefill worker), "decode" (one decode step on a decode worker) and
 "tpot" (a request's whole TPOT against the prediction from the parts, keyed by its decode worker:
 what steps alone do not show, the time between them, the wait for outputs). The steps' own speed,

@@ -7,8 +7,8 @@ in progress as the worker reported it), the requests it placed on a decode worke
 there are counted in its batch, and the TPOT targets of its requests on a decode worker (each with
 the fewest steps a request there has, over which a local prefill's stall spreads) are what a
 placement must not break; the rate at which it has been given sequences lately is how many more the
-router expects to join a newcomer's steps (DecodeState.arriving). Each load report's batches and steps, and each request's KV transfer tail,
-feed the predictor's corrections. A worker whose load call fails is unhealthy (reported, never routed
+router expects to join a newcomer's steps (DecodeState.arriving). Each load report's batches and
+steps, and each request's KV transfer tail, feed the predictor's corrections. A worker whose load call fails is unhealthy (reported, never routed
 to) until it answers again.
 """
 from __future__ import annotations

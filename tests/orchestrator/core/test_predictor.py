@@ -602,7 +602,8 @@ def test_sequences_still_to_be_placed_join_a_newcomers_steps():
     assert busy.sharing(0.0, 0.0) == base.sharing(0.0, 0.0) == 8  # none has joined yet at the start
     assert busy.sharing(life, 0.0) == pytest.approx(8 + 40 * life)
     assert busy.sharing(0.0, 2 * life) == pytest.approx(8 + 40 * life * 0.75)  # the ramp, then steady
-    assert DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=(10**4, 99.0)).sharing(life, 0.0) == 63.0  # max_batch - 1
+    crowded = DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=(10**4, 99.0))
+    assert crowded.sharing(life, 0.0) == 63.0  # max_batch - 1
     assert pred.decode_part(REQ, busy).step.point_s > pred.decode_part(REQ, base).step.point_s
     assert pred.decode_part(REQ, DecodeState("d0", CS3, 8, 8 * 3000, 64, 10**6, arriving=(0.0, 0.0))) == (
         pred.decode_part(REQ, base))
