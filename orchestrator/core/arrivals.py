@@ -85,23 +85,22 @@ class DecodeArrivals:
     who replace the ones that finish."""
 
     def __init__(self, window_s: float = ARRIVAL_WINDOW_S):
-        self._count, self._steps = WindowSum(window_s), WindowSum(window_s)
+        self._steps = WindowSum(window_s)  # one addition per sequence: its steps
         self._first_s: float | None = None
 
     def add(self, now: float, steps: int) -> None:
         """A sequence of `steps` decode steps was placed at `now`."""
         if self._first_s is None:
             self._first_s = now
-        self._count.add(now, 1.0)
         self._steps.add(now, float(steps))
 
     def rate(self, now: float) -> tuple[float, float]:
         """(sequences per second over the window, or over the meter's age when shorter but at least
         MIN_SPAN_S; their mean steps); (0, 0) when none is in the window."""
-        n = self._count.total(now)
-        if self._first_s is None or n <= 0:
+        n = self._steps.count(now)
+        if not n:
             return 0.0, 0.0
-        span = max(MIN_SPAN_S, min(self._count.window_s, now - self._first_s))
+        span = max(MIN_SPAN_S, min(self._steps.window_s, now - self._first_s))
         return n / span, self._steps.total(now) / n
 
 

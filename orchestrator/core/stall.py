@@ -38,6 +38,11 @@ class WindowSum:
             self._sum = 0.0  # no drift from float sums
         return self._sum
 
+    def count(self, now: float) -> int:
+        """How many additions are in (now - window, now]."""
+        self.total(now)
+        return len(self._runs)
+
     @property
     def empty(self) -> bool:
         """Nothing counted since the last `total` dropped what left the window."""
