@@ -29,6 +29,8 @@ class TokenChunk:
     finished: bool
     finish_reason: FinishReason | None = None  # set on the finished chunk
     error: Failure | None = None  # with FinishReason.ERROR
+    stepping_s: float = 0.0  # seconds from the start of the first step it rode here to the end of its last
+    # so far: its steps and the local prefills between them (what its TPOT owes the worker's step loop)
 
 
 @dataclass(slots=True)
@@ -53,6 +55,8 @@ class RequestStream:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     owner: str = ""  # who polls this stream together with its others (an engine), "" = polled alone
     notify: Callable[[], None] | None = None  # called on every change, after `changed` is set
+    first_step_at: float = 0.0  # perf_counter at the start of the first step it rode (0: none yet)
+    last_step_end: float = 0.0  # perf_counter at the end of the last one's compute
 
     @classmethod
     def create(cls, request_id: str, params: SamplingParams, prompt_ids: list[int] | None,
@@ -88,6 +92,11 @@ class RequestStream:
             self.finished, self.finish_reason, self.error = True, reason, error
         self._changed()
 
+    def stepped(self, start: float, end: float) -> None:
+        """It rode a step that started at `start` and computed until `end` (perf_counter)."""
+        self.first_step_at = self.first_step_at or start
+        self.last_step_end = end
+
     def _changed(self) -> None:
         self.changed.set()
         if self.notify is not None:
@@ -96,7 +105,7 @@ class RequestStream:
     def take(self) -> TokenChunk:
         """Hand over everything pending."""
         chunk = TokenChunk(self.request_id, tuple(self.pending_ids), tuple(self.pending_texts), self.emitted,
-                           self.finished, self.finish_reason, self.error)
+                           self.finished, self.finish_reason, self.error, self.last_step_end - self.first_step_at)
         self.emitted += len(self.pending_ids)
         self.pending_ids, self.pending_texts = [], []
         self.changed.clear()

@@ -544,6 +544,10 @@ class DecodeWorker:
                 if chunk is not None:  # the local prefill riding it fails with it
                     self._fail_local(self._local[0])
             self.steps += 1
+            end = time.perf_counter()
+            for st in streams:
+                if st is not None:
+                    st.stepped(t0, end)
             self._apply(plan, tokens)
             await asyncio.sleep(0)  # the calls that came during the step run here: part of its cost
             self._recent_steps.append(StepRecord(len(plan.batch), int(batch.positions.sum()), time.perf_counter() - t0,

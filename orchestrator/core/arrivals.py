@@ -94,6 +94,11 @@ class DecodeArrivals:
             self._first_s = now
         self._steps.add(now, float(steps))
 
+    def seen_window(self, at_s: float) -> bool:
+        """By `at_s` the meter had watched a whole window: a forecast made then counted who comes in a
+        steady state, not the first of a stream (the "sharing" correction learns only from those)."""
+        return self._first_s is not None and at_s - self._first_s >= self._steps.window_s
+
     def rate(self, now: float) -> tuple[float, float]:
         """(sequences per second over the window, or over the meter's age when shorter but at least
         MIN_SPAN_S; their mean steps); (0, 0) when none is in the window."""

@@ -7,18 +7,24 @@ the bound. The "tpot" phase learns differences instead (`offsets`): see below. P
 request's whole TTFT against the prediction from the parts, keyed by `ttft_key`: prefill worker and
 TTFT-target class; it learns the queue's dynamics the parts do not model: later arrivals with
 earlier deadlines overtaking, later prompts joining its batch, the frontend), "prefill" (a batch's compute on a prefill worker), "transfer" (the exposed KV
-tail, keyed by the sending prefill worker), "decode" (one decode step on a decode worker) and
-"tpot" (a request's whole TPOT against the prediction from the parts, keyed by its decode worker:
-what steps alone do not show, the time between them, the wait for outputs). The steps' own speed,
-a shared host's included, is the "decode" factor's; what "tpot" adds is time between steps (a local
-prefill's stall, the output poll), which does not grow with the step, so it is learned as seconds
-per step, observed - predicted, and added (`offsets`): a ratio learned while a batch was small and
-its steps short would multiply a later, larger batch's long steps by the stalls of the short ones.
+tail, keyed by the sending prefill worker), "decode" (one decode step on a decode worker), and two
+of a request's decode on its decode worker, from what that worker measured (TokenChunk.stepping_s:
+the start of its first step to the end of its last, the local prefills between them included):
+"sharing" (its mean step so measured against the step the predictor forecast at placement, at the
+measured step speed: who would share its steps, the stalls that would hold them up; it learns that
+forecast's bias) and "tpot" (its whole TPOT against its predicted wait before the first step plus
+that measured time: what lies outside the steps, the handoff and the output poll). The steps' own
+speed, a shared host's included, is the "decode" factor's. What "tpot" adds does not grow with the
+step, so it is learned as seconds per step, observed - predicted, and added (`offsets`). Learning
+"tpot" against the forecast itself (as before) put the forecast's misses into it: in a live replay,
+the batch growing under the first requests taught it +100 ms a step, which every later prediction
+and every running sequence's protection then carried.
 
 Prior (fewer than `min_samples` observations): the ratio is log-normal with median 1 and log
 standard deviation `prior_sigma` (0.1: the perf model is calibrated to ~10% of published trn2/CS-3
 figures, hardware/profiles.py), so the bound factor is exp(z_q * prior_sigma), 1.137 at p90. The
-"tpot" phase's prior is an offset of 0 for both: it adds to parts whose bounds carry their own prior.
+"tpot" phase's prior is an offset of 0 for both, "sharing"'s a factor of 1 for both: they adjust
+parts whose bounds carry the "decode" prior already.
 """
 from __future__ import annotations
 
@@ -31,8 +37,10 @@ from statistics import NormalDist
 # two gaps are mostly fixed per-request costs (the handoff to the decode worker, the output poll), a
 # ratio of which would inflate every longer request's prediction and bound
 TPOT_MIN_GAPS = 8
-PHASES = ("prefill", "transfer", "decode", "ttft", "tpot", "local_prefill")  # local_prefill: on a decode worker
+PHASES = ("prefill", "transfer", "decode", "ttft", "tpot", "sharing", "local_prefill")  # local_prefill: on a
+# decode worker
 ADDITIVE = frozenset({"tpot"})  # phases learned as observed - predicted seconds (`offsets`), not ratios
+UNIT_PRIOR = frozenset({"sharing"})  # ratio phases whose prior is 1 for the bound too (module docstring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,7 @@ class Offsets:
 
 
 NO_OFFSET = Offsets(0.0, 0.0)
+NO_FACTOR = Factors(1.0, 1.0)
 
 
 def _finite(name: str, value: float) -> float:
@@ -134,7 +143,7 @@ class Corrections:
         """Point and bound multipliers for a phase on a worker (the prior until min_samples)."""
         if phase in ADDITIVE:
             raise ValueError(f"phase: {phase!r} is learned as an offset; use offsets()")
-        return self._learned(worker, phase, Factors) or self.prior
+        return self._learned(worker, phase, Factors) or (NO_FACTOR if phase in UNIT_PRIOR else self.prior)
 
     def offsets(self, worker: str, phase: str) -> Offsets:
         """Point and bound seconds added to an ADDITIVE phase on a worker (0 until min_samples)."""

@@ -41,7 +41,8 @@ def decode_floor(pred: Predictor, req: PredictRequest, pool: DecodeIndex) -> np.
 
     def terms() -> tuple[np.ndarray, np.ndarray]:  # ([D], [D]): floor = wait + steps x per step
         f = pool.bound(corr, "decode") * _SLACK
-        step = np.maximum(0.0, f * pool.step_floor + pool.offset_bound(corr, "tpot"))  # as decode_part clips it
+        step = np.maximum(0.0, f * pool.bound(corr, "sharing") * pool.step_floor  # as decode_part clips it
+                          + pool.offset_bound(corr, "tpot"))
         return np.where(pool.analytic, f * (corr.quantile * pool.step_now), 0.0), np.where(pool.analytic, step, 0.0)
 
     wait, step = pool.cached(corr, "decode_floor", terms)

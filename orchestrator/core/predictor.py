@@ -327,7 +327,7 @@ class DecodePart:
     running_before_s: float  # seconds per step the sequences there get without it (point, same horizon)
     running_tpot: Estimate  # seconds per step they get with it (the step, plus a local prefill's stall spread)
     protects: bool  # no sequence there is pushed past its TPOT target (the shortest of each target: its stall)
-    decode_model_s: float  # seconds, the decode point before the "tpot" correction: what it observes against
+    step_model_s: float  # seconds, its forecast step (point) before the "sharing" correction: what it observes against
     # (predicted TPOT bound, its target), seconds, of the sequence there nearest its target with the newcomer
     # (the shortest of its target); None when none is protected (an empty worker, or a full one it cannot reach)
     tightest: tuple[float, float] | None = None
@@ -342,7 +342,10 @@ class PairPrediction:
     running_tpot: Estimate  # seconds, what the decode worker's sequences would get
     ok: bool  # fits, protects the running sequences, and both bounds meet the request's targets
     ttft_model_s: float  # PrefillPart.ttft_model_s
-    tpot_model_s: float  # seconds, the TPOT point before the "tpot" correction (0 for a one-token request)
+    tpot_wait_s: float  # seconds, the point of what its TPOT numerator holds besides its own steps: the KV
+    # tail (when in TPOT) and the wait for its first step; the "tpot" correction observes against it plus
+    # the time its steps took (Corrections docstring)
+    step_model_s: float  # DecodePart.step_model_s
 
 
 class Predictor:
@@ -416,7 +419,8 @@ class Predictor:
         others = st.sharing(start if fits else arrival_s, steps * (st.step_now_s or st.step_s(1, req.prompt_tokens)))
         own_ctx = (st.ctx_sum * others / b if b else 0.0) + req.prompt_tokens + (others + 1) * half
         own_s = st.step_s(others + 1, own_ctx)
-        own = Estimate(own_s * f.point, own_s * f.bound)
+        r = self.corrections.factors(st.worker_id, "sharing")  # the forecast's learned bias (Corrections)
+        own = Estimate(own_s * f.point * r.point, own_s * f.bound * r.bound)
         before_s = st.step_s(running, st.ctx_sum + running * half) if b else 0.0
         # a full batch does not grow: its sequences keep their step, but a stall still reaches them
         with_s = before_s if full else st.step_s(b + 1, st.ctx_sum + req.prompt_tokens + (running + 1) * half)
@@ -434,10 +438,9 @@ class Predictor:
                     tightest = (got, target)
         protects = tightest is None or tightest[0] <= tightest[1]
         step = Estimate(max(0.0, own.point_s + g.point_s), max(0.0, own.bound_s + g.bound_s))
-        decode_p = wait_p + own.point_s * steps
         return DecodePart(st.worker_id, fits, step, Estimate(wait_p, wait_b),
                           Estimate(wait_p + step.point_s * steps, wait_b + step.bound_s * steps),
-                          max(0.0, before_s * f.point + g.point_s), protected, protects, decode_p, tightest)
+                          max(0.0, before_s * f.point + g.point_s), protected, protects, own_s * f.point, tightest)
 
     def local_parts(self, req: PredictRequest, st: DecodeState) -> tuple[PrefillPart, DecodePart]:
         """Both parts of prefilling `req` on the decode worker itself (module docstring); the decode part
@@ -495,7 +498,7 @@ class Predictor:
             steps) else ZERO
         ok = (dp.fits and dp.protects and pp.ttft.bound_s <= req.ttft_s and tpot.bound_s <= req.tpot_s)
         return PairPrediction(pp.worker_id, dp.worker_id, pp.ttft, tpot, dp.running_tpot, ok, pp.ttft_model_s,
-                              (pp.tail.point_s + dp.decode_model_s) * k)
+                              pp.tail.point_s + dp.wait.point_s, dp.step_model_s)
 
     def predict(self, req: PredictRequest, p: PrefillState, d: DecodeState, now: float) -> PairPrediction:
         """One pair, from the states (convenience; routers should use the parts)."""

@@ -110,7 +110,9 @@ class Placement:
     ttft_bound_ms: float  # at the predictor's quantile
     tpot_bound_ms: float
     ttft_model_ms: float  # the TTFT point from the parts alone: the caller observes the "ttft" correction against it
-    tpot_model_ms: float = 0.0  # the same for TPOT and the "tpot" correction (0: a one-token request)
+    tpot_wait_ms: float = 0.0  # PairPrediction.tpot_wait_s: with the time its steps took, what the "tpot"
+    # correction observes against
+    step_model_ms: float = 0.0  # PairPrediction.step_model_s: what the "sharing" correction observes against
     local: bool = False  # the decode worker prefills it itself (prefill_worker == decode_worker); no transfer
 
 
@@ -295,5 +297,5 @@ def _blocks(tokens: int, d: DecodeView) -> int:
 
 def _placement(got: PairPrediction, local: bool = False) -> Placement:
     return Placement(got.prefill_worker, got.decode_worker, got.ttft.point_s * 1e3, got.tpot.point_s * 1e3,
-                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3, got.ttft_model_s * 1e3, got.tpot_model_s * 1e3,
-                     local)
+                     got.ttft.bound_s * 1e3, got.tpot.bound_s * 1e3, got.ttft_model_s * 1e3, got.tpot_wait_s * 1e3,
+                     got.step_model_s * 1e3, local)

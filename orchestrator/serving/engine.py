@@ -125,6 +125,7 @@ class _Run:
     lost: list[str] = field(default_factory=list)  # the workers that died under it, in order
     fence: asyncio.Future | None = None  # -> WorkerUnavailable: its attempt's decode worker was declared lost
     attempt: int = 0  # this engine's number for its current attempt (each placement gets a new one)
+    stepping_s: float = 0.0  # its decode worker's TokenChunk.stepping_s, from the last chunk
 
     @property
     def key(self) -> str:
@@ -270,6 +271,7 @@ class Engine:
                             run.tokens += chunk.token_ids
                             yield TokenEvent(list(chunk.token_ids), "".join(chunk.texts), chunk.start_index)
                         if chunk.finished:
+                            run.stepping_s = chunk.stepping_s
                             break
                     yield self._fail(req, chunk.error) if chunk.error else self._final(run, chunk.finish_reason)
                     return
@@ -440,10 +442,13 @@ class Engine:
             mean_tpot_ms=((now - t_first) * 1e3 / (run.n_out - 1)) if run.n_out > 1 else 0.0)
         self._ended(req, reason, tokens=run.n_out, ttft_ms=round(timings.ttft_ms, 1), e2e_ms=round(timings.e2e_ms, 1))
         p, q = run.placed, self.router.predictor.corrections.quantile
-        if (reason in (FinishReason.STOP, FinishReason.LENGTH) and run.n_out > TPOT_MIN_GAPS and p.tpot_model_ms > 0
-                and not run.migrations):  # the whole TPOT against the parts' prediction (the "tpot" correction)
-            self.router.predictor.corrections.observe(p.decode_worker, "tpot", timings.mean_tpot_ms / 1e3,
-                                                      p.tpot_model_ms / 1e3)
+        if (reason in (FinishReason.STOP, FinishReason.LENGTH) and run.n_out > TPOT_MIN_GAPS and run.stepping_s > 0
+                and not run.migrations):  # its steps against their forecast, and what lies outside them (Corrections)
+            corr, gaps = self.router.predictor.corrections, run.n_out - 1
+            if self.workers.seen_window(p.decode_worker, req.arrival_s):
+                corr.observe(p.decode_worker, "sharing", run.stepping_s / gaps, p.step_model_ms / 1e3)
+            corr.observe(p.decode_worker, "tpot", timings.mean_tpot_ms / 1e3,
+                         (p.tpot_wait_ms / 1e3 + run.stepping_s) / gaps)
         prediction = Prediction(p.predicted_ttft_ms, p.predicted_tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, q)
         return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, p.prefill_worker, p.decode_worker, prediction,
                           run.migrations)

@@ -161,6 +161,10 @@ class WorkerLedger:
             pend.tpot_targets[key] = (sla.tpot_ms / 1e3, n - 1)
             pend.arrivals.add(now, n - 1)
 
+    def seen_window(self, decode_worker: str, at_s: float) -> bool:
+        """The worker's arrivals meter had watched a whole window by `at_s` (DecodeArrivals.seen_window)."""
+        return self._pending[decode_worker].arrivals.seen_window(at_s)
+
     def prefilled(self, key: str, placed: Placement, committed: bool) -> None:
         """Its prefill worker is done with it; `committed`: its KV is in the decode worker's blocks."""
         self._queued[placed.prefill_worker].pop(key, None)

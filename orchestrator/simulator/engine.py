@@ -129,7 +129,8 @@ class _Run:
     prefill_end: np.ndarray  # (n,) when its prefill batch ended (NaN: not yet)
     opened: np.ndarray  # (n,) bool: its KV blocks are reserved (handoff admitted)
     ttft_model: np.ndarray  # (n,) seconds, Placement.ttft_model_ms: the "ttft" correction's prediction
-    tpot_model: np.ndarray  # (n,) seconds, Placement.tpot_model_ms: the "tpot" correction's
+    tpot_wait: np.ndarray  # (n,) seconds, Placement.tpot_wait_ms: with its steps' time, the "tpot" correction's
+    step_model: np.ndarray  # (n,) seconds, Placement.step_model_ms: the "sharing" correction's
     heap: list = field(default_factory=list)  # (time, seq, kind, a, b) events
     n_events: int = 0
     end: float = 0.0
@@ -139,7 +140,8 @@ def _new_run(reqs: list[SimRequest], default: SLATarget) -> _Run:
     n = len(reqs)
     sla = [r.sla or default for r in reqs]
     return _Run(reqs, sla, _trace(reqs, sla), {str(i): i for i in range(n)}, np.full(n, -1),
-                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan), np.full(n, np.nan))
+                np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=bool), np.full(n, np.nan), np.full(n, np.nan),
+                np.full(n, np.nan))
 
 
 class Simulator:
@@ -288,7 +290,8 @@ class Simulator:
     def _record(self, i: int, place: Placement) -> None:
         tr = self._run.trace
         self._run.ttft_model[i] = place.ttft_model_ms / 1e3
-        self._run.tpot_model[i] = place.tpot_model_ms / 1e3
+        self._run.tpot_wait[i] = place.tpot_wait_ms / 1e3
+        self._run.step_model[i] = place.step_model_ms / 1e3
         tr.pred_ttft[i], tr.pred_tpot[i] = place.predicted_ttft_ms / 1e3, place.predicted_tpot_ms / 1e3
         tr.bound_ttft[i], tr.bound_tpot[i] = place.ttft_bound_ms / 1e3, place.tpot_bound_ms / 1e3
 
@@ -415,9 +418,14 @@ class Simulator:
             i = run.index[f.request_id]
             run.trace.finish[i] = now + path
             unit.drop_target(run.sla[i].tpot_ms / 1e3, self.reqs[i].output_tokens - 1)
-            if self.reqs[i].output_tokens > TPOT_MIN_GAPS:  # the request's whole TPOT against its parts' prediction
-                tpot = (now + path - run.trace.first_token[i]) / (self.reqs[i].output_tokens - 1)
-                self.predictor.corrections.observe(unit.uid, "tpot", tpot, run.tpot_model[i])
+            if self.reqs[i].output_tokens > TPOT_MIN_GAPS:  # as the live engine: its steps, from its first's
+                # start to its last's end (TokenChunk.stepping_s), against their forecast; its TPOT against them
+                gaps, stepping = self.reqs[i].output_tokens - 1, now - run.trace.admitted[i]
+                corr = self.predictor.corrections
+                if unit.arrivals.seen_window(run.trace.arrival[i]):
+                    corr.observe(unit.uid, "sharing", stepping / gaps, run.step_model[i])
+                corr.observe(unit.uid, "tpot", (now + path - run.trace.first_token[i]) / gaps,
+                             (run.tpot_wait[i] + stepping) / gaps)
         if prefilled is not None:
             self._prefilled_locally(now, d, prefilled)
         self._retry_refused(now, unit)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -404,3 +405,27 @@ def test_a_request_continued_after_its_first_tokens_streams_what_the_uninterrupt
                 await w.submit("n", first, params, context, generated=whole)  # nothing left to generate
             assert_all_blocks_free(w)
         run(lm, body)
+
+
+def test_the_last_chunk_carries_the_time_from_its_first_steps_start_to_its_last_steps_end(lm, book):
+    async def body(w: DecodeWorker):
+        ref = book.get(2)
+        t0 = time.perf_counter()
+        await hand_off(w, "one", ref, max_tokens=1)  # its one token came from prefill: it rides no step
+        _, _, last = await drain(w, "one")
+        assert last.finished and last.stepping_s == 0.0
+        await w.load()  # forget the steps so far
+        await hand_off(w, "r", ref, max_tokens=8)
+        ids, _, last = await drain(w, "r")
+        wall = time.perf_counter() - t0
+        steps = (await w.load()).steps
+        for _ in range(100):  # its last step's record lands just after its last chunk (bounded)
+            if len(steps) == 7:
+                break
+            await asyncio.sleep(0.01)
+            steps += (await w.load()).steps
+        assert len(ids) == 8 and [s.batch for s in steps] == [1] * 7  # it rode 7 steps, alone
+        # from its first step's start to its last's compute: every step but the last whole, and no more
+        # than the wall time around it
+        assert sum(s.seconds for s in steps[:-1]) < last.stepping_s <= wall
+    run(lm, body)

@@ -73,6 +73,13 @@ def test_decode_arrivals_rate_over_the_window_or_the_meters_age_and_their_mean_s
     assert m.rate(122.0) == (0.0, 0.0)  # none left
 
 
+def test_decode_arrivals_have_seen_a_window_once_a_window_has_passed_since_the_first():
+    m = DecodeArrivals(window_s=10.0)
+    assert not m.seen_window(50.0)  # nothing placed yet
+    m.add(100.0, 10)
+    assert not m.seen_window(109.9) and m.seen_window(110.0) and m.seen_window(500.0)  # even once empty again
+
+
 def test_joined_counts_who_arrives_at_a_rate_and_lasts_a_life():
     assert joined(2.0, 3.0, 1.0, 1.0) == pytest.approx(2.0)  # at 1 s: those placed in the last second
     assert joined(2.0, 3.0, 5.0, 5.0) == pytest.approx(6.0)  # past a life: the steady state, rate x life

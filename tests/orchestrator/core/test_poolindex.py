@@ -46,6 +46,9 @@ def _corrections(rng, n_prefill, n_decode):
     for i in range(0, n_decode, 3):  # "tpot" offsets of either sign, seconds per step, some larger than a step
         for _ in range(3):
             corr.observe(f"d{i}", "tpot", rng.uniform(0.0, 0.03), rng.choice((0.01, 0.05)))
+    for i in range(1, n_decode, 4):  # "sharing": forecast steps measured shorter or longer
+        for _ in range(3):
+            corr.observe(f"d{i}", "sharing", rng.uniform(0.5, 1.6), 1.0)
     return corr
 
 

@@ -7,7 +7,7 @@ import pytest
 from hardware.perf import chunk_step_time, decode_step_time, kv_transfer_time, make_deployment, prefill_time
 from hardware.profiles import get_profile
 from model.specs import get_spec
-from orchestrator.core.correction import Corrections, ttft_key
+from orchestrator.core.correction import Corrections, Factors, ttft_key
 from orchestrator.core.predictor import (DecodePart, DecodeState, Estimate, Predictor, PredictRequest, PrefillPart,
                                          PrefillState, best_pair, completion_key, earliest_prefill, fewest_steps,
                                          kv_arrival_s)
@@ -304,9 +304,9 @@ def test_best_pair_counts_the_transfer_tail_and_the_decode_wait():
     req = PredictRequest(100, 11, 1.0, 0.0101)
     pp = [PrefillPart("pa", 0, e(0), e(0.2), e(0.05), e(0.2), e(0.05), 0.2),
           PrefillPart("pb", 0, e(0), e(0.21), e(0.001), e(0.21), e(0.001), 0.21)]
-    dp = [DecodePart("da", True, e(0.005), e(0.0), e(0.05), 0.004, e(0.005), True, 0.05),
-          DecodePart("db", True, e(0.004), e(0.0), e(0.04), 0.003, e(0.004), False, 0.04),  # would hurt its sequences
-          DecodePart("dc", False, e(0.001), e(0.0), e(0.01), 0.001, e(0.001), True, 0.01)]  # no room
+    dp = [DecodePart("da", True, e(0.005), e(0.0), e(0.05), 0.004, e(0.005), True, 0.005),
+          DecodePart("db", True, e(0.004), e(0.0), e(0.04), 0.003, e(0.004), False, 0.004),  # would hurt its sequences
+          DecodePart("dc", False, e(0.001), e(0.0), e(0.01), 0.001, e(0.001), True, 0.001)]  # no room
     p, d = best_pair(req, pp, dp)
     assert (p.worker_id, d.worker_id) == ("pb", "da")  # pa's tail finishes it later, and da fits pa's TPOT too
     tight = PredictRequest(100, 11, 1.0, 0.0099)  # (0.05 + 0.05) / 10 > 0.0099: only pb's small tail fits
@@ -585,11 +585,11 @@ def test_the_tpot_correction_adds_seconds_per_step_to_the_decode_side_and_is_obs
     assert got.decode.point_s == pytest.approx(base.decode.point_s + steps * 0.02)
     assert got.running_tpot.point_s == pytest.approx(base.running_tpot.point_s + 0.02)
     assert got.wait == base.wait  # once per request: not per step
-    assert got.decode_model_s == pytest.approx(base.decode.point_s)  # what the correction observes against
     pp = Predictor(corr).prefill_part(REQ, pstate(), CS3, 0.0)
     pair = Predictor.combine(REQ, pp, got)
-    assert pair.tpot_model_s == pytest.approx((pp.tail.point_s + base.decode.point_s) / steps)
-    assert pair.tpot.point_s == pytest.approx(pair.tpot_model_s + 0.02)  # the model it was observed against, plus
+    # what the correction observes against (with the time the steps took): the wait before the first step
+    assert pair.tpot_wait_s == pytest.approx(pp.tail.point_s + base.wait.point_s)
+    assert pair.tpot.point_s == pytest.approx((pair.tpot_wait_s + steps * (base.step.point_s + 0.02)) / steps)
     assert Predictor(corr).decode_part(REQ, dstate(8, wid="d1")).decode == base.decode  # another worker: its own
 
 
@@ -625,6 +625,22 @@ def test_a_stall_learned_on_short_steps_does_not_multiply_longer_ones():
     assert got.running_tpot.bound_s == pytest.approx(base.running_tpot.bound_s + 0.04)
     assert Predictor(corr).decode_part(REQ, small).step.point_s == pytest.approx(
         Predictor(Corrections()).decode_part(REQ, small).step.point_s + 0.04)
+
+
+def test_the_sharing_correction_scales_the_newcomers_forecast_steps_and_not_the_running_ones():
+    corr = Corrections(0.9, window=8, min_samples=5)
+    base = Predictor(corr).decode_part(REQ, dstate(8))
+    assert corr.factors("d0", "sharing") == Factors(1.0, 1.0)  # its prior: neutral (the decode prior bounds it)
+    for measured in (0.7, 0.75, 0.8, 0.8, 0.85):  # mean steps measured below their forecast
+        corr.observe("d0", "sharing", measured, 1.0)
+    got = Predictor(corr).decode_part(REQ, dstate(8))
+    assert got.step.point_s == pytest.approx(base.step.point_s * 0.8)  # the median
+    assert got.step.bound_s == pytest.approx(base.step.bound_s * 0.83)  # the 0.9-quantile
+    assert got.decode.point_s == pytest.approx(base.wait.point_s + (REQ.max_tokens - 1) * got.step.point_s)
+    # today's batch plus one is no forecast: what the running sequences get, and their protection, stay
+    assert (got.running_tpot, got.protects, got.tightest, got.wait) == (
+        base.running_tpot, base.protects, base.tightest, base.wait)
+    assert got.step_model_s == pytest.approx(base.step_model_s) == pytest.approx(base.step.point_s)  # before itself
 
 
 def test_a_negative_tpot_offset_never_makes_a_step_negative():

@@ -21,6 +21,8 @@ from model.finish import Failure, FinishReason
 from model.generation import generate
 from model.sampling import SamplingParams
 from model.tokenizer import ChatMessage
+from orchestrator.core.arrivals import DecodeArrivals
+from orchestrator.core.correction import TPOT_MIN_GAPS
 from orchestrator.core.request import Request, RequestState, SLATarget
 from orchestrator.core.router import Router
 from orchestrator.serving.perfmodel import live_deployment
@@ -386,6 +388,29 @@ def test_a_failed_kv_transfer_is_retried_on_another_decode_worker(lm, prompt, ki
     assert isinstance(final, FinalEvent), final
     assert (final.migrations, final.decode_worker) == (1, "decode-1") and ids_of(events) == ref_ids
     assert s.prefill.transfer.faults.fired == {kind: 1} and not s.engine.workers.unhealthy
+
+
+def test_a_finished_request_teaches_the_decode_corrections_from_what_its_worker_measured(lm, prompt):
+    """Its mean step against the forecast ("sharing": once its worker's arrivals meter has watched a
+    window, here 1 ms), its TPOT against the predicted wait plus that measured time ("tpot"); a request
+    of too few gaps teaches neither."""
+    async def main():
+        async with running(lm) as s:
+            s.engine.workers._pending["decode-0"].arrivals = DecodeArrivals(window_s=1e-3)
+            short = await collect(s.engine.generate(request("short", prompt, max_tokens=TPOT_MIN_GAPS, ignore_eos=True)))
+            corr = s.engine.router.predictor.corrections
+            before = (corr.samples("decode-0", "sharing"), corr.samples("decode-0", "tpot"))
+            long = await collect(s.engine.generate(request("long", prompt, max_tokens=24, ignore_eos=True)))
+            return short[-1], long[-1], before, corr
+
+    short, final, before, corr = asyncio.run(main())
+    assert short.completion_tokens == TPOT_MIN_GAPS and before == (0, 0)
+    assert final.completion_tokens == 24
+    assert (corr.samples("decode-0", "sharing"), corr.samples("decode-0", "tpot")) == (1, 1)
+    (ratio,), (extra_s,) = corr._ratios[("decode-0", "sharing")], corr._ratios[("decode-0", "tpot")]
+    assert 0.2 < ratio < 5  # seconds against seconds: a lone sequence's measured step near its forecast
+    tpot_s = final.timings.mean_tpot_ms / 1e3
+    assert abs(extra_s) < tpot_s  # what lies outside its steps, per gap: less than a whole step
 
 
 def test_no_placement_is_a_rejection(lm, prompt):
