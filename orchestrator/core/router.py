@@ -38,7 +38,7 @@ prediction error is measured for every policy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -224,6 +224,10 @@ class Router:
         pp, dp, why = self._best_effort(req, pidx, pmask, didx, dmask, dst, now)
         if not reject or not (corr.warm(pp.worker_id, "prefill") and corr.warm(dp.worker_id, "decode")):
             return _placement(pred.combine(req, pp, dp))  # no rejection on a prior: its workers must learn first
+        if local:  # the other way it had: on the closest decode worker, prefilled there
+            lp, ld = pred.local_parts(req, didx.states[didx.ids.index(dp.worker_id)])
+            why = replace(why, reason=f"{why.reason}; prefilled on {dp.worker_id} itself: "
+                                      f"{_local_failure(pred.combine(req, lp, ld), ld, req)}")
         return why
 
     def _best_effort(self, req: PredictRequest, pidx: PrefillIndex, pmask: np.ndarray, didx: DecodeIndex,
@@ -293,6 +297,16 @@ def _same(kept: tuple, views: Sequence) -> bool:
 
 def _blocks(tokens: int, d: DecodeView) -> int:
     return -(-tokens // d.block_tokens)
+
+
+def _local_failure(got: PairPrediction, dp: DecodePart, req: PredictRequest) -> str:
+    """Why a local prefill that is not `ok` fails, for a rejection's message."""
+    if not dp.fits:
+        return "no KV room there from now to its last token"
+    if not dp.protects:
+        return "it would push sequences decoding there past their TPOT target"
+    return (f"predicted TTFT {got.ttft.bound_s * 1e3:.0f} ms, TPOT {got.tpot.bound_s * 1e3:.1f} ms "
+            f"against {req.ttft_s * 1e3:.0f} ms, {req.tpot_s * 1e3:.1f} ms")
 
 
 def _placement(got: PairPrediction, local: bool = False) -> Placement:

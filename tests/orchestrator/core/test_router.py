@@ -206,6 +206,20 @@ def test_local_prefill_is_not_chosen_when_its_stall_breaks_a_running_sequences_t
     assert isinstance(got, Placement) and not got.local  # the disaggregated pair still meets the SLA
 
 
+def test_a_rejection_says_why_the_local_prefill_would_not_do_either():
+    r = warm_local()
+    _, local = r.predictor.local_parts(PredictRequest(2000, 200, 2.0, 0.02), dc("d0", batch=8).state)
+    deep = [pf("p0", queued=40)]  # the disaggregated pair misses the TTFT target
+    stalled = r.place(req(), deep, [dc("d0", batch=8, tightest=local.running_tpot.bound_s * 0.999)], 0.0)
+    assert isinstance(stalled, Rejection) and stalled.kind == "ttft"
+    assert stalled.reason.endswith("; prefilled on d0 itself: it would push sequences decoding there past "
+                                   "their TPOT target")
+    slow = r.place(req(sla=SLATarget(ttft_ms=2000, tpot_ms=0.5)), deep, [dc("d0", batch=8)], 0.0)
+    assert isinstance(slow, Rejection) and "prefilled on d0 itself: predicted TTFT " in slow.reason
+    assert slow.reason.endswith("against 2000 ms, 0.5 ms")
+    assert "prefilled on" not in warm().place(req(), deep, [dc("d0", batch=8)], 0.0).reason  # local off
+
+
 def test_local_prefill_lowers_the_floor_for_short_prompts():
     tight = req(sla=SLATarget(ttft_ms=60, tpot_ms=20))  # below Trn2's 120 ms for 2000 tokens, above CS-3's
     assert warm().place(tight, [pf("p0")], [dc("d0")], 0.0).kind == "below_floor"
