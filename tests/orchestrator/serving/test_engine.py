@@ -397,7 +397,8 @@ def test_a_finished_request_teaches_the_decode_corrections_from_what_its_worker_
     async def main():
         async with running(lm) as s:
             s.engine.workers._pending["decode-0"].arrivals = DecodeArrivals(window_s=1e-3)
-            short = await collect(s.engine.generate(request("short", prompt, max_tokens=TPOT_MIN_GAPS, ignore_eos=True)))
+            few = request("short", prompt, max_tokens=TPOT_MIN_GAPS, ignore_eos=True)
+            short = await collect(s.engine.generate(few))
             corr = s.engine.router.predictor.corrections
             before = (corr.samples("decode-0", "sharing"), corr.samples("decode-0", "tpot"))
             long = await collect(s.engine.generate(request("long", prompt, max_tokens=24, ignore_eos=True)))
