@@ -23,8 +23,12 @@ POLICIES = ("least_loaded", "cost", "sla")
 # before each replay, two at a time (idle workers tie: the second goes to the other decode worker), in
 # the replay's classes in turn, so every policy starts with its predictor's corrections warm on every
 # worker and each class's "ttft" (the sla policy places rather than rejects on a prior: Router
-# docstring); "tpot" learns from the replay's outputs of more than TPOT_MIN_GAPS gaps
-WARMUP_PROMPTS = (16, 32, 64, 128, 256, 16, 64, 128, 32, 256, 16, 64)
+# docstring); "tpot" learns from the replay's outputs of more than TPOT_MIN_GAPS gaps. The short prompts
+# after the first twelve are for the decode workers' own prefills (`sla` prefills locally only once the
+# prefill pool is learned): "local_prefill" and each class's "ttft" there need Corrections.min_samples
+# each, two decode workers x two classes; at their prior the replay's first local prefills were
+# predicted at half their TTFT
+WARMUP_PROMPTS = (16, 32, 64, 128, 256, 16, 64, 128, 32, 256, 16, 64) + (16, 32, 48, 24) * 5
 
 
 def workload(cfg, requests: int):
