@@ -131,6 +131,16 @@ class Corrections:
         self._cache.pop(key, None)
         self.version += 1
 
+    def observe_decode(self, worker: str, tpot_s: float, stepping_s: float, gaps: int, wait_s: float,
+                       step_model_s: float, sharing: bool) -> None:
+        """A finished request's decode on `worker`, as the live engine and the simulator both report it:
+        `stepping_s` from its first step's start to its last's end over its `gaps` gaps, its TPOT `tpot_s`,
+        and what its placement predicted, `wait_s` before its first step and `step_model_s` a step. The
+        "sharing" ratio learns only when `sharing` (its forecast was made on a whole window of arrivals)."""
+        if sharing:
+            self.observe(worker, "sharing", stepping_s / gaps, step_model_s)
+        self.observe(worker, "tpot", tpot_s, (wait_s + stepping_s) / gaps)
+
     def samples(self, worker: str, phase: str) -> int:
         ratios = self._ratios.get((worker, phase))
         return len(ratios) if ratios else 0

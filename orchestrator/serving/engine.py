@@ -444,11 +444,9 @@ class Engine:
         p, q = run.placed, self.router.predictor.corrections.quantile
         if (reason in (FinishReason.STOP, FinishReason.LENGTH) and run.n_out > TPOT_MIN_GAPS and run.stepping_s > 0
                 and not run.migrations):  # its steps against their forecast, and what lies outside them (Corrections)
-            corr, gaps = self.router.predictor.corrections, run.n_out - 1
-            if self.workers.seen_window(p.decode_worker, req.arrival_s):
-                corr.observe(p.decode_worker, "sharing", run.stepping_s / gaps, p.step_model_ms / 1e3)
-            corr.observe(p.decode_worker, "tpot", timings.mean_tpot_ms / 1e3,
-                         (p.tpot_wait_ms / 1e3 + run.stepping_s) / gaps)
+            self.router.predictor.corrections.observe_decode(
+                p.decode_worker, timings.mean_tpot_ms / 1e3, run.stepping_s, run.n_out - 1, p.tpot_wait_ms / 1e3,
+                p.step_model_ms / 1e3, self.workers.seen_window(p.decode_worker, req.arrival_s))
         prediction = Prediction(p.predicted_ttft_ms, p.predicted_tpot_ms, p.ttft_bound_ms, p.tpot_bound_ms, q)
         return FinalEvent(reason, req.prompt_tokens, run.n_out, timings, p.prefill_worker, p.decode_worker, prediction,
                           run.migrations)

@@ -418,14 +418,12 @@ class Simulator:
             i = run.index[f.request_id]
             run.trace.finish[i] = now + path
             unit.drop_target(run.sla[i].tpot_ms / 1e3, self.reqs[i].output_tokens - 1)
-            if self.reqs[i].output_tokens > TPOT_MIN_GAPS:  # as the live engine: its steps, from its first's
-                # start to its last's end (TokenChunk.stepping_s), against their forecast; its TPOT against them
-                gaps, stepping = self.reqs[i].output_tokens - 1, now - run.trace.admitted[i]
-                corr = self.predictor.corrections
-                if unit.arrivals.seen_window(run.trace.arrival[i]):
-                    corr.observe(unit.uid, "sharing", stepping / gaps, run.step_model[i])
-                corr.observe(unit.uid, "tpot", (now + path - run.trace.first_token[i]) / gaps,
-                             (run.tpot_wait[i] + stepping) / gaps)
+            if self.reqs[i].output_tokens > TPOT_MIN_GAPS:  # as the live engine; its steps from its first's
+                # start to its last's end, the live worker's TokenChunk.stepping_s
+                gaps = self.reqs[i].output_tokens - 1
+                self.predictor.corrections.observe_decode(
+                    unit.uid, (now + path - run.trace.first_token[i]) / gaps, now - run.trace.admitted[i], gaps,
+                    run.tpot_wait[i], run.step_model[i], unit.arrivals.seen_window(run.trace.arrival[i]))
         if prefilled is not None:
             self._prefilled_locally(now, d, prefilled)
         self._retry_refused(now, unit)

@@ -643,6 +643,16 @@ def test_the_sharing_correction_scales_the_newcomers_forecast_steps_and_not_the_
     assert got.step_model_s == pytest.approx(base.step_model_s) == pytest.approx(base.step.point_s)  # before itself
 
 
+def test_a_finished_decode_teaches_sharing_its_mean_step_and_tpot_what_lies_outside_its_steps():
+    corr = Corrections(0.9, window=8, min_samples=1)
+    # 10 gaps: 0.9 s of steps, 0.1 s predicted before the first, a TPOT of 0.12 s; forecast 0.1 s a step
+    corr.observe_decode("d0", 0.12, 0.9, 10, 0.1, 0.1, sharing=True)
+    assert corr.factors("d0", "sharing").point == pytest.approx(0.9)  # 0.09 s measured a step
+    assert corr.offsets("d0", "tpot").point_s == pytest.approx(0.12 - (0.1 + 0.9) / 10)
+    corr.observe_decode("d1", 0.12, 0.9, 10, 0.1, 0.1, sharing=False)  # a forecast made on a young meter
+    assert corr.samples("d1", "sharing") == 0 and corr.samples("d1", "tpot") == 1
+
+
 def test_a_negative_tpot_offset_never_makes_a_step_negative():
     corr = Corrections()
     for _ in range(corr.min_samples):  # observed far faster than predicted, on much longer parts than today's
